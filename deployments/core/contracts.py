@@ -1,0 +1,100 @@
+"""Typed contracts passed between stages.
+
+Every value that crosses a deployment boundary is one of these: small, CPU-resident, picklable.
+Keeping them in one module lets a reader see the whole request path's data at a glance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class StyledPrompt:
+    """A user prompt after style expansion; `text` is what the text encoder sees."""
+
+    text: str
+    style: str
+    original: str
+
+
+@dataclass(frozen=True)
+class CaptionEmbedding:
+    """Ragged caption embedding `[L, hidden]` of one prompt (padding removed), on the CPU."""
+
+    embedding: torch.Tensor
+    num_tokens: int
+    truncated: bool
+    """True when the prompt was longer than the token cap and its tail was dropped."""
+    dropped_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class LatentPosterior:
+    """The VAE encoder's Gaussian over an uploaded image's latents, in VAE space.
+
+    The Denoiser samples it with the job's seeded generator (before drawing noise), exactly as
+    diffusers' image-to-image pipeline consumes its generator, so that a seed means one image.
+    """
+
+    mean: torch.Tensor  # [1, C, h, w]
+    std: torch.Tensor  # [1, C, h, w]
+    shift_factor: float
+    scaling_factor: float
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
+        x = self.mean + self.std * eps
+        return (x - self.shift_factor) * self.scaling_factor
+
+
+@dataclass(frozen=True)
+class DenoiseJob:
+    """One image to denoise: conditioning, geometry, schedule and randomness."""
+
+    caption: torch.Tensor  # [L, hidden]
+    width: int
+    height: int
+    steps: int
+    seed: int
+    guidance_scale: float = 0.0
+    negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
+    init_posterior: LatentPosterior | None = None  # image-to-image when set
+    strength: float = 1.0
+
+    @property
+    def is_image_to_image(self) -> bool:
+        return self.init_posterior is not None
+
+
+@dataclass(frozen=True)
+class Latents:
+    """Denoised latents of one image in the DiT's space `[1, C, h, w]` (float32, CPU)."""
+
+    latents: torch.Tensor
+    width: int
+    height: int
+    steps_run: int = 0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image as uint8 `[H, W, 3]`."""
+
+    pixels: torch.Tensor
+    width: int
+    height: int
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent in each stage for one image, filled as the request moves along."""
+
+    style_ms: float = 0.0
+    encode_ms: float = 0.0
+    denoise_ms: float = 0.0
+    decode_ms: float = 0.0
+    image_encode_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,216 @@
+"""The denoise loop: FlowMatch Euler over Z-Image's sigmas, for a batch of independent jobs.
+
+Computes what diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` compute, cut so that a batch may
+mix jobs of different sizes, caption lengths, step counts, seeds, guidance and start points: each
+job carries its own schedule and step index (`DenoiseState`), and one `step()` advances any set of
+states by one step each. That is what both same-shape batching and step-level continuous batching
+build on.
+
+Seeds: initial noise is drawn with `torch.Generator("cpu").manual_seed(seed)` in the shape diffusers
+draws (for image-to-image, after the generator has sampled the VAE posterior, as diffusers does), so
+a seed means the same image on any device.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from deployments.core.contracts import DenoiseJob, Latents
+
+VAE_SCALE = 8  # pixels per latent cell of the 4-level VAE
+PATCH = 2  # latent cells per DiT token side
+PIXELS_PER_TOKEN = VAE_SCALE * PATCH
+
+
+def latent_shape(channels: int, width: int, height: int) -> tuple[int, int, int, int]:
+    return (1, channels, 2 * (height // PIXELS_PER_TOKEN), 2 * (width // PIXELS_PER_TOKEN))
+
+
+def image_tokens(width: int, height: int) -> int:
+    return (height // PIXELS_PER_TOKEN) * (width // PIXELS_PER_TOKEN)
+
+
+def default_sigmas(steps: int) -> list[float]:
+    """Z-Image's sigma ramp, before the scheduler's shift."""
+    return torch.linspace(1.0, 1 / steps, steps).tolist()
+
+
+def first_step_index(steps: int, strength: float) -> int:
+    """Image-to-image skips the noisiest steps: as diffusers' `get_timesteps`."""
+    init_timestep = min(steps * strength, steps)
+    return int(max(steps - init_timestep, 0))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    timesteps: torch.Tensor  # [n] float32, the steps this job runs
+    sigmas: torch.Tensor  # [n + 1] float32, the last is 0
+
+
+class ScheduleTable:
+    """Per-job schedules from the checkpoint's scheduler config, computed once per shape and cached."""
+
+    def __init__(self, scheduler):
+        self._scheduler = copy.deepcopy(scheduler)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, int], Schedule] = {}
+
+    def _mu(self, seq_len: int) -> float:
+        cfg = self._scheduler.config
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        return seq_len * m + (base_shift - m * base_len)
+
+    def full(self, steps: int, seq_len: int) -> Schedule:
+        key = (steps, seq_len)
+        with self._lock:
+            if key not in self._cache:
+                self._scheduler.set_timesteps(sigmas=default_sigmas(steps), mu=self._mu(seq_len))
+                self._cache[key] = Schedule(
+                    timesteps=self._scheduler.timesteps.clone(), sigmas=self._scheduler.sigmas.clone()
+                )
+            return self._cache[key]
+
+    def for_job(self, job: DenoiseJob) -> Schedule:
+        full = self.full(job.steps, image_tokens(job.width, job.height))
+        if not job.is_image_to_image:
+            return full
+        start = first_step_index(job.steps, job.strength)
+        if start >= job.steps:
+            raise ValueError(f"strength {job.strength} leaves no denoising step out of {job.steps}")
+        return Schedule(timesteps=full.timesteps[start:], sigmas=full.sigmas[start:])
+
+
+@dataclass
+class DenoiseState:
+    """One job in flight: its latents, its own schedule and how far it has got."""
+
+    job: DenoiseJob
+    latents: torch.Tensor  # [1, C, h, w] float32 on the compute device
+    schedule: Schedule
+    caption: torch.Tensor  # on the compute device, in the model's dtype
+    negative_caption: torch.Tensor | None
+    step_index: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.schedule.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.job.guidance_scale > 0 and self.negative_caption is not None
+
+    @property
+    def shape_key(self) -> tuple[int, int]:
+        return (self.job.width, self.job.height)
+
+    def result(self) -> Latents:
+        return Latents(
+            latents=self.latents.to("cpu"), width=self.job.width, height=self.job.height, steps_run=self.step_index
+        )
+
+
+# A transformer call over ragged lists: (latents [C,1,h,w] list, t [B], captions list) -> outputs list.
+TransformerFn = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+
+
+def diffusers_transformer_fn(transformer) -> TransformerFn:
+    def call(latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> list[torch.Tensor]:
+        return transformer(latents, t, captions, return_dict=False)[0]
+
+    return call
+
+
+class DenoiseLoop:
+    """Starts jobs and advances any mix of them one step at a time."""
+
+    def __init__(
+        self,
+        transformer,
+        scheduler,
+        device: torch.device,
+        dtype: torch.dtype,
+        transformer_fn: TransformerFn | None = None,
+    ):
+        self.transformer = transformer
+        self.channels = transformer.config.in_channels
+        self.device = device
+        self.dtype = dtype
+        self.schedules = ScheduleTable(scheduler)
+        self.transformer_fn = transformer_fn or diffusers_transformer_fn(transformer)
+
+    def initial_latents(self, job: DenoiseJob, schedule: Schedule) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        shape = latent_shape(self.channels, job.width, job.height)
+        if not job.is_image_to_image:
+            return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+        image_latents = job.init_posterior.sample(generator)  # consumes the generator first, as diffusers
+        if tuple(image_latents.shape) != shape:
+            raise ValueError(f"init latents have shape {tuple(image_latents.shape)}, expected {shape}")
+        noise = torch.randn(shape, generator=generator, device="cpu", dtype=image_latents.dtype)
+        sigma = schedule.sigmas[0]
+        return (sigma * noise + (1.0 - sigma) * image_latents).to(self.device, torch.float32)
+
+    def start(self, job: DenoiseJob) -> DenoiseState:
+        schedule = self.schedules.for_job(job)
+        negative = None
+        if job.guidance_scale > 0:
+            if job.negative_caption is None:
+                raise ValueError("guidance_scale > 0 needs a negative caption embedding")
+            negative = job.negative_caption.to(self.device, self.dtype)
+        return DenoiseState(
+            job=job,
+            latents=self.initial_latents(job, schedule),
+            schedule=Schedule(schedule.timesteps.to(self.device), schedule.sigmas.to(self.device)),
+            caption=job.caption.to(self.device, self.dtype),
+            negative_caption=negative,
+        )
+
+    @torch.inference_mode()
+    def step(self, states: Sequence[DenoiseState]) -> None:
+        """One Euler step for each state (each at its own timestep); guided jobs add a negative pass."""
+        states = [s for s in states if not s.done]
+        if not states:
+            return
+        model_latents, model_t, model_caps = [], [], []
+        for state in states:
+            model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
+            model_t.append(state.schedule.timesteps[state.step_index])
+            model_caps.append(state.caption)
+        guided = [s for s in states if s.uses_guidance]
+        for state in guided:
+            model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
+            model_t.append(state.schedule.timesteps[state.step_index])
+            model_caps.append(state.negative_caption)
+        t = torch.stack(model_t)
+        t = (1000 - t) / 1000
+        outputs = self.transformer_fn(model_latents, t, model_caps)
+        negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
+        for state, out in zip(states, outputs[: len(states)]):
+            pred = out.float()
+            if state.uses_guidance:
+                neg = negatives[id(state)].float()
+                pred = pred + state.job.guidance_scale * (pred - neg)
+            noise_pred = -pred.squeeze(1).unsqueeze(0)
+            sigmas = state.schedule.sigmas
+            dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
+            state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
+            state.step_index += 1
+
+    def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:
+        """Runs a batch of jobs to completion together."""
+        states = [self.start(job) for job in jobs]
+        while not all(s.done for s in states):
+            self.step(states)
+        return [s.result() for s in states]

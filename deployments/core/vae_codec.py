@@ -1,0 +1,91 @@
+"""The VAE stage's maths: latents to pixels (tiled above a size threshold), pixels to a posterior.
+
+Decoding undoes the DiT's latent normalisation (`latents / scaling + shift`) and converts to uint8
+exactly as diffusers' `VaeImageProcessor.postprocess` does. Encoding returns the Gaussian posterior;
+the Denoiser samples it with the job's seed (see `LatentPosterior`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from deployments.core.contracts import DecodedImage, LatentPosterior, Latents
+
+DEFAULT_TILE_ABOVE_PX = 1024 * 1024
+
+
+class VaeCodec:
+    def __init__(
+        self,
+        vae,
+        device: torch.device,
+        dtype: torch.dtype,
+        tile_above_px: int = DEFAULT_TILE_ABOVE_PX,
+        batched_decode: bool = False,
+    ):
+        """`batched_decode` runs same-size images through the decoder together. It is off by default:
+        GroupNorm and convolution kernels pick different reduction orders for different batch sizes,
+        so only one image per call keeps an image independent of its batch to the last bit."""
+        self.vae = vae
+        self.batched_decode = batched_decode
+        self.device = device
+        self.dtype = dtype
+        self.tile_above_px = tile_above_px
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor)
+
+    def needs_tiling(self, width: int, height: int) -> bool:
+        return width * height > self.tile_above_px
+
+    @torch.inference_mode()
+    def decode(self, items: Sequence[Latents]) -> list[DecodedImage]:
+        """Decodes a batch of latents (any mix of sizes) to uint8 images."""
+        results: list[DecodedImage | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault((item.width, item.height), []).append(index)
+        for (width, height), indices in groups.items():
+            tiled = self.needs_tiling(width, height)
+            chunks = [indices] if self.batched_decode and not tiled else [[i] for i in indices]
+            for chunk in chunks:
+                z = torch.cat([items[i].latents for i in chunk]).to(self.device, self.dtype)
+                z = z / self.scaling_factor + self.shift_factor
+                pixels = self.vae.tiled_decode(z).sample if tiled else self.vae.decode(z).sample
+                for i, image in zip(chunk, to_uint8(pixels)):
+                    results[i] = DecodedImage(pixels=image, width=width, height=height)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image]) -> list[LatentPosterior]:
+        """Posteriors of RGB images whose sides are already multiples of 16 (see `fit_upload`)."""
+        posteriors = []
+        for image in images:
+            pixels = pil_to_tensor(image).to(self.device, self.dtype)
+            dist = self.vae.encode(pixels).latent_dist
+            posteriors.append(
+                LatentPosterior(
+                    mean=dist.mean.float().cpu(),
+                    std=dist.std.float().cpu(),
+                    shift_factor=self.shift_factor,
+                    scaling_factor=self.scaling_factor,
+                )
+            )
+        return posteriors
+
+
+def to_uint8(pixels: torch.Tensor) -> list[torch.Tensor]:
+    """[-1, 1] NCHW to uint8 NHWC on the CPU, rounding as diffusers' postprocess does."""
+    images = (pixels / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float()
+    return list((images * 255).round().to(torch.uint8))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image to a [1, 3, H, W] tensor in [-1, 1], as diffusers' preprocess does."""
+    import numpy as np
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    return 2.0 * tensor - 1.0

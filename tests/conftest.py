@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny checkpoint per test session, loaded through the real loading code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from deployments.core.local_pipeline import LocalPipeline
+from deployments.core.model_source import resolve_model_source
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache for the session, shared with Ray workers through the environment."""
+    path = Path(os.environ.get("ZIMAGE_TEST_CACHE_DIR") or tmp_path_factory.mktemp("zimage-cache"))
+    os.environ["ZIMAGE_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_source(cache_dir):
+    return resolve_model_source("tiny", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_source) -> LocalPipeline:
+    return LocalPipeline(tiny_source, CPU, F32)
+
+
+@pytest.fixture(scope="session")
+def diffusers_t2i(tiny_source):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_source.location, torch_dtype=F32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def diffusers_i2i(diffusers_t2i):
+    from diffusers import ZImageImg2ImgPipeline
+
+    pipe = ZImageImg2ImgPipeline(**diffusers_t2i.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
