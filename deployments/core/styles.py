@@ -61,6 +61,9 @@ class UnknownStyleError(ValueError):
         self.known = known
         super().__init__(f"unknown style {style!r}; known styles: {', '.join(known)}")
 
+    def __reduce__(self):  # crosses process boundaries (deployment handles) intact
+        return (type(self), (self.style, self.known))
+
 
 def validate_styles(styles: Mapping[str, str]) -> dict[str, str]:
     """Checks a style table from config; raises ValueError naming the bad entry."""

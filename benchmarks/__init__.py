@@ -1,0 +1,1 @@
+"""Benchmarks: load generator, baseline server, stage timings."""

@@ -1,0 +1,171 @@
+"""How the Denoiser turns concurrent requests into DiT calls. Plain asyncio, no Ray.
+
+Three policies, chosen in config (`denoiser_scheduling`):
+- `single`: one request at a time, start to finish;
+- `batch`: requests that arrive together run as one batch to completion, grouped by resolution;
+- `continuous`: step-level continuous batching. Requests join the running batch between steps and
+  leave it as soon as their own last step is done, each at its own timestep; running work is
+  bucketed by resolution and buckets take turns step by step. A request whose caller went away is
+  dropped at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from deployments.core.contracts import DenoiseJob, Latents
+from deployments.core.denoising import DenoiseLoop, DenoiseState
+
+logger = logging.getLogger(__name__)
+
+SchedulingPolicy = Literal["single", "batch", "continuous"]
+POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
+
+# Called after each DiT call with the number of images it advanced and the seconds it took.
+StepRecorder = Callable[[int, float], None]
+
+
+def group_by_resolution(jobs: Sequence[DenoiseJob]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault((job.width, job.height), []).append(index)
+    return groups
+
+
+def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecorder) -> list[Latents | Exception]:
+    """The `batch` policy's body: each resolution group runs to completion as one batch."""
+    results: list[Latents | Exception] = [ValueError("not run")] * len(jobs)
+    for indices in group_by_resolution(jobs).values():
+        states: list[tuple[int, DenoiseState]] = []
+        for i in indices:
+            try:
+                states.append((i, loop.start(jobs[i])))
+            except Exception as exc:  # a bad job fails alone
+                results[i] = exc
+        running = [s for _, s in states]
+        while any(not s.done for s in running):
+            active = [s for s in running if not s.done]
+            start = time.perf_counter()
+            loop.step(active)
+            record(len(active), time.perf_counter() - start)
+        for i, state in states:
+            results[i] = state.result()
+    return results
+
+
+@dataclass
+class _Entry:
+    job: DenoiseJob
+    future: asyncio.Future
+    enqueued: float
+    state: DenoiseState | None = None
+
+
+class ContinuousBatcher:
+    """Step-level continuous batching over one DenoiseLoop, driven by a single background task."""
+
+    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: asyncio.Lock | None = None):
+        self.loop = loop
+        self.max_batch_size = max_batch_size
+        self.record = record
+        self.lane = lane or asyncio.Lock()
+        self.waiting: collections.deque[_Entry] = collections.deque()
+        self.running: dict[tuple[int, int], list[_Entry]] = {}
+        self._turns: collections.deque[tuple[int, int]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.cancelled = 0
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.waiting) + sum(len(v) for v in self.running.values())
+
+    async def submit(self, job: DenoiseJob) -> Latents:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Entry(job, future, time.perf_counter()))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drive())
+        return await future  # cancelling this await drops the job at the next step boundary
+
+    def _admit(self) -> list[_Entry]:
+        admitted, kept = [], collections.deque()
+        while self.waiting:
+            entry = self.waiting.popleft()
+            if entry.future.done():  # the caller went away while waiting
+                self.cancelled += 1
+                continue
+            bucket = (entry.job.width, entry.job.height)
+            if len(self.running.get(bucket, [])) < self.max_batch_size:
+                self.running.setdefault(bucket, []).append(entry)
+                if bucket not in self._turns:
+                    self._turns.append(bucket)
+                admitted.append(entry)
+            else:
+                kept.append(entry)
+        self.waiting = kept
+        return admitted
+
+    def _next_bucket(self) -> tuple[int, int] | None:
+        while self._turns:
+            bucket = self._turns[0]
+            self._turns.rotate(-1)
+            if self.running.get(bucket):
+                return bucket
+            self._turns.remove(bucket)
+            self.running.pop(bucket, None)
+        return None
+
+    def _start_states(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            try:
+                entry.state = self.loop.start(entry.job)
+            except Exception as exc:
+                if not entry.future.done():
+                    entry.future.get_loop().call_soon_threadsafe(_fail, entry.future, exc)
+
+    async def _drive(self) -> None:
+        while True:
+            if not self.waiting and not any(self.running.values()):
+                self._wake.clear()
+                await self._wake.wait()
+            admitted = self._admit()
+            bucket = self._next_bucket()
+            if bucket is None:
+                continue
+            entries = self.running[bucket]
+            try:
+                async with self.lane:
+                    if admitted:
+                        await asyncio.to_thread(self._start_states, admitted)
+                    live = [e for e in entries if e.state is not None and not e.future.done()]
+                    if live:
+                        start = time.perf_counter()
+                        await asyncio.to_thread(self.loop.step, [e.state for e in live])
+                        self.record(len(live), time.perf_counter() - start)
+            except Exception as exc:  # a failed step fails that bucket's requests, not the server
+                logger.exception("denoise step failed for bucket %s", bucket)
+                for entry in entries:
+                    _fail(entry.future, exc)
+            remaining = []
+            for entry in entries:
+                if entry.future.done():
+                    if entry.future.cancelled():
+                        self.cancelled += 1
+                    continue
+                if entry.state is not None and entry.state.done:
+                    entry.future.set_result(entry.state.result())
+                    continue
+                remaining.append(entry)
+            self.running[bucket] = remaining
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,40 @@
+"""The settings every model-holding stage receives: which weights, where, in what precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.core.loading import resolve_device
+from deployments.core.model_source import ModelSource, default_cache_dir, resolve_model_source
+
+
+class ModelSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "tiny"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    precision: Literal["bf16", "fp8"] = "bf16"
+    compile: bool = False
+    cache_dir: str | None = None
+    max_prompt_tokens: int = Field(512, ge=16, le=4096)
+    vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
+    vae_batched_decode: bool = False
+
+    def source(self) -> ModelSource:
+        return resolve_model_source(self.model, self.cache_dir)
+
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def dtype(self) -> torch.dtype:
+        """bf16 on the GPU (fp8 applies to the DiT's linear layers on top); float32 on the CPU."""
+        return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+
+    def compile_cache_dir(self) -> str:
+        """Compiled DiT artifacts live beside the checkpoints so later replicas on the node reuse them."""
+        root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return str(root / "compile")

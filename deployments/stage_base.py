@@ -1,0 +1,107 @@
+"""What every stage deployment shares: live batching knobs, a record of batch sizes, one GPU lane.
+
+Deployments stay thin: they own batching, config and metrics; the maths lives in deployments.core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BATCH_HISTORY = 1000
+
+
+class BatchingKnobs(BaseModel):
+    """Knobs that change while serving; they arrive in `user_config` and apply in `reconfigure()`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+
+
+@dataclass
+class StageStats:
+    """Counters a test or a metrics exporter reads through `stats()`."""
+
+    batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=BATCH_HISTORY))
+    items: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+
+    def record(self, size: int, seconds: float) -> None:
+        self.batch_sizes.append(size)
+        self.items += size
+        self.batches += 1
+        self.busy_s += seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "items": self.items,
+            "batches": self.batches,
+            "busy_s": round(self.busy_s, 4),
+        }
+
+
+def unwrap(result):
+    """Batched methods return an exception in place of a failed item's result; raise it for that caller."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+class StageBase:
+    """Mixin for stage deployments. Subclasses name their batched methods in `BATCHED_METHODS`."""
+
+    BATCHED_METHODS: tuple[str, ...] = ()
+
+    def _init_stage(self, name: str) -> None:
+        self.stage_name = name
+        self.stats_by_method: dict[str, StageStats] = collections.defaultdict(StageStats)
+        self.knobs = BatchingKnobs()
+        self.gpu_lane = asyncio.Lock()  # one model call at a time per replica
+        self.loaded_at = time.time()
+
+    def apply_knobs(self, user_config: dict | None) -> None:
+        config = dict(user_config or {})
+        knob_fields = {k: config.pop(k) for k in list(config) if k in BatchingKnobs.model_fields}
+        self.knobs = BatchingKnobs(**{**self.knobs.model_dump(), **knob_fields})
+        for name in self.BATCHED_METHODS:
+            method = getattr(self, name)
+            method.set_max_batch_size(self.knobs.max_batch_size)
+            method.set_batch_wait_timeout_s(self.knobs.batch_wait_timeout_s)
+        self.apply_extra_config(config)
+
+    def apply_extra_config(self, config: dict) -> None:
+        """Stage-specific live settings; unknown keys are an error so typos do not pass silently."""
+        if config:
+            raise ValueError(f"{self.stage_name}: unknown user_config keys: {', '.join(sorted(config))}")
+
+    async def run_model(self, method: str, size: int, fn, *args):
+        """Runs blocking model code off the event loop, one call at a time, and records the batch."""
+        async with self.gpu_lane:
+            start = time.perf_counter()
+            result = await asyncio.to_thread(fn, *args)
+            self.stats_by_method[method].record(size, time.perf_counter() - start)
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage_name,
+            "pid": os.getpid(),
+            "knobs": self.knobs.model_dump(),
+            "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
+        }
+
+    def reset_stats(self) -> None:
+        self.stats_by_method.clear()
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,43 @@
+"""TextEncoder deployment: batches prompts through the Qwen3 encoder on a GPU fraction."""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from deployments.core import loading
+from deployments.core.contracts import CaptionEmbedding
+from deployments.core.text_encoding import PromptEncoder
+from deployments.settings import ModelSettings
+from deployments.stage_base import StageBase, unwrap
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="TextEncoder")
+class TextEncoder(StageBase):
+    BATCHED_METHODS = ("_encode_batch",)
+
+    def __init__(self, settings: dict) -> None:
+        self._init_stage("TextEncoder")
+        self.settings = ModelSettings(**settings)
+        source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
+        self.random_weights = source.random_weights
+        self.encoder = PromptEncoder(
+            loading.load_tokenizer(source),
+            loading.load_text_encoder(source, device, dtype),
+            device,
+            max_tokens=self.settings.max_prompt_tokens,
+        )
+        logger.info("TextEncoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.apply_knobs(user_config)
+
+    async def encode(self, prompt: str) -> CaptionEmbedding:
+        return unwrap(await self._encode_batch(prompt))
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, prompts: list[str]) -> list[CaptionEmbedding]:
+        return await self.run_model("encode", len(prompts), self.encoder.encode, prompts)

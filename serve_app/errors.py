@@ -1,0 +1,85 @@
+"""One error shape for every failure, and one function that maps exceptions to status codes."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from deployments.core.model_source import ModelSourceError
+from deployments.core.styles import UnknownStyleError
+from serve_app.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger("ray.serve")
+
+
+class ApiError(Exception):
+    """An error the client should see, with its HTTP status, OpenAI error type, param and code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type_ or default_type(status)
+
+
+def default_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429 or status == 503:
+        return "server_overloaded" if status == 503 else "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+    """Pydantic's first problem as a 400 that names the parameter."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__") or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return ApiError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return ApiError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    message = first.get("msg", "invalid value").removeprefix("Value error, ")
+    return ApiError(400, f"Invalid value for '{param}': {message}", param=param, code="invalid_value")
+
+
+def api_error_for(exc: BaseException) -> ApiError:
+    """Maps any exception from our code or a stage to the error the client gets; 500s say nothing internal."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, UnknownStyleError):
+        return bad_request(str(exc), param="style")
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        return api_error_for(cause)
+    name = type(exc).__name__
+    if "BackPressure" in name or "DeploymentUnavailable" in name:
+        return ApiError(503, "The server is overloaded; retry shortly.", code="overloaded")
+    if isinstance(exc, TimeoutError):
+        return ApiError(503, "The request timed out inside the server; retry shortly.", code="timeout")
+    if isinstance(exc, ModelSourceError):
+        logger.error("model source error: %s", exc)
+        return ApiError(503, "The model is not available.", code="model_unavailable")
+    logger.exception("internal error", exc_info=exc)
+    return ApiError(500, "The server had an internal error while processing the request.", code="internal_error")
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code))
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(body.model_dump(), status_code=error.status, headers=headers)

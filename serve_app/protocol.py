@@ -1,0 +1,153 @@
+"""Request, response and error models: OpenAI's images API plus Z-Image's own controls, and the
+typed request/result of the Python handle API. In the order of OpenAI's docs: generations, edits,
+the image object, the response, then errors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_PROMPT_CHARS = 32000
+MAX_SEED = 2**63 - 1024  # image i of a request uses seed + i
+SIZE_PATTERN = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class ImageOptions(BaseModel):
+    """Fields shared by generations and edits (OpenAI's, then Z-Image extensions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = None
+    n: int | None = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = "b64_json"
+    output_format: OutputFormat | None = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None
+    background: Literal["auto", "opaque"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    user: str | None = Field(None, max_length=256)
+    # Z-Image extensions
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float = Field(0.0, ge=0.0, le=20.0)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    style: str | None = Field(None, max_length=64)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain text")
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        if not SIZE_PATTERN.match(value):
+            raise ValueError("size must look like 'WIDTHxHEIGHT', e.g. '1024x1024'")
+        return value
+
+
+class ImageGenerationRequest(ImageOptions):
+    """`POST /v1/images/generations` (JSON)."""
+
+    stream: Literal[False] | None = None
+
+
+class ImageEditRequest(ImageOptions):
+    """`POST /v1/images/edits` (multipart); the `image` file travels beside these fields."""
+
+    strength: float = Field(0.6, ge=0.1, le=1.0)
+
+
+class ImageObject(BaseModel):
+    b64_json: str
+    revised_prompt: str
+    seed: int
+
+
+class Timings(BaseModel):
+    """Milliseconds: the whole request, and the model stages summed over its images."""
+
+    total_ms: float
+    style_ms: float
+    encode_ms: float
+    image_encode_ms: float = 0.0
+    denoise_ms: float
+    decode_ms: float
+    output_encode_ms: float
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageObject]
+    model: str
+    size: str
+    output_format: OutputFormat
+    timings: Timings
+    random_weights: bool = False
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---- the Python handle API -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What another Ray application passes to `handle.generate.remote(...)`.
+
+    `init_image` (encoded PNG/JPEG/WebP bytes) turns the request into an edit with `strength`.
+    """
+
+    prompt: str
+    n: int = 1
+    width: int | None = None  # None: 1024, or for an edit the upload's fitted size
+    height: int | None = None
+    steps: int | None = None
+    seed: int | None = None
+    style: str | None = None
+    guidance_scale: float = 0.0
+    negative_prompt: str | None = None
+    output_format: OutputFormat = "png"
+    output_compression: int | None = None
+    init_image: bytes | None = None
+    strength: float = 0.6
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes  # encoded in `format`
+    format: OutputFormat
+    seed: int
+    width: int
+    height: int
+    revised_prompt: str
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    images: list[GeneratedImage]
+    timings: Timings
+    random_weights: bool = False
+    prompt_truncated: bool = False
+    extra: dict = field(default_factory=dict)

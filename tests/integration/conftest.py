@@ -1,0 +1,127 @@
+"""One real Ray instance and one Serve application (tiny model, CPU) shared by the integration tests.
+
+Real parts only: Ray Serve, HTTP on 127.0.0.1, the official openai client. The app is deployed once;
+tests that need other settings change its live `user_config`, as an operator would.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from PIL import Image
+
+APP_NAME = "zimage"
+TEST_BATCH_WAIT_S = 0.25  # long enough that concurrent test requests share batches on a slow CPU
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def base_args(cache_dir) -> dict:
+    knobs = {"max_batch_size": 8, "batch_wait_timeout_s": TEST_BATCH_WAIT_S}
+    return {
+        "model": "tiny",
+        "device": "cpu",
+        "cache_dir": str(cache_dir),
+        "text_encoder": {"user_config": knobs},
+        "vae": {"user_config": knobs},
+        "denoiser": {"user_config": knobs},
+        "api": {"max_images_per_request": 4, "max_upload_bytes": 2 << 20, "max_body_bytes": 64 << 10},
+    }
+
+
+@dataclass
+class ServedApp:
+    url: str
+    args: dict
+
+    port: int
+
+    def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300) -> None:
+        """Deploys from a config, as `serve deploy` does. `deployments` overrides per-deployment options;
+        when only their `user_config` changes, replicas are reconfigured in place, not restarted."""
+        from ray import serve
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        config = {
+            "http_options": {"host": "127.0.0.1", "port": self.port},
+            "applications": [
+                {"name": APP_NAME, "route_prefix": "/", "import_path": "serve_app:build_app",
+                 "args": self.args, "deployments": deployments or []}
+            ],
+        }
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = serve.status().applications.get(APP_NAME)
+            if status is not None and status.status == "RUNNING" and self._denoiser_knobs_applied(deployments or []):
+                return
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"deploy failed: {status.message}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{APP_NAME} not running after {timeout_s}s")
+
+    def _denoiser_knobs_applied(self, deployments: list[dict]) -> bool:
+        """RUNNING can still describe the previous config for a moment after a redeploy."""
+        wanted = self.args["denoiser"]["user_config"]
+        for item in deployments:
+            if item["name"] == "Denoiser":
+                wanted = item.get("user_config", wanted)
+        try:
+            knobs = self.stats("Denoiser")["knobs"]
+        except Exception:
+            return False
+        return all(knobs.get(k) == v for k, v in wanted.items())
+
+    def stats(self, deployment: str) -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle(deployment, APP_NAME).stats.remote().result(timeout_s=30)
+
+    def reset_stats(self) -> None:
+        from ray import serve
+
+        for name in ("TextEncoder", "Denoiser", "VaeDecoder"):
+            serve.get_deployment_handle(name, APP_NAME).reset_stats.remote().result(timeout_s=30)
+
+
+@pytest.fixture(scope="session")
+def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port)
+    try:
+        app.deploy()
+        yield app
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture()
+def http(served) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=served.url, timeout=120) as client:
+        yield client
+
+
+def decode_png(b64: str) -> Image.Image:
+    data = base64.b64decode(b64)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

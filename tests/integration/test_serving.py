@@ -1,0 +1,82 @@
+"""The Ray Serve application end to end: the graph, batching, handle calls and live reconfiguration."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.conftest import APP_NAME, decode_png
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"size": "512x512", "num_inference_steps": 3}
+
+
+def generate(http: httpx.Client, **fields) -> dict:
+    response = http.post("/v1/images/generations", json={"prompt": "a red fox in fresh snow", **SMALL, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_request_through_the_whole_graph_returns_a_png(http):
+    body = generate(http, seed=11, n=2, style="Watercolor")
+    assert [item["seed"] for item in body["data"]] == [11, 12]
+    for item in body["data"]:
+        image = decode_png(item["b64_json"])
+        assert image.size == (512, 512) and image.mode == "RGB"
+        assert item["revised_prompt"].startswith("a red fox in fresh snow") and "watercolour" in item["revised_prompt"]
+    assert body["random_weights"] is True
+    assert body["timings"]["denoise_ms"] > 0 and body["timings"]["total_ms"] >= body["timings"]["denoise_ms"] / 2
+
+
+def test_concurrent_requests_are_batched_in_every_gpu_stage_and_match_the_image_made_alone(served, http):
+    prompts = [f"prompt number {i}: " + "a lighthouse " * (i + 1) for i in range(8)]
+    served.reset_stats()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        bodies = list(pool.map(lambda i: generate(http, prompt=prompts[i], seed=100 + i), range(8)))
+    for stage, method in (("TextEncoder", "encode"), ("Denoiser", "step"), ("VaeDecoder", "decode")):
+        sizes = served.stats(stage)["methods"][method]["batch_sizes"]
+        assert max(sizes) > 1, f"{stage} never ran a batch larger than 1: {sizes}"
+    for i, body in enumerate(bodies):
+        alone = generate(http, prompt=prompts[i], seed=100 + i)
+        together_px = np.asarray(decode_png(body["data"][0]["b64_json"]), dtype=np.int16)
+        alone_px = np.asarray(decode_png(alone["data"][0]["b64_json"]), dtype=np.int16)
+        assert np.abs(together_px - alone_px).max() <= 1
+
+
+def test_a_second_serve_application_calls_the_app_through_a_handle(served):
+    from ray import cloudpickle, serve
+
+    import tests.integration.handle_client as client_module
+
+    cloudpickle.register_pickle_by_value(client_module)
+    serve.run(client_module.HandleClient.bind(APP_NAME), name="handle-client", route_prefix="/handle-client")
+    try:
+        summary = serve.get_app_handle("handle-client").remote("a koi pond", 2).result(timeout_s=120)
+    finally:
+        serve.delete("handle-client")
+    assert summary["count"] == 2
+    assert summary["seeds"] == [7, 8]
+    assert summary["formats"] == ["png", "png"]
+    assert summary["sizes"] == [[512, 512], [512, 512]]
+    assert all(head == list(b"\x89PNG") for head in summary["heads"])
+
+
+def test_user_config_changes_the_batch_size_without_a_restart(served, http):
+    before = served.stats("Denoiser")
+    try:
+        served.deploy([{"name": "Denoiser", "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}])
+        after = served.stats("Denoiser")
+        assert after["knobs"]["max_batch_size"] == 1
+        assert after["load_seconds"] == before["load_seconds"] and after["pid"] == before["pid"]
+        served.reset_stats()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda i: generate(http, seed=i), range(4)))
+        assert set(served.stats("Denoiser")["methods"]["step"]["batch_sizes"]) == {1}
+    finally:
+        served.deploy()
+    assert served.stats("Denoiser")["knobs"]["max_batch_size"] == 8

@@ -1,0 +1,296 @@
+"""The load generator against real HTTP: the baseline server on the tiny model, and small fake servers.
+
+Everything runs on the CPU in well under a minute; the baseline server is a subprocess that is
+always stopped, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from benchmarks.loadgen import (
+    LatencyStats,
+    LoadConfig,
+    LoadReport,
+    RequestRecord,
+    check_images_body,
+    goodput,
+    main,
+    parse_size_mix,
+    percentile,
+    run_load,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["a red bicycle", "fog over pine hills", "un gato naranja", "一只熊猫"]
+SERVER_START_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_b64(size: int = 8) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def config(url: str, **overrides) -> LoadConfig:
+    values = dict(url=url, concurrency=2, requests=6, prompts=PROMPTS, timeout_s=30.0)
+    values.update(overrides)
+    return LoadConfig(**values)
+
+
+# ------------------------------------------------------------------------------------- pure logic
+
+
+def test_percentile_matches_linear_interpolation():
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 90) == pytest.approx(90.1)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 0) == 1.0 and percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of input does not matter
+    stats = LatencyStats.of([10.0, 20.0, 30.0, 40.0])
+    assert stats.count == 4 and stats.mean_ms == 25.0 and stats.max_ms == 40.0 and stats.min_ms == 10.0
+    assert stats.p50_ms <= stats.p90_ms <= stats.p99_ms <= stats.max_ms
+
+
+def test_goodput_counts_only_successes_within_the_slo():
+    def rec(latency_ms: float, ok: bool, images: int) -> RequestRecord:
+        return RequestRecord(0, 0.0, latency_ms, "512x512", images, None, 200 if ok else 500, ok, images if ok else 0)
+
+    records = [rec(100, True, 2), rec(900, True, 2), rec(300, False, 2), rec(400, True, 1)]
+    assert goodput(records, wall_s=2.0, slo_ms=500) == pytest.approx((2 + 1) / 2.0)
+    assert goodput(records, wall_s=2.0, slo_ms=None) == pytest.approx((2 + 2 + 1) / 2.0)
+    assert goodput(records, wall_s=0.0, slo_ms=500) == 0.0
+
+
+def test_size_mix_parsing():
+    mix = parse_size_mix("1024x1024:0.7, 512x512:0.3")
+    assert [(s.width, s.height) for s in mix] == [(1024, 1024), (512, 512)]
+    assert [s.weight for s in mix] == pytest.approx([0.7, 0.3])
+    mix = parse_size_mix("1344x768:3,768x1344")  # weights are relative; a bare size weighs 1
+    assert [s.size for s in mix] == ["1344x768", "768x1344"]
+    assert [s.weight for s in mix] == pytest.approx([0.75, 0.25])
+    for bad in ["", "1024", "1024x", "axb:1", "512x512:-1", "512x512:0", "512x512:x", "0x512", "512x512,512x512"]:
+        with pytest.raises(ValueError):
+            parse_size_mix(bad)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadConfig(concurrency=2, rate=1.0, requests=1, prompts=PROMPTS).validate()
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadConfig(requests=1, prompts=PROMPTS).validate()
+    with pytest.raises(ValueError, match="when to stop"):
+        LoadConfig(concurrency=2, prompts=PROMPTS).validate()
+    LoadConfig(rate=2.0, duration_s=1.0, prompts=PROMPTS).validate()
+
+
+def test_response_checking():
+    good = json.dumps({"created": 1, "data": [{"b64_json": png_b64()}, {"b64_json": png_b64()}]}).encode()
+    assert check_images_body(good, 2) == (2, None)
+    assert check_images_body(good, 3)[1] == "expected 3 images, got 2"
+    not_image = json.dumps({"data": [{"b64_json": base64.b64encode(b"hello world").decode()}]}).encode()
+    assert "not a PNG" in check_images_body(not_image, 1)[1]
+    assert "not valid base64" in check_images_body(b'{"data": [{"b64_json": "!!!"}]}', 1)[1]
+    assert "no b64_json" in check_images_body(b'{"data": [{"url": "http://x"}]}', 1)[1]
+    assert "no 'data'" in check_images_body(b'{"created": 1}', 1)[1]
+    assert "not JSON" in check_images_body(b"<html>", 1)[1]
+    webp = base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 ").decode()
+    jpeg = base64.b64encode(b"\xff\xd8\xff\xe0rest").decode()
+    assert check_images_body(json.dumps({"data": [{"b64_json": webp}, {"b64_json": jpeg}]}).encode(), 2) == (2, None)
+
+
+# -------------------------------------------------------------------------------- baseline server
+
+
+@pytest.fixture(scope="module")
+def baseline_url(cache_dir, tmp_path_factory) -> Iterator[str]:
+    """The plain diffusers server on the tiny model, in a subprocess; killed at teardown."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("baseline") / "server.log"
+    env = dict(os.environ, ZIMAGE_CACHE_DIR=os.environ.get("ZIMAGE_CACHE_DIR", str(cache_dir)))
+    cmd = [
+        sys.executable, "-m", "benchmarks.baseline_server", "--model", "tiny", "--device", "cpu",
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"baseline server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"baseline server not healthy in {SERVER_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_closed_loop_against_baseline(baseline_url, tmp_path):
+    cfg = config(
+        baseline_url, size_mix=parse_size_mix("512x512"), steps=2, warmup=1, slo_ms=60_000, seed_base=100, label="t"
+    )
+    report = asyncio.run(run_load(cfg))
+
+    assert (report.sent, report.ok, report.failed) == (6, 6, 0), report.error_samples
+    assert report.images == 6 and report.warmup_sent == 1 and report.warmup_ok == 1
+    assert report.errors_by_status == {} and report.errors_by_exception == {}
+    lat = report.latency
+    assert lat.count == 6 and 0 < lat.p50_ms <= lat.p90_ms <= lat.p99_ms <= lat.max_ms
+    assert set(report.latency_by_size) == {"512x512"}
+    assert report.images_per_s > 0 and report.goodput_images_per_s == pytest.approx(report.images_per_s)
+    measured = [r for r in report.records if not r.warmup]
+    assert sorted(r.seed for r in measured) == list(range(101, 107))  # request i gets seed 100 + i
+
+    out = tmp_path / "report.json"
+    report.write_json(out)
+    data = json.loads(out.read_text())
+    assert data["ok"] == 6 and data["label"] == "t" and data["config"]["concurrency"] == 2
+    assert len(data["records"]) == 7 and sum(r["warmup"] for r in data["records"]) == 1
+    assert {"start_s", "latency_ms", "status", "size", "n"} <= set(data["records"][0])
+    assert "p99" in report.format_table()
+
+
+def test_http_errors_are_counted_by_status(baseline_url):
+    bad_size = asyncio.run(run_load(config(baseline_url, size_mix=parse_size_mix("100x100"), requests=3)))
+    assert (bad_size.ok, bad_size.failed) == (0, 3)
+    assert bad_size.errors_by_status == {"400": 3}
+    assert "not supported" in bad_size.error_samples[0]  # the OpenAI error message comes through
+
+    wrong_path = asyncio.run(run_load(config(baseline_url, path="/v1/nowhere", requests=2)))
+    assert wrong_path.errors_by_status == {"404": 2} and wrong_path.errors_by_exception == {}
+
+    refused = asyncio.run(run_load(config(f"http://127.0.0.1:{free_port()}", requests=2, timeout_s=5)))
+    assert refused.failed == 2 and refused.errors_by_status == {}
+    assert sum(refused.errors_by_exception.values()) == 2
+
+
+# ----------------------------------------------------------------------------------- fake servers
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def with_fake_server(handler: Handler, body: Callable[[str], Awaitable[object]]) -> object:
+    """Serves `handler` on a free port in this event loop while `body(url)` runs."""
+    app = web.Application()
+    app.router.add_post("/v1/images/generations", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        return await body(f"http://127.0.0.1:{port}")
+    finally:
+        await runner.cleanup()
+
+
+def test_malformed_200_is_an_error():
+    async def handler(request: web.Request) -> web.Response:
+        payload = await request.json()
+        if payload["seed"] % 2:  # odd requests: a 200 that holds no image
+            return web.json_response({"created": 1, "data": [{"b64_json": base64.b64encode(b"nope").decode()}]})
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64(), "seed": payload["seed"]}]})
+
+    report = asyncio.run(with_fake_server(handler, lambda url: run_load(config(url, requests=4))))
+    assert isinstance(report, LoadReport)
+    assert (report.ok, report.failed, report.images) == (2, 2, 2)
+    assert report.errors_by_status == {"200": 2}
+    assert report.error_samples[0].startswith("malformed 200")
+
+
+def test_open_loop_never_exceeds_the_in_flight_cap():
+    state = {"now": 0, "max": 0, "auth": set()}
+
+    async def handler(request: web.Request) -> web.Response:
+        state["now"] += 1
+        state["max"] = max(state["max"], state["now"])
+        state["auth"].add(request.headers.get("Authorization"))
+        try:
+            await asyncio.sleep(0.3)
+            payload = await request.json()
+            return web.json_response({"created": 1, "data": [{"b64_json": png_b64()} for _ in range(payload["n"])]})
+        finally:
+            state["now"] -= 1
+
+    cfg_kwargs = dict(concurrency=None, rate=40.0, max_in_flight=3, requests=None, duration_s=1.0, n=2, api_key="k")
+
+    async def body(url: str) -> LoadReport:
+        return await run_load(config(url, **cfg_kwargs))
+
+    started = time.perf_counter()
+    report = asyncio.run(with_fake_server(handler, body))
+    assert isinstance(report, LoadReport)
+    assert time.perf_counter() - started < 1.0 + 30.0  # duration + timeout bounds the run
+    assert state["max"] <= 3 and report.sent > 0 and report.dropped > 0
+    assert report.failed == 0 and report.images == 2 * report.ok
+    assert state["auth"] == {"Bearer k"}
+    starts = [r.start_s for r in report.records]
+    assert starts == sorted(starts) and all(0 <= s < 1.0 for s in starts)
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64()}]})
+
+    out = tmp_path / "cli.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+
+    async def body(url: str) -> int:
+        argv = [
+            "--url", url, "--concurrency", "2", "--requests", "4", "--size-mix", "1024x1024:0.5,512x512:0.5",
+            "--prompts", str(prompts), "--json", str(out), "--label", "cli", "--no-progress", "--slo-ms", "5000",
+        ]
+        return await asyncio.to_thread(main, argv)
+
+    assert asyncio.run(with_fake_server(handler, body)) == 0
+    data = json.loads(out.read_text())
+    assert data["ok"] == 4 and data["label"] == "cli" and set(data["latency_by_size"]) <= {"1024x1024", "512x512"}
+    assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen.py"]])
+def test_both_entry_points_start(how):
+    result = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--concurrency" in result.stdout and "--size-mix" in result.stdout
