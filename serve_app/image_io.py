@@ -59,7 +59,8 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "im
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise bad_request("The uploaded image is too large to decode.", param=param, code="image_too_large")
+        raise bad_request(f"The uploaded image has more pixels than the limit of {max_pixels}; it was not decoded.",
+                          param=param, code="image_too_large")
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as exc:
         raise bad_request(f"The uploaded image could not be decoded ({exc.__class__.__name__}); "
                           "it may be truncated or corrupt.", param=param, code="invalid_image")
