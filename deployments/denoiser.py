@@ -12,37 +12,51 @@ from deployments.core.contracts import DenoiseJob, Latents
 from deployments.core.denoising import DenoiseLoop
 from deployments.core.scheduling import POLICIES, ContinuousBatcher, run_grouped
 from deployments.settings import ModelSettings
-from deployments.stage_base import StageBase, unwrap
+from deployments.stage_base import StageBase
 
 logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Denoiser")
 class Denoiser(StageBase):
-    BATCHED_METHODS = ("_denoise_batch",)
-
     def __init__(self, settings: dict, scheduling: str = "continuous") -> None:
         self._init_stage("Denoiser")
         if scheduling not in POLICIES:
             raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")
-        self.scheduling = scheduling
+        self.scheduling = self.default_scheduling = scheduling
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         start = time.perf_counter()
         transformer = loading.load_transformer(source, device, dtype)
+        self.warmup_seconds: dict[str, float] = {}
         if device.type == "cuda":
-            from deployments.core.fast_dit import optimize_transformer
-
-            transformer = optimize_transformer(
-                transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir()
-            )
+            transformer = self._optimize(transformer)
+        elif self.settings.precision != "bf16" or self.settings.compile:
+            logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
+                           self.settings.precision, self.settings.compile)
         self.loop = DenoiseLoop(transformer, loading.load_scheduler(source), device, dtype)
         self.batcher = ContinuousBatcher(self.loop, self.knobs.max_batch_size, self._record_step, self.gpu_lane)
+        self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s",
             self.load_seconds, source.name, device, self.settings.precision, scheduling,
         )
+
+    def _optimize(self, transformer):
+        """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
+        With compile on, the configured sizes are compiled (or loaded from the cache) before the
+        replica reports ready, at batch 1 and at the full batch size."""
+        from deployments.core.fast_dit import optimize_transformer, warmup
+
+        transformer = optimize_transformer(
+            transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
+            attention=self.settings.attention,
+        )
+        if self.settings.compile and self.settings.warmup_sizes:
+            sizes = self.settings.warmup_pixels()
+            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=(1, self.knobs.max_batch_size))
+        return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
         self.stats_by_method["step"].record(size, seconds)
@@ -51,18 +65,26 @@ class Denoiser(StageBase):
         self.apply_knobs(user_config)
         self.batcher.max_batch_size = self.knobs.max_batch_size
 
+    def apply_extra_config(self, config: dict) -> None:
+        """`scheduling` switches policy live; requests already running finish under the old one."""
+        scheduling = config.pop("scheduling", self.default_scheduling)
+        super().apply_extra_config(config)
+        if scheduling not in POLICIES:
+            raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")
+        self.scheduling = scheduling
+
     async def denoise(self, job: DenoiseJob) -> Latents:
         if self.scheduling == "continuous":
             return await self.batcher.submit(job)
         if self.scheduling == "batch":
-            return unwrap(await self._denoise_batch(job))
-        return unwrap(await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _denoise_batch(self, jobs: list[DenoiseJob]) -> list[Latents | Exception]:
-        return await self.run_model("request", len(jobs), run_grouped, self.loop, jobs, self._record_step)
+            return await self.grouped.submit(job)
+        results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
 
     def stats(self) -> dict:
         data = super().stats()
-        data.update(scheduling=self.scheduling, cancelled=self.batcher.cancelled, load_seconds=self.load_seconds)
+        data.update(scheduling=self.scheduling, cancelled=self.batcher.cancelled, load_seconds=self.load_seconds,
+                    warmup_seconds=self.warmup_seconds)
         return data

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 from ray import serve
 
 from deployments.core.contracts import StyledPrompt
 from deployments.core.styles import DEFAULT_STYLES, PromptStyler as StyleTable, merge_styles
-from deployments.stage_base import StageBase, unwrap
+from deployments.stage_base import StageBase
 
 
 @serve.deployment(name="PromptStyler", ray_actor_options={"num_cpus": 0.1})
 class PromptStyler(StageBase):
-    BATCHED_METHODS = ("_style_batch",)
-
     def __init__(self) -> None:
         self._init_stage("PromptStyler")
         self.table = StyleTable()
+        self.styling = self.add_batcher("style", self._style_many, on_gpu=False)
 
     def reconfigure(self, user_config: dict) -> None:
         self.apply_knobs(user_config)
@@ -30,18 +27,15 @@ class PromptStyler(StageBase):
         self.table.set_styles(merge_styles(DEFAULT_STYLES, styles, replace=replace), default_style)
 
     async def style(self, prompt: str, style: str | None = None) -> StyledPrompt:
-        return unwrap(await self._style_batch((prompt, style)))
+        return await self.styling.submit((prompt, style))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _style_batch(self, requests: list[tuple[str, str | None]]) -> list[StyledPrompt | Exception]:
-        start = time.perf_counter()
+    def _style_many(self, requests: list[tuple[str, str | None]]) -> list[StyledPrompt | Exception]:
         results: list[StyledPrompt | Exception] = []
         for prompt, style in requests:
             try:
                 results.append(self.table.apply(prompt, style))
             except ValueError as exc:  # an unknown style fails its own request only
                 results.append(exc)
-        self.stats_by_method["style"].record(len(requests), time.perf_counter() - start)
         return results
 
     async def list_styles(self) -> dict[str, str]:

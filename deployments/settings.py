@@ -23,6 +23,13 @@ class ModelSettings(BaseModel):
     max_prompt_tokens: int = Field(512, ge=16, le=4096)
     vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
     vae_batched_decode: bool = False
+    vae_tile_px: int = Field(1024, ge=256, le=4096)
+    vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
+    text_encoder_cuda_graphs: bool = True
+    vae_compile: bool = False
+    warmup_sizes: tuple[str, ...] = ("1024x1024",)
+    """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""
 
     def source(self) -> ModelSource:
         return resolve_model_source(self.model, self.cache_dir)
@@ -38,3 +45,6 @@ class ModelSettings(BaseModel):
         """Compiled DiT artifacts live beside the checkpoints so later replicas on the node reuse them."""
         root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
         return str(root / "compile")
+
+    def warmup_pixels(self) -> list[tuple[int, int]]:
+        return [tuple(int(v) for v in size.lower().split("x")) for size in self.warmup_sizes]

@@ -9,10 +9,13 @@ import asyncio
 import os
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.core.batching import DynamicBatcher
 
 BATCH_HISTORY = 1000
 
@@ -50,33 +53,39 @@ class StageStats:
         }
 
 
-def unwrap(result):
-    """Batched methods return an exception in place of a failed item's result; raise it for that caller."""
-    if isinstance(result, BaseException):
-        raise result
-    return result
-
-
 class StageBase:
-    """Mixin for stage deployments. Subclasses name their batched methods in `BATCHED_METHODS`."""
-
-    BATCHED_METHODS: tuple[str, ...] = ()
+    """Mixin for stage deployments: each batched method is a `DynamicBatcher` made by `add_batcher`."""
 
     def _init_stage(self, name: str) -> None:
         self.stage_name = name
         self.stats_by_method: dict[str, StageStats] = collections.defaultdict(StageStats)
         self.knobs = BatchingKnobs()
         self.gpu_lane = asyncio.Lock()  # one model call at a time per replica
+        self.batchers: dict[str, DynamicBatcher] = {}
         self.loaded_at = time.time()
+
+    def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
+        """Batches calls to `fn` (blocking, list in, list out), run off the event loop and recorded."""
+
+        async def run(items: list) -> list:
+            if on_gpu:
+                return await self.run_model(method, len(items), fn, items)
+            start = time.perf_counter()
+            results = fn(items)
+            self.stats_by_method[method].record(len(items), time.perf_counter() - start)
+            return results
+
+        batcher = DynamicBatcher(run, self.knobs.max_batch_size, self.knobs.batch_wait_timeout_s)
+        self.batchers[method] = batcher
+        return batcher
 
     def apply_knobs(self, user_config: dict | None) -> None:
         config = dict(user_config or {})
         knob_fields = {k: config.pop(k) for k in list(config) if k in BatchingKnobs.model_fields}
         self.knobs = BatchingKnobs(**{**self.knobs.model_dump(), **knob_fields})
-        for name in self.BATCHED_METHODS:
-            method = getattr(self, name)
-            method.set_max_batch_size(self.knobs.max_batch_size)
-            method.set_batch_wait_timeout_s(self.knobs.batch_wait_timeout_s)
+        for batcher in self.batchers.values():
+            batcher.max_batch_size = self.knobs.max_batch_size
+            batcher.wait_s = self.knobs.batch_wait_timeout_s
         self.apply_extra_config(config)
 
     def apply_extra_config(self, config: dict) -> None:
@@ -93,7 +102,17 @@ class StageBase:
         return result
 
     def stats(self) -> dict[str, Any]:
+        import torch
+
+        gpu = {}
+        if torch.cuda.is_available():
+            gpu = {
+                "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+                "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+                "gpu_allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 3),
+            }
         return {
+            **gpu,
             "stage": self.stage_name,
             "pid": os.getpid(),
             "knobs": self.knobs.model_dump(),

@@ -10,15 +10,13 @@ from deployments.core import loading
 from deployments.core.contracts import CaptionEmbedding
 from deployments.core.text_encoding import PromptEncoder
 from deployments.settings import ModelSettings
-from deployments.stage_base import StageBase, unwrap
+from deployments.stage_base import StageBase
 
 logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="TextEncoder")
 class TextEncoder(StageBase):
-    BATCHED_METHODS = ("_encode_batch",)
-
     def __init__(self, settings: dict) -> None:
         self._init_stage("TextEncoder")
         self.settings = ModelSettings(**settings)
@@ -29,15 +27,14 @@ class TextEncoder(StageBase):
             loading.load_text_encoder(source, device, dtype),
             device,
             max_tokens=self.settings.max_prompt_tokens,
+            cuda_graphs=self.settings.text_encoder_cuda_graphs,
         )
-        logger.info("TextEncoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
+        self.encoding = self.add_batcher("encode", self.encoder.encode)
+        graphs = self.encoder.warmup()
+        logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d", source.name, device, dtype, graphs)
 
     def reconfigure(self, user_config: dict) -> None:
         self.apply_knobs(user_config)
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
-        return unwrap(await self._encode_batch(prompt))
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _encode_batch(self, prompts: list[str]) -> list[CaptionEmbedding]:
-        return await self.run_model("encode", len(prompts), self.encoder.encode, prompts)
+        return await self.encoding.submit(prompt)

@@ -1,9 +1,13 @@
 """Prompt encoding: Qwen3 chat template, penultimate hidden states, ragged per-prompt embeddings.
 
-Computes what diffusers' `ZImagePipeline._encode_prompt` computes, with two differences that do not
-change the result: a batch is padded to its longest prompt instead of always to 512 tokens (the
-encoder is causal, so right padding never reaches real tokens), and a prompt over the token cap is
-reported to the caller instead of being cut silently.
+Computes what diffusers' `ZImagePipeline._encode_prompt` computes, with differences that do not
+change the result: a batch is padded on the right to a length bucket instead of always to 512
+tokens, and no padding mask is built. The encoder is causal, so a real token only ever attends to
+earlier tokens, which are real; what the padding positions compute is dropped. A prompt over the
+token cap is reported to the caller instead of being cut silently.
+
+On a GPU the encoder is launch-bound (36 small layers for a few hundred tokens), so each
+(batch, length) bucket is captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -13,14 +17,30 @@ import torch
 from deployments.core.contracts import CaptionEmbedding
 
 DEFAULT_MAX_TOKENS = 512
+LENGTH_BUCKETS = (32, 64, 128, 256, 384, 512)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    return next((b for b in buckets if b >= value), value)
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, text_encoder, device: torch.device, max_tokens: int = DEFAULT_MAX_TOKENS):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        device: torch.device,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        cuda_graphs: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
         self.max_tokens = max_tokens
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
 
     def template(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -40,17 +60,12 @@ class PromptEncoder:
             return []
         full = [self.token_ids(p) for p in prompts]
         kept = [ids[: self.max_tokens] for ids in full]
-        longest = max(len(ids) for ids in kept)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(kept), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(kept), longest), dtype=torch.bool)
+        length = bucket(max(len(ids) for ids in kept), LENGTH_BUCKETS)
+        rows = bucket(len(kept), BATCH_BUCKETS) if self.cuda_graphs else len(kept)
+        input_ids = torch.full((rows, length), self.tokenizer.pad_token_id, dtype=torch.long)
         for row, ids in enumerate(kept):
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[row, : len(ids)] = True
-        hidden = self.text_encoder(
-            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
-        ).last_hidden_state
-        hidden = hidden.to("cpu")
+        hidden = self._forward(input_ids.to(self.device)).to("cpu")
         return [
             CaptionEmbedding(
                 embedding=hidden[row, : len(ids)].clone(),
@@ -60,3 +75,38 @@ class PromptEncoder:
             )
             for row, ids in enumerate(kept)
         ]
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graphs or input_ids.shape[0] > BATCH_BUCKETS[-1]:
+            return self.text_encoder(input_ids=input_ids, use_cache=False).last_hidden_state
+        graph, static_ids, static_out = self._graph_for(*input_ids.shape)
+        static_ids.copy_(input_ids)
+        graph.replay()
+        return static_out.clone()
+
+    def _graph_for(self, rows: int, length: int):
+        key = (rows, length)
+        if key not in self._graphs:
+            static_ids = torch.full((rows, length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm the kernels (and their autotuning) outside capture
+                for _ in range(2):
+                    self.text_encoder(input_ids=static_ids, use_cache=False)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = self.text_encoder(input_ids=static_ids, use_cache=False).last_hidden_state
+            self._graphs[key] = (graph, static_ids, static_out)
+        return self._graphs[key]
+
+    def warmup(self) -> int:
+        """Captures every bucket up front so that no request pays for a capture; returns the count."""
+        if self.cuda_graphs:
+            with torch.inference_mode():
+                for rows in BATCH_BUCKETS:
+                    for length in LENGTH_BUCKETS:
+                        self._graph_for(rows, length)
+        return len(self._graphs)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 APP_NAME = "zimage"
-TEST_BATCH_WAIT_S = 0.25  # long enough that concurrent test requests share batches on a slow CPU
+TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a slow CPU
 
 
 def free_port() -> int:

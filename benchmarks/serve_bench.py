@@ -1,0 +1,251 @@
+"""End-to-end serving benchmark: the application from serve_config.yaml, driven over HTTP by loadgen,
+against the plain diffusers baseline server driven by the same load generator in the same run.
+
+    python benchmarks/serve_bench.py --json out.json                      # on an H200, model=random
+    python benchmarks/serve_bench.py --model tiny --device cpu --quick    # smoke run on a CPU
+
+Sections (each appends to the JSON as it finishes, so a timeout still leaves data):
+  startup     time until every stage is ready; each stage's peak GPU memory
+  single      one request at a time at 1024x1024: first request, then warm p50
+  load        20 concurrent clients at 512, 1024 and a mixed size load, for each scheduling policy
+  baseline    the same single-client and concurrent loads against benchmarks/baseline_server.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
+
+APP = "zimage"
+STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
+LOADS = {"512": "512x512", "1024": "1024x1024", "mixed": "512x512:0.5,1024x1024:0.3,768x1344:0.2"}
+
+
+class Recorder:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def put(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2, default=str))
+
+
+def app_config(args) -> dict:
+    config = yaml.safe_load((ROOT / args.config).read_text())
+    app = copy.deepcopy(config["applications"][0])
+    app["args"].update(model=args.model, device=args.device)
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        app["args"][key] = yaml.safe_load(value)
+    return {"http_options": {"host": "127.0.0.1", "port": args.port}, "applications": [app]}
+
+
+def deploy(config: dict, denoiser_user_config: dict | None = None, timeout_s: float = 900) -> float:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = copy.deepcopy(config)
+    if denoiser_user_config is not None:
+        for item in config["applications"][0]["deployments"]:
+            if item["name"] == "Denoiser":
+                item["user_config"] = {**item.get("user_config", {}), **denoiser_user_config}
+    start = time.perf_counter()
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    wanted = (denoiser_user_config or {}).get("scheduling")
+    while time.perf_counter() - start < timeout_s:
+        status = serve.status().applications.get(APP)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(status.message)
+        if status is not None and status.status == "RUNNING":
+            if wanted is None or stage_stats("Denoiser").get("scheduling") == wanted:
+                return time.perf_counter() - start
+        time.sleep(0.5)
+    raise TimeoutError("the application did not become ready")
+
+
+def stage_stats(name: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(name, APP).stats.remote().result(timeout_s=60)
+
+
+def reset_stats() -> None:
+    from ray import serve
+
+    for name in STAGES:
+        serve.get_deployment_handle(name, APP).reset_stats.remote().result(timeout_s=60)
+
+
+def load(url: str, label: str, sizes: str, concurrency: int, steps: int, prompts: list[str], *,
+         duration_s: float | None = None, requests: int | None = None, warmup: int = 0) -> dict:
+    config = LoadConfig(
+        url=url, concurrency=concurrency, duration_s=duration_s, requests=requests, warmup=warmup,
+        size_mix=parse_size_mix(sizes), steps=steps, prompts=prompts, label=label, timeout_s=300,
+        slo_ms=None,
+    )
+    report = asyncio.run(run_load(config))
+    print(report.format_table(), flush=True)
+    data = report.to_dict()
+    data.pop("records", None)
+    return data
+
+
+def batch_summary() -> dict:
+    summary = {}
+    for name in STAGES:
+        methods = stage_stats(name)["methods"]
+        summary[name] = {
+            method: {"mean_batch": round(sum(s["batch_sizes"]) / max(1, len(s["batch_sizes"])), 2),
+                     "max_batch": max(s["batch_sizes"] or [0])}
+            for method, s in methods.items()
+        }
+    return summary
+
+
+def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
+    import ray
+    from ray import serve
+
+    ray.init(include_dashboard=False, log_to_driver=args.verbose)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    url = f"http://127.0.0.1:{args.port}"
+    config = app_config(args)
+    try:
+        startup_s = deploy(config)
+        memory = {name: {k: v for k, v in stage_stats(name).items() if k.startswith("gpu_") or k.endswith("seconds")}
+                  for name in STAGES}
+        recorder.put("startup", {"seconds": round(startup_s, 1), "stages": memory})
+        print("startup", json.dumps(recorder.data["startup"], indent=1), flush=True)
+
+        body = {"prompt": prompts[0], "size": "1024x1024", "seed": 1, "num_inference_steps": args.steps}
+        start = time.perf_counter()
+        first = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
+        first_s = time.perf_counter() - start
+        first.raise_for_status()
+        single = load(url, "ours c1 1024", "1024x1024", 1, args.steps, prompts, requests=args.single_requests,
+                      warmup=1)
+        memory_after = {name: {k: v for k, v in stage_stats(name).items() if k.startswith("gpu_")}
+                        for name in STAGES}
+        recorder.put("single", {"first_request_s": round(first_s, 3), "first_timings": first.json()["timings"],
+                                "warm": single, "stage_memory_after": memory_after})
+
+        for policy in args.policies:
+            deploy(config, {"scheduling": policy})
+            for name in args.loads:
+                reset_stats()
+                result = load(url, f"ours {policy} c{args.concurrency} {name}", LOADS[name], args.concurrency,
+                              args.steps, prompts, duration_s=args.duration, warmup=2)
+                result["batches"] = batch_summary()
+                recorder.put(f"load/{policy}/{name}", result)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_baseline(args, recorder: Recorder, prompts: list[str]) -> None:
+    port = args.port + 100
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = open(Path(args.json).with_suffix(".baseline.log"), "w")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "baseline_server.py"), "--model", args.model, "--device",
+         args.device, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        start = time.perf_counter()
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("baseline server exited; see its log")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - start > 600:
+                raise TimeoutError("baseline server did not start")
+            time.sleep(1)
+        single = load(url, "baseline c1 1024", "1024x1024", 1, args.steps, prompts,
+                      requests=max(3, args.single_requests // 2), warmup=1)
+        recorder.put("baseline/single", single)
+        for name in args.loads:
+            if name == "mixed":
+                continue
+            result = load(url, f"baseline c{args.concurrency} {name}", LOADS[name], args.concurrency, args.steps,
+                          prompts, duration_s=args.duration, warmup=0)
+            recorder.put(f"baseline/load/{name}", result)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()
+
+
+def summarize(data: dict) -> str:
+    lines = ["", "summary (images/s, p50 ms)"]
+    for key, value in data.items():
+        if isinstance(value, dict) and "images_per_s" in value:
+            lines.append(f"  {key:<32} {value['images_per_s']:>8.3f} img/s  p50 {value['latency']['p50_ms']:>9.1f}")
+        if isinstance(value, dict) and "warm" in value:
+            warm = value["warm"]
+            lines.append(f"  {key + ' (warm)':<32} {warm['images_per_s']:>8.3f} img/s  p50 "
+                         f"{warm['latency']['p50_ms']:>9.1f}  first {value['first_request_s']:.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="serve_config.yaml")
+    parser.add_argument("--model", default="random")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--single-requests", type=int, default=10)
+    parser.add_argument("--policies", default="continuous", help="comma separated: continuous,batch,single")
+    parser.add_argument("--loads", default="512,1024,mixed")
+    parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")
+    parser.add_argument("--verbose", action="store_true", help="show replica logs")
+    parser.add_argument("--json", default="serve_bench.json")
+    args = parser.parse_args(argv)
+    args.policies = [p for p in args.policies.split(",") if p]
+    args.loads = [p for p in args.loads.split(",") if p]
+    if args.quick:
+        args.duration, args.single_requests, args.concurrency = 5.0, 3, min(args.concurrency, 4)
+    recorder = Recorder(Path(args.json))
+    recorder.put("args", vars(args))
+    prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")
+    if not args.skip_ours:
+        run_ours(args, recorder, prompts)
+    if not args.skip_baseline:
+        run_baseline(args, recorder, prompts)
+    print(summarize(recorder.data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The shipped serve_config.yaml and cluster.yaml cannot rot: each is checked as it is in the repo."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cluster_yaml_matches_the_schema_shipped_with_ray():
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    assert config["available_node_types"]["worker_h200"]["resources"]["GPU"] == 8
+    assert any("pip install -e" in cmd for cmd in config["setup_commands"])
+
+
+def test_serve_config_args_validate_and_fit_one_h200():
+    from serve_app.config import AppArgs
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    args = AppArgs.from_args(app["args"])
+    assert (args.model, args.precision) == ("Tongyi-MAI/Z-Image-Turbo", "fp8")
+    fractions = [getattr(args, stage).num_gpus for stage in ("text_encoder", "denoiser", "vae")]
+    assert all(f and f > 0 for f in fractions) and sum(fractions) <= 0.9
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {"Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"}
+    for deployment in app["deployments"]:
+        assert "autoscaling_config" in deployment, deployment["name"]
+
+
+@pytest.mark.integration
+def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
+    """This very file, with only model and device changed, served by `serve run` in a subprocess."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    changed = copy.deepcopy(config)
+    changed["applications"][0]["args"].update(model="tiny", device="cpu")
+    port = free_port()
+    changed["http_options"].update(host="127.0.0.1", port=port)  # where the test can reach it
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    env = {
+        **os.environ,
+        "ZIMAGE_CACHE_DIR": str(cache_dir),
+        "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's
+        # The file reserves CPUs sized for an H200 node; let this small machine advertise enough of them.
+        "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16}),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve"), "run", str(path)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("serve run never became ready:\n" + (tmp_path / "serve.log").read_text()[-4000:])
+        body = {"prompt": "a lighthouse", "size": "512x512", "num_inference_steps": 2, "seed": 1}
+        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+        log.close()

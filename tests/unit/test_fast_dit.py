@@ -1,0 +1,229 @@
+"""The fast DiT path computes what diffusers' Z-Image transformer computes (tiny checkpoint, float32, CPU).
+
+Reference: a second copy of the same checkpoint with diffusers' own complex-RoPE processor, run in
+the same process. GPU-only parts (FP8 numerics, inductor speed) are in tests/gpu/test_gpu_dit.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.core import fast_dit, loading
+from deployments.core.contracts import DenoiseJob
+from deployments.core.denoising import DenoiseLoop
+from deployments.core.vae_codec import VaeCodec
+
+CPU = torch.device("cpu")
+F32 = torch.float32
+REL_TOL = 1e-5
+
+
+def load(source):
+    return loading.load_transformer(source, CPU, F32)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_inputs(cfg, items: list[tuple[int, int, int]], seed: int = 0):
+    """items: (latent height, latent width, caption length) per batch entry."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    latents = [torch.randn(cfg.in_channels, 1, h, w, generator=g) for h, w, _ in items]
+    captions = [torch.randn(n, cfg.cap_feat_dim, generator=g) for _, _, n in items]
+    t = torch.rand(len(items), generator=g)
+    return latents, t, captions
+
+
+@torch.inference_mode()
+def forward(transformer, inputs) -> list[torch.Tensor]:
+    latents, t, captions = inputs
+    return transformer(latents, t, captions, return_dict=False)[0]
+
+
+CASES = {
+    "single": [(64, 64, 40)],
+    # different sizes and caption lengths: padded image, caption and unified sequences, all masked
+    "ragged": [(64, 64, 17), (48, 80, 70), (32, 32, 100)],
+    # same size, caption lengths in the same 32-bucket: no mask at all
+    "equal": [(64, 64, 20), (64, 64, 31)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_real_rope_matches_diffusers(tiny_source, case):
+    reference, ours = load(tiny_source), load(tiny_source)
+    fast_dit.install_real_rope(ours)
+    assert isinstance(ours.rope_embedder, fast_dit.RealRopeEmbedder)
+    assert all(isinstance(b.attention.processor, fast_dit.RealRopeAttnProcessor) for b in fast_dit.iter_blocks(ours))
+    inputs = make_inputs(reference.config, CASES[case])
+    for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
+        assert out.shape == ref.shape
+        assert rel_err(out, ref) <= REL_TOL
+
+
+@pytest.mark.parametrize("case", ["single", "ragged"])
+def test_fused_projections_match_diffusers(tiny_source, case):
+    reference, ours = load(tiny_source), load(tiny_source)
+    fast_dit.optimize_transformer(ours, "bf16", compile=False, fuse=True)
+    block = next(fast_dit.iter_blocks(ours))
+    assert block.attention.to_qkv is not None and not hasattr(block.attention, "to_q")
+    assert isinstance(block.feed_forward, fast_dit.FusedFeedForward)
+    inputs = make_inputs(reference.config, CASES[case], seed=1)
+    for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
+        assert rel_err(out, ref) <= REL_TOL
+
+
+def test_processor_accepts_complex_tables(tiny_source):
+    """The processor alone (diffusers' complex tables left in place) is a drop-in too."""
+    reference, ours = load(tiny_source), load(tiny_source)
+    processor = fast_dit.RealRopeAttnProcessor()
+    for block in fast_dit.iter_blocks(ours):
+        block.attention.set_processor(processor)
+    inputs = make_inputs(reference.config, CASES["ragged"], seed=2)
+    for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
+        assert rel_err(out, ref) <= REL_TOL
+
+
+@pytest.mark.parametrize("case", ["single", "equal", "ragged"])
+def test_mask_only_for_ragged_batches(tiny_source, monkeypatch, case):
+    """No mask reaches SDPA unless the batch is ragged (flash/cuDNN need none); then [B, 1, 1, S] bool."""
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(fast_dit.F, "scaled_dot_product_attention", recording_sdpa)
+    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
+    forward(transformer, make_inputs(transformer.config, CASES[case]))
+    assert len(masks) == len(list(fast_dit.iter_blocks(transformer)))
+    if case == "ragged":
+        assert all(m is not None and m.dtype == torch.bool and m.ndim == 4 and m.shape[1:3] == (1, 1) for m in masks)
+    else:
+        assert all(m is None for m in masks)
+
+
+def test_real_rope_equals_complex_multiplication():
+    g = torch.Generator("cpu").manual_seed(3)
+    x = torch.randn(2, 7, 3, 16, generator=g, dtype=torch.bfloat16)
+    freqs = torch.polar(torch.ones(2, 7, 8), torch.randn(2, 7, 8, generator=g))
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.float().reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)
+    ).flatten(3).type_as(x)
+    for table in (freqs, torch.view_as_real(freqs)):
+        cos, sin = fast_dit.rope_cos_sin(table)
+        got = fast_dit.apply_real_rope(x, cos, sin)
+        assert got.dtype == x.dtype
+        assert torch.equal(got, expected)
+
+
+def _pixels(codec: VaeCodec, latents) -> list[np.ndarray]:
+    return [img.pixels.numpy().astype(np.int16) for img in codec.decode(latents)]
+
+
+def test_denoise_loop_images_match_plain_path(tiny_source):
+    scheduler = loading.load_scheduler(tiny_source)
+    codec = VaeCodec(loading.load_vae(tiny_source, CPU, F32), CPU, F32)
+    plain = DenoiseLoop(load(tiny_source), scheduler, CPU, F32)
+    fast = DenoiseLoop(fast_dit.optimize_transformer(load(tiny_source), compile=False), scheduler, CPU, F32)
+    g = torch.Generator("cpu").manual_seed(4)
+    jobs = [
+        DenoiseJob(caption=torch.randn(23, 64, generator=g), width=512, height=512, steps=4, seed=7),
+        DenoiseJob(caption=torch.randn(90, 64, generator=g), width=640, height=384, steps=4, seed=8),
+    ]
+    ref, ours = plain.run(jobs), fast.run(jobs)
+    for a, b in zip(_pixels(codec, ours), _pixels(codec, ref)):
+        assert a.shape == b.shape
+        assert np.abs(a - b).max() <= 1
+
+
+def _block_inputs(cfg, seq: int, batch: int = 1, masked: bool = False):
+    g = torch.Generator("cpu").manual_seed(5)
+    x = torch.randn(batch, seq, cfg.dim, generator=g)
+    half = sum(cfg.axes_dims) // 2
+    freqs = torch.view_as_real(torch.polar(torch.ones(batch, seq, half), torch.randn(batch, seq, half, generator=g)))
+    mask = None
+    if masked:
+        mask = torch.ones(batch, seq, dtype=torch.bool)
+        mask[0, seq // 2 :] = False
+    adaln = torch.randn(batch, min(cfg.dim, 256), generator=g)
+    return x, mask, freqs, adaln
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_traces_as_one_graph(tiny_source, masked):
+    """fullgraph=True: a graph break (complex op, data-dependent branch) would raise here."""
+    torch._dynamo.reset()
+    transformer = load(tiny_source)
+    fast_dit.optimize_transformer(transformer, compile=False)
+    block = transformer.layers[0]
+    inputs = _block_inputs(transformer.config, 96, batch=2 if masked else 1, masked=masked)
+    with torch.inference_mode():
+        expected = block(*inputs)
+        got = torch.compile(block, fullgraph=True, backend="eager")(*inputs)
+    assert rel_err(got, expected) <= REL_TOL
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
+    """Batch-1 requests of any size and caption length run on two graphs (modulated, plain)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    reference, ours = load(tiny_source), load(tiny_source)
+    fast_dit.optimize_transformer(ours, compile=False)
+    fast_dit.compile_blocks(ours, None, backend=counting_backend)
+    cfg = reference.config
+    for index, shape in enumerate([(64, 64, 17), (64, 64, 70), (48, 80, 40), (32, 32, 200)]):
+        inputs = make_inputs(cfg, [shape], seed=10 + index)
+        (ref,), (out,) = forward(reference, inputs), forward(ours, inputs)
+        assert rel_err(out, ref) <= REL_TOL
+    assert len(graphs) == 2
+    torch._dynamo.reset()
+
+
+def test_warmup_runs_each_size(tiny_source):
+    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
+    timings = fast_dit.warmup(transformer, [512, (640, 384)], caption_len=20, batch_sizes=(1, 2))
+    assert set(timings) == {
+        "512x512/b1", "512x512/b2", "512x512/b2/ragged", "640x384/b1", "640x384/b2", "640x384/b2/ragged",
+    }
+
+
+def test_fp8_filter_picks_only_block_linears(tiny_source):
+    transformer = load(tiny_source)
+    picked = {name for name, mod in transformer.named_modules() if fast_dit.is_block_linear(mod, name)}
+    blocks = len(list(fast_dit.iter_blocks(transformer)))
+    assert len(picked) == 7 * blocks
+    assert "layers.0.attention.to_out.0" in picked and "layers.1.feed_forward.w2" in picked
+    assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in picked)
+    fast_dit.fuse_projections(transformer)
+    fused = {name for name, mod in transformer.named_modules() if fast_dit.is_block_linear(mod, name)}
+    assert len(fused) == 4 * blocks and "noise_refiner.0.attention.to_qkv" in fused
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_fp8_refuses_without_cuda(tiny_source):
+    transformer = load(tiny_source)
+    with pytest.raises(fast_dit.Fp8UnsupportedError, match="compute capability"):
+        fast_dit.quantize_fp8(transformer)
+    with pytest.raises(fast_dit.Fp8UnsupportedError, match="bf16"):
+        fast_dit.optimize_transformer(transformer, "fp8", compile=False)
+    # nothing was changed before the error
+    assert not isinstance(transformer.rope_embedder, fast_dit.RealRopeEmbedder)
+
+
+def test_rejects_unknown_options(tiny_source):
+    transformer = load(tiny_source)
+    with pytest.raises(ValueError, match="precision"):
+        fast_dit.optimize_transformer(transformer, "int4", compile=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attention"):
+        fast_dit.install_real_rope(transformer, "sparse")  # type: ignore[arg-type]
