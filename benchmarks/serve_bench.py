@@ -55,6 +55,10 @@ def app_config(args) -> dict:
     for item in args.set or []:
         key, _, value = item.partition("=")
         app["args"][key] = yaml.safe_load(value)
+    if args.one_gpu:  # the autoscaler must not ask for replicas that a single GPU cannot place
+        for deployment in app["deployments"]:
+            if deployment["name"] in STAGES and "autoscaling_config" in deployment:
+                deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "max_replicas": 1}
     return {"http_options": {"host": "127.0.0.1", "port": args.port}, "applications": [app]}
 
 
@@ -221,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--duration", type=float, default=30.0)

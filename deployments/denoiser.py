@@ -19,7 +19,7 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(name="Denoiser")
 class Denoiser(StageBase):
-    def __init__(self, settings: dict, scheduling: str = "continuous") -> None:
+    def __init__(self, settings: dict, scheduling: str = "batch") -> None:
         self._init_stage("Denoiser")
         if scheduling not in POLICIES:
             raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")

@@ -115,7 +115,7 @@ class AppArgs(BaseModel):
     styles: dict[str, str] | None = None
     replace_styles: bool = False
     default_style: str = "None"
-    denoiser_scheduling: SchedulingPolicy = "continuous"
+    denoiser_scheduling: SchedulingPolicy = "batch"
 
     prompt_styler: StageOptions = Field(default_factory=StageOptions)
     text_encoder: StageOptions = Field(default_factory=StageOptions)

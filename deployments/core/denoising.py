@@ -87,6 +87,10 @@ class ScheduleTable:
         return Schedule(timesteps=full.timesteps[start:], sigmas=full.sigmas[start:])
 
 
+class NonFiniteLatentsError(RuntimeError):
+    """The model produced NaN or infinity for a job."""
+
+
 @dataclass
 class DenoiseState:
     """One job in flight: its latents, its own schedule and how far it has got."""
@@ -116,6 +120,9 @@ class DenoiseState:
         return (self.job.width, self.job.height)
 
     def result(self) -> Latents:
+        """The finished latents; non-finite values fail the job rather than ship a broken image."""
+        if not torch.isfinite(self.latents).all():
+            raise NonFiniteLatentsError(f"job with seed {self.job.seed} produced non-finite latents")
         return Latents(
             latents=self.latents.to("cpu"), width=self.job.width, height=self.job.height, steps_run=self.step_index
         )

@@ -40,6 +40,7 @@ AttentionChoice = Literal["auto", "cudnn", "flash", "efficient", "math"]
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "siglip_refiner", "layers")
 FP8_MIN_CAPABILITY = (8, 9)
+FP8_ROW_AMAX_FLOOR = 1e-12
 # Names of the block linears that FP8 rewrites, relative to a block.
 _BLOCK_LINEAR = re.compile(
     r"^(?:noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
@@ -299,7 +300,12 @@ def quantize_fp8(transformer: nn.Module, *, tune_inductor: bool = False) -> nn.M
     wrong = sorted({str(mod.weight.dtype) for _, mod in targets if mod.weight.dtype != torch.bfloat16})
     if wrong:
         raise ValueError(f"FP8 rowwise quantization needs bfloat16 weights; the block linears are {', '.join(wrong)}")
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=tune_inductor)
+    # A floor under each row's absolute maximum: an all-zero row (padding in a ragged batch, or a
+    # zero pad token) would otherwise get scale 0 and turn into NaN, which attention then spreads to
+    # every real token through the masked columns (0 x NaN = NaN).
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), set_inductor_config=tune_inductor, activation_value_lb=FP8_ROW_AMAX_FLOOR
+    )
     quantize_(transformer, config, filter_fn=is_block_linear)
     logger.info("FP8 rowwise: %d block linears quantized", len(targets))
     return transformer

@@ -55,7 +55,10 @@ def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecor
             loop.step(active)
             record(len(active), time.perf_counter() - start)
         for i, state in states:
-            results[i] = state.result()
+            try:
+                results[i] = state.result()
+            except Exception as exc:
+                results[i] = exc
     return results
 
 
@@ -160,7 +163,10 @@ class ContinuousBatcher:
                         self.cancelled += 1
                     continue
                 if entry.state is not None and entry.state.done:
-                    entry.future.set_result(entry.state.result())
+                    try:
+                        entry.future.set_result(entry.state.result())
+                    except Exception as exc:
+                        entry.future.set_exception(exc)
                     continue
                 remaining.append(entry)
             self.running[bucket] = remaining

@@ -159,3 +159,40 @@ def test_fp8_error_is_measured(source, job, reference, tmp_path_factory):
     free_gpu()
     assert torch.isfinite(latents).all()
     assert err < FP8_LIMIT
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_batch_invariance_within_bf16_noise(source, precision, tmp_path_factory):
+    """A job made alone and the same job inside a ragged batch (other caption lengths and seeds,
+    same resolution, as the continuous batcher forms them) agree within bf16 noise."""
+    from deployments.core.contracts import DenoiseJob
+    from deployments.core.denoising import DenoiseLoop
+    from deployments.core.fast_dit import FP8_MIN_CAPABILITY, optimize_transformer
+    from deployments.core.loading import load_scheduler
+
+    if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+        pytest.skip("FP8 needs compute capability 8.9+")
+    free_gpu()
+    transformer = load(source)
+    optimize_transformer(transformer, precision, compile=True, cache_dir=tmp_path_factory.mktemp(f"bi-{precision}"),
+                         attention="cudnn")
+    loop = DenoiseLoop(transformer, load_scheduler(source), torch.device("cuda"), torch.bfloat16)
+
+    def make(tokens: int, seed: int) -> DenoiseJob:
+        caption = torch.randn(tokens, 2560, generator=torch.Generator("cpu").manual_seed(seed))
+        return DenoiseJob(caption=caption, width=SIZE, height=SIZE, steps=STEPS, seed=seed)
+
+    target = make(CAPTION_TOKENS, SEED)
+    others = [make(t, SEED + i + 1) for i, t in enumerate((37, 300, 96))]
+    loop.run([target])  # compile both graphs before timing anything
+    loop.run([target] + others)
+    alone = loop.run([target])[0].latents.float()
+    batched = loop.run(others[:1] + [target] + others[1:])[1].latents.float()
+    again = loop.run([target])[0].latents.float()
+    err, repeat_err = rel_err(batched, alone), rel_err(again, alone)
+    record(**{f"batch_invariance_{precision}_rel_err": err, f"rerun_{precision}_rel_err": repeat_err})
+    print(f"{precision}: alone vs ragged batch of 4 rel err {err:.2e} (alone twice: {repeat_err:.2e})")
+    del transformer, loop
+    free_gpu()
+    assert torch.isfinite(batched).all()
+    assert err < 2e-2
