@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import io
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -58,29 +56,6 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 # ------------------------------------------------------------------------------------------ model
 
 
-@contextlib.contextmanager
-def _building_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _full_text_encoder(device: torch.device, dtype: torch.dtype):
-    """All 36 Qwen3 layers with random weights: diffusers runs (and pays for) the whole encoder."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    from deployments.core.random_model import FULL_TEXT_ENCODER_CONFIG
-
-    torch.manual_seed(0)
-    with _building_on(device, dtype):
-        model = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG))
-    return model.eval().requires_grad_(False)
-
-
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """diffusers' own pipeline: from_pretrained for checkpoints, our loaders' modules for `random`."""
     from diffusers import ZImagePipeline
@@ -91,7 +66,7 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype):
         pipe = ZImagePipeline(
             scheduler=loading.load_scheduler(source),
             vae=loading.load_vae(source, device, dtype),
-            text_encoder=_full_text_encoder(device, dtype),
+            text_encoder=loading.load_text_encoder(source, device, dtype, penultimate_only=False),
             tokenizer=loading.load_tokenizer(source),
             transformer=loading.load_transformer(source, device, dtype),
         )

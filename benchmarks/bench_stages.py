@@ -478,26 +478,6 @@ def section_vae_compiled(bench: Bench, vae: Any) -> None:
         bench.write()
 
 
-def load_full_text_encoder(source: Any, device: torch.device, dtype: torch.dtype) -> Any:
-    """The whole Qwen3 model, as diffusers loads it (our loader cuts the last layer off)."""
-    from transformers import Qwen3Config, Qwen3Model
-
-    if source.is_random:
-        from deployments.core.random_model import FULL_TEXT_ENCODER_CONFIG
-
-        torch.manual_seed(0)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG))
-        finally:
-            torch.set_default_dtype(previous)
-    else:
-        model = Qwen3Model.from_pretrained(source.location, subfolder="text_encoder", dtype=dtype).to(device)
-    return model.eval().requires_grad_(False)
-
-
 def make_prompt(encoder: Any, tokens: int) -> str:
     """A prompt from benchmarks/prompts.txt whose templated length is about `tokens`."""
     lines = [ln.strip() for ln in (ROOT / "benchmarks" / "prompts.txt").read_text().splitlines() if ln.strip()]
@@ -515,7 +495,7 @@ def section_text(bench: Bench, source: Any) -> None:
     from deployments.core.text_encoding import PromptEncoder
 
     tokenizer = loading.load_tokenizer(source)
-    model = load_full_text_encoder(source, bench.device, bench.dtype)
+    model = loading.load_text_encoder(source, bench.device, bench.dtype, penultimate_only=False)
     encoder = PromptEncoder(tokenizer, model, bench.device)
     prompt = make_prompt(encoder, bench.args.prompt_tokens)
     n_tokens = len(encoder.token_ids(prompt))

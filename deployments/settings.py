@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.core.loading import resolve_device
 from deployments.core.model_source import ModelSource, default_cache_dir, resolve_model_source
@@ -30,6 +30,12 @@ class ModelSettings(BaseModel):
     vae_compile: bool = False
     warmup_sizes: tuple[str, ...] = ("1024x1024",)
     """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _split_sizes(cls, value):
+        """Accepts "512x512,1024x1024" from a command line as well as a list."""
+        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
     def source(self) -> ModelSource:
         return resolve_model_source(self.model, self.cache_dir)

@@ -91,24 +91,10 @@ def hash_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(hashlib.sha256(k.encode()).hexdigest() for k in keys)
 
 
-class AppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class AppArgs(ModelSettings):
+    """ModelSettings (what every stage loads) plus the API, styles, scheduling and deployment options."""
 
-    # model settings shared by every stage
-    model: str = "tiny"
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    precision: Literal["bf16", "fp8"] = "bf16"
-    compile: bool = False
-    cache_dir: str | None = None
-    max_prompt_tokens: int = Field(512, ge=16, le=4096)
-    vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
-    vae_batched_decode: bool = False
-    vae_tile_px: int = Field(1024, ge=256, le=4096)
-    vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
-    attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
-    text_encoder_cuda_graphs: bool = True
-    vae_compile: bool = False
-    warmup_sizes: tuple[str, ...] = ("1024x1024",)
+    model_config = ConfigDict(extra="forbid", frozen=False)
 
     api_keys: tuple[str, ...] = ()
     api: ApiLimits = Field(default_factory=ApiLimits)
@@ -122,11 +108,6 @@ class AppArgs(BaseModel):
     denoiser: StageOptions = Field(default_factory=StageOptions)
     vae: StageOptions = Field(default_factory=StageOptions)
     ingress: StageOptions = Field(default_factory=StageOptions)
-
-    @field_validator("warmup_sizes", mode="before")
-    @classmethod
-    def _split_sizes(cls, value):
-        return tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -153,22 +134,7 @@ class AppArgs(BaseModel):
         return cls.model_validate(nested)
 
     def model_settings(self) -> ModelSettings:
-        return ModelSettings(
-            model=self.model,
-            device=self.device,
-            precision=self.precision,
-            compile=self.compile,
-            cache_dir=self.cache_dir,
-            max_prompt_tokens=self.max_prompt_tokens,
-            vae_tile_above_px=self.vae_tile_above_px,
-            vae_batched_decode=self.vae_batched_decode,
-            vae_tile_px=self.vae_tile_px,
-            vae_tile_overlap=self.vae_tile_overlap,
-            attention=self.attention,
-            text_encoder_cuda_graphs=self.text_encoder_cuda_graphs,
-            vae_compile=self.vae_compile,
-            warmup_sizes=self.warmup_sizes,
-        )
+        return ModelSettings(**self.model_dump(include=set(ModelSettings.model_fields)))
 
     def uses_gpu(self) -> bool:
         if self.device == "cpu":

@@ -99,11 +99,12 @@ def load_tokenizer(source: ModelSource):
     return tokenizer
 
 
-def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dtype):
+def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dtype, penultimate_only: bool = True):
     """Qwen3 encoder cut after the layer whose output Z-Image uses (`hidden_states[-2]`).
 
     The last decoder layer and the final norm only feed `hidden_states[-1]`, which Z-Image never
     reads: dropping them saves a layer of compute and memory and gives the wanted states directly.
+    `penultimate_only=False` keeps the whole model, as diffusers' own pipeline runs it.
     """
     from transformers import Qwen3Config, Qwen3Model
 
@@ -119,7 +120,9 @@ def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dt
         model = Qwen3Model.from_pretrained(source.location, subfolder="text_encoder", dtype=dtype)
         ensure_instance(model, "text_encoder", (Qwen3Model,), source)
         model = model.to(device)
-    return truncate_to_penultimate(model).eval().requires_grad_(False)
+    if penultimate_only:
+        model = truncate_to_penultimate(model)
+    return model.eval().requires_grad_(False)
 
 
 def truncate_to_penultimate(model):
