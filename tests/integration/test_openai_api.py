@@ -249,7 +249,8 @@ def _wait_for_auth(http, enabled: bool = True, timeout_s: float = 30) -> None:
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
@@ -257,7 +258,7 @@ FIELDS = ["prompt", "n", "size", "seed", "num_inference_steps", "guidance_scale"
           "output_format", "output_compression", "model", "negative_prompt", "user", "quality", "extra"]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5))
 def test_fuzzed_generation_bodies_never_cause_a_5xx(http, body):
     """Whatever the body, the answer is a 2xx image or a 4xx in the error shape, never a 5xx."""
@@ -273,3 +274,19 @@ def test_fuzzed_generation_bodies_never_cause_a_5xx(http, body):
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
     else:
         assert response.json()["data"]
+
+
+@pytest.mark.parametrize(
+    "raw,param",
+    [
+        (b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale"),
+        (b'{"prompt": "x", "guidance_scale": Infinity}', "guidance_scale"),
+        (b'{"prompt": "x", "seed": -Infinity}', "seed"),
+        (b'{"prompt": "x", "n": 1e400}', "n"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(http, raw, param):
+    """Python's JSON parser accepts NaN and Infinity; the API does not."""
+    response = http.post(GEN, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
