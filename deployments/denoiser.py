@@ -53,6 +53,9 @@ class Denoiser(StageBase):
             transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
             attention=self.settings.attention,
         )
+        import torch
+
+        torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
             self.warmup_seconds = warmup(transformer, sizes, batch_sizes=(1, self.knobs.max_batch_size))
