@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
 from ray import serve
 
 from deployments.core import loading
@@ -53,8 +54,6 @@ class Denoiser(StageBase):
             transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
             attention=self.settings.attention,
         )
-        import torch
-
         torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()

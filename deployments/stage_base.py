@@ -62,7 +62,6 @@ class StageBase:
         self.knobs = BatchingKnobs()
         self.gpu_lane = asyncio.Lock()  # one model call at a time per replica
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.loaded_at = time.time()
 
     def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
         """Batches calls to `fn` (blocking, list in, list out), run off the event loop and recorded."""

@@ -32,8 +32,8 @@ def default_type(status: int) -> str:
         return "authentication_error"
     if status == 404:
         return "not_found_error"
-    if status == 429 or status == 503:
-        return "server_overloaded" if status == 503 else "rate_limit_error"
+    if status == 503:
+        return "server_overloaded"
     if status >= 500:
         return "server_error"
     return "invalid_request_error"

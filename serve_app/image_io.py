@@ -17,7 +17,6 @@ from serve_app.errors import ApiError, bad_request
 ALLOWED_UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than Pillow's default for a few % more bytes
 DEFAULT_LOSSY_QUALITY = 90
-MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 
 def encode_output(pixels: torch.Tensor, output_format: str, compression: int | None) -> bytes:

@@ -6,6 +6,7 @@ the stages by deployment handle, and encodes the results. Every failure leaves a
 
 
 import asyncio
+import base64
 import hashlib
 import hmac
 import json
@@ -375,8 +376,6 @@ class Ingress:
         )
 
     def _respond(self, result: ImageResult, req: ImageOptions) -> JSONResponse:
-        import base64
-
         first = result.images[0]
         body = ImagesResponse(
             created=int(time.time()),

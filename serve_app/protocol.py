@@ -6,7 +6,7 @@ the image object, the response, then errors.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -150,4 +150,3 @@ class ImageResult:
     timings: Timings
     random_weights: bool = False
     prompt_truncated: bool = False
-    extra: dict = field(default_factory=dict)

@@ -35,10 +35,6 @@ class DynamicBatcher:
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
 
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
     async def submit(self, item: Any) -> Any:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(item, future, time.monotonic()))

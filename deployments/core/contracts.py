@@ -6,7 +6,7 @@ Keeping them in one module lets a reader see the whole request path's data at a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -87,14 +87,3 @@ class DecodedImage:
     width: int
     height: int
 
-
-@dataclass
-class StageTimings:
-    """Milliseconds spent in each stage for one image, filled as the request moves along."""
-
-    style_ms: float = 0.0
-    encode_ms: float = 0.0
-    denoise_ms: float = 0.0
-    decode_ms: float = 0.0
-    image_encode_ms: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -101,7 +101,6 @@ class DenoiseState:
     caption: torch.Tensor  # on the compute device, in the model's dtype
     negative_caption: torch.Tensor | None
     step_index: int = 0
-    meta: dict = field(default_factory=dict)
 
     @property
     def total_steps(self) -> int:
@@ -114,10 +113,6 @@ class DenoiseState:
     @property
     def uses_guidance(self) -> bool:
         return self.job.guidance_scale > 0 and self.negative_caption is not None
-
-    @property
-    def shape_key(self) -> tuple[int, int]:
-        return (self.job.width, self.job.height)
 
     def result(self) -> Latents:
         """The finished latents; non-finite values fail the job rather than ship a broken image."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 import torch
 
@@ -150,6 +149,3 @@ def load_vae(source: ModelSource, device: torch.device, dtype: torch.dtype):
     ensure_instance(vae, "vae", (AutoencoderKL,), source)
     return vae.to(device).eval().requires_grad_(False)
 
-
-def local_path(source: ModelSource) -> Path | None:
-    return Path(source.location) if source.kind == "directory" else None

@@ -85,10 +85,6 @@ class ContinuousBatcher:
         self._task: asyncio.Task | None = None
         self.cancelled = 0
 
-    @property
-    def in_flight(self) -> int:
-        return len(self.waiting) + sum(len(v) for v in self.running.values())
-
     async def submit(self, job: DenoiseJob) -> Latents:
         future = asyncio.get_running_loop().create_future()
         self.waiting.append(_Entry(job, future, time.perf_counter()))
