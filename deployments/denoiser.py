@@ -35,13 +35,15 @@ class Denoiser(StageBase):
         elif self.settings.precision != "bf16" or self.settings.compile:
             logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
                            self.settings.precision, self.settings.compile)
-        self.loop = DenoiseLoop(transformer, loading.load_scheduler(source), device, dtype)
+        self.loop = DenoiseLoop(
+            transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant
+        )
         self.batcher = ContinuousBatcher(self.loop, self.knobs.max_batch_size, self._record_step, self.gpu_lane)
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.load_seconds = time.perf_counter() - start
         logger.info(
-            "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s",
-            self.load_seconds, source.name, device, self.settings.precision, scheduling,
+            "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s batch_invariant=%s",
+            self.load_seconds, source.name, device, self.settings.precision, scheduling, self.loop.batch_invariant,
         )
 
     def _optimize(self, transformer):
@@ -88,5 +90,5 @@ class Denoiser(StageBase):
     def stats(self) -> dict:
         data = super().stats()
         data.update(scheduling=self.scheduling, cancelled=self.batcher.cancelled, load_seconds=self.load_seconds,
-                    warmup_seconds=self.warmup_seconds)
+                    warmup_seconds=self.warmup_seconds, batch_invariant=self.loop.batch_invariant)
         return data

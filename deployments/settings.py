@@ -27,6 +27,11 @@ class ModelSettings(BaseModel):
     vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
     text_encoder_cuda_graphs: bool = True
+    batch_invariant: bool | None = None
+    """Run the DiT once per job and the text encoder once per prompt, so that a request's result is
+    bitwise the same alone or in any batch (CPU GEMM rounding depends on the row count, which batching
+    changes), while scheduling stays batched. None: on for the CPU, off on the GPU, where batched
+    GEMMs are the point and results agree within bf16 noise."""
     vae_compile: bool = False
     warmup_sizes: tuple[str, ...] = ("1024x1024",)
     """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""

@@ -28,10 +28,12 @@ class TextEncoder(StageBase):
             device,
             max_tokens=self.settings.max_prompt_tokens,
             cuda_graphs=self.settings.text_encoder_cuda_graphs,
+            batch_invariant=self.settings.batch_invariant,
         )
         self.encoding = self.add_batcher("encode", self.encoder.encode)
         graphs = self.encoder.warmup()
-        logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d", source.name, device, dtype, graphs)
+        logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d batch_invariant=%s",
+                    source.name, device, dtype, graphs, self.encoder.batch_invariant)
 
     def reconfigure(self, user_config: dict) -> None:
         self.apply_knobs(user_config)

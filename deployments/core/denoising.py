@@ -6,6 +6,14 @@ job carries its own schedule and step index (`DenoiseState`), and one `step()` a
 states by one step each. That is what both same-shape batching and step-level continuous batching
 build on.
 
+Batch invariance: a job's latents should not depend on which other jobs share its steps. On the CPU
+a GEMM's rounding depends on its row count (PyTorch's kernels sum in another order for one or a few
+rows than for many), and a batched forward changes the row counts: the timestep MLP and the adaLN
+projections have one row per image. So with `batch_invariant` the model runs once per job (a guided
+job's negative pass together with its positive, as alone), exactly the call the job gets alone,
+while admission, scheduling and stepping stay batched. That is the default on the CPU; on the GPU
+batched GEMMs are the point, and there a job agrees with its run alone within bf16 noise.
+
 Seeds: initial noise is drawn with `torch.Generator("cpu").manual_seed(seed)` in the shape diffusers
 draws (for image-to-image, after the generator has sampled the VAE posterior, as diffusers does), so
 a seed means the same image on any device.
@@ -144,8 +152,13 @@ class DenoiseLoop:
         device: torch.device,
         dtype: torch.dtype,
         transformer_fn: TransformerFn | None = None,
+        batch_invariant: bool | None = None,
     ):
+        """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
+        job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
+        row count, which a batched forward changes (see the module docstring)."""
         self.transformer = transformer
+        self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
         self.channels = transformer.config.in_channels
         self.device = device
         self.dtype = dtype
@@ -185,6 +198,23 @@ class DenoiseLoop:
         states = [s for s in states if not s.done]
         if not states:
             return
+        if self.batch_invariant:  # one model call per job: the call it gets alone
+            predictions = [pair for state in states for pair in self._predict([state])]
+        else:
+            predictions = self._predict(states)
+        for state, (pred, neg) in zip(states, predictions):
+            pred = pred.float()
+            if neg is not None:
+                pred = pred + state.job.guidance_scale * (pred - neg.float())
+            noise_pred = -pred.squeeze(1).unsqueeze(0)
+            sigmas = state.schedule.sigmas
+            dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
+            state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
+            state.step_index += 1
+
+    def _predict(self, states: Sequence[DenoiseState]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One transformer call for `states`: every positive pass, then the guided jobs' negative passes
+        (as diffusers batches a guided image). Returns each state's (positive, negative or None) output."""
         model_latents, model_t, model_caps = [], [], []
         for state in states:
             model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
@@ -199,16 +229,7 @@ class DenoiseLoop:
         t = (1000 - t) / 1000
         outputs = self.transformer_fn(model_latents, t, model_caps)
         negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
-        for state, out in zip(states, outputs[: len(states)]):
-            pred = out.float()
-            if state.uses_guidance:
-                neg = negatives[id(state)].float()
-                pred = pred + state.job.guidance_scale * (pred - neg)
-            noise_pred = -pred.squeeze(1).unsqueeze(0)
-            sigmas = state.schedule.sigmas
-            dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
-            state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
-            state.step_index += 1
+        return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
 
     def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:
         """Runs a batch of jobs to completion together."""

@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 SchedulingPolicy = Literal["single", "batch", "continuous"]
 POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
 
-# Called after each DiT call with the number of images it advanced and the seconds it took.
+# Called after each batched step with the number of images it advanced and the seconds it took (with
+# `DenoiseLoop.batch_invariant`, the CPU default, a step makes one DiT call per job; see denoising.py).
 StepRecorder = Callable[[int, float], None]
 
 

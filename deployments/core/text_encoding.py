@@ -6,6 +6,11 @@ tokens, and no padding mask is built. The encoder is causal, so a real token onl
 earlier tokens, which are real; what the padding positions compute is dropped. A prompt over the
 token cap is reported to the caller instead of being cut silently.
 
+Batch invariance: a batch pads every prompt to the bucket of its longest prompt, and on the CPU the
+kernels' rounding depends on that length (it sets the GEMMs' row counts and the attention's length),
+so a prompt's embedding would depend on its company. With `batch_invariant` (the CPU default) each prompt runs in
+a forward of its own, padded to its own bucket, exactly as when it is encoded alone.
+
 On a GPU the encoder is launch-bound (36 small layers for a few hundred tokens), so each
 (batch, length) bucket is captured once as a CUDA graph and replayed.
 """
@@ -33,12 +38,16 @@ class PromptEncoder:
         device: torch.device,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         cuda_graphs: bool = False,
+        batch_invariant: bool | None = None,
     ):
+        """`batch_invariant` (None: on for the CPU, off elsewhere) encodes each prompt in a forward of
+        its own, so that its embedding is bitwise the same alone or in any batch."""
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.device = device
         self.max_tokens = max_tokens
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
 
@@ -56,6 +65,12 @@ class PromptEncoder:
     @torch.inference_mode()
     def encode(self, prompts: list[str]) -> list[CaptionEmbedding]:
         """Encodes a batch of prompts; each result is `[L_i, hidden]` on the CPU."""
+        if self.batch_invariant:  # one forward per prompt: the forward it gets alone
+            return [item for prompt in prompts for item in self._encode_together([prompt])]
+        return self._encode_together(prompts)
+
+    def _encode_together(self, prompts: list[str]) -> list[CaptionEmbedding]:
+        """One forward for all `prompts`, padded on the right to one length bucket."""
         if not prompts:
             return []
         full = [self.token_ids(p) for p in prompts]
@@ -106,7 +121,7 @@ class PromptEncoder:
         """Captures every bucket up front so that no request pays for a capture; returns the count."""
         if self.cuda_graphs:
             with torch.inference_mode():
-                for rows in BATCH_BUCKETS:
+                for rows in (1,) if self.batch_invariant else BATCH_BUCKETS:  # invariant: one prompt a forward
                     for length in LENGTH_BUCKETS:
                         self._graph_for(rows, length)
         return len(self._graphs)
