@@ -1,29 +1,110 @@
-"""Output encoding: our PNG writer round-trips exactly; lossy formats carry their magic bytes."""
+"""Output encoding: our PNG writer round-trips exactly, on one thread or several; lossy formats have their magic."""
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from serve_app import image_io
 from serve_app.image_io import encode_output, encode_png
 
 
-@pytest.mark.parametrize("shape", [(512, 512, 3), (48, 80, 3), (1, 16, 3)])
-def test_png_round_trips_exactly(shape):
-    pixels = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
-    decoded = Image.open(io.BytesIO(encode_png(pixels)))
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(tag, payload) of every chunk, checking each CRC on the way."""
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        tag, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(tag + payload), f"bad CRC on {tag!r}"
+        chunks.append((tag, payload))
+        pos += 12 + length
+    assert pos == len(data) and chunks[-1] == (b"IEND", b"")
+    return chunks
+
+
+def check_png(data: bytes, pixels: np.ndarray) -> int:
+    """Pillow decodes exactly `pixels`, and the IDAT data is a valid zlib stream (adler32 included) of
+    the Up-filtered rows; returns the number of IDAT chunks."""
+    decoded = Image.open(io.BytesIO(data))
     assert decoded.format == "PNG" and decoded.mode == "RGB"
     assert np.array_equal(np.asarray(decoded), pixels)
+    idat = [payload for tag, payload in png_chunks(data) if tag == b"IDAT"]
+    raw = zlib.decompress(b"".join(idat))  # raises on a bad header, deflate stream or adler32
+    height, width, _ = pixels.shape
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width * 3 + 1)
+    assert (rows[:, 0] == 2).all()
+    assert np.array_equal(np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8), pixels.reshape(height, -1))
+    return len(idat)
+
+
+def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def smooth(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (48, 80), (1, 16), (1, 30_000), (2, 20_000), (333, 517), (1023, 1)])
+@pytest.mark.parametrize("kind", [noise, smooth])
+def test_png_round_trips_exactly(shape, kind):
+    pixels = kind(*shape)
+    idat_chunks = check_png(encode_png(pixels), pixels)
+    parallel = pixels.size + shape[0] >= image_io.PNG_PARALLEL_MIN_BYTES and shape[0] > 1 and image_io.PNG_WORKERS > 1
+    assert (idat_chunks > 1) == parallel  # one IDAT per piece on the parallel path, one on the single-call path
+
+
+@pytest.mark.parametrize("height,width", [(2, 3), (3, 1), (7, 5), (9, 11), (64, 33)])
+@pytest.mark.parametrize("level", [0, 1, 6, 9, -1])
+def test_parallel_path_on_tiny_images(monkeypatch, height, width, level):
+    """Forced parallel with one row per piece where possible: every split point and level round-trips."""
+    monkeypatch.setattr(image_io, "PNG_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(image_io, "PNG_WORKERS", 8)
+    monkeypatch.setattr(image_io, "_PNG_MIN_PIECE_BYTES", 1)
+    pixels = noise(height, width, seed=height * 100 + width)
+    assert check_png(encode_png(pixels, level), pixels) == min(8, height)
+
+
+def test_parallel_and_single_paths_give_the_same_pixels_and_nearly_the_same_size(monkeypatch):
+    pixels = np.concatenate([smooth(300, 640), noise(300, 640)])  # pieces of unequal cost
+    parallel = encode_png(pixels)
+    monkeypatch.setattr(image_io, "PNG_PARALLEL_MIN_BYTES", 1 << 62)
+    single = encode_png(pixels)
+    assert check_png(parallel, pixels) > 1 and check_png(single, pixels) == 1
+    assert abs(len(parallel) - len(single)) < 0.005 * len(single)  # each piece is primed with the 32 KiB before it
+
+
+def test_concurrent_callers_share_the_pool():
+    images = [noise(200 + i, 300 + 7 * i, seed=i) for i in range(6)]
+    with ThreadPoolExecutor(4) as callers:
+        encoded = list(callers.map(encode_png, images))
+    for data, pixels in zip(encoded, images):
+        check_png(data, pixels)
+
+
+def test_zlib_header_and_adler32_combine_match_zlib():
+    for level in range(-1, 10):
+        assert image_io._zlib_header(level) == zlib.compress(b"x", level)[:2]
+    data = np.random.default_rng(1).integers(0, 256, 200_000, dtype=np.uint8).tobytes() + b"\xff" * 100_000
+    for cut in [0, 1, 5552, 65521, 100_000, len(data)]:
+        a, b = data[:cut], data[cut:]
+        assert image_io._adler32_combine(zlib.adler32(a), zlib.adler32(b), len(b)) == zlib.adler32(data)
 
 
 def test_smooth_images_compress():
-    y, x = np.mgrid[0:256, 0:256]
-    smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
-    assert len(encode_png(smooth)) < smooth.nbytes / 10
+    pixels = smooth(256, 256)
+    pixels[..., 2] = (np.arange(256)[:, None] + np.arange(256)[None, :]) // 2
+    assert len(encode_png(pixels)) < pixels.nbytes / 10
 
 
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG\r\n\x1a\n"), ("jpeg", b"\xff\xd8\xff"), ("webp", b"RIFF")])
