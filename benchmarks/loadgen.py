@@ -10,7 +10,9 @@ Two load shapes:
 
 Every 200 is checked (JSON shape, image count, base64 that decodes to PNG/JPEG/WebP bytes); a
 malformed 200 counts as an error. Warm-up requests run first, as their own phase, and are left out
-of every figure.
+of every figure. When a response carries our server's non-standard `timings` object (milliseconds
+per stage), the report gives the median of each field and of the time spent outside the server
+(client latency - `total_ms`: HTTP, JSON, base64, proxies); other servers simply have no such figures.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 8 --duration 60 \
         --size-mix "1024x1024:0.7,512x512:0.3" --slo-ms 5000 --json out.json
@@ -226,6 +228,7 @@ class RequestRecord:
     error: str | None = None  # "http 404: ...", "malformed: ...", or an exception type and message
     error_kind: str | None = None  # the status as text, or the exception type name
     warmup: bool = False
+    server_timings: dict[str, float] | None = None  # the 200's `timings` object (ms), when the server sends one
 
 
 def goodput(records: list[RequestRecord], wall_s: float, slo_ms: float | None) -> float:
@@ -255,6 +258,9 @@ class LoadReport:
     goodput_images_per_s: float
     latency: LatencyStats
     latency_by_size: dict[str, LatencyStats]
+    server_timings_count: int  # successful requests whose response had a `timings` object
+    server_timings_p50_ms: dict[str, float]  # field -> median over those requests, in the server's order
+    outside_server_p50_ms: float  # median of (latency - timings.total_ms): NaN without server timings
     errors_by_status: dict[str, int]
     errors_by_exception: dict[str, int]
     error_samples: list[str]
@@ -303,6 +309,12 @@ class LoadReport:
                 f"  {name:<12}{st.count:>7}{_ms(st.p50_ms):>10}{_ms(st.p90_ms):>10}{_ms(st.p99_ms):>10}"
                 f"{_ms(st.mean_ms):>10}{_ms(st.max_ms):>10}"
             )
+        if self.server_timings_p50_ms:
+            lines += ["", f"  server timings, p50 over {self.server_timings_count} requests (ms; outside server ="
+                      " latency - total_ms)"]
+            timing_rows = [*self.server_timings_p50_ms.items(), ("outside server", self.outside_server_p50_ms)]
+            width = max(len(name) for name, _ in timing_rows)
+            lines += [f"    {name:<{width}}{_ms(value):>10}" for name, value in timing_rows]
         if self.errors_by_status or self.errors_by_exception:
             lines += ["", "  errors"]
             for status, count in sorted(self.errors_by_status.items()):
@@ -350,6 +362,12 @@ def build_report(
             samples.append(r.error)
         if len(samples) >= 5:
             break
+    timed = [r for r in ok if r.server_timings]
+    by_field: dict[str, list[float]] = {}
+    for r in timed:
+        for name, value in r.server_timings.items():
+            by_field.setdefault(name, []).append(value)
+    outside = [r.latency_ms - r.server_timings["total_ms"] for r in timed if "total_ms" in r.server_timings]
     images = sum(r.images for r in ok)
     within = [r for r in ok if config.slo_ms is None or r.latency_ms <= config.slo_ms]
     return LoadReport(
@@ -370,6 +388,9 @@ def build_report(
         goodput_images_per_s=goodput(records, wall_s, config.slo_ms),
         latency=LatencyStats.of([r.latency_ms for r in ok]),
         latency_by_size={size: LatencyStats.of(values) for size, values in sorted(by_size.items())},
+        server_timings_count=len(timed),
+        server_timings_p50_ms={name: percentile(values, 50) for name, values in by_field.items()},
+        outside_server_p50_ms=percentile(outside, 50),
         errors_by_status=dict(sorted(errors_by_status.items())),
         errors_by_exception=dict(sorted(errors_by_exception.items())),
         error_samples=samples,
@@ -394,11 +415,40 @@ def image_kind(data: bytes) -> str | None:
 
 
 def check_images_body(body: bytes, expected: int) -> tuple[int, str | None]:
-    """(images found, problem or None) for a 200 body. Runs in a worker thread: decoding is CPU work."""
+    """(images found, problem or None) for a 200 body."""
+    images, problem, _ = check_response(body, expected)
+    return images, problem
+
+
+def check_response(body: bytes, expected: int) -> tuple[int, str | None, dict[str, float] | None]:
+    """`check_images_body` and the server's `timings`, from one JSON parse. Runs in a worker thread:
+    decoding is CPU work."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        return 0, f"body is not JSON ({exc})"
+        return 0, f"body is not JSON ({exc})", None
+    images, problem = _check_images(payload, expected)
+    return images, problem, server_timings(payload)
+
+
+def server_timings(payload: Any) -> dict[str, float] | None:
+    """The finite numbers of a response's `timings` object, or None: standard servers send none."""
+    timings = payload.get("timings") if isinstance(payload, dict) else None
+    if not isinstance(timings, dict):
+        return None
+    out: dict[str, float] = {}
+    for name, value in timings.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer too large for a float
+                continue
+            if math.isfinite(value):
+                out[str(name)] = value
+    return out or None
+
+
+def _check_images(payload: Any, expected: int) -> tuple[int, str | None]:
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         return 0, "no 'data' list in the response"
@@ -535,10 +585,11 @@ class _Runner:
                 record.latency_ms = (time.perf_counter() - sent) * 1000
                 record.status = resp.status
             if record.status == 200:
-                images, problem = await asyncio.to_thread(check_images_body, raw, self.config.n)
+                images, problem, timings = await asyncio.to_thread(check_response, raw, self.config.n)
                 record.images = images
                 if problem is None:
                     record.ok = True
+                    record.server_timings = timings
                 else:
                     record.images = 0
                     record.error_kind = "200"

@@ -30,6 +30,7 @@ from benchmarks.loadgen import (
     LoadReport,
     RequestRecord,
     check_images_body,
+    check_response,
     goodput,
     main,
     parse_size_mix,
@@ -124,6 +125,20 @@ def test_response_checking():
     assert check_images_body(json.dumps({"data": [{"b64_json": webp}, {"b64_json": jpeg}]}).encode(), 2) == (2, None)
 
 
+def test_server_timings_are_read_when_present():
+    data = [{"b64_json": png_b64()}]
+    timings = {"total_ms": 812.5, "denoise_ms": 600, "note": "x", "cached": True, "nested": {"a": 1},
+               "bad": float("nan"), "huge": 10**400}
+    assert check_response(json.dumps({"data": data, "timings": timings}).encode(), 1) == (
+        1, None, {"total_ms": 812.5, "denoise_ms": 600.0}  # finite numbers only, in the server's order
+    )
+    assert check_response(json.dumps({"data": data}).encode(), 1) == (1, None, None)  # a standard server
+    assert check_response(json.dumps({"data": data, "timings": [1, 2]}).encode(), 1) == (1, None, None)
+    assert check_response(json.dumps({"data": data, "timings": {"x": "y"}}).encode(), 1) == (1, None, None)
+    assert check_response(b"<html>", 1)[2] is None
+    assert check_response(json.dumps({"data": [], "timings": timings}).encode(), 1)[1] == "expected 1 images, got 0"
+
+
 # -------------------------------------------------------------------------------- baseline server
 
 
@@ -187,6 +202,7 @@ def test_closed_loop_against_baseline(baseline_url, tmp_path):
     assert len(data["records"]) == 7 and sum(r["warmup"] for r in data["records"]) == 1
     assert {"start_s", "latency_ms", "status", "size", "n"} <= set(data["records"][0])
     assert "p99" in report.format_table()
+    assert report.server_timings_count == 0 and report.server_timings_p50_ms == {}  # the baseline sends no timings
 
 
 def test_http_errors_are_counted_by_status(baseline_url):
@@ -227,15 +243,56 @@ async def with_fake_server(handler: Handler, body: Callable[[str], Awaitable[obj
 def test_malformed_200_is_an_error():
     async def handler(request: web.Request) -> web.Response:
         payload = await request.json()
+        timings = {"total_ms": 1.0}
         if payload["seed"] % 2:  # odd requests: a 200 that holds no image
-            return web.json_response({"created": 1, "data": [{"b64_json": base64.b64encode(b"nope").decode()}]})
-        return web.json_response({"created": 1, "data": [{"b64_json": png_b64(), "seed": payload["seed"]}]})
+            return web.json_response({"data": [{"b64_json": base64.b64encode(b"nope").decode()}], "timings": timings})
+        return web.json_response({"data": [{"b64_json": png_b64(), "seed": payload["seed"]}], "timings": timings})
 
     report = asyncio.run(with_fake_server(handler, lambda url: run_load(config(url, requests=4))))
     assert isinstance(report, LoadReport)
     assert (report.ok, report.failed, report.images) == (2, 2, 2)
+    assert report.server_timings_count == 2  # a malformed 200's timings are not counted
     assert report.errors_by_status == {"200": 2}
     assert report.error_samples[0].startswith("malformed 200")
+
+
+def test_server_timings_are_summarised_over_measured_requests(tmp_path):
+    """p50 of each `timings` field over measured successes, warm-up left out, plus the time outside the server."""
+
+    async def handler(request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        payload = await request.json()
+        seed = payload["seed"]
+        await asyncio.sleep(0.05)
+        body: dict = {"created": 1, "data": [{"b64_json": png_b64()}]}
+        if seed != 7:  # one measured response without timings, as from a server that sends none
+            big = 1e6 if seed < 2 else 0.0  # the warm-up requests (seeds 0, 1) would move every median
+            body["timings"] = {"total_ms": (time.perf_counter() - started) * 1000 + big, "denoise_ms": seed + big}
+            if seed % 2 == 0:
+                body["timings"]["image_encode_ms"] = 10.0 * seed  # a field only some responses carry
+        return web.json_response(body)
+
+    report = asyncio.run(  # measured seeds 2..7
+        with_fake_server(handler, lambda url: run_load(config(url, requests=6, warmup=2, seed_base=0)))
+    )
+    assert isinstance(report, LoadReport)
+    assert (report.ok, report.warmup_ok, report.server_timings_count) == (6, 2, 5)
+    p50 = report.server_timings_p50_ms
+    assert list(p50) == ["total_ms", "denoise_ms", "image_encode_ms"]  # the server's order
+    assert p50["denoise_ms"] == 4.0 and p50["image_encode_ms"] == 40.0  # seeds 2..6; 2, 4, 6
+    assert 50.0 <= p50["total_ms"] < report.latency.p50_ms
+    assert 0.0 < report.outside_server_p50_ms < report.latency.p50_ms - 50.0
+    by_seed = {r.seed: r.server_timings for r in report.records if not r.warmup}
+    assert by_seed[7] is None and set(by_seed[3]) == {"total_ms", "denoise_ms"} and by_seed[3]["denoise_ms"] == 3.0
+
+    table = report.format_table()
+    assert "server timings, p50 over 5 requests" in table and "image_encode_ms" in table and "outside server" in table
+    out = tmp_path / "report.json"
+    report.write_json(out)
+    data = json.loads(out.read_text())
+    assert data["server_timings_count"] == 5 and data["server_timings_p50_ms"]["denoise_ms"] == 4.0
+    assert data["outside_server_p50_ms"] == pytest.approx(report.outside_server_p50_ms)
+    assert data["records"][0]["warmup"] and data["records"][0]["server_timings"]["denoise_ms"] >= 1e6
 
 
 def test_open_loop_never_exceeds_the_in_flight_cap():
@@ -286,7 +343,11 @@ def test_cli_writes_json(tmp_path, capsys):
     assert asyncio.run(with_fake_server(handler, body)) == 0
     data = json.loads(out.read_text())
     assert data["ok"] == 4 and data["label"] == "cli" and set(data["latency_by_size"]) <= {"1024x1024", "512x512"}
-    assert "images/s" in capsys.readouterr().out
+    # a server without `timings` (any OpenAI-compatible one): no breakdown, and null rather than NaN in the JSON
+    assert data["server_timings_count"] == 0 and data["server_timings_p50_ms"] == {}
+    assert data["outside_server_p50_ms"] is None
+    printed = capsys.readouterr().out
+    assert "images/s" in printed and "server timings" not in printed
 
 
 @pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen.py"]])
