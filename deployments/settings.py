@@ -27,6 +27,8 @@ class ModelSettings(BaseModel):
     vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
     text_encoder_cuda_graphs: bool = True
+    text_encoder_compile: bool = False
+    """Compile the text encoder's decoder layers (GPU only; replayed inside the CUDA graphs)."""
     batch_invariant: bool | None = None
     """Run the DiT once per job and the text encoder once per prompt, so that a request's result is
     bitwise the same alone or in any batch (CPU GEMM rounding depends on the row count, which batching

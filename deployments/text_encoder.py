@@ -22,9 +22,15 @@ class TextEncoder(StageBase):
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         self.random_weights = source.random_weights
+        model = loading.load_text_encoder(source, device, dtype)
+        if device.type == "cuda" and self.settings.text_encoder_compile:
+            from deployments.core.fast_dit import configure_compile_cache, optimize_text_encoder
+
+            configure_compile_cache(self.settings.compile_cache_dir())
+            model = optimize_text_encoder(model, compile=True)
         self.encoder = PromptEncoder(
             loading.load_tokenizer(source),
-            loading.load_text_encoder(source, device, dtype),
+            model,
             device,
             max_tokens=self.settings.max_prompt_tokens,
             cuda_graphs=self.settings.text_encoder_cuda_graphs,

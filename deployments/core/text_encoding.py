@@ -12,7 +12,13 @@ so a prompt's embedding would depend on its company. With `batch_invariant` (the
 a forward of its own, padded to its own bucket, exactly as when it is encoded alone.
 
 On a GPU the encoder is launch-bound (36 small layers for a few hundred tokens), so each
-(batch, length) bucket is captured once as a CUDA graph and replayed.
+(batch, length) bucket is captured once as a CUDA graph and replayed; with the decoder layers
+compiled (`fast_dit.optimize_text_encoder`) the graphs replay fused kernels.
+
+The model gets its attention mask as a ready per-layer-type mapping of None: transformers then
+builds no mask and SDPA runs plain causal attention, the same function as the causal mask it would
+build for rows without padding. Building one also differs between eager calls and CUDA-graph
+capture (a materialized mask there), which would make compiled layers recompile inside a capture.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class PromptEncoder:
         self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
+        layer_types = set(getattr(text_encoder.config, "layer_types", None) or ["full_attention"])
+        self._causal_only = {"full_attention": None} if layer_types == {"full_attention"} else None
 
     def template(self, prompt: str) -> str:
         return self.tokenizer.apply_chat_template(
@@ -91,9 +99,12 @@ class PromptEncoder:
             for row, ids in enumerate(kept)
         ]
 
+    def _run_model(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, attention_mask=self._causal_only, use_cache=False).last_hidden_state
+
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graphs or input_ids.shape[0] > BATCH_BUCKETS[-1]:
-            return self.text_encoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            return self._run_model(input_ids)
         graph, static_ids, static_out = self._graph_for(*input_ids.shape)
         static_ids.copy_(input_ids)
         graph.replay()
@@ -107,13 +118,13 @@ class PromptEncoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm the kernels (and their autotuning) outside capture
                 for _ in range(2):
-                    self.text_encoder(input_ids=static_ids, use_cache=False)
+                    self._run_model(static_ids)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                static_out = self.text_encoder(input_ids=static_ids, use_cache=False).last_hidden_state
+                static_out = self._run_model(static_ids)
             self._graphs[key] = (graph, static_ids, static_out)
         return self._graphs[key]
 

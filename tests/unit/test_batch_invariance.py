@@ -155,6 +155,7 @@ def test_each_text_encoder_forward_carries_one_prompt_padded_as_alone(pipeline):
         shapes.append(tuple(input_ids.shape))
         return text_encoder(input_ids=input_ids, **kwargs)
 
+    spy.config = text_encoder.config
     encoder = PromptEncoder(pipeline.encoder.tokenizer, spy, CPU)
     encoder.encode(PROMPTS)
     alone = list(shapes)
