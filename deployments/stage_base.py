@@ -21,12 +21,16 @@ BATCH_HISTORY = 1000
 
 
 class BatchingKnobs(BaseModel):
-    """Knobs that change while serving; they arrive in `user_config` and apply in `reconfigure()`."""
+    """Knobs that change while serving; they arrive in `user_config` and apply in `reconfigure()`.
+
+    The batch wait defaults to 0: a batch forms from what queued while the previous one ran, so a
+    wait only delays a lone request; it helps only where bursts arrive a little apart.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
 
 
 @dataclass

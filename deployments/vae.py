@@ -43,14 +43,30 @@ class VaeDecoder(StageBase):
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
 
     def _warmup(self, device, dtype) -> None:
-        """Compiles the decoder for the configured sizes before the replica reports ready."""
+        """Compiles the decoder before the replica reports ready: static graphs for the configured
+        sizes (and their tiles), then the dynamic graph that every other size uses."""
         import torch
 
         from deployments.core.denoising import latent_shape
+        from deployments.core.fast_dit import StaticOrDynamicDecoder
 
-        for width, height in self.settings.warmup_pixels():
+        def decode(width: int, height: int) -> None:
             z = torch.randn(latent_shape(16, width, height))
             self.codec.decode([Latents(latents=z, width=width, height=height)])
+
+        sizes = self.settings.warmup_pixels()
+        decoder = self.codec.vae.decoder.forward
+        if not isinstance(decoder, StaticOrDynamicDecoder):
+            for width, height in sizes:
+                decode(width, height)
+            return
+        with decoder.recording_static():
+            for width, height in sizes:
+                decode(width, height)
+        width, height = sizes[0] if sizes else (512, 512)
+        while (width, height) in sizes:
+            width += 16
+        decode(width, height)  # a size off the list: compiles the dynamic graph now
 
     def reconfigure(self, user_config: dict) -> None:
         self.apply_knobs(user_config)

@@ -227,3 +227,26 @@ def test_rejects_unknown_options(tiny_source):
         fast_dit.optimize_transformer(transformer, "int4", compile=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="attention"):
         fast_dit.install_real_rope(transformer, "sparse")  # type: ignore[arg-type]
+
+
+def test_vae_decoder_runs_static_graphs_for_recorded_shapes_and_one_dynamic_graph_otherwise(tiny_source):
+    """The compiled decoder (backend "eager" on the CPU: dynamo's capture, no inductor) gives the
+    plain decoder's pixels on both paths, and only shapes recorded during warm-up go static."""
+    plain, ours = loading.load_vae(tiny_source, CPU, F32), loading.load_vae(tiny_source, CPU, F32)
+    fast_dit.optimize_vae(ours, compile=True, channels_last=False, backend="eager")
+    decoder = ours.decoder.forward
+    assert isinstance(decoder, fast_dit.StaticOrDynamicDecoder)
+    paths = []
+    for name in ("_static", "_dynamic"):
+        compiled = getattr(decoder, name)
+        setattr(decoder, name, lambda z, *a, _c=compiled, _n=name, **k: paths.append(_n) or _c(z, *a, **k))
+    g = torch.Generator("cpu").manual_seed(0)
+    warm, other = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 10, generator=g)
+    with torch.inference_mode():
+        with decoder.recording_static():
+            ours.decode(warm)
+        assert decoder.static_shapes == {tuple(warm.shape)}
+        for z in (warm, other):
+            assert torch.allclose(ours.decode(z).sample, plain.decode(z).sample, atol=1e-5)
+    assert paths == ["_static", "_static", "_dynamic"]
+    assert decoder.static_shapes == {tuple(warm.shape)}
