@@ -119,7 +119,8 @@ def batch_summary() -> dict:
         methods = stage_stats(name)["methods"]
         summary[name] = {
             method: {"mean_batch": round(sum(s["batch_sizes"]) / max(1, len(s["batch_sizes"])), 2),
-                     "max_batch": max(s["batch_sizes"] or [0])}
+                     "max_batch": max(s["batch_sizes"] or [0]),
+                     "mean_ms_per_batch": round(1000 * s["busy_s"] / max(1, s["batches"]), 2)}
             for method, s in methods.items()
         }
     return summary
@@ -145,12 +146,13 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
         first = httpx.post(f"{url}/v1/images/generations", json=body, timeout=600)
         first_s = time.perf_counter() - start
         first.raise_for_status()
+        reset_stats()
         single = load(url, "ours c1 1024", "1024x1024", 1, args.steps, prompts, requests=args.single_requests,
                       warmup=1)
         memory_after = {name: {k: v for k, v in stage_stats(name).items() if k.startswith("gpu_")}
                         for name in STAGES}
         recorder.put("single", {"first_request_s": round(first_s, 3), "first_timings": first.json()["timings"],
-                                "warm": single, "stage_memory_after": memory_after})
+                                "warm": single, "stages": batch_summary(), "stage_memory_after": memory_after})
 
         for policy in args.policies:
             deploy(config, {"scheduling": policy})
@@ -215,6 +217,9 @@ def summarize(data: dict) -> str:
             warm = value["warm"]
             lines.append(f"  {key + ' (warm)':<32} {warm['images_per_s']:>8.3f} img/s  p50 "
                          f"{warm['latency']['p50_ms']:>9.1f}  first {value['first_request_s']:.2f} s")
+            if warm.get("server_timings_p50_ms"):
+                parts = ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in warm["server_timings_p50_ms"].items())
+                lines.append(f"    server p50 ms: {parts}; outside the server {warm.get('outside_server_p50_ms') or 0:.1f}")
     return "\n".join(lines)
 
 

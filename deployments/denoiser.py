@@ -49,7 +49,9 @@ class Denoiser(StageBase):
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
         With compile on, the configured sizes are compiled (or loaded from the cache) before the
-        replica reports ready, at batch 1 and at the full batch size."""
+        replica reports ready, at batch 1, 2 and the full batch size: two sizes over 1 make sure the
+        graph for batches over 1 is the dynamic one (a first compile may specialize on the batch
+        size it saw, and the next batch size would then stall a live request for a recompile)."""
         from deployments.core.fast_dit import optimize_transformer, warmup
 
         transformer = optimize_transformer(
@@ -59,7 +61,8 @@ class Denoiser(StageBase):
         torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
-            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=(1, self.knobs.max_batch_size))
+            batch_sizes = sorted({1, min(2, self.knobs.max_batch_size), self.knobs.max_batch_size})
+            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=batch_sizes)
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:

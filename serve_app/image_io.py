@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
+import secrets
 import struct
 import threading
 import warnings
@@ -130,6 +133,25 @@ def _deflate_parallel(filtered: np.ndarray, level: int) -> list[bytes]:
         chunks += [struct.pack(">I", len(prefix) + len(data) + len(suffix)), b"IDAT", prefix, data, suffix,
                    struct.pack(">I", zlib.crc32(suffix, crc))]
     return chunks
+
+
+def json_with_base64_images(payload: dict, images: list[bytes]) -> bytes:
+    """The JSON text of an images response whose `data[i].b64_json` is the base64 of `images[i]`.
+
+    Base64 needs no JSON escaping, so it is spliced in as bytes instead of going through the JSON
+    encoder, which would scan and copy megabytes of it (about 15 ms for one 1024x1024 noise PNG).
+    Each image's field holds a random marker while the rest is encoded.
+    """
+    marker = secrets.token_hex(16)
+    for index, item in enumerate(payload["data"]):
+        item["b64_json"] = f"{marker}-{index}"
+    text = json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    pieces = []
+    for index, image in enumerate(images):
+        before, text = text.split(f'"{marker}-{index}"'.encode("ascii"), 1)
+        pieces += [before, b'"', base64.b64encode(image), b'"']
+    pieces.append(text)
+    return b"".join(pieces)
 
 
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:

@@ -6,7 +6,6 @@ the stages by deployment handle, and encodes the results. Every failure leaves a
 
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -21,13 +20,13 @@ from PIL import Image
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from deployments.core.contracts import DenoiseJob
 from deployments.core.image_sizes import fit_upload, fitted_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, bad_request, error_response, from_validation_error
-from serve_app.image_io import decode_upload, encode_output
+from serve_app.image_io import decode_upload, encode_output, json_with_base64_images
 from serve_app.protocol import (
     GeneratedImage,
     ImageEditRequest,
@@ -159,7 +158,7 @@ class Ingress:
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
             result = await self._admit_and_run(self._plan(parsed, None))
-            return self._respond(result, parsed)
+            return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
 
@@ -182,7 +181,7 @@ class Ingress:
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
             result = await self._admit_and_run(self._plan(parsed, init))
-            return self._respond(result, parsed)
+            return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
 
@@ -375,17 +374,18 @@ class Ingress:
             prompt_truncated=caption.truncated,
         )
 
-    def _respond(self, result: ImageResult, req: ImageOptions) -> JSONResponse:
+    async def _respond(self, result: ImageResult, req: ImageOptions) -> Response:
+        """The OpenAI images response; base64 and JSON encoding (megabytes) run off the event loop."""
         first = result.images[0]
         body = ImagesResponse(
             created=int(time.time()),
-            data=[ImageObject(b64_json=base64.b64encode(img.data).decode("ascii"), revised_prompt=img.revised_prompt,
-                              seed=img.seed) for img in result.images],
+            data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
             model=self.limits.served_model_name,
             size=f"{first.width}x{first.height}",
             output_format=first.format,
             timings=result.timings,
             random_weights=result.random_weights,
         )
+        content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
         headers = {"X-Random-Weights": "true"} if result.random_weights else None
-        return JSONResponse(body.model_dump(), headers=headers)
+        return Response(content, media_type="application/json", headers=headers)

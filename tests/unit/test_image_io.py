@@ -113,3 +113,22 @@ def test_every_output_format_decodes(fmt, magic):
     data = encode_output(pixels, fmt, compression=20)
     assert data.startswith(magic)
     assert Image.open(io.BytesIO(data)).size == (96, 64)
+
+
+def test_json_with_base64_images_is_the_json_encoders_text():
+    """Splicing the base64 in gives exactly what json.dumps of the whole payload gives, even when
+    other fields contain quotes, non-ASCII text or what looks like a marker."""
+    import base64
+    import json
+
+    from serve_app.image_io import json_with_base64_images
+
+    images = [bytes(range(256)) * 3, b"", b"\x89PNG"]
+    payload = {"created": 1, "data": [{"b64_json": None, "revised_prompt": p, "seed": i}
+                                      for i, p in enumerate(['a "quoted" ü prompt', "-0", "\u2603"])],
+               "model": "m"}
+    expected = dict(payload, data=[dict(item, b64_json=base64.b64encode(img).decode()) for item, img
+                                   in zip(payload["data"], images)])
+    body = json_with_base64_images(payload, images)
+    assert json.loads(body) == expected
+    assert body == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
