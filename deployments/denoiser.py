@@ -16,6 +16,7 @@ from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase
 
 logger = logging.getLogger("ray.serve")
+CAPTION_MULTIPLE = 32  # the DiT pads captions to multiples of 32 tokens
 
 
 @serve.deployment(name="Denoiser")
@@ -31,7 +32,7 @@ class Denoiser(StageBase):
         transformer = loading.load_transformer(source, device, dtype)
         self.warmup_seconds: dict[str, float] = {}
         if device.type == "cuda":
-            transformer = self._optimize(transformer)
+            transformer = self.gpu_lane.run_blocking(self._optimize, transformer)  # warm the serving thread
         elif self.settings.precision != "bf16" or self.settings.compile:
             logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
                            self.settings.precision, self.settings.compile)
@@ -62,7 +63,8 @@ class Denoiser(StageBase):
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
             batch_sizes = sorted({1, min(2, self.knobs.max_batch_size), self.knobs.max_batch_size})
-            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=batch_sizes)
+            buckets = range(CAPTION_MULTIPLE, self.settings.max_prompt_tokens + 1, CAPTION_MULTIPLE)
+            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:

@@ -5,7 +5,6 @@ Deployments stay thin: they own batching, config and metrics; the maths lives in
 
 from __future__ import annotations
 
-import asyncio
 import os
 import collections
 import time
@@ -16,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.core.batching import DynamicBatcher
+from deployments.core.gpu_lane import GpuLane
 
 BATCH_HISTORY = 1000
 
@@ -64,7 +64,7 @@ class StageBase:
         self.stage_name = name
         self.stats_by_method: dict[str, StageStats] = collections.defaultdict(StageStats)
         self.knobs = BatchingKnobs()
-        self.gpu_lane = asyncio.Lock()  # one model call at a time per replica
+        self.gpu_lane = GpuLane(name)  # one model call at a time per replica, all on one thread
         self.batchers: dict[str, DynamicBatcher] = {}
 
     def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
@@ -98,9 +98,9 @@ class StageBase:
 
     async def run_model(self, method: str, size: int, fn, *args):
         """Runs blocking model code off the event loop, one call at a time, and records the batch."""
-        async with self.gpu_lane:
+        async with self.gpu_lane.lock:
             start = time.perf_counter()
-            result = await asyncio.to_thread(fn, *args)
+            result = await self.gpu_lane.run(fn, *args)
             self.stats_by_method[method].record(size, time.perf_counter() - start)
         return result
 

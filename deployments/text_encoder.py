@@ -37,7 +37,7 @@ class TextEncoder(StageBase):
             batch_invariant=self.settings.batch_invariant,
         )
         self.encoding = self.add_batcher("encode", self.encoder.encode)
-        graphs = self.encoder.warmup()
+        graphs = self.gpu_lane.run_blocking(self.encoder.warmup)  # captured on the thread that serves
         logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d batch_invariant=%s",
                     source.name, device, dtype, graphs, self.encoder.batch_invariant)
 

@@ -39,7 +39,7 @@ class VaeDecoder(StageBase):
         self.decoding = self.add_batcher("decode", self.codec.decode)
         self.encoding = self.add_batcher("encode", self.codec.encode)
         if device.type == "cuda" and self.settings.vae_compile:
-            self._warmup(device, dtype)
+            self.gpu_lane.run_blocking(self._warmup, device, dtype)  # on the thread that serves
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
 
     def _warmup(self, device, dtype) -> None:

@@ -437,6 +437,10 @@ def _marked_forward(block: nn.Module, compiled: Any) -> Any:
         adaln_noisy: torch.Tensor | None = None,
         adaln_clean: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if not freqs_cis.is_contiguous():
+            # diffusers slices the padded rotary table for some batches: another stride, which would
+            # be another graph (compiled on a live request) for the same shapes.
+            freqs_cis = freqs_cis.contiguous()
         args = (x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
         for name, value in zip(_DYNAMIC_DIMS, args):
             _mark_dynamic(name, value)
@@ -512,6 +516,7 @@ def warmup(
     *,
     batch_sizes: Sequence[int] = (1,),
     ragged: bool = True,
+    caption_buckets: Sequence[int] = (),
     save_artifacts: bool = True,
 ) -> dict[str, float]:
     """Runs one forward per size (width, height in pixels, or one int for a square) on random inputs.
@@ -519,7 +524,10 @@ def warmup(
     Compiles every graph a request will need, so no request pays for compilation: for each batch
     size over 1 it also runs equal caption lengths (no mask) and, with `ragged`, unequal ones (the
     masked graph). Runs under `inference_mode`, as the denoise loop does (a different grad mode
-    would be a different graph). Returns seconds per call, keyed `WxH/bN[/ragged]`. When
+    would be a different graph). `caption_buckets` (padded caption lengths) are run once each at
+    batch 1: nothing compiles for them, but cuDNN plans its attention per shape (about 50 ms each,
+    twice per forward: the caption refiner and the main layers), which a single request with a new
+    caption length would otherwise pay. Returns seconds per call, keyed `WxH/bN[/ragged|/capL]`. When
     `compile_blocks` was given a cache directory, also writes the mega-cache file there
     (`save_artifacts`), so a fresh node can start from that one file.
     """
@@ -548,6 +556,10 @@ def warmup(
         width, height = _as_size(size)
         for batch in batch_sizes:
             run(f"{width}x{height}/b{batch}", width, height, [caption_len] * batch)
+            if batch == 1:
+                for length in caption_buckets:
+                    if length != caption_len:
+                        run(f"{width}x{height}/b1/cap{length}", width, height, [length])
             if batch > 1 and ragged:
                 lens = [max(1, caption_len - 33 * (i % 2)) for i in range(batch)]
                 run(f"{width}x{height}/b{batch}/ragged", width, height, lens)

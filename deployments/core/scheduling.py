@@ -21,6 +21,7 @@ from typing import Literal
 
 from deployments.core.contracts import DenoiseJob, Latents
 from deployments.core.denoising import DenoiseLoop, DenoiseState
+from deployments.core.gpu_lane import GpuLane
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +75,11 @@ class _Entry:
 class ContinuousBatcher:
     """Step-level continuous batching over one DenoiseLoop, driven by a single background task."""
 
-    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: asyncio.Lock | None = None):
+    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: GpuLane | None = None):
         self.loop = loop
         self.max_batch_size = max_batch_size
         self.record = record
-        self.lane = lane or asyncio.Lock()
+        self.lane = lane or GpuLane("denoise")
         self.waiting: collections.deque[_Entry] = collections.deque()
         self.running: dict[tuple[int, int], list[_Entry]] = {}
         self._turns: collections.deque[tuple[int, int]] = collections.deque()
@@ -141,13 +142,13 @@ class ContinuousBatcher:
                 continue
             entries = self.running[bucket]
             try:
-                async with self.lane:
+                async with self.lane.lock:
                     if admitted:
-                        await asyncio.to_thread(self._start_states, admitted)
+                        await self.lane.run(self._start_states, admitted)
                     live = [e for e in entries if e.state is not None and not e.future.done()]
                     if live:
                         start = time.perf_counter()
-                        await asyncio.to_thread(self.loop.step, [e.state for e in live])
+                        await self.lane.run(self.loop.step, [e.state for e in live])
                         self.record(len(live), time.perf_counter() - start)
             except Exception as exc:  # a failed step fails that bucket's requests, not the server
                 logger.exception("denoise step failed for bucket %s", bucket)
