@@ -527,8 +527,9 @@ def warmup(
     would be a different graph). `caption_buckets` (padded caption lengths) are run once each at
     batch 1: nothing compiles for them, but cuDNN plans its attention per shape (about 50 ms each,
     twice per forward: the caption refiner and the main layers), which a single request with a new
-    caption length would otherwise pay. Returns seconds per call, keyed `WxH/bN[/ragged|/capL]`. When
-    `compile_blocks` was given a cache directory, also writes the mega-cache file there
+    caption length would otherwise pay; they run one token short of the bucket, so the graph of a
+    caption the model pads (a first request compiled one, measured) is compiled here too. Returns
+    seconds per call, keyed `WxH/bN[/ragged|/capL]`. When `compile_blocks` was given a cache directory, also writes the mega-cache file there
     (`save_artifacts`), so a fresh node can start from that one file.
     """
     from deployments.core.denoising import latent_shape
@@ -557,9 +558,8 @@ def warmup(
         for batch in batch_sizes:
             run(f"{width}x{height}/b{batch}", width, height, [caption_len] * batch)
             if batch == 1:
-                for length in caption_buckets:
-                    if length != caption_len:
-                        run(f"{width}x{height}/b1/cap{length}", width, height, [length])
+                for length in caption_buckets:  # one token short: the model pads it, as most captions
+                    run(f"{width}x{height}/b1/cap{length}", width, height, [max(1, length - 1)])
             if batch > 1 and ragged:
                 lens = [max(1, caption_len - 33 * (i % 2)) for i in range(batch)]
                 run(f"{width}x{height}/b{batch}/ragged", width, height, lens)
