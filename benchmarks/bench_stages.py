@@ -32,7 +32,6 @@ import contextlib
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.run_info import commit  # noqa: E402
 from deployments.core import fast_dit, loading  # noqa: E402
 from deployments.core.contracts import DenoiseJob  # noqa: E402
 from deployments.core.denoising import DenoiseLoop, image_tokens, latent_shape  # noqa: E402
@@ -110,7 +110,7 @@ class Bench:
         args = self.args
         meta: dict[str, Any] = {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": _commit(),
+            "commit": commit(),
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(self.device) if self.cuda else "cpu",
             "model": args.model,
@@ -222,14 +222,6 @@ class Bench:
 
     def job(self, cfg: Any, size: int) -> DenoiseJob:
         return DenoiseJob(caption=self.caption(cfg.cap_feat_dim), width=size, height=size, steps=self.args.steps, seed=0)
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -42,7 +42,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_stages import _commit, make_prompt, rel_err  # noqa: E402
+from benchmarks.bench_stages import make_prompt, rel_err  # noqa: E402
+from benchmarks.run_info import commit  # noqa: E402
 from deployments.core import fast_dit, loading  # noqa: E402
 from deployments.core.denoising import latent_shape  # noqa: E402
 from deployments.core.model_source import resolve_model_source  # noqa: E402
@@ -139,7 +140,7 @@ class Run:
             "meta": {
                 "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__,
-                "commit": _commit(),
+                "commit": commit(),
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "model": args.model,
                 "size": args.size,

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
+from benchmarks.run_info import commit  # noqa: E402
 
 APP = "zimage"
 STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         args.duration, args.single_requests, args.concurrency = 5.0, 3, min(args.concurrency, 4)
     recorder = Recorder(Path(args.json))
     recorder.put("args", vars(args))
+    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")
     if not args.skip_ours:
         run_ours(args, recorder, prompts)

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from benchmarks.run_info import commit  # noqa: E402
 from deployments.core import fast_dit, loading  # noqa: E402
 from deployments.core.contracts import DenoiseJob  # noqa: E402
 from deployments.core.denoising import DenoiseLoop  # noqa: E402
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     slow = [r for r in rows if r["first_ms"] > 2 * r["repeat_ms"] + 20]
     summary = {
         "device": torch.cuda.get_device_name(),
+        "commit": commit(),
         "torch": torch.__version__,
         "warmup_s": round(warmup_s, 1),
         "warmup": warm,
