@@ -21,7 +21,7 @@ CAPTION_MULTIPLE = 32  # the DiT pads captions to multiples of 32 tokens
 
 @serve.deployment(name="Denoiser")
 class Denoiser(StageBase):
-    def __init__(self, settings: dict, scheduling: str = "batch") -> None:
+    def __init__(self, settings: dict, scheduling: str = "continuous") -> None:
         self._init_stage("Denoiser")
         if scheduling not in POLICIES:
             raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")

@@ -101,7 +101,7 @@ class AppArgs(ModelSettings):
     styles: dict[str, str] | None = None
     replace_styles: bool = False
     default_style: str = "None"
-    denoiser_scheduling: SchedulingPolicy = "batch"
+    denoiser_scheduling: SchedulingPolicy = "continuous"
 
     prompt_styler: StageOptions = Field(default_factory=StageOptions)
     text_encoder: StageOptions = Field(default_factory=StageOptions)
