@@ -25,7 +25,7 @@ def test_batched_encoding_equals_encoding_alone(pipeline):
     for prompt, item in zip(prompts, together):
         alone = pipeline.encoder.encode([prompt])[0]
         assert item.embedding.shape == alone.embedding.shape
-        assert torch.allclose(item.embedding, alone.embedding, atol=1e-5)
+        assert torch.equal(item.embedding, alone.embedding)  # the CPU default is batch-invariant
 
 
 def test_strength_picks_the_first_step_as_diffusers_does():
