@@ -176,12 +176,7 @@ class Bench:
         times = []
         for _ in range(repeats or self.repeats):
             if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(cuda_time_ms(fn))
             else:
                 t0 = time.perf_counter()
                 fn()
@@ -222,6 +217,16 @@ class Bench:
 
     def job(self, cfg: Any, size: int) -> DenoiseJob:
         return DenoiseJob(caption=self.caption(cfg.cap_feat_dim), width=size, height=size, steps=self.args.steps, seed=0)
+
+
+def cuda_time_ms(fn: Callable[[], Any]) -> float:
+    """GPU time of one call of `fn`, between CUDA events on the current stream."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

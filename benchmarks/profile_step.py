@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_stages import make_prompt, rel_err  # noqa: E402
+from benchmarks.bench_stages import cuda_time_ms, make_prompt, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 from deployments.core import fast_dit, loading  # noqa: E402
 from deployments.core.denoising import latent_shape  # noqa: E402
@@ -74,14 +74,7 @@ def timed(fn: Callable[[], Any], repeats: int = 10, warmups: int = 3) -> dict[st
     for _ in range(warmups):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [cuda_time_ms(fn) for _ in range(repeats)]
     return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
 
