@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
+import time
 
 import httpx
 import numpy as np
@@ -80,3 +83,35 @@ def test_user_config_changes_the_batch_size_without_a_restart(served, http):
     finally:
         served.deploy()
     assert served.stats("Denoiser")["knobs"]["max_batch_size"] == 8
+
+
+def _image_steps(stats: dict) -> int:
+    return stats["methods"].get("step", {}).get("items", 0)
+
+
+def test_a_client_that_disconnects_has_its_job_dropped_at_the_next_step(served):
+    """A closed HTTP connection cancels the request through Serve, down to the Denoiser, which drops
+    the job at the next step boundary instead of finishing its 16 steps (and its decode)."""
+    before = served.stats("Denoiser")
+    assert before["scheduling"] == "continuous"
+    body = {"prompt": "a lighthouse in a storm", "size": "1024x1024", "num_inference_steps": 16}
+
+    async def disconnect_once_denoising() -> None:
+        async with httpx.AsyncClient(base_url=served.url, timeout=120) as client:
+            request = asyncio.create_task(client.post("/v1/images/generations", json=body))
+            deadline = time.monotonic() + 60
+            while _image_steps(await asyncio.to_thread(served.stats, "Denoiser")) == _image_steps(before):
+                assert not request.done(), "the request finished before it could be cancelled"
+                assert time.monotonic() < deadline, "the job never reached the Denoiser"
+                await asyncio.sleep(0.05)
+            request.cancel()  # closes the connection mid-request
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+
+    asyncio.run(disconnect_once_denoising())
+    deadline = time.monotonic() + 30
+    while (after := served.stats("Denoiser"))["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the Denoiser never dropped the cancelled job"
+        time.sleep(0.2)
+    time.sleep(1.0)  # had the job gone on, it would step on meanwhile
+    assert _image_steps(served.stats("Denoiser")) - _image_steps(before) < 16
