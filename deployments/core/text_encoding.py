@@ -99,12 +99,13 @@ class PromptEncoder:
             for row, ids in enumerate(kept)
         ]
 
-    def _run_model(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def run_model(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One plain forward of padded token ids `[rows, length]`: the hidden states Z-Image reads."""
         return self.text_encoder(input_ids=input_ids, attention_mask=self._causal_only, use_cache=False).last_hidden_state
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.cuda_graphs or input_ids.shape[0] > BATCH_BUCKETS[-1]:
-            return self._run_model(input_ids)
+            return self.run_model(input_ids)
         graph, static_ids, static_out = self._graph_for(*input_ids.shape)
         static_ids.copy_(input_ids)
         graph.replay()
@@ -118,13 +119,13 @@ class PromptEncoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm the kernels (and their autotuning) outside capture
                 for _ in range(2):
-                    self._run_model(static_ids)
+                    self.run_model(static_ids)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                static_out = self._run_model(static_ids)
+                static_out = self.run_model(static_ids)
             self._graphs[key] = (graph, static_ids, static_out)
         return self._graphs[key]
 
