@@ -2,8 +2,8 @@
 
     python benchmarks/warmup_coverage.py --json coverage.json        # H200, model `random`, FP8
 
-Prepares the DiT exactly as the Denoiser does (`optimize_transformer`, then `warmup` at the sizes,
-batch sizes and caption buckets the Denoiser uses), on one thread as the Denoiser's lane, then runs `--batches` random batches through `DenoiseLoop.step`:
+Prepares the DiT exactly as the Denoiser does (`optimize_transformer`, then `warm_for_serving`), on
+one thread as the Denoiser's lane, then runs `--batches` random batches through `DenoiseLoop.step`:
 sizes from `--sizes`, 1 to `--max-batch` jobs, caption lengths 8 to 300 tokens. Each batch shape
 runs twice; for each run it records the step time and whether dynamo compiled a graph (its
 `unique_graphs` counter). A first run much slower than its repeat, without a compile, points at
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp8", choices=["bf16", "fp8"])
     p.add_argument("--sizes", default="512,1024", help="square sizes, comma separated (also the warm-up sizes)")
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-caption-tokens", type=int, default=512, help="the Denoiser's max_prompt_tokens")
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -66,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="zimage-coverage-")
     transformer = loading.load_transformer(source, device, dtype)
     fast_dit.optimize_transformer(transformer, args.precision, compile=True, cache_dir=cache_dir, attention="cudnn")
-    batch_sizes = sorted({1, min(2, args.max_batch), args.max_batch})  # as the Denoiser warms up
     t0 = time.perf_counter()
-    warm = fast_dit.warmup(transformer, sizes, batch_sizes=batch_sizes, caption_buckets=range(32, 513, 32))
+    warm = fast_dit.warm_for_serving(transformer, sizes, args.max_batch, args.max_caption_tokens)
     warmup_s = time.perf_counter() - t0
     loop = DenoiseLoop(transformer, loading.load_scheduler(source), device, dtype)
     rng = random.Random(args.seed)

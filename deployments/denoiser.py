@@ -16,7 +16,6 @@ from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase
 
 logger = logging.getLogger("ray.serve")
-CAPTION_MULTIPLE = 32  # the DiT pads captions to multiples of 32 tokens
 
 
 @serve.deployment(name="Denoiser")
@@ -50,10 +49,8 @@ class Denoiser(StageBase):
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
         With compile on, the configured sizes are compiled (or loaded from the cache) before the
-        replica reports ready, at batch 1, 2 and the full batch size: two sizes over 1 make sure the
-        graph for batches over 1 is the dynamic one (a first compile may specialize on the batch
-        size it saw, and the next batch size would then stall a live request for a recompile)."""
-        from deployments.core.fast_dit import optimize_transformer, warmup
+        replica reports ready (`fast_dit.warm_for_serving`)."""
+        from deployments.core.fast_dit import optimize_transformer, warm_for_serving
 
         transformer = optimize_transformer(
             transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
@@ -62,9 +59,9 @@ class Denoiser(StageBase):
         torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
-            batch_sizes = sorted({1, min(2, self.knobs.max_batch_size), self.knobs.max_batch_size})
-            buckets = range(CAPTION_MULTIPLE, self.settings.max_prompt_tokens + 1, CAPTION_MULTIPLE)
-            self.warmup_seconds = warmup(transformer, sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
+            self.warmup_seconds = warm_for_serving(
+                transformer, sizes, self.knobs.max_batch_size, self.settings.max_prompt_tokens
+            )
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:

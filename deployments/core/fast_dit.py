@@ -569,6 +569,23 @@ def warmup(
     return timings
 
 
+def warm_for_serving(
+    transformer: nn.Module, sizes: Iterable[int | tuple[int, int]], max_batch_size: int, max_caption_tokens: int
+) -> dict[str, float]:
+    """The warm-up a serving replica runs before it reports ready (`warmup` with these choices).
+
+    Batch sizes 1, 2 and the largest: two sizes over 1 make sure the graph for batches over 1 is the
+    dynamic one (a first compile may specialize on the batch size it saw, and the next batch size
+    would then stall a live request for a recompile). Every caption bucket the DiT pads to, up to
+    `max_caption_tokens`, at batch 1 (cuDNN's attention plans; padded captions' graph).
+    """
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
+    buckets = range(SEQ_MULTI_OF, max_caption_tokens + 1, SEQ_MULTI_OF)
+    return warmup(transformer, sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -250,3 +250,12 @@ def test_vae_decoder_runs_static_graphs_for_recorded_shapes_and_one_dynamic_grap
             assert torch.allclose(ours.decode(z).sample, plain.decode(z).sample, atol=1e-5)
     assert paths == ["_static", "_static", "_dynamic"]
     assert decoder.static_shapes == {tuple(warm.shape)}
+
+
+def test_the_serving_warm_up_covers_batch_one_two_and_full_and_every_caption_bucket(tiny_source):
+    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
+    timings = fast_dit.warm_for_serving(transformer, [(256, 256)], max_batch_size=4, max_caption_tokens=96)
+    assert set(timings) == {
+        "256x256/b1", "256x256/b1/cap32", "256x256/b1/cap64", "256x256/b1/cap96",
+        "256x256/b2", "256x256/b2/ragged", "256x256/b4", "256x256/b4/ragged",
+    }
