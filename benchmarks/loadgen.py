@@ -414,15 +414,9 @@ def image_kind(data: bytes) -> str | None:
     return None
 
 
-def check_images_body(body: bytes, expected: int) -> tuple[int, str | None]:
-    """(images found, problem or None) for a 200 body."""
-    images, problem, _ = check_response(body, expected)
-    return images, problem
-
-
 def check_response(body: bytes, expected: int) -> tuple[int, str | None, dict[str, float] | None]:
-    """`check_images_body` and the server's `timings`, from one JSON parse. Runs in a worker thread:
-    decoding is CPU work."""
+    """(images found, problem or None, the server's `timings` or None) for a 200 body, from one JSON
+    parse. Runs in a worker thread: decoding is CPU work."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -26,10 +26,6 @@ class GpuLane:
         """Runs `fn(*args)` on the lane's thread; the caller holds `lock` when calls must not interleave."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def run_exclusive(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self.lock:
-            return await self.run(fn, *args)
-
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """For constructors (loading, compiling, warm-up) that run before any event loop serves."""
         return self._executor.submit(fn, *args).result()

@@ -29,7 +29,6 @@ from benchmarks.loadgen import (
     LoadConfig,
     LoadReport,
     RequestRecord,
-    check_images_body,
     check_response,
     goodput,
     main,
@@ -42,6 +41,10 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red bicycle", "fog over pine hills", "un gato naranja", "一只熊猫"]
 SERVER_START_TIMEOUT_S = 120
 
+
+
+def images_and_problem(body: bytes, expected: int) -> tuple[int, str | None]:
+    return check_response(body, expected)[:2]
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -112,17 +115,17 @@ def test_config_validation():
 
 def test_response_checking():
     good = json.dumps({"created": 1, "data": [{"b64_json": png_b64()}, {"b64_json": png_b64()}]}).encode()
-    assert check_images_body(good, 2) == (2, None)
-    assert check_images_body(good, 3)[1] == "expected 3 images, got 2"
+    assert images_and_problem(good, 2) == (2, None)
+    assert images_and_problem(good, 3)[1] == "expected 3 images, got 2"
     not_image = json.dumps({"data": [{"b64_json": base64.b64encode(b"hello world").decode()}]}).encode()
-    assert "not a PNG" in check_images_body(not_image, 1)[1]
-    assert "not valid base64" in check_images_body(b'{"data": [{"b64_json": "!!!"}]}', 1)[1]
-    assert "no b64_json" in check_images_body(b'{"data": [{"url": "http://x"}]}', 1)[1]
-    assert "no 'data'" in check_images_body(b'{"created": 1}', 1)[1]
-    assert "not JSON" in check_images_body(b"<html>", 1)[1]
+    assert "not a PNG" in images_and_problem(not_image, 1)[1]
+    assert "not valid base64" in images_and_problem(b'{"data": [{"b64_json": "!!!"}]}', 1)[1]
+    assert "no b64_json" in images_and_problem(b'{"data": [{"url": "http://x"}]}', 1)[1]
+    assert "no 'data'" in images_and_problem(b'{"created": 1}', 1)[1]
+    assert "not JSON" in images_and_problem(b"<html>", 1)[1]
     webp = base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 ").decode()
     jpeg = base64.b64encode(b"\xff\xd8\xff\xe0rest").decode()
-    assert check_images_body(json.dumps({"data": [{"b64_json": webp}, {"b64_json": jpeg}]}).encode(), 2) == (2, None)
+    assert images_and_problem(json.dumps({"data": [{"b64_json": webp}, {"b64_json": jpeg}]}).encode(), 2) == (2, None)
 
 
 def test_server_timings_are_read_when_present():
