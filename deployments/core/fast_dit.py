@@ -525,7 +525,7 @@ def warmup(
     size over 1 it also runs equal caption lengths (no mask) and, with `ragged`, unequal ones (the
     masked graph). Runs under `inference_mode`, as the denoise loop does (a different grad mode
     would be a different graph). `caption_buckets` (padded caption lengths) are run once each at
-    batch 1: nothing compiles for them, but cuDNN plans its attention per shape (about 50 ms each,
+    batch 1: the graphs are shared, but cuDNN plans its attention per shape (tens of ms each,
     twice per forward: the caption refiner and the main layers), which a single request with a new
     caption length would otherwise pay; they run one token short of the bucket, so the graph of a
     caption the model pads (a first request compiled one, measured) is compiled here too. Returns

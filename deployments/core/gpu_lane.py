@@ -1,8 +1,8 @@
 """One thread and one lock for a replica's model calls.
 
-cuDNN keeps its attention plans per thread, and planning a new shape costs about 50 ms on an H200
-(measured: benchmarks/warmup_coverage.py and RESULTS.md). `asyncio.to_thread` spreads calls over a
-pool of threads, so every thread would plan every shape again, and a warm-up run on the
+cuDNN keeps its attention plans per thread, and a new shape's plan costs tens of milliseconds on
+an H200 (benchmarks/warmup_coverage.py; benchmarks/RESULTS.md). `asyncio.to_thread` spreads calls
+over a pool of threads, so every thread would plan every shape again, and a warm-up run on the
 constructor's thread would warm none of them. So all model work of a replica, its warm-up
 included, runs on one thread, one call at a time.
 """
