@@ -48,19 +48,13 @@ class VaeDecoder(StageBase):
         import torch
 
         from deployments.core.denoising import latent_shape
-        from deployments.core.fast_dit import StaticOrDynamicDecoder
 
         def decode(width: int, height: int) -> None:
             z = torch.randn(latent_shape(16, width, height))
             self.codec.decode([Latents(latents=z, width=width, height=height)])
 
         sizes = self.settings.warmup_pixels()
-        decoder = self.codec.vae.decoder.forward
-        if not isinstance(decoder, StaticOrDynamicDecoder):
-            for width, height in sizes:
-                decode(width, height)
-            return
-        with decoder.recording_static():
+        with self.codec.vae.decoder.forward.recording_static():  # optimize_vae's StaticOrDynamicDecoder
             for width, height in sizes:
                 decode(width, height)
         width, height = sizes[0] if sizes else (512, 512)
