@@ -48,7 +48,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.core import fast_dit, loading  # noqa: E402
+from deployments.core import compile_cache, text_encoder_compile, vae_compile, loading  # noqa: E402
+from deployments.core.dit import fp8, optimize, regional_compile, rotary, warmup  # noqa: E402
 from deployments.core.contracts import DenoiseJob  # noqa: E402
 from deployments.core.denoising import DenoiseLoop, image_tokens, latent_shape  # noqa: E402
 from deployments.core.model_source import resolve_model_source  # noqa: E402
@@ -319,7 +320,7 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
     cfg = transformer.config
     compile_on = not bench.args.skip_compile
     if compile_on:
-        timings = fast_dit.warmup(transformer, bench.args.dit_sizes, caption_len=bench.args.caption_tokens)
+        timings = warmup.warmup(transformer, bench.args.dit_sizes, caption_len=bench.args.caption_tokens)
         first = next(iter(timings.values()))
         bench.results["compile"][variant] = {"first_call_s": first, "per_size_first_call_s": timings}
         print(f"  compile {variant}: first call {first:.1f} s, per size {timings}", flush=True)
@@ -352,7 +353,7 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
 def _optimize(bench: Bench, transformer: Any, precision: str) -> None:
     """Our DiT rewrite as the benchmark's options ask, timed (compiling happens on the first call)."""
     t0 = time.perf_counter()
-    fast_dit.optimize_transformer(
+    optimize.optimize_transformer(
         transformer,
         precision,
         compile=not bench.args.skip_compile,
@@ -372,7 +373,7 @@ def section_dit_bf16(bench: Bench, source: Any, state: dict[str, Any]) -> None:
     if not bench.args.skip_compile and not bench.args.quick and bench.remaining() > 60:
         # A restarted replica: dynamo traces again, inductor's graphs come from the on-disk cache.
         torch._dynamo.reset()
-        fast_dit.compile_blocks(
+        regional_compile.compile_blocks(
             transformer,
             bench.args.cache_dir,
             dynamic=DYNAMIC[bench.args.dynamic],
@@ -389,8 +390,8 @@ def section_dit_bf16(bench: Bench, source: Any, state: dict[str, Any]) -> None:
 
 def section_dit_fp8(bench: Bench, source: Any, state: dict[str, Any]) -> None:
     try:
-        fast_dit.check_fp8_support(bench.device)
-    except fast_dit.Fp8UnsupportedError as exc:
+        fp8.check_fp8_support(bench.device)
+    except fp8.Fp8UnsupportedError as exc:
         bench.note(f"fp8 skipped: {exc}")
         return
     state.pop("pipe", None)
@@ -458,7 +459,7 @@ def section_vae_compiled(bench: Bench, vae: Any) -> None:
     if bench.args.skip_compile:
         return
     codec, latents = _vae_inputs(bench, vae)
-    fast_dit.optimize_vae(vae, compile=True, channels_last=bench.args.vae_channels_last, backend=bench.backend)
+    vae_compile.optimize_vae(vae, compile=True, channels_last=bench.args.vae_channels_last, backend=bench.backend)
     decoder = vae.decoder.forward
     firsts = {}
     for size, z in latents.items():
@@ -534,8 +535,8 @@ def section_text(bench: Bench, source: Any) -> None:
         bench.write()
         del graphed
         if not bench.args.skip_compile:  # what the TextEncoder runs: compiled layers inside the graphs
-            fast_dit.configure_compile_cache(bench.args.cache_dir)
-            fast_dit.optimize_text_encoder(model, compile=True, backend=bench.backend)
+            compile_cache.configure_compile_cache(bench.args.cache_dir)
+            text_encoder_compile.optimize_text_encoder(model, compile=True, backend=bench.backend)
             compiled = PromptEncoder(tokenizer, model, bench.device, cuda_graphs=True)
             start = time.perf_counter()
             captured = compiled.warmup()
@@ -672,7 +673,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-compile", action="store_true", help="our path eager (real RoPE, fusion, FP8 still on)")
     p.add_argument("--skip-text", action="store_true")
     p.add_argument("--skip-vae", action="store_true")
-    p.add_argument("--attention", default="cudnn", choices=sorted(fast_dit.ATTENTION_BACKENDS))
+    p.add_argument("--attention", default="cudnn", choices=sorted(rotary.ATTENTION_BACKENDS))
     p.add_argument("--vae-tile-px", type=int, default=1280, help="VAE tile side above the tiling threshold")
     p.add_argument("--vae-tile-overlap", type=float, default=0.2)
     p.add_argument("--vae-channels-last", action="store_true", help="compiled VAE in channels-last layout")

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 
 from benchmarks.bench_stages import cuda_time_ms, make_prompt, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.core import fast_dit, loading  # noqa: E402
+from deployments.core import compile_cache, text_encoder_compile, vae_compile, loading  # noqa: E402
+from deployments.core.dit import optimize  # noqa: E402
 from deployments.core.denoising import latent_shape  # noqa: E402
 from deployments.core.model_source import resolve_model_source  # noqa: E402
 
@@ -188,7 +189,7 @@ class Run:
     def _dit_variant(self, name: str, base: str, model: str, scaling: str | None, reference: torch.Tensor | None) -> None:
         transformer = loading.load_transformer(self.source, self.device, self.dtype)
         t0 = time.perf_counter()
-        fast_dit.optimize_transformer(
+        optimize.optimize_transformer(
             transformer, "bf16" if model == "bf16" else "fp8", compile=True, cache_dir=self.args.cache_dir,
             attention="cudnn", fp8_scaling=scaling or "row",
         )
@@ -247,7 +248,7 @@ class Run:
                 torch._dynamo.reset()
                 torch.backends.cudnn.benchmark = benchmark
                 vae = loading.load_vae(self.source, self.device, self.dtype)
-                fast_dit.optimize_vae(vae, compile=True, channels_last=channels_last)
+                vae_compile.optimize_vae(vae, compile=True, channels_last=channels_last)
                 codec = VaeCodec(vae, self.device, self.dtype)
                 item = [Latents(latents=z, width=size, height=size)]
                 t0 = time.perf_counter()
@@ -295,9 +296,9 @@ class Run:
 
         record("eager", eager, **kernel_breakdown(forward))
         record("cuda_graphs", PromptEncoder(tokenizer, model, self.device, cuda_graphs=True))
-        fast_dit.configure_compile_cache(self.args.cache_dir)
+        compile_cache.configure_compile_cache(self.args.cache_dir)
         t0 = time.perf_counter()
-        fast_dit.optimize_text_encoder(model, compile=True)
+        text_encoder_compile.optimize_text_encoder(model, compile=True)
         forward()
         torch.cuda.synchronize()
         compiled = PromptEncoder(tokenizer, model, self.device, cuda_graphs=True)

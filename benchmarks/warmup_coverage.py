@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.core import fast_dit, loading  # noqa: E402
+from deployments.core import loading  # noqa: E402
+from deployments.core.dit import optimize, warmup  # noqa: E402
 from deployments.core.contracts import DenoiseJob  # noqa: E402
 from deployments.core.denoising import DenoiseLoop  # noqa: E402
 from deployments.core.model_source import resolve_model_source  # noqa: E402
@@ -66,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="zimage-coverage-")
     transformer = loading.load_transformer(source, device, dtype)
-    fast_dit.optimize_transformer(transformer, args.precision, compile=True, cache_dir=cache_dir, attention="cudnn")
+    optimize.optimize_transformer(transformer, args.precision, compile=True, cache_dir=cache_dir, attention="cudnn")
     t0 = time.perf_counter()
-    warm = fast_dit.warm_for_serving(transformer, sizes, args.max_batch, args.max_caption_tokens)
+    warm = warmup.warm_for_serving(transformer, sizes, args.max_batch, args.max_caption_tokens)
     warmup_s = time.perf_counter() - t0
     loop = DenoiseLoop(transformer, loading.load_scheduler(source), device, dtype)
     rng = random.Random(args.seed)

@@ -49,8 +49,9 @@ class Denoiser(StageBase):
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
         With compile on, the configured sizes are compiled (or loaded from the cache) before the
-        replica reports ready (`fast_dit.warm_for_serving`)."""
-        from deployments.core.fast_dit import optimize_transformer, warm_for_serving
+        replica reports ready (`dit.warmup.warm_for_serving`)."""
+        from deployments.core.dit.optimize import optimize_transformer
+        from deployments.core.dit.warmup import warm_for_serving
 
         transformer = optimize_transformer(
             transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),

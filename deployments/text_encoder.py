@@ -24,7 +24,8 @@ class TextEncoder(StageBase):
         self.random_weights = source.random_weights
         model = loading.load_text_encoder(source, device, dtype)
         if device.type == "cuda" and self.settings.text_encoder_compile:
-            from deployments.core.fast_dit import configure_compile_cache, optimize_text_encoder
+            from deployments.core.compile_cache import configure_compile_cache
+            from deployments.core.text_encoder_compile import optimize_text_encoder
 
             configure_compile_cache(self.settings.compile_cache_dir())
             model = optimize_text_encoder(model, compile=True)

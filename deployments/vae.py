@@ -24,7 +24,7 @@ class VaeDecoder(StageBase):
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         vae = loading.load_vae(source, device, dtype)
         if device.type == "cuda" and self.settings.vae_compile:
-            from deployments.core.fast_dit import optimize_vae
+            from deployments.core.vae_compile import optimize_vae
 
             vae = optimize_vae(vae, compile=True, channels_last=True)
         self.codec = VaeCodec(

@@ -13,7 +13,7 @@ a forward of its own, padded to its own bucket, exactly as when it is encoded al
 
 On a GPU the encoder is launch-bound (36 small layers for a few hundred tokens), so each
 (batch, length) bucket is captured once as a CUDA graph and replayed; with the decoder layers
-compiled (`fast_dit.optimize_text_encoder`) the graphs replay fused kernels.
+compiled (`text_encoder_compile.optimize_text_encoder`) the graphs replay fused kernels.
 
 The model gets its attention mask as a ready per-layer-type mapping of None: transformers then
 builds no mask and SDPA runs plain causal attention, the same function as the causal mask it would

@@ -115,7 +115,8 @@ def reference(source, job):
 
 
 def test_bf16_compiled_matches_eager(source, job, reference, tmp_path_factory):
-    from deployments.core.fast_dit import optimize_transformer, warmup
+    from deployments.core.dit.optimize import optimize_transformer
+    from deployments.core.dit.warmup import warmup
 
     ref, ref_print = reference
     transformer = load(source)
@@ -137,7 +138,9 @@ def test_bf16_compiled_matches_eager(source, job, reference, tmp_path_factory):
 
 
 def test_fp8_error_is_measured(source, job, reference, tmp_path_factory):
-    from deployments.core.fast_dit import FP8_MIN_CAPABILITY, optimize_transformer, warmup
+    from deployments.core.dit.fp8 import FP8_MIN_CAPABILITY
+    from deployments.core.dit.optimize import optimize_transformer
+    from deployments.core.dit.warmup import warmup
 
     if torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
         pytest.skip("FP8 needs compute capability 8.9+")
@@ -167,7 +170,8 @@ def test_batch_invariance_within_bf16_noise(source, precision, tmp_path_factory)
     same resolution, as the continuous batcher forms them) agree within bf16 noise."""
     from deployments.core.contracts import DenoiseJob
     from deployments.core.denoising import DenoiseLoop
-    from deployments.core.fast_dit import FP8_MIN_CAPABILITY, optimize_transformer
+    from deployments.core.dit.fp8 import FP8_MIN_CAPABILITY
+    from deployments.core.dit.optimize import optimize_transformer
     from deployments.core.loading import load_scheduler
 
     if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:

@@ -1,4 +1,4 @@
-"""The fast DiT path computes what diffusers' Z-Image transformer computes (tiny checkpoint, float32, CPU).
+"""The DiT speed-ups (deployments.core.dit) compute what diffusers' Z-Image transformer computes (tiny checkpoint, float32, CPU).
 
 Reference: a second copy of the same checkpoint with diffusers' own complex-RoPE processor, run in
 the same process. GPU-only parts (FP8 numerics, inductor speed) are in tests/gpu/test_gpu_dit.py.
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.core import fast_dit, loading
+from deployments.core import vae_compile, loading
+from deployments.core.dit import blocks, fp8, fusion, optimize, regional_compile, rotary, warmup
 from deployments.core.contracts import DenoiseJob
 from deployments.core.denoising import DenoiseLoop
 from deployments.core.vae_codec import VaeCodec
@@ -55,9 +56,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_real_rope_matches_diffusers(tiny_source, case):
     reference, ours = load(tiny_source), load(tiny_source)
-    fast_dit.install_real_rope(ours)
-    assert isinstance(ours.rope_embedder, fast_dit.RealRopeEmbedder)
-    assert all(isinstance(b.attention.processor, fast_dit.RealRopeAttnProcessor) for b in fast_dit.iter_blocks(ours))
+    rotary.install_real_rope(ours)
+    assert isinstance(ours.rope_embedder, rotary.RealRopeEmbedder)
+    assert all(isinstance(b.attention.processor, rotary.RealRopeAttnProcessor) for b in blocks.iter_blocks(ours))
     inputs = make_inputs(reference.config, CASES[case])
     for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
         assert out.shape == ref.shape
@@ -67,10 +68,10 @@ def test_real_rope_matches_diffusers(tiny_source, case):
 @pytest.mark.parametrize("case", ["single", "ragged"])
 def test_fused_projections_match_diffusers(tiny_source, case):
     reference, ours = load(tiny_source), load(tiny_source)
-    fast_dit.optimize_transformer(ours, "bf16", compile=False, fuse=True)
-    block = next(fast_dit.iter_blocks(ours))
+    optimize.optimize_transformer(ours, "bf16", compile=False, fuse=True)
+    block = next(blocks.iter_blocks(ours))
     assert block.attention.to_qkv is not None and not hasattr(block.attention, "to_q")
-    assert isinstance(block.feed_forward, fast_dit.FusedFeedForward)
+    assert isinstance(block.feed_forward, fusion.FusedFeedForward)
     inputs = make_inputs(reference.config, CASES[case], seed=1)
     for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
         assert rel_err(out, ref) <= REL_TOL
@@ -79,8 +80,8 @@ def test_fused_projections_match_diffusers(tiny_source, case):
 def test_processor_accepts_complex_tables(tiny_source):
     """The processor alone (diffusers' complex tables left in place) is a drop-in too."""
     reference, ours = load(tiny_source), load(tiny_source)
-    processor = fast_dit.RealRopeAttnProcessor()
-    for block in fast_dit.iter_blocks(ours):
+    processor = rotary.RealRopeAttnProcessor()
+    for block in blocks.iter_blocks(ours):
         block.attention.set_processor(processor)
     inputs = make_inputs(reference.config, CASES["ragged"], seed=2)
     for ref, out in zip(forward(reference, inputs), forward(ours, inputs)):
@@ -97,10 +98,10 @@ def test_mask_only_for_ragged_batches(tiny_source, monkeypatch, case):
         masks.append(attn_mask)
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
-    monkeypatch.setattr(fast_dit.F, "scaled_dot_product_attention", recording_sdpa)
-    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
+    monkeypatch.setattr(rotary.F, "scaled_dot_product_attention", recording_sdpa)
+    transformer = optimize.optimize_transformer(load(tiny_source), compile=False)
     forward(transformer, make_inputs(transformer.config, CASES[case]))
-    assert len(masks) == len(list(fast_dit.iter_blocks(transformer)))
+    assert len(masks) == len(list(blocks.iter_blocks(transformer)))
     if case == "ragged":
         assert all(m is not None and m.dtype == torch.bool and m.ndim == 4 and m.shape[1:3] == (1, 1) for m in masks)
     else:
@@ -115,8 +116,8 @@ def test_real_rope_equals_complex_multiplication():
         torch.view_as_complex(x.float().reshape(2, 7, 3, 8, 2)) * freqs.unsqueeze(2)
     ).flatten(3).type_as(x)
     for table in (freqs, torch.view_as_real(freqs)):
-        cos, sin = fast_dit.rope_cos_sin(table)
-        got = fast_dit.apply_real_rope(x, cos, sin)
+        cos, sin = rotary.rope_cos_sin(table)
+        got = rotary.apply_real_rope(x, cos, sin)
         assert got.dtype == x.dtype
         assert torch.equal(got, expected)
 
@@ -129,7 +130,7 @@ def test_denoise_loop_images_match_plain_path(tiny_source):
     scheduler = loading.load_scheduler(tiny_source)
     codec = VaeCodec(loading.load_vae(tiny_source, CPU, F32), CPU, F32)
     plain = DenoiseLoop(load(tiny_source), scheduler, CPU, F32)
-    fast = DenoiseLoop(fast_dit.optimize_transformer(load(tiny_source), compile=False), scheduler, CPU, F32)
+    fast = DenoiseLoop(optimize.optimize_transformer(load(tiny_source), compile=False), scheduler, CPU, F32)
     g = torch.Generator("cpu").manual_seed(4)
     jobs = [
         DenoiseJob(caption=torch.randn(23, 64, generator=g), width=512, height=512, steps=4, seed=7),
@@ -159,7 +160,7 @@ def test_block_traces_as_one_graph(tiny_source, masked):
     """fullgraph=True: a graph break (complex op, data-dependent branch) would raise here."""
     torch._dynamo.reset()
     transformer = load(tiny_source)
-    fast_dit.optimize_transformer(transformer, compile=False)
+    optimize.optimize_transformer(transformer, compile=False)
     block = transformer.layers[0]
     inputs = _block_inputs(transformer.config, 96, batch=2 if masked else 1, masked=masked)
     with torch.inference_mode():
@@ -179,8 +180,8 @@ def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
         return gm.forward
 
     reference, ours = load(tiny_source), load(tiny_source)
-    fast_dit.optimize_transformer(ours, compile=False)
-    fast_dit.compile_blocks(ours, None, backend=counting_backend)
+    optimize.optimize_transformer(ours, compile=False)
+    regional_compile.compile_blocks(ours, None, backend=counting_backend)
     cfg = reference.config
     for index, shape in enumerate([(64, 64, 17), (64, 64, 70), (48, 80, 40), (32, 32, 200)]):
         inputs = make_inputs(cfg, [shape], seed=10 + index)
@@ -191,8 +192,8 @@ def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
 
 
 def test_warmup_runs_each_size(tiny_source):
-    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
-    timings = fast_dit.warmup(transformer, [512, (640, 384)], caption_len=20, batch_sizes=(1, 2))
+    transformer = optimize.optimize_transformer(load(tiny_source), compile=False)
+    timings = warmup.warmup(transformer, [512, (640, 384)], caption_len=20, batch_sizes=(1, 2))
     assert set(timings) == {
         "512x512/b1", "512x512/b2", "512x512/b2/ragged", "640x384/b1", "640x384/b2", "640x384/b2/ragged",
     }
@@ -200,42 +201,42 @@ def test_warmup_runs_each_size(tiny_source):
 
 def test_fp8_filter_picks_only_block_linears(tiny_source):
     transformer = load(tiny_source)
-    picked = {name for name, mod in transformer.named_modules() if fast_dit.is_block_linear(mod, name)}
-    blocks = len(list(fast_dit.iter_blocks(transformer)))
-    assert len(picked) == 7 * blocks
+    picked = {name for name, mod in transformer.named_modules() if fp8.is_block_linear(mod, name)}
+    n_blocks = len(list(blocks.iter_blocks(transformer)))
+    assert len(picked) == 7 * n_blocks
     assert "layers.0.attention.to_out.0" in picked and "layers.1.feed_forward.w2" in picked
     assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in picked)
-    fast_dit.fuse_projections(transformer)
-    fused = {name for name, mod in transformer.named_modules() if fast_dit.is_block_linear(mod, name)}
-    assert len(fused) == 4 * blocks and "noise_refiner.0.attention.to_qkv" in fused
+    fusion.fuse_projections(transformer)
+    fused = {name for name, mod in transformer.named_modules() if fp8.is_block_linear(mod, name)}
+    assert len(fused) == 4 * n_blocks and "noise_refiner.0.attention.to_qkv" in fused
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
 def test_fp8_refuses_without_cuda(tiny_source):
     transformer = load(tiny_source)
-    with pytest.raises(fast_dit.Fp8UnsupportedError, match="compute capability"):
-        fast_dit.quantize_fp8(transformer)
-    with pytest.raises(fast_dit.Fp8UnsupportedError, match="bf16"):
-        fast_dit.optimize_transformer(transformer, "fp8", compile=False)
+    with pytest.raises(fp8.Fp8UnsupportedError, match="compute capability"):
+        fp8.quantize_fp8(transformer)
+    with pytest.raises(fp8.Fp8UnsupportedError, match="bf16"):
+        optimize.optimize_transformer(transformer, "fp8", compile=False)
     # nothing was changed before the error
-    assert not isinstance(transformer.rope_embedder, fast_dit.RealRopeEmbedder)
+    assert not isinstance(transformer.rope_embedder, rotary.RealRopeEmbedder)
 
 
 def test_rejects_unknown_options(tiny_source):
     transformer = load(tiny_source)
     with pytest.raises(ValueError, match="precision"):
-        fast_dit.optimize_transformer(transformer, "int4", compile=False)  # type: ignore[arg-type]
+        optimize.optimize_transformer(transformer, "int4", compile=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="attention"):
-        fast_dit.install_real_rope(transformer, "sparse")  # type: ignore[arg-type]
+        rotary.install_real_rope(transformer, "sparse")  # type: ignore[arg-type]
 
 
 def test_vae_decoder_runs_static_graphs_for_recorded_shapes_and_one_dynamic_graph_otherwise(tiny_source):
     """The compiled decoder (backend "eager" on the CPU: dynamo's capture, no inductor) gives the
     plain decoder's pixels on both paths, and only shapes recorded during warm-up go static."""
     plain, ours = loading.load_vae(tiny_source, CPU, F32), loading.load_vae(tiny_source, CPU, F32)
-    fast_dit.optimize_vae(ours, compile=True, channels_last=False, backend="eager")
+    vae_compile.optimize_vae(ours, compile=True, channels_last=False, backend="eager")
     decoder = ours.decoder.forward
-    assert isinstance(decoder, fast_dit.StaticOrDynamicDecoder)
+    assert isinstance(decoder, vae_compile.StaticOrDynamicDecoder)
     paths = []
     for name in ("_static", "_dynamic"):
         compiled = getattr(decoder, name)
@@ -253,8 +254,8 @@ def test_vae_decoder_runs_static_graphs_for_recorded_shapes_and_one_dynamic_grap
 
 
 def test_the_serving_warm_up_covers_batch_one_two_and_full_and_every_caption_bucket(tiny_source):
-    transformer = fast_dit.optimize_transformer(load(tiny_source), compile=False)
-    timings = fast_dit.warm_for_serving(transformer, [(256, 256)], max_batch_size=4, max_caption_tokens=96)
+    transformer = optimize.optimize_transformer(load(tiny_source), compile=False)
+    timings = warmup.warm_for_serving(transformer, [(256, 256)], max_batch_size=4, max_caption_tokens=96)
     assert set(timings) == {
         "256x256/b1", "256x256/b1/cap32", "256x256/b1/cap64", "256x256/b1/cap96",
         "256x256/b2", "256x256/b2/ragged", "256x256/b4", "256x256/b4/ragged",

@@ -1,0 +1,14 @@
+"""The DiT's speed-ups, one job a module; each rewrites a loaded `ZImageTransformer2DModel` in place
+and keeps its call signature, so `DenoiseLoop` (and diffusers' own pipeline) call it as before.
+
+- `blocks`: where the repeated transformer blocks are;
+- `rotary`: real-valued RoPE and the attention processor that uses it (inductor cannot compile
+  diffusers' complex-number RoPE);
+- `fusion`: q/k/v and the SwiGLU's w1/w3 as single GEMMs;
+- `fp8`: torchao FP8 rowwise dynamic quantization of the block linears;
+- `regional_compile`: one compiled graph shared by every block, dynamic in batch and sequence;
+- `warmup`: compiling and planning every graph a request needs before a replica is ready;
+- `optimize`: the composition, in the order the pieces need.
+
+Measured effects (one H200, 1024x1024) are in benchmarks/RESULTS.md and shared/gpu/MEASURED.md.
+"""

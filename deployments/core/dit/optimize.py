@@ -1,0 +1,52 @@
+"""The DiT's speed-ups composed: real RoPE, fused projections, FP8, regional compile, in that order."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import nn
+
+from deployments.core.dit.blocks import model_device_dtype
+from deployments.core.dit.fp8 import Fp8Scaling, check_fp8_support, quantize_fp8
+from deployments.core.dit.fusion import fuse_projections
+from deployments.core.dit.regional_compile import compile_blocks
+from deployments.core.dit.rotary import AttentionChoice, install_real_rope
+
+Precision = Literal["bf16", "fp8"]
+
+
+def optimize_transformer(
+    transformer: nn.Module,
+    precision: Precision = "bf16",
+    compile: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    fuse: bool = True,
+    attention: AttentionChoice = "auto",
+    dynamic: bool | None = True,
+    tune_inductor: bool = False,
+    fp8_scaling: Fp8Scaling = "row",
+    backend: str | Callable[..., Any] = "inductor",
+) -> nn.Module:
+    """Real RoPE, then (optionally) fused projections, then FP8, then regional compile; in place.
+
+    The order matters: the real-valued processor must be in place before fusion (diffusers' reads
+    the unfused projections) and before compiling (complex RoPE does not compile); fusion before FP8
+    so that the fused weights are quantized; FP8 before compiling so the graphs trace the FP8 GEMMs.
+    `precision="bf16"` keeps the weights in the dtype they were loaded in (bf16 in production,
+    float32 in CPU tests). Returns the same module, still called as diffusers calls it.
+    """
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
+    if precision == "fp8":  # fail before touching the module
+        check_fp8_support(model_device_dtype(transformer)[0])
+    install_real_rope(transformer, attention)
+    if fuse:
+        fuse_projections(transformer)
+    if precision == "fp8":
+        quantize_fp8(transformer, tune_inductor=tune_inductor, scaling=fp8_scaling)
+    if compile:
+        compile_blocks(transformer, cache_dir, dynamic=dynamic, backend=backend, artifacts_name=f"dit-{precision}")
+    return transformer
