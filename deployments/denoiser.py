@@ -9,22 +9,34 @@ import torch
 from ray import serve
 
 from deployments.core import loading
-from deployments.core.contracts import DenoiseJob, Latents
+from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
 from deployments.core.denoising import DenoiseLoop
-from deployments.core.scheduling import POLICIES, ContinuousBatcher, run_grouped
+from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.settings import ModelSettings
-from deployments.stage_base import StageBase
+from deployments.stage_base import StageBase, StageConfig
 
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="Denoiser")
+class DenoiserConfig(StageConfig):
+    """Live config: batching and the scheduling policy (requests already running finish under the old one)."""
+
+    scheduling: SchedulingPolicy = "continuous"
+
+
+@serve.deployment(
+    name="Denoiser",
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22 GB reserved); 0 where no GPU is in use.
+    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.5},
+    max_ongoing_requests=32,
+    max_queued_requests=256,
+    graceful_shutdown_timeout_s=60,
+)
 class Denoiser(StageBase):
-    def __init__(self, settings: dict, scheduling: str = "continuous") -> None:
-        self._init_stage("Denoiser")
-        if scheduling not in POLICIES:
-            raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")
-        self.scheduling = self.default_scheduling = scheduling
+    config_model = DenoiserConfig
+
+    def __init__(self, settings: dict, base_config: dict | None = None) -> None:
+        self._init_stage("Denoiser", base_config)
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         start = time.perf_counter()
@@ -38,12 +50,13 @@ class Denoiser(StageBase):
         self.loop = DenoiseLoop(
             transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant
         )
-        self.batcher = ContinuousBatcher(self.loop, self.knobs.max_batch_size, self._record_step, self.gpu_lane)
+        self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane)
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s batch_invariant=%s",
-            self.load_seconds, source.name, device, self.settings.precision, scheduling, self.loop.batch_invariant,
+            self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
+            self.loop.batch_invariant,
         )
 
     def _optimize(self, transformer):
@@ -61,29 +74,43 @@ class Denoiser(StageBase):
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
             self.warmup_seconds = warm_for_serving(
-                transformer, sizes, self.knobs.max_batch_size, self.settings.max_prompt_tokens
+                transformer, sizes, self.config.max_batch_size, self.settings.max_prompt_tokens
             )
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
         self.stats_by_method["step"].record(size, seconds)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self.apply_knobs(user_config)
-        self.batcher.max_batch_size = self.knobs.max_batch_size
+    def apply_config(self, config: DenoiserConfig) -> None:
+        self.batcher.max_batch_size = config.max_batch_size
 
-    def apply_extra_config(self, config: dict) -> None:
-        """`scheduling` switches policy live; requests already running finish under the old one."""
-        scheduling = config.pop("scheduling", self.default_scheduling)
-        super().apply_extra_config(config)
-        if scheduling not in POLICIES:
-            raise ValueError(f"unknown denoiser scheduling {scheduling!r}; choose one of {', '.join(POLICIES)}")
-        self.scheduling = scheduling
+    async def denoise(
+        self,
+        request: DenoiseRequest,
+        caption: CaptionEmbedding,
+        negative: CaptionEmbedding | None = None,
+        posterior: LatentPosterior | None = None,
+    ) -> Latents:
+        """One image. The caption, negative caption and upload posterior arrive as separate arguments
+        (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
+        share one copy of each instead of each carrying its own."""
+        start = time.perf_counter()
+        job = DenoiseJob(
+            caption=caption.embedding, width=request.width, height=request.height, steps=request.steps,
+            seed=request.seed, guidance_scale=request.guidance_scale,
+            negative_caption=negative.embedding if negative is not None else None,
+            init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
+        )
+        latents = await self._run(job)
+        upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
+        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2)}
+        return Latents(latents=latents.latents, width=latents.width, height=latents.height,
+                       steps_run=latents.steps_run, timings=timings, prompt_truncated=caption.truncated)
 
-    async def denoise(self, job: DenoiseJob) -> Latents:
-        if self.scheduling == "continuous":
+    async def _run(self, job: DenoiseJob) -> Latents:
+        if self.config.scheduling == "continuous":
             return await self.batcher.submit(job)
-        if self.scheduling == "batch":
+        if self.config.scheduling == "batch":
             return await self.grouped.submit(job)
         results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
         if isinstance(results[0], Exception):
@@ -92,6 +119,7 @@ class Denoiser(StageBase):
 
     def stats(self) -> dict:
         data = super().stats()
-        data.update(scheduling=self.scheduling, cancelled=self.batcher.cancelled, load_seconds=self.load_seconds,
-                    warmup_seconds=self.warmup_seconds, batch_invariant=self.loop.batch_invariant)
+        data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled,
+                    load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
+                    batch_invariant=self.loop.batch_invariant)
         return data

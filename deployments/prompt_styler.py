@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
+from pydantic import Field, model_validator
 from ray import serve
 
 from deployments.core.contracts import StyledPrompt
 from deployments.core.styles import DEFAULT_STYLES, PromptStyler as StyleTable, merge_styles
-from deployments.stage_base import StageBase
+from deployments.stage_base import StageBase, StageConfig
 
 
-@serve.deployment(name="PromptStyler", ray_actor_options={"num_cpus": 0.1})
+class PromptStylerConfig(StageConfig):
+    """Live config: batching plus the style table (`styles` extend the presets, or replace them)."""
+
+    max_batch_size: int = Field(32, ge=1, le=256)
+    styles: dict[str, str] = Field(default_factory=dict)
+    replace_styles: bool = False
+    default_style: str = "None"
+
+    def table(self) -> dict[str, str]:
+        return merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
+
+    @model_validator(mode="after")
+    def _default_is_a_style(self):
+        table = self.table()
+        if self.default_style.casefold() not in {name.casefold() for name in table}:
+            raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+        return self
+
+
+@serve.deployment(name="PromptStyler", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 class PromptStyler(StageBase):
-    def __init__(self) -> None:
-        self._init_stage("PromptStyler")
+    config_model = PromptStylerConfig
+
+    def __init__(self, base_config: dict | None = None) -> None:
+        self._init_stage("PromptStyler", base_config)
         self.table = StyleTable()
         self.styling = self.add_batcher("style", self._style_many, on_gpu=False)
+        self.apply_config(self.config)
 
-    def reconfigure(self, user_config: dict) -> None:
-        self.apply_knobs(user_config)
-
-    def apply_extra_config(self, config: dict) -> None:
-        styles = config.pop("styles", None)
-        replace = bool(config.pop("replace_styles", False))
-        default_style = config.pop("default_style", "None")
-        super().apply_extra_config(config)
-        self.table.set_styles(merge_styles(DEFAULT_STYLES, styles, replace=replace), default_style)
+    def apply_config(self, config: PromptStylerConfig) -> None:
+        self.table.set_styles(config.table(), config.default_style)
 
     async def style(self, prompt: str, style: str | None = None) -> StyledPrompt:
         return await self.styling.submit((prompt, style))

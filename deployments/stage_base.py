@@ -1,6 +1,12 @@
-"""What every stage deployment shares: live batching knobs, a record of batch sizes, one GPU lane.
+"""What every stage deployment shares: live config that merges, a record of batch sizes, one GPU lane.
 
 Deployments stay thin: they own batching, config and metrics; the maths lives in deployments.core.
+
+Live config: each stage's `config_model` (a pydantic model) holds the defaults of what may change
+while serving. The builder binds every replica to the complete config made from the application's
+args (`base_config`) and sends the same as `user_config`. A `user_config` override in a Serve config
+file replaces Serve's copy wholesale; `reconfigure()` lays it over `base_config`, so an override
+changes only what it names, and removing it brings back the shipped values.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from deployments.core.gpu_lane import GpuLane
 BATCH_HISTORY = 1000
 
 
-class BatchingKnobs(BaseModel):
-    """Knobs that change while serving; they arrive in `user_config` and apply in `reconfigure()`.
+class StageConfig(BaseModel):
+    """Live settings every batched stage has; a stage's own model adds its keys and defaults.
 
     The batch wait defaults to 0: a batch forms from what queued while the previous one ran, so a
     wait only delays a lone request; it helps only where bursts arrive a little apart.
@@ -31,6 +37,17 @@ class BatchingKnobs(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """`override` laid over `base`: nested dicts merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 @dataclass
@@ -60,10 +77,13 @@ class StageStats:
 class StageBase:
     """Mixin for stage deployments: each batched method is a `DynamicBatcher` made by `add_batcher`."""
 
-    def _init_stage(self, name: str) -> None:
+    config_model: type[StageConfig] = StageConfig
+
+    def _init_stage(self, name: str, base_config: dict[str, Any] | None = None) -> None:
         self.stage_name = name
         self.stats_by_method: dict[str, StageStats] = collections.defaultdict(StageStats)
-        self.knobs = BatchingKnobs()
+        self.base_config = dict(base_config or {})
+        self.config = self.config_model.model_validate(self.base_config)
         self.gpu_lane = GpuLane(name)  # one model call at a time per replica, all on one thread
         self.batchers: dict[str, DynamicBatcher] = {}
 
@@ -78,23 +98,21 @@ class StageBase:
             self.stats_by_method[method].record(len(items), time.perf_counter() - start)
             return results
 
-        batcher = DynamicBatcher(run, self.knobs.max_batch_size, self.knobs.batch_wait_timeout_s)
+        batcher = DynamicBatcher(run, self.config.max_batch_size, self.config.batch_wait_timeout_s)
         self.batchers[method] = batcher
         return batcher
 
-    def apply_knobs(self, user_config: dict | None) -> None:
-        config = dict(user_config or {})
-        knob_fields = {k: config.pop(k) for k in list(config) if k in BatchingKnobs.model_fields}
-        self.knobs = BatchingKnobs(**{**self.knobs.model_dump(), **knob_fields})
+    def reconfigure(self, user_config: dict | None) -> None:
+        """Serve's live-config hook: `user_config` over the bound `base_config`, validated, then applied.
+        Unknown keys fail the update (pydantic's extra="forbid"), so typos do not pass silently."""
+        self.config = self.config_model.model_validate(deep_merge(self.base_config, user_config))
         for batcher in self.batchers.values():
-            batcher.max_batch_size = self.knobs.max_batch_size
-            batcher.wait_s = self.knobs.batch_wait_timeout_s
-        self.apply_extra_config(config)
+            batcher.max_batch_size = self.config.max_batch_size
+            batcher.wait_s = self.config.batch_wait_timeout_s
+        self.apply_config(self.config)
 
-    def apply_extra_config(self, config: dict) -> None:
-        """Stage-specific live settings; unknown keys are an error so typos do not pass silently."""
-        if config:
-            raise ValueError(f"{self.stage_name}: unknown user_config keys: {', '.join(sorted(config))}")
+    def apply_config(self, config: StageConfig) -> None:
+        """Stage-specific live settings beyond batching; the default has none."""
 
     async def run_model(self, method: str, size: int, fn, *args):
         """Runs blocking model code off the event loop, one call at a time, and records the batch."""
@@ -118,7 +136,7 @@ class StageBase:
             **gpu,
             "stage": self.stage_name,
             "pid": os.getpid(),
-            "knobs": self.knobs.model_dump(),
+            "config": self.config.model_dump(mode="json"),
             "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
         }
 

@@ -3,23 +3,38 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import replace
 
 from PIL import Image
+from pydantic import Field
 from ray import serve
 
 from deployments.core import loading
 from deployments.core.contracts import DecodedImage, LatentPosterior, Latents
 from deployments.core.vae_codec import VaeCodec
 from deployments.settings import ModelSettings
-from deployments.stage_base import StageBase
+from deployments.stage_base import StageBase, StageConfig
 
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="VaeDecoder")
+class VaeDecoderConfig(StageConfig):
+    max_batch_size: int = Field(4, ge=1, le=256)
+
+
+@serve.deployment(
+    name="VaeDecoder",
+    # num_gpus: a share of one H200 (tiled 2048x2048 decodes peak at a few GB); 0 where no GPU is in use.
+    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.2},
+    max_ongoing_requests=32,
+    max_queued_requests=256,
+)
 class VaeDecoder(StageBase):
-    def __init__(self, settings: dict) -> None:
-        self._init_stage("VaeDecoder")
+    config_model = VaeDecoderConfig
+
+    def __init__(self, settings: dict, base_config: dict | None = None) -> None:
+        self._init_stage("VaeDecoder", base_config)
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         vae = loading.load_vae(source, device, dtype)
@@ -39,10 +54,10 @@ class VaeDecoder(StageBase):
         self.decoding = self.add_batcher("decode", self.codec.decode)
         self.encoding = self.add_batcher("encode", self.codec.encode)
         if device.type == "cuda" and self.settings.vae_compile:
-            self.gpu_lane.run_blocking(self._warmup, device, dtype)  # on the thread that serves
+            self.gpu_lane.run_blocking(self._warmup)  # on the thread that serves
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
 
-    def _warmup(self, device, dtype) -> None:
+    def _warmup(self) -> None:
         """Compiles the decoder before the replica reports ready: static graphs for the configured
         sizes (and their tiles), then the dynamic graph that every other size uses."""
         import torch
@@ -54,7 +69,7 @@ class VaeDecoder(StageBase):
             self.codec.decode([Latents(latents=z, width=width, height=height)])
 
         sizes = self.settings.warmup_pixels()
-        with self.codec.vae.decoder.forward.recording_static():  # optimize_vae's StaticOrDynamicDecoder
+        with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
             for width, height in sizes:
                 decode(width, height)
         width, height = sizes[0] if sizes else (512, 512)
@@ -62,12 +77,16 @@ class VaeDecoder(StageBase):
             width += 16
         decode(width, height)  # a size off the list: compiles the dynamic graph now
 
-    def reconfigure(self, user_config: dict) -> None:
-        self.apply_knobs(user_config)
-
     async def decode(self, latents: Latents) -> DecodedImage:
-        return await self.decoding.submit(latents)
+        """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""
+        start = time.perf_counter()
+        decoded = await self.decoding.submit(latents)
+        timings = {**latents.timings, "decode_ms": round((time.perf_counter() - start) * 1000, 2)}
+        return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, timings=timings,
+                            prompt_truncated=latents.prompt_truncated)
 
     async def encode(self, image: Image.Image) -> LatentPosterior:
         """`image` is RGB with sides that are multiples of 16 (the ingress fits uploads first)."""
-        return await self.encoding.submit(image)
+        start = time.perf_counter()
+        posterior = await self.encoding.submit(image)
+        return replace(posterior, timings={"image_encode_ms": round((time.perf_counter() - start) * 1000, 2)})

@@ -1,5 +1,19 @@
-"""zimage-serve: Z-Image-Turbo on Ray Serve behind an OpenAI-compatible images API."""
+"""zimage-serve: Z-Image-Turbo on Ray Serve behind an OpenAI-compatible images API.
 
-from serve_app.builder import build_app
+`serve_app:build_app` is the application's import path. It is imported on first use, so that a
+client importing `serve_app.protocol` (pydantic only) does not load Ray, torch or diffusers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["build_app"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_app":
+        from serve_app.builder import build_app
+
+        return build_app
+    raise AttributeError(f"module 'serve_app' has no attribute {name!r}")

@@ -1,6 +1,11 @@
 """`build_app(args) -> Application`: the whole request path, in one place.
 
     HTTP / handle -> Ingress -> PromptStyler -> TextEncoder -> Denoiser -> VaeDecoder -> Ingress
+
+Each stage declares its own defaults next to its code (`@serve.deployment(...)` options and its
+live-config model); the builder lays the user's overrides from `args` over them, gives GPU shares
+only where a GPU is in use, and binds every stage to its complete live config. A Serve config file's
+`deployments` entries then apply on top, as Serve applies them to any application.
 """
 
 from __future__ import annotations
@@ -8,13 +13,26 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from deployments.denoiser import Denoiser
 from deployments.prompt_styler import PromptStyler
+from deployments.stage_base import deep_merge
 from deployments.text_encoder import TextEncoder
 from deployments.vae import VaeDecoder
 from serve_app.config import AppArgs
 from serve_app.ingress import Ingress
+
+
+def stage_options(deployment: Deployment, args: AppArgs, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Serve `.options()`, complete live config) for one stage: its defaults, then `args`' overrides."""
+    overrides = getattr(args, stage)
+    actor = deep_merge(deployment.ray_actor_options or {}, overrides.ray_actor_options)
+    if not args.uses_gpu():
+        actor["num_gpus"] = 0
+    live = deployment.func_or_class.config_model.model_validate(args.stage_user_config(stage))
+    user_config = live.model_dump(mode="json")
+    return {"ray_actor_options": actor, **overrides.serve_options(), "user_config": user_config}, user_config
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -23,15 +41,13 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     source = config.model_settings().source()  # fails here, before any replica starts, on a bad model
     settings = config.model_settings().model_dump()
 
-    styler = PromptStyler.options(**config.deployment_options("prompt_styler")).bind()
-    text_encoder = TextEncoder.options(**config.deployment_options("text_encoder")).bind(settings)
-    denoiser = Denoiser.options(**config.deployment_options("denoiser")).bind(settings, config.denoiser_scheduling)
-    vae = VaeDecoder.options(**config.deployment_options("vae")).bind(settings)
-    return Ingress.options(**config.deployment_options("ingress")).bind(
-        styler,
-        text_encoder,
-        denoiser,
-        vae,
-        model_name=source.name,
-        random_weights=source.random_weights,
-    )
+    def bind(deployment: Deployment, stage: str, *init_args: Any, **init_kwargs: Any) -> Application:
+        options, live_config = stage_options(deployment, config, stage)
+        return deployment.options(**options).bind(*init_args, base_config=live_config, **init_kwargs)
+
+    styler = bind(PromptStyler, "prompt_styler")
+    text_encoder = bind(TextEncoder, "text_encoder", settings)
+    denoiser = bind(Denoiser, "denoiser", settings)
+    vae = bind(VaeDecoder, "vae", settings)
+    return bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
+                model_name=source.name, random_weights=source.random_weights)

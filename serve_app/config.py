@@ -16,32 +16,35 @@ from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE
 from deployments.core.scheduling import SchedulingPolicy
 from deployments.core.styles import DEFAULT_STYLES, merge_styles
 from deployments.settings import ModelSettings
-
-STAGES = ("prompt_styler", "text_encoder", "denoiser", "vae", "ingress")
-GPU_STAGES = ("text_encoder", "denoiser", "vae")
-
-# A share of one GPU per stage when none is configured: the DiT does nearly all of the work.
-DEFAULT_GPU_FRACTIONS = {"text_encoder": 0.15, "denoiser": 0.6, "vae": 0.2}
-
-# Ray schedules by these; they are small so that the whole graph fits on a 2-core machine.
-DEFAULT_NUM_CPUS = {"prompt_styler": 0.1, "text_encoder": 0.25, "denoiser": 0.25, "vae": 0.25, "ingress": 0.25}
+from deployments.stage_base import deep_merge
 
 API_KEYS_ENV = "ZIMAGE_API_KEYS"
 
+# Ray Serve deployment options a stage's entry in `args` may set, named as in a Serve config file.
+SERVE_OPTION_NAMES = (
+    "num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests", "health_check_period_s",
+    "health_check_timeout_s", "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "max_replicas_per_node",
+)
+
 
 class StageOptions(BaseModel):
-    """Ray Serve options for one deployment; unset fields keep the stage's defaults."""
+    """One stage's overrides in Ray Serve's own field names; whatever is unset keeps the defaults the
+    stage declares next to its code. `ray_actor_options` merge key by key over the stage's, and
+    `user_config` over its live-config defaults. (A Serve config file's `deployments` entries work
+    too, and are the usual place; these are for `serve run serve_app:build_app denoiser.x=y`.)"""
 
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: int | Literal["auto"] | None = None
     autoscaling_config: dict[str, Any] | None = None
-    num_gpus: float | None = Field(None, ge=0, le=8)
-    num_cpus: float | None = Field(None, ge=0)
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
     max_ongoing_requests: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
     health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
     graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(None, gt=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)
     user_config: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -49,6 +52,9 @@ class StageOptions(BaseModel):
         if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
+
+    def serve_options(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SERVE_OPTION_NAMES if getattr(self, name) is not None}
 
 
 class ApiLimits(BaseModel):
@@ -137,43 +143,27 @@ class AppArgs(ModelSettings):
         return ModelSettings(**self.model_dump(include=set(ModelSettings.model_fields)))
 
     def uses_gpu(self) -> bool:
-        if self.device == "cpu":
-            return False
-        if self.device == "cuda":
-            return True
+        """Whether replicas get GPU shares: `auto` asks the Ray cluster (the builder runs on the head
+        node, which may have no GPU of its own), or this machine when Ray is not running."""
+        if self.device != "auto":
+            return self.device == "cuda"
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
         import torch
 
         return torch.cuda.is_available()
 
-    def styler_user_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"default_style": self.default_style, "replace_styles": self.replace_styles}
-        if self.styles:
-            config["styles"] = self.styles
-        return {**config, **self.prompt_styler.user_config}
-
-    def deployment_options(self, stage: str) -> dict[str, Any]:
-        """Ray Serve `.options()` for a stage: GPU fractions only when a GPU is in use."""
-        options: StageOptions = getattr(self, stage)
-        actor: dict[str, Any] = {}
-        if stage in GPU_STAGES:
-            gpus = options.num_gpus if options.num_gpus is not None else DEFAULT_GPU_FRACTIONS[stage]
-            actor["num_gpus"] = gpus if self.uses_gpu() else 0
-        actor["num_cpus"] = options.num_cpus if options.num_cpus is not None else DEFAULT_NUM_CPUS[stage]
-        result: dict[str, Any] = {"ray_actor_options": actor}
-        for name in ("num_replicas", "autoscaling_config", "max_ongoing_requests", "max_queued_requests",
-                     "health_check_period_s", "graceful_shutdown_timeout_s"):
-            value = getattr(options, name)
-            if value is not None:
-                result[name] = value
-        user_config = {
-            "prompt_styler": self.styler_user_config,
-            "ingress": self.ingress_user_config,
-        }.get(stage, lambda: options.user_config)()
-        if user_config:
-            result["user_config"] = user_config
-        return result
-
-    def ingress_user_config(self) -> dict[str, Any]:
-        """API limits and key hashes travel as live config: keys rotate without a restart."""
-        limits = self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + hash_keys(self.api_keys)})
-        return {"api": limits.model_dump(mode="json"), **self.ingress.user_config}
+    def stage_user_config(self, stage: str) -> dict[str, Any]:
+        """The live config `args` give a stage, before its own defaults fill the rest."""
+        derived: dict[str, Any] = {}
+        if stage == "prompt_styler":
+            derived = {"default_style": self.default_style, "replace_styles": self.replace_styles,
+                       "styles": self.styles or {}}
+        elif stage == "denoiser":
+            derived = {"scheduling": self.denoiser_scheduling}
+        elif stage == "ingress":
+            limits = self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + hash_keys(self.api_keys)})
+            derived = {"api": limits.model_dump(mode="json")}
+        return deep_merge(derived, getattr(self, stage).user_config)

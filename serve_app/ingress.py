@@ -1,34 +1,29 @@
 """The Ingress deployment: HTTP routes (OpenAI's images API) and the Python handle API.
 
-It validates, fans a request out into `n` images (image i uses seed + i), drives each image through
-the stages by deployment handle, and encodes the results. Every failure leaves as one error shape.
+It authenticates, parses and validates; the request's plan and its run through the stages are
+`serve_app.pipeline`'s. Every failure leaves as one error shape.
 """
-
 
 import asyncio
 import hashlib
 import hmac
 import json
 import logging
-import secrets
 import time
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from PIL import Image
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from deployments.core.contracts import DenoiseJob
-from deployments.core.image_sizes import fit_upload, fitted_size, size_problem
+from deployments.stage_base import deep_merge
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, bad_request, error_response, from_validation_error
-from serve_app.image_io import decode_upload, encode_output, json_with_base64_images
+from serve_app.image_io import decode_upload, json_with_base64_images
+from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
 from serve_app.protocol import (
-    GeneratedImage,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageObject,
@@ -36,12 +31,10 @@ from serve_app.protocol import (
     ImageRequest,
     ImageResult,
     ImagesResponse,
-    Timings,
 )
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_SIZE = (1024, 1024)
 PUBLIC_PATHS = ("/health/live", "/health/ready", "/docs", "/openapi.json")
 
 app = FastAPI(
@@ -69,23 +62,12 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(api_error_for(exc))
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """A validated request, ready to run."""
+class IngressConfig(BaseModel):
+    """The Ingress's live config: the API's limits and accepted key digests."""
 
-    prompt: str
-    n: int
-    width: int
-    height: int
-    steps: int
-    seed: int
-    style: str | None
-    guidance_scale: float
-    negative_prompt: str
-    output_format: str
-    output_compression: int | None
-    init_image: Image.Image | None = None
-    strength: float = 1.0
+    model_config = ConfigDict(extra="forbid")
+
+    api: ApiLimits = Field(default_factory=ApiLimits)
 
 
 def _json_schema_body(model) -> dict:
@@ -99,15 +81,19 @@ def _multipart_schema_body() -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=512)
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool):
+    config_model = IngressConfig
+
+    def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
+                 base_config: dict | None = None):
         self.styler = styler
-        self.text_encoder = text_encoder
-        self.denoiser = denoiser
-        self.vae = vae
-        self.limits = ApiLimits().with_env_keys()
+        self.stages = [("PromptStyler", styler), ("TextEncoder", text_encoder), ("Denoiser", denoiser),
+                       ("VaeDecoder", vae)]
+        self.pipeline = ImagePipeline(styler, text_encoder, denoiser, vae, random_weights)
+        self.base_config = dict(base_config or {})
+        self.reconfigure({})
         self.model_name = model_name
         self.random_weights = random_weights
         self.inflight = 0
@@ -115,10 +101,10 @@ class Ingress:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
     def reconfigure(self, user_config: dict) -> None:
-        unknown = set(user_config) - {"api"}
-        if unknown:
-            raise ValueError(f"Ingress: unknown user_config keys: {', '.join(sorted(unknown))}")
-        self.limits = ApiLimits(**user_config.get("api", {})).with_env_keys()
+        """`user_config` over the bound `base_config` (see deployments.stage_base): an override of
+        one limit keeps the others and the key digests that `args` gave."""
+        config = IngressConfig.model_validate(deep_merge(self.base_config, user_config))
+        self.limits = config.api.with_env_keys()
 
     # ---- the Python handle API -----------------------------------------------------------------
 
@@ -140,7 +126,7 @@ class Ingress:
             parsed = options.model_validate(fields)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        return await self._admit_and_run(self._plan(parsed, init))
+        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name))
 
     # ---- HTTP routes ---------------------------------------------------------------------------
 
@@ -157,7 +143,7 @@ class Ingress:
             if not isinstance(data, dict):
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
-            result = await self._admit_and_run(self._plan(parsed, None))
+            result = await self._admit_and_run(plan_request(parsed, None, self.limits, self.model_name))
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -180,7 +166,7 @@ class Ingress:
                 await form.close()
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            result = await self._admit_and_run(self._plan(parsed, init))
+            result = await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name))
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -212,10 +198,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        stages = {"PromptStyler": self.styler, "TextEncoder": self.text_encoder, "Denoiser": self.denoiser,
-                  "VaeDecoder": self.vae}
         states = {}
-        for name, handle in stages.items():
+        for name, handle in self.stages:
             try:
                 states[name] = bool(await asyncio.wait_for(handle.ready.remote(), timeout=5.0))
             except Exception:
@@ -280,99 +264,16 @@ class Ingress:
         data = await images[0].read(self.limits.max_upload_bytes + 1)
         return fields, data
 
-    def _plan(self, req: ImageOptions, init: Image.Image | None) -> _Plan:
-        limits = self.limits
-        if req.model is not None and req.model not in (limits.served_model_name, self.model_name):
-            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
-                                f"'{limits.served_model_name}'.", param="model", code="model_not_found")
-        if req.response_format == "url":
-            raise bad_request("response_format 'url' is not supported; use 'b64_json'.", param="response_format",
-                              code="unsupported_value")
-        n = req.n or 1
-        if n > limits.max_images_per_request:
-            raise bad_request(f"n must be at most {limits.max_images_per_request}.", param="n")
-        steps = req.num_inference_steps or limits.default_steps
-        if not limits.min_steps <= steps <= limits.max_steps:
-            raise bad_request(f"num_inference_steps must be within {limits.min_steps}..{limits.max_steps}.",
-                              param="num_inference_steps")
-        if req.size in (None, "auto"):
-            width, height = fitted_size(*init.size) if init is not None else DEFAULT_SIZE
-        else:
-            width, height = (int(v) for v in req.size.split("x"))
-        problem = size_problem(width, height, limits.max_pixels)
-        if problem:
-            raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
-        return _Plan(
-            prompt=req.prompt, n=n, width=width, height=height, steps=steps, seed=seed, style=req.style,
-            guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt or "",
-            output_format=req.output_format or "png", output_compression=req.output_compression,
-            init_image=fit_upload(init, (width, height)) if init is not None else None,
-            strength=getattr(req, "strength", 1.0),
-        )
-
-    async def _admit_and_run(self, plan: _Plan) -> ImageResult:
+    async def _admit_and_run(self, plan: RequestPlan) -> ImageResult:
         if self.inflight >= self.limits.max_inflight_requests:
             raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
         self.inflight += 1
         try:
-            return await asyncio.wait_for(self._run(plan), timeout=self.limits.request_timeout_s)
+            return await asyncio.wait_for(self.pipeline.run(plan), timeout=self.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(503, "The request did not finish in time; retry shortly.", code="timeout") from None
         finally:
             self.inflight -= 1
-
-    async def _run(self, plan: _Plan) -> ImageResult:
-        started = time.perf_counter()
-        styled = await self.styler.style.remote(plan.prompt, plan.style)
-        styled_at = time.perf_counter()
-        guided = plan.guidance_scale > 0
-        caption_call = self.text_encoder.encode.remote(styled.text)
-        negative_call = self.text_encoder.encode.remote(plan.negative_prompt) if guided else None
-        posterior_call = self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None
-        caption = await caption_call
-        negative = await negative_call if negative_call is not None else None
-        encoded_at = time.perf_counter()
-        posterior = await posterior_call if posterior_call is not None else None
-        image_encoded_at = time.perf_counter()
-
-        async def one_image(index: int) -> tuple[GeneratedImage, float, float, float]:
-            job = DenoiseJob(
-                caption=caption.embedding, width=plan.width, height=plan.height, steps=plan.steps,
-                seed=plan.seed + index, guidance_scale=plan.guidance_scale,
-                negative_caption=negative.embedding if negative is not None else None,
-                init_posterior=posterior, strength=plan.strength if posterior is not None else 1.0,
-            )
-            t0 = time.perf_counter()
-            latents = await self.denoiser.denoise.remote(job)
-            t1 = time.perf_counter()
-            decoded = await self.vae.decode.remote(latents)
-            t2 = time.perf_counter()
-            data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
-            t3 = time.perf_counter()
-            image = GeneratedImage(data=data, format=plan.output_format, seed=job.seed, width=plan.width,
-                                   height=plan.height, revised_prompt=styled.text)
-            return image, t1 - t0, t2 - t1, t3 - t2
-
-        outcomes = await asyncio.gather(*(one_image(i) for i in range(plan.n)))
-        total = time.perf_counter() - started
-        ms = 1000.0
-        denoise = sum(o[1] for o in outcomes) * ms
-        decode = sum(o[2] for o in outcomes) * ms
-        output = sum(o[3] for o in outcomes) * ms
-        timings = Timings(
-            total_ms=round(total * ms, 2),
-            style_ms=round((styled_at - started) * ms, 2),
-            encode_ms=round((encoded_at - styled_at) * ms, 2),
-            image_encode_ms=round((image_encoded_at - encoded_at) * ms, 2),
-            denoise_ms=round(denoise, 2),
-            decode_ms=round(decode, 2),
-            output_encode_ms=round(output, 2),
-        )
-        return ImageResult(
-            images=[o[0] for o in outcomes], timings=timings, random_weights=self.random_weights,
-            prompt_truncated=caption.truncated,
-        )
 
     async def _respond(self, result: ImageResult, req: ImageOptions) -> Response:
         """The OpenAI images response; base64 and JSON encoding (megabytes) run off the event loop."""

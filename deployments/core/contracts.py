@@ -6,7 +6,7 @@ Keeping them in one module lets a reader see the whole request path's data at a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,8 @@ class CaptionEmbedding:
     truncated: bool
     """True when the prompt was longer than the token cap and its tail was dropped."""
     dropped_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Milliseconds this caption spent in the text encoder, by name (see `Latents.timings`)."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,26 @@ class LatentPosterior:
     std: torch.Tensor  # [1, C, h, w]
     shift_factor: float
     scaling_factor: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """Milliseconds the upload spent in the VAE encoder."""
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         eps = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
         x = self.mean + self.std * eps
         return (x - self.shift_factor) * self.scaling_factor
+
+
+@dataclass(frozen=True)
+class DenoiseRequest:
+    """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
+    upload posterior) travel beside it as separate arguments, so a request's images share one copy."""
+
+    width: int
+    height: int
+    steps: int
+    seed: int
+    guidance_scale: float = 0.0
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,9 @@ class Latents:
     width: int
     height: int
     steps_run: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Milliseconds per stage so far (text encoder, Denoiser): each stage adds its own and passes them on."""
+    prompt_truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,4 +106,7 @@ class DecodedImage:
     pixels: torch.Tensor
     width: int
     height: int
+    timings: dict[str, float] = field(default_factory=dict)
+    """The upstream stages' milliseconds (from `Latents`) plus the decoder's own."""
+    prompt_truncated: bool = False
 

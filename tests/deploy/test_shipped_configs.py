@@ -37,19 +37,42 @@ def test_cluster_yaml_matches_the_schema_shipped_with_ray():
     assert any("pip install -e" in cmd for cmd in config["setup_commands"])
 
 
-def test_serve_config_args_validate_and_fit_one_h200():
+def test_serve_config_validates_against_serves_own_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+
+
+def test_serve_config_args_validate_and_gpu_shares_fit_one_h200():
     from serve_app.config import AppArgs
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     args = AppArgs.from_args(app["args"])
     assert (args.model, args.precision) == ("Tongyi-MAI/Z-Image-Turbo", "fp8")
-    fractions = [getattr(args, stage).num_gpus for stage in ("text_encoder", "denoiser", "vae")]
-    assert all(f and f > 0 for f in fractions) and sum(fractions) <= 0.9
-    names = {d["name"] for d in app["deployments"]}
-    assert names == {"Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"}
-    for deployment in app["deployments"]:
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {"Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"}
+    fractions = [deployments[name]["ray_actor_options"]["num_gpus"] for name in ("TextEncoder", "Denoiser", "VaeDecoder")]
+    assert all(f > 0 for f in fractions) and sum(fractions) <= 0.9
+    for deployment in deployments.values():
         assert "autoscaling_config" in deployment, deployment["name"]
+
+
+def test_each_stage_declares_its_own_defaults_and_gets_no_gpu_without_one():
+    """The builder lays `args` over what each stage declares next to its code; with no GPU in use
+    every stage gets 0 GPUs, and every stage is bound to a complete live config."""
+    from deployments.denoiser import Denoiser
+    from serve_app.builder import stage_options
+    from serve_app.config import AppArgs
+
+    assert Denoiser.ray_actor_options["num_gpus"] > 0
+    cpu = AppArgs.from_args({"device": "cpu", "denoiser.ray_actor_options.num_cpus": 3,
+                             "denoiser.user_config.max_batch_size": 2})
+    options, live = stage_options(Denoiser, cpu, "denoiser")
+    assert options["ray_actor_options"] == {"num_cpus": 3, "num_gpus": 0}
+    assert live == options["user_config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.0, "scheduling": "continuous"}
+    gpu = AppArgs.from_args({"device": "cuda"})
+    assert stage_options(Denoiser, gpu, "denoiser")[0]["ray_actor_options"]["num_gpus"] == Denoiser.ray_actor_options["num_gpus"]
 
 
 @pytest.mark.integration
@@ -66,8 +89,10 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         **os.environ,
         "ZIMAGE_CACHE_DIR": str(cache_dir),
         "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's
-        # The file reserves CPUs sized for an H200 node; let this small machine advertise enough of them.
-        "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16}),
+        # The file reserves CPUs and GPU shares sized for an H200 node, and Serve applies a file's
+        # ray_actor_options after the builder: let this machine advertise them as Ray's logical
+        # resources. Placement only: the replicas see no CUDA device and run on the CPU (device=cpu).
+        "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 16, "GPU": 1}),
         "PYTHONUNBUFFERED": "1",
     }
     log = open(tmp_path / "serve.log", "w")
@@ -99,3 +124,11 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
         log.close()
+
+
+def test_protocol_imports_with_pydantic_alone():
+    """A client builds an ImageRequest without the server installed: no ray, torch or diffusers."""
+    code = ("import sys, serve_app.protocol as p; p.ImageRequest(prompt='x');"
+            "print(','.join(m for m in ('ray', 'torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -65,24 +65,24 @@ class ServedApp:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING" and self._denoiser_knobs_applied(deployments or []):
+            if status is not None and status.status == "RUNNING" and self._denoiser_config_applied(deployments or []):
                 return
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"deploy failed: {status.message}")
             time.sleep(0.5)
         raise TimeoutError(f"{APP_NAME} not running after {timeout_s}s")
 
-    def _denoiser_knobs_applied(self, deployments: list[dict]) -> bool:
+    def _denoiser_config_applied(self, deployments: list[dict]) -> bool:
         """RUNNING can still describe the previous config for a moment after a redeploy."""
         wanted = self.args["denoiser"]["user_config"]
         for item in deployments:
             if item["name"] == "Denoiser":
                 wanted = item.get("user_config", wanted)
         try:
-            knobs = self.stats("Denoiser")["knobs"]
+            config = self.stats("Denoiser")["config"]
         except Exception:
             return False
-        return all(knobs.get(k) == v for k, v in wanted.items())
+        return all(config.get(k) == v for k, v in wanted.items())
 
     def stats(self, deployment: str) -> dict:
         from ray import serve

@@ -74,7 +74,7 @@ def test_user_config_changes_the_batch_size_without_a_restart(served, http):
     try:
         served.deploy([{"name": "Denoiser", "user_config": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}}])
         after = served.stats("Denoiser")
-        assert after["knobs"]["max_batch_size"] == 1
+        assert after["config"]["max_batch_size"] == 1
         assert after["load_seconds"] == before["load_seconds"] and after["pid"] == before["pid"]
         served.reset_stats()
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
@@ -82,7 +82,7 @@ def test_user_config_changes_the_batch_size_without_a_restart(served, http):
         assert set(served.stats("Denoiser")["methods"]["step"]["batch_sizes"]) == {1}
     finally:
         served.deploy()
-    assert served.stats("Denoiser")["knobs"]["max_batch_size"] == 8
+    assert served.stats("Denoiser")["config"]["max_batch_size"] == 8
 
 
 def _image_steps(stats: dict) -> int:

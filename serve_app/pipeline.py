@@ -1,0 +1,128 @@
+"""The request path as plain asyncio: plan a request, then drive it through the four stages.
+
+    style -> encode prompt (and negative) -> [encode upload] -> denoise each image -> decode -> encode output
+
+`ImagePipeline` takes the stages' deployment handles (in production Ray Serve `DeploymentHandle`s;
+in tests, in-process stand-ins with the same `handle.method.remote(...)` shape), so it is tested
+without HTTP or Serve. Stage outputs go straight to the next stage: the caption embedding, the
+negative one and the upload's posterior are handed to every Denoiser call as the text encoder's and
+VAE's responses, and each Denoiser response to the VaeDecoder, so tensors never pass through here
+and a request's images share one copy of what they have in common.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from deployments.core.contracts import DecodedImage, DenoiseRequest
+from deployments.core.image_sizes import fit_upload, fitted_size, size_problem
+from serve_app.config import ApiLimits
+from serve_app.errors import ApiError, bad_request
+from serve_app.image_io import encode_output
+from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, Timings
+
+DEFAULT_SIZE = (1024, 1024)
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """A validated request, ready to run."""
+
+    prompt: str
+    n: int
+    width: int
+    height: int
+    steps: int
+    seed: int
+    style: str | None
+    guidance_scale: float
+    negative_prompt: str
+    output_format: str
+    output_compression: int | None
+    init_image: Image.Image | None = None
+    strength: float = 1.0
+
+
+def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str) -> RequestPlan:
+    """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`."""
+    if req.model is not None and req.model not in (limits.served_model_name, model_name):
+        raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
+                            f"'{limits.served_model_name}'.", param="model", code="model_not_found")
+    if req.response_format == "url":
+        raise bad_request("response_format 'url' is not supported; use 'b64_json'.", param="response_format",
+                          code="unsupported_value")
+    n = req.n or 1
+    if n > limits.max_images_per_request:
+        raise bad_request(f"n must be at most {limits.max_images_per_request}.", param="n")
+    steps = req.num_inference_steps or limits.default_steps
+    if not limits.min_steps <= steps <= limits.max_steps:
+        raise bad_request(f"num_inference_steps must be within {limits.min_steps}..{limits.max_steps}.",
+                          param="num_inference_steps")
+    if req.size in (None, "auto"):
+        width, height = fitted_size(*init.size) if init is not None else DEFAULT_SIZE
+    else:
+        width, height = (int(v) for v in req.size.split("x"))
+    problem = size_problem(width, height, limits.max_pixels)
+    if problem:
+        raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
+    seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    return RequestPlan(
+        prompt=req.prompt, n=n, width=width, height=height, steps=steps, seed=seed, style=req.style,
+        guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt or "",
+        output_format=req.output_format or "png", output_compression=req.output_compression,
+        init_image=fit_upload(init, (width, height)) if init is not None else None,
+        strength=getattr(req, "strength", 1.0),
+    )
+
+
+class ImagePipeline:
+    def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False):
+        self.styler = styler
+        self.text_encoder = text_encoder
+        self.denoiser = denoiser
+        self.vae = vae
+        self.random_weights = random_weights
+
+    async def run(self, plan: RequestPlan) -> ImageResult:
+        started = time.perf_counter()
+        styled = await self.styler.style.remote(plan.prompt, plan.style)
+        style_ms = (time.perf_counter() - started) * 1000
+        caption = self.text_encoder.encode.remote(styled.text)
+        guided = plan.guidance_scale > 0
+        negative = self.text_encoder.encode.remote(plan.negative_prompt) if guided else None
+        posterior = self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None
+
+        async def one_image(index: int) -> tuple[GeneratedImage, DecodedImage, float]:
+            request = DenoiseRequest(
+                width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
+                guidance_scale=plan.guidance_scale, strength=plan.strength if posterior is not None else 1.0,
+            )
+            latents = self.denoiser.denoise.remote(request, caption, negative, posterior)
+            decoded: DecodedImage = await self.vae.decode.remote(latents)
+            start = time.perf_counter()
+            data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
+            image = GeneratedImage(data=data, format=plan.output_format, seed=request.seed, width=plan.width,
+                                   height=plan.height, revised_prompt=styled.text)
+            return image, decoded, (time.perf_counter() - start) * 1000
+
+        outcomes = await asyncio.gather(*(one_image(i) for i in range(plan.n)))
+        stage_ms = [decoded.timings for _, decoded, _ in outcomes]
+        timings = Timings(
+            total_ms=round((time.perf_counter() - started) * 1000, 2),
+            style_ms=round(style_ms, 2),
+            encode_ms=stage_ms[0].get("encode_ms", 0.0),
+            image_encode_ms=stage_ms[0].get("image_encode_ms", 0.0),
+            denoise_ms=round(sum(t.get("denoise_ms", 0.0) for t in stage_ms), 2),
+            decode_ms=round(sum(t.get("decode_ms", 0.0) for t in stage_ms), 2),
+            output_encode_ms=round(sum(o[2] for o in outcomes), 2),
+        )
+        return ImageResult(
+            images=[image for image, _, _ in outcomes], timings=timings, random_weights=self.random_weights,
+            prompt_truncated=outcomes[0][1].prompt_truncated,
+        )
