@@ -353,7 +353,7 @@ def test_cli_writes_json(tmp_path, capsys):
     assert "images/s" in printed and "server timings" not in printed
 
 
-@pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen.py"]])
+@pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen"]])
 def test_both_entry_points_start(how):
     result = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
