@@ -358,3 +358,17 @@ def test_both_entry_points_start(how):
     result = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--concurrency" in result.stdout and "--size-mix" in result.stdout
+
+
+def test_package_modules_and_re_exports():
+    """Each module says its job, and the package re-exports what benchmarks/serve_bench.py imports."""
+    import importlib
+
+    import benchmarks.loadgen as loadgen
+
+    modules = {name: importlib.import_module(f"benchmarks.loadgen.{name}") for name in ("config", "client", "report", "cli")}
+    assert all(module.__doc__ for module in modules.values())
+    assert loadgen.LoadConfig is modules["config"].LoadConfig
+    assert loadgen.load_prompts is modules["config"].load_prompts
+    assert loadgen.parse_size_mix is modules["config"].parse_size_mix
+    assert loadgen.run_load is modules["client"].run_load
