@@ -13,10 +13,9 @@ from benchmarks.harness import Bench, rel_err
 
 
 def cpu_args(tmp_path, **overrides) -> argparse.Namespace:
-    values = dict(device="cpu", model="tiny", repeats=3, quick=True, compile_backend=None, budget_s=60.0,
-                  json=str(tmp_path / "bench.json"))
-    values.update(overrides)
-    return argparse.Namespace(**values)
+    values = {"device": "cpu", "model": "tiny", "repeats": 3, "quick": True, "compile_backend": None,
+              "budget_s": 60.0, "json": str(tmp_path / "bench.json")}
+    return argparse.Namespace(**(values | overrides))
 
 
 def test_rel_err():

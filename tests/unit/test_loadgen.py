@@ -364,7 +364,7 @@ def test_package_modules_and_re_exports():
     """Each module says its job, and the package re-exports what benchmarks/serve_bench.py imports."""
     import importlib
 
-    import benchmarks.loadgen as loadgen
+    from benchmarks import loadgen
 
     modules = {name: importlib.import_module(f"benchmarks.loadgen.{name}") for name in ("config", "client", "report", "cli")}
     assert all(module.__doc__ for module in modules.values())
