@@ -42,8 +42,10 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.bench_stages import cuda_time_ms, make_prompt, rel_err  # noqa: E402
+from benchmarks.harness import cuda_time_ms, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
+from benchmarks.stages.dit import dit_step_inputs  # noqa: E402
+from benchmarks.stages.text_encoder import make_prompt  # noqa: E402
 from deployments.core import compile_cache, text_encoder_compile, vae_compile, loading  # noqa: E402
 from deployments.core.dit import optimize  # noqa: E402
 from deployments.core.denoising import latent_shape  # noqa: E402
@@ -159,11 +161,7 @@ class Run:
         torch.cuda.empty_cache()
 
     def step_inputs(self, cfg: Any) -> tuple:
-        g = torch.Generator("cpu").manual_seed(self.args.size)
-        latents = torch.randn(latent_shape(cfg.in_channels, self.args.size, self.args.size), generator=g)
-        caption = torch.randn(self.args.caption_tokens, cfg.cap_feat_dim, generator=torch.Generator("cpu").manual_seed(0))
-        t = torch.tensor([0.5], device=self.device)
-        return ([latents.to(self.device, self.dtype).unsqueeze(2)[0]], t, [caption.to(self.device, self.dtype)])
+        return dit_step_inputs(cfg, self.args.size, self.args.caption_tokens, self.device, self.dtype)
 
     # ---- DiT
 

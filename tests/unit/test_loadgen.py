@@ -353,8 +353,22 @@ def test_cli_writes_json(tmp_path, capsys):
     assert "images/s" in printed and "server timings" not in printed
 
 
-@pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen.py"]])
+@pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen"]])
 def test_both_entry_points_start(how):
     result = subprocess.run([sys.executable, *how, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "--concurrency" in result.stdout and "--size-mix" in result.stdout
+
+
+def test_package_modules_and_re_exports():
+    """Each module says its job, and the package re-exports what benchmarks/serve_bench.py imports."""
+    import importlib
+
+    from benchmarks import loadgen
+
+    modules = {name: importlib.import_module(f"benchmarks.loadgen.{name}") for name in ("config", "client", "report", "cli")}
+    assert all(module.__doc__ for module in modules.values())
+    assert loadgen.LoadConfig is modules["config"].LoadConfig
+    assert loadgen.load_prompts is modules["config"].load_prompts
+    assert loadgen.parse_size_mix is modules["config"].parse_size_mix
+    assert loadgen.run_load is modules["client"].run_load

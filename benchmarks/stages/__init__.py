@@ -1,0 +1,1 @@
+"""One module per thing `benchmarks/bench_stages.py` measures; each section takes a `Bench`."""
