@@ -15,7 +15,6 @@ Needs no GPU and no Ray.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import os
@@ -40,21 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_info import commit
+from benchmarks.run_info import commit  # noqa: E402
+from serve_app import image_io  # noqa: E402  (pydantic, numpy, torch, PIL: no Ray)
 
 
-def _import_image_io() -> Any:
-    """`serve_app.image_io` without running `serve_app/__init__.py`, which builds the Ray application
-    (and so imports Ray): the package is registered unexecuted, its submodules import as usual."""
-    package_dir = ROOT / "serve_app"
-    spec = importlib.util.spec_from_file_location(
-        "serve_app", package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-    )
-    sys.modules.setdefault("serve_app", importlib.util.module_from_spec(spec))
-    return importlib.import_module("serve_app.image_io")
-
-
-image_io = _import_image_io()
 QUALITY = image_io.DEFAULT_LOSSY_QUALITY
 PNG_LEVEL = image_io.PNG_COMPRESS_LEVEL
 
