@@ -3,7 +3,7 @@ again warm; and start-up, from deploy to ready, with each stage's start split in
 compile and warm-up (`stats()["start_phases"]`), for a cold compile cache and then a warm one.
 
     python benchmarks/cold_path_bench.py --json cold_path.json                       # H200, model=random
-    python benchmarks/cold_path_bench.py --model tiny --device cpu --cpus 16 --sizes 512x512,1024x1024 --steps 2
+    python benchmarks/cold_path_bench.py --model tiny --device cpu --cpus 16 --gpus 1 --sizes 512x512,1024x1024 --steps 2
 
 The app is serve_config.yaml with model and device changed (benchmarks/serve_bench.py's app_config).
 Start 1 uses a fresh ZIMAGE_CACHE_DIR (cold: nothing compiled or cached), start 2 the same directory
@@ -71,7 +71,7 @@ def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None
     from ray import serve
 
     started = time.perf_counter()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     ray_s = time.perf_counter() - started
     try:
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
+    parser.add_argument("--gpus", type=int, default=None, help="Ray's GPUs (default: detected; on a CPU smoke run, "
+                        "1 lets the file's GPU shares place while the replicas run on the CPU)")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZE_PRESETS))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cache-dir", default=None, help="ZIMAGE_CACHE_DIR; default: a fresh directory (cold)")
