@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.serve_bench import STAGES, Recorder, app_config, deploy, stage_stats  # noqa: E402
+from benchmarks.serve_bench import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
 from deployments.core.image_sizes import SIZE_PRESETS  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -67,14 +67,9 @@ def upload_png() -> bytes:
 
 
 def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None:
-    import ray
-    from ray import serve
-
     started = time.perf_counter()
-    ray.init(num_cpus=args.cpus, num_gpus=args.gpus, include_dashboard=False, log_to_driver=args.verbose)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    ray_s = time.perf_counter() - started
-    try:
+    with local_serve(args, args.gpus) as url:
+        ray_s = time.perf_counter() - started
         ready_s = deploy(app_config(args))
         stages = {name: stage_stats(name) for name in STAGES}
         start = {"ray_start_s": round(ray_s, 2), "deploy_to_ready_s": round(ready_s, 2),
@@ -85,7 +80,7 @@ def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None
             print(f"  {name:<12} " + "  ".join(f"{k} {v:7.2f}" for k, v in (phases or {}).items()))
         if with_requests:
             upload = upload_png()
-            with httpx.Client(base_url=f"http://127.0.0.1:{args.port}", timeout=900) as client:
+            with httpx.Client(base_url=url, timeout=900) as client:
                 print("first requests:")
                 first = request_pass(client, args.sizes, args.steps, upload)
                 print("warm requests:")
@@ -98,19 +93,11 @@ def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None
                 flag = "" if row["ratio"] <= TARGET_RATIO else f"  over {TARGET_RATIO}x"
                 print(f"{row['size']:<16} {row['first_ms']:>10.1f} {row['warm_ms']:>10.1f} {row['ratio']:>7.2f}{flag}")
             recorder.put("over_target", [r["size"] for r in rows if r["ratio"] > TARGET_RATIO])
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="serve_config.yaml")
-    parser.add_argument("--model", default="random")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
+    add_app_options(parser)
     parser.add_argument("--gpus", type=int, default=None, help="Ray's GPUs (default: detected; on a CPU smoke run, "
                         "1 lets the file's GPU shares place while the replicas run on the CPU)")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZE_PRESETS))

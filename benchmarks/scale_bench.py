@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-
-import sys
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.serve_bench import APP, Recorder, app_config, deploy  # noqa: E402
+from benchmarks.serve_bench import APP, Recorder, add_app_options, app_config, deploy, local_serve  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder")
 
@@ -82,18 +81,13 @@ def time_to_90(series: list[dict]) -> tuple[float, float | None]:
 
 
 def one_run(args, gpus: int, recorder: Recorder, prompts: list[str]) -> float:
-    import ray
-    from ray import serve
-
-    ray.init(num_gpus=gpus, num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    try:
+    with local_serve(args, gpus) as url:
         ready_s = deploy(app_config(args))
         print(f"\n{gpus} GPU(s): ready in {ready_s:.1f} s; {args.clients} clients from t=0 for {args.duration:.0f} s",
               flush=True)
         sampler = ReplicaSampler(args.sample_s)
         sampler.start()
-        config = LoadConfig(url=f"http://127.0.0.1:{args.port}", concurrency=args.clients, duration_s=args.duration,
+        config = LoadConfig(url=url, concurrency=args.clients, duration_s=args.duration,
                             size_mix=parse_size_mix(args.size), steps=args.steps, prompts=prompts,
                             label=f"scale {gpus} gpu", timeout_s=600)
         report = asyncio.run(run_load(config))
@@ -113,20 +107,12 @@ def one_run(args, gpus: int, recorder: Recorder, prompts: list[str]) -> float:
                                       "steady_images_per_s": round(steady, 3), "time_to_90_s": reached,
                                       "load": data})
         return steady
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="serve_config.yaml")
-    parser.add_argument("--model", default="random")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
-    parser.add_argument("--port", type=int, default=8000)
+    add_app_options(parser)
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run, one after another")
-    parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--window", type=float, default=10.0)
