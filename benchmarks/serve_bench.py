@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -128,11 +130,26 @@ def batch_summary() -> dict:
     return summary
 
 
+@contextlib.contextmanager
+def local_serve(args, num_gpus: int | None = None) -> Iterator[str]:
+    """A fresh Ray instance (`num_gpus`: detected when None) with Serve on 127.0.0.1; yields its URL."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=args.cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=args.verbose)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    try:
+        yield f"http://127.0.0.1:{args.port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
     import ray
     from ray import serve
 
-    ray.init(include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
     config = app_config(args)
@@ -225,13 +242,19 @@ def summarize(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_app_options(parser: argparse.ArgumentParser) -> None:
+    """The options `app_config` reads: which config file, model, device, extra args and port."""
     parser.add_argument("--config", default="serve_config.yaml")
     parser.add_argument("--model", default="random")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--set", action="append", help="extra app arg, key=value (YAML value)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_app_options(parser)
     parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from itertools import chain
 
 import torch
 from ray import serve
@@ -11,6 +12,7 @@ from ray import serve
 from deployments.core import loading
 from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
 from deployments.core.denoising import DenoiseLoop
+from deployments.core.pending_work import PendingWork, measure
 from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase, StageConfig
@@ -27,7 +29,9 @@ class DenoiserConfig(StageConfig):
 @serve.deployment(
     name="Denoiser",
     # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22 GB reserved); 0 where no GPU is in use.
-    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.5},
+    # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
+    # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
+    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
     max_ongoing_requests=32,
     max_queued_requests=256,
     graceful_shutdown_timeout_s=60,
@@ -40,7 +44,8 @@ class Denoiser(StageBase):
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         start = time.perf_counter()
-        transformer = loading.load_transformer(source, device, dtype)
+        with self.start_phases.phase("load"):
+            transformer = loading.load_transformer(source, device, dtype)
         self.warmup_seconds: dict[str, float] = {}
         if device.type == "cuda":
             transformer = self.gpu_lane.run_blocking(self._optimize, transformer)  # warm the serving thread
@@ -52,6 +57,7 @@ class Denoiser(StageBase):
         )
         self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane)
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
+        self.unbatched_jobs: list[DenoiseJob] = []  # in flight under the `batch` or `single` policy
         self.load_seconds = time.perf_counter() - start
         logger.info(
             "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s batch_invariant=%s",
@@ -66,16 +72,18 @@ class Denoiser(StageBase):
         from deployments.core.dit.optimize import optimize_transformer
         from deployments.core.dit.warmup import warm_for_serving
 
-        transformer = optimize_transformer(
-            transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
-            attention=self.settings.attention,
-        )
-        torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
+        with self.start_phases.phase("quantize"):  # RoPE, fusion, FP8; compile wraps the blocks (and loads its cache)
+            transformer = optimize_transformer(
+                transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
+                attention=self.settings.attention,
+            )
+            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             sizes = self.settings.warmup_pixels()
-            self.warmup_seconds = warm_for_serving(
-                transformer, sizes, self.config.max_batch_size, self.settings.max_prompt_tokens
-            )
+            with self.start_phases.phase("warmup"):
+                self.warmup_seconds = warm_for_serving(
+                    transformer, sizes, self.config.max_batch_size, self.settings.max_prompt_tokens
+                )
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
@@ -110,16 +118,31 @@ class Denoiser(StageBase):
     async def _run(self, job: DenoiseJob) -> Latents:
         if self.config.scheduling == "continuous":
             return await self.batcher.submit(job)
-        if self.config.scheduling == "batch":
-            return await self.grouped.submit(job)
-        results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
-        if isinstance(results[0], Exception):
-            raise results[0]
-        return results[0]
+        self.unbatched_jobs.append(job)
+        try:
+            if self.config.scheduling == "batch":
+                return await self.grouped.submit(job)
+            results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
+            if isinstance(results[0], Exception):
+                raise results[0]
+            return results[0]
+        finally:
+            self.unbatched_jobs.remove(job)
+
+    def pending_work(self) -> PendingWork:
+        """The images waiting for this replica's GPU and the steps they have left (jobs under the
+        `batch` and `single` policies count as queued: their progress is not tracked)."""
+        return measure(chain(self.batcher.queued_jobs(), self.unbatched_jobs), self.batcher.running_jobs())
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve's custom-metrics hook, read by deployments.autoscaling.QueuedWorkPolicy. Async, so it
+        runs on the replica's event loop, where the queues change."""
+        return self.pending_work().as_metrics()
 
     def stats(self) -> dict:
         data = super().stats()
         data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled,
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
+                    pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant)
         return data

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.core.batching import DynamicBatcher
 from deployments.core.gpu_lane import GpuLane
+from deployments.core.start_phases import StartPhases
 
 BATCH_HISTORY = 1000
 
@@ -86,6 +87,7 @@ class StageBase:
         self.config = self.config_model.model_validate(self.base_config)
         self.gpu_lane = GpuLane(name)  # one model call at a time per replica, all on one thread
         self.batchers: dict[str, DynamicBatcher] = {}
+        self.start_phases = StartPhases()  # each stage times its own start: load, quantize, compile, warm-up
 
     def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
         """Batches calls to `fn` (blocking, list in, list out), run off the event loop and recorded."""
@@ -137,6 +139,7 @@ class StageBase:
             "stage": self.stage_name,
             "pid": os.getpid(),
             "config": self.config.model_dump(mode="json"),
+            "start_phases": self.start_phases.as_dict(),
             "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
         }
 

@@ -39,7 +39,8 @@ class TextEncoder(StageBase):
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
         self.random_weights = source.random_weights
-        model = loading.load_text_encoder(source, device, dtype)
+        with self.start_phases.phase("load"):
+            model = loading.load_text_encoder(source, device, dtype)
         if device.type == "cuda" and self.settings.text_encoder_compile:
             from deployments.core.compile_cache import configure_compile_cache
             from deployments.core.text_encoder_compile import optimize_text_encoder
@@ -55,7 +56,8 @@ class TextEncoder(StageBase):
             batch_invariant=self.settings.batch_invariant,
         )
         self.encoding = self.add_batcher("encode", self.encoder.encode)
-        graphs = self.gpu_lane.run_blocking(self.encoder.warmup)  # captured on the thread that serves
+        with self.start_phases.phase("warmup"):
+            graphs = self.gpu_lane.run_blocking(self.encoder.warmup)  # captured on the thread that serves
         logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d batch_invariant=%s",
                     source.name, device, dtype, graphs, self.encoder.batch_invariant)
 

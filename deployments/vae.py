@@ -37,7 +37,8 @@ class VaeDecoder(StageBase):
         self._init_stage("VaeDecoder", base_config)
         self.settings = ModelSettings(**settings)
         source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        vae = loading.load_vae(source, device, dtype)
+        with self.start_phases.phase("load"):
+            vae = loading.load_vae(source, device, dtype)
         if device.type == "cuda" and self.settings.vae_compile:
             from deployments.core.vae_compile import optimize_vae
 
@@ -58,24 +59,38 @@ class VaeDecoder(StageBase):
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
 
     def _warmup(self) -> None:
-        """Compiles the decoder before the replica reports ready: static graphs for the configured
-        sizes (and their tiles), then the dynamic graph that every other size uses."""
+        """Compiles the decoder before the replica reports ready, so no accepted size compiles on a
+        request: static graphs for the configured sizes (and their tiles); then the dynamic graph
+        that every other size uses, on untiled sizes at the extremes of the API's range and on a
+        ladder of tile shapes (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts.
+        Uploads are encoded eagerly (see `optimize_vae`), so edits need no warm-up."""
         import torch
 
         from deployments.core.denoising import latent_shape
+        from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE
+        from deployments.core.vae_compile import dynamic_warmup_shapes
 
         def decode(width: int, height: int) -> None:
             z = torch.randn(latent_shape(16, width, height))
             self.codec.decode([Latents(latents=z, width=width, height=height)])
 
         sizes = self.settings.warmup_pixels()
-        with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
-            for width, height in sizes:
-                decode(width, height)
-        width, height = sizes[0] if sizes else (512, 512)
-        while (width, height) in sizes:
-            width += 16
-        decode(width, height)  # a size off the list: compiles the dynamic graph now
+        with self.start_phases.phase("warmup"):
+            with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
+                for width, height in sizes:
+                    decode(width, height)
+            width, height = sizes[0] if sizes else (512, 512)
+            while (width, height) in sizes:
+                width += 16
+            long_side = min(MAX_SIDE, self.codec.tile_above_px // MIN_SIDE)  # the longest untiled image
+            for size in [(width, height), (long_side, MIN_SIDE), (MIN_SIDE, long_side)]:
+                if size not in sizes:
+                    decode(*size)
+            with torch.inference_mode():
+                for h, w in dynamic_warmup_shapes(self.codec.vae.tile_latent_min_size):
+                    channels = self.codec.vae.config.latent_channels
+                    self.codec.vae.decoder(torch.randn(1, channels, h, w, device=self.codec.device,
+                                                       dtype=self.codec.dtype))
 
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""

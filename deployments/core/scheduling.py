@@ -22,6 +22,7 @@ from typing import Literal
 from deployments.core.contracts import DenoiseJob, Latents
 from deployments.core.denoising import DenoiseLoop, DenoiseState
 from deployments.core.gpu_lane import GpuLane
+from deployments.core.pending_work import job_steps
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,15 @@ class ContinuousBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drive())
         return await future  # cancelling this await drops the job at the next step boundary
+
+    def queued_jobs(self) -> list[DenoiseJob]:
+        """Jobs waiting to join the running batch (their callers still there)."""
+        return [e.job for e in list(self.waiting) if not e.future.done()]  # list(): one step, safe from a thread
+
+    def running_jobs(self) -> list[tuple[DenoiseJob, int]]:
+        """(job, steps it has left) for each job in the running batch."""
+        return [(e.job, job_steps(e.job) if e.state is None else e.state.total_steps - e.state.step_index)
+                for entries in list(self.running.values()) for e in list(entries) if not e.future.done()]
 
     def _admit(self) -> list[_Entry]:
         admitted, kept = [], collections.deque()

@@ -1,0 +1,123 @@
+"""No cold path: the first request at each of the 18 size presets and a first edit, against the same
+again warm; and start-up, from deploy to ready, with each stage's start split into load, quantize,
+compile and warm-up (`stats()["start_phases"]`), for a cold compile cache and then a warm one.
+
+    python benchmarks/cold_path_bench.py --json cold_path.json                       # H200, model=random
+    python benchmarks/cold_path_bench.py --model tiny --device cpu --cpus 16 --gpus 1 --sizes 512x512,1024x1024 --steps 2
+
+The app is serve_config.yaml with model and device changed (benchmarks/serve_bench.py's app_config).
+Start 1 uses a fresh ZIMAGE_CACHE_DIR (cold: nothing compiled or cached), start 2 the same directory
+in a fresh Ray instance (warm: what a new replica on a node that served before gets).
+Target: first / warm <= 1.5 at every size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_info import commit  # noqa: E402
+from benchmarks.serve_bench import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
+from deployments.core.image_sizes import SIZE_PRESETS  # noqa: E402
+
+TARGET_RATIO = 1.5
+
+
+def timed_post(client: httpx.Client, path: str, **kwargs) -> tuple[float, httpx.Response]:
+    start = time.perf_counter()
+    response = client.post(path, **kwargs)
+    elapsed_ms = (time.perf_counter() - start) * 1000
+    response.raise_for_status()
+    return elapsed_ms, response
+
+
+def request_pass(client: httpx.Client, sizes: list[str], steps: int, upload: bytes) -> dict[str, float]:
+    """One request at each size, then one edit: milliseconds each, client side."""
+    times = {}
+    for size in sizes:
+        body = {"prompt": "a lighthouse on a rocky coast at dusk", "size": size, "seed": 1,
+                "num_inference_steps": steps}
+        times[size], _ = timed_post(client, "/v1/images/generations", json=body)
+        print(f"  {size:<10} {times[size]:9.1f} ms", flush=True)
+    edit = {"prompt": "the same lighthouse as an oil painting", "size": "1024x1024", "seed": 1,
+            "num_inference_steps": str(steps), "strength": "0.6"}
+    times["edit 1024x1024"], _ = timed_post(client, "/v1/images/edits", data=edit,
+                                            files={"image": ("in.png", upload, "image/png")})
+    print(f"  {'edit':<10} {times['edit 1024x1024']:9.1f} ms", flush=True)
+    return times
+
+
+def upload_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((1024, 1024)).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None:
+    started = time.perf_counter()
+    with local_serve(args, args.gpus) as url:
+        ray_s = time.perf_counter() - started
+        ready_s = deploy(app_config(args))
+        stages = {name: stage_stats(name) for name in STAGES}
+        start = {"ray_start_s": round(ray_s, 2), "deploy_to_ready_s": round(ready_s, 2),
+                 "phases": {name: s.get("start_phases") for name, s in stages.items()}}
+        recorder.put(f"start/{label}", start)
+        print(f"\nstart ({label} cache): ready {ready_s:.1f} s after deploy (Ray {ray_s:.1f} s)")
+        for name, phases in start["phases"].items():
+            print(f"  {name:<12} " + "  ".join(f"{k} {v:7.2f}" for k, v in (phases or {}).items()))
+        if with_requests:
+            upload = upload_png()
+            with httpx.Client(base_url=url, timeout=900) as client:
+                print("first requests:")
+                first = request_pass(client, args.sizes, args.steps, upload)
+                print("warm requests:")
+                warm = request_pass(client, args.sizes, args.steps, upload)
+            rows = [{"size": k, "first_ms": round(first[k], 1), "warm_ms": round(warm[k], 1),
+                     "ratio": round(first[k] / warm[k], 2)} for k in first]
+            recorder.put("requests", rows)
+            print(f"\n{'size':<16} {'first ms':>10} {'warm ms':>10} {'ratio':>7}")
+            for row in rows:
+                flag = "" if row["ratio"] <= TARGET_RATIO else f"  over {TARGET_RATIO}x"
+                print(f"{row['size']:<16} {row['first_ms']:>10.1f} {row['warm_ms']:>10.1f} {row['ratio']:>7.2f}{flag}")
+            recorder.put("over_target", [r["size"] for r in rows if r["ratio"] > TARGET_RATIO])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_app_options(parser)
+    parser.add_argument("--gpus", type=int, default=None, help="Ray's GPUs (default: detected; on a CPU smoke run, "
+                        "1 lets the file's GPU shares place while the replicas run on the CPU)")
+    parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZE_PRESETS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--cache-dir", default=None, help="ZIMAGE_CACHE_DIR; default: a fresh directory (cold)")
+    parser.add_argument("--starts", default="cold,warm", help="which starts to run, in order")
+    parser.add_argument("--verbose", action="store_true", help="show replica logs")
+    parser.add_argument("--json", default="cold_path.json")
+    args = parser.parse_args(argv)
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.one_gpu = False  # app_config's option; the shipped autoscaling stays as it is
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="zimage-cold-")
+    os.environ["ZIMAGE_CACHE_DIR"] = cache_dir  # replicas inherit it from the Ray instance this starts
+    recorder = Recorder(Path(args.json))
+    recorder.put("args", vars(args))
+    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "cache_dir": cache_dir})
+    for index, label in enumerate(s for s in args.starts.split(",") if s):
+        one_start(args, label, recorder, with_requests=index == 0)
+
+
+if __name__ == "__main__":
+    main()

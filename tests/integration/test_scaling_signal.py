@@ -1,0 +1,41 @@
+"""The Denoiser's autoscaling signal on the served app: while images wait, `record_autoscaling_stats`
+(Ray Serve's custom-metrics hook, read by deployments/autoscaling.py) reports them and their steps;
+when they are done it reports nothing waiting. Each stage also reports its start, phase by phase."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+
+from tests.integration.conftest import APP_NAME
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_denoiser_reports_waiting_work_and_its_start_phases(served, http):
+    from ray import serve
+
+    denoiser = serve.get_deployment_handle("Denoiser", APP_NAME)
+    body = {"prompt": "a lighthouse", "size": "512x512", "n": 3, "num_inference_steps": 6, "seed": 3}
+    seen = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        response = pool.submit(http.post, "/v1/images/generations", json=body)
+        deadline = time.monotonic() + 120
+        while not response.done() and time.monotonic() < deadline:
+            seen.append(denoiser.record_autoscaling_stats.remote().result(timeout_s=30))
+            time.sleep(0.05)
+        assert response.result().status_code == 200
+    busy = [s for s in seen if s["queued_images"] + s["running_images"] > 0]
+    assert busy, seen
+    assert all(s["queued_images"] + s["running_images"] <= 3 for s in busy)
+    assert all(s["pending_work"] == pytest.approx(0.25 * (s["queued_steps"] + s["running_steps_left"])) for s in busy)
+    assert max(s["queued_steps"] + s["running_steps_left"] for s in busy) > 0
+    after = denoiser.record_autoscaling_stats.remote().result(timeout_s=30)
+    assert after == {"queued_images": 0, "running_images": 0, "queued_steps": 0, "running_steps_left": 0,
+                     "pending_work": 0.0}
+    stats = served.stats("Denoiser")
+    assert stats["pending_work"] == after
+    assert stats["start_phases"]["load_s"] > 0
+    assert set(stats["start_phases"]) == {"load_s", "quantize_s", "compile_s", "warmup_s"}
