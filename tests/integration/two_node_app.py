@@ -1,0 +1,65 @@
+"""Serves one request on a two-node Ray cluster started on this machine: first with every stage on
+node "a", then with the Denoiser and the VaeDecoder moved to node "b", by custom resources given
+through the app's args, as an operator pins stages.
+
+Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own, apart from the test
+session's Ray instance). Prints one line, "RESULT " and JSON: each layout's PNG (base64) and the
+node each stage ran on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import httpx
+import ray
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+
+ONE_NODE = {"ingress": "node_a", "prompt_styler": "node_a", "text_encoder": "node_a", "denoiser": "node_a", "vae": "node_a"}
+TWO_NODES = {**ONE_NODE, "denoiser": "node_b", "vae": "node_b"}
+NAMES = {"ingress": "Ingress", "prompt_styler": "PromptStyler", "text_encoder": "TextEncoder",
+         "denoiser": "Denoiser", "vae": "VaeDecoder"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(cache_dir: str, request: dict) -> None:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"node_a": 1}})
+    node_b = cluster.add_node(num_cpus=3, resources={"node_b": 1})
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        from serve_app import build_app
+
+        url = f"http://127.0.0.1:{port}/v1/images/generations"
+        result = {}
+        for layout, pins in (("one_node", ONE_NODE), ("two_nodes", TWO_NODES)):
+            args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir}
+            for stage, resource in pins.items():
+                args[stage] = {"ray_actor_options": {"resources": {resource: 0.01}}}
+            serve.run(build_app(args), name="zimage", route_prefix="/")
+            response = httpx.post(url, json=request, timeout=300)
+            response.raise_for_status()
+            nodes = {}
+            for stage, name in NAMES.items():
+                actors = list_actors(filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
+                nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
+            result[layout] = {"b64_json": response.json()["data"][0]["b64_json"], "nodes": nodes}
+        print("RESULT", json.dumps(result))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]))
