@@ -86,6 +86,7 @@ def replica_names(stage: str) -> list[str]:
 
 
 def kill(stage: str) -> str:
+    """Kills the stage's (first) replica actor, as a crash would; returns its name."""
     import ray
 
     name = replica_names(stage)[0]

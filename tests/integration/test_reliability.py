@@ -18,7 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import APP_NAME, ServedApp
+from benchmarks.chaos_bench import kill as kill_replica
+from benchmarks.chaos_bench import replica_names
+from tests.integration.conftest import ServedApp
 
 pytestmark = pytest.mark.integration
 
@@ -71,21 +73,6 @@ def wait_until_ready(served: ServedApp, timeout_s: float = 180) -> None:
             return
         time.sleep(0.3)
     raise TimeoutError("the app did not become ready again")
-
-
-def replica_names(deployment: str) -> list[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP_NAME}#{deployment}#"
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-
-
-def kill_replica(deployment: str) -> str:
-    import ray
-
-    (name,) = replica_names(deployment)
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    return name
 
 
 @pytest.fixture(scope="module")
