@@ -1,8 +1,8 @@
 """Chaos benchmark: kill a stage's replica under closed-loop load and measure what clients see.
 
     python benchmarks/chaos_bench.py --json chaos.json                                  # one H200, model=random
-    python benchmarks/chaos_bench.py --model tiny --device cpu --size 512x512 --steps 2 \\
-        --clients 4 --warmup 10 --after 30 --json /tmp/chaos.json                      # CPU smoke run
+    python benchmarks/chaos_bench.py --model tiny --device cpu --num-cpus 8 --size 512x512 --steps 2 \\
+        --clients 4 --warmup 15 --after 45 --json /tmp/chaos.json                      # CPU smoke run
 
 The app starts from serve_config.yaml (model and device replaced, the killed stage held at one
 replica so that its death is a real outage), `--clients` clients each send seeded requests one after
@@ -64,7 +64,7 @@ def start_app(args) -> float:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     start = time.perf_counter()
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(serve_config(args)))
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--after", type=float, default=120.0, help="seconds of load after the kill")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--startup-timeout", type=float, default=1200.0)
+    parser.add_argument("--num-cpus", type=int, help="Ray's CPU count (serve_config.yaml asks for 5 CPUs)")
     parser.add_argument("--verbose", action="store_true", help="show replica logs")
     parser.add_argument("--json", default="chaos_bench.json")
     args = parser.parse_args(argv)
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    startup_s = start_app(args)
     try:
+        startup_s = start_app(args)
         outcomes, killed_at, replaced_after = asyncio.run(drive(args, f"http://127.0.0.1:{args.port}"))
     finally:
         serve.shutdown()
