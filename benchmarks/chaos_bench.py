@@ -47,11 +47,13 @@ class Outcome:
 
 
 def serve_config(args) -> dict:
-    """serve_config.yaml with the model and device replaced; on one GPU the GPU stages stay at one replica."""
+    """serve_config.yaml with the model and device replaced, the GPU stages and the killed one at one replica."""
     config = yaml.safe_load((ROOT / args.config).read_text())
     app = copy.deepcopy(config["applications"][0])
     app["args"].update(model=args.model, device=args.device)
     for deployment in app["deployments"]:
+        if args.device != "cuda":  # the file's GPU shares would leave the replicas pending on a CPU
+            deployment.get("ray_actor_options", {}).pop("num_gpus", None)
         if deployment["name"] in GPU_STAGES or deployment["name"] == args.kill:
             deployment.pop("autoscaling_config", None)
             deployment["num_replicas"] = 1
