@@ -8,7 +8,7 @@ The app starts from serve_config.yaml (model and device replaced, the killed sta
 replica so that its death is a real outage), `--clients` clients each send seeded requests one after
 another, and after `--warmup` seconds the stage's replica actor is killed (`ray.kill`). Reported:
 lost requests (any non-200; target 0), the stall (the longest gap between two completions, and the
-one that spans the kill), the time until Serve has the replacement RUNNING, and the time until the
+longest one that ends after the kill), the time until Serve has the replacement RUNNING, and the time until the
 first request sent after the kill completes.
 """
 
@@ -132,8 +132,9 @@ async def drive(args, url: str) -> tuple[list[Outcome], float, float | None]:
         print(f"killed {name} at {killed_at:.1f}s", flush=True)
         while time.perf_counter() - began < stop_at:
             await asyncio.sleep(0.25)
-            if await asyncio.to_thread(replica_names, args.kill) != [name] and \
-                    await asyncio.to_thread(running_replicas, args.kill) > 0:
+            names = await asyncio.to_thread(replica_names, args.kill)
+            # a new replica exists and one is RUNNING: the dead one has left the counts by then
+            if any(n != name for n in names) and await asyncio.to_thread(running_replicas, args.kill) > 0:
                 return killed_at, time.perf_counter() - began - killed_at
         return killed_at, None
 
@@ -148,7 +149,7 @@ def summarize(outcomes: list[Outcome], killed_at: float, replaced_after: float |
     done = sorted(o.done for o in outcomes if o.status == 200)
     gaps = [(b - a, a) for a, b in zip(done, done[1:])]
     longest, longest_from = max(gaps, default=(0.0, 0.0))
-    spanning = max((g for g, start in gaps if start <= killed_at <= start + g), default=0.0)
+    after_kill = max((g for g, start in gaps if start + g >= killed_at), default=0.0)
     sent_after = [o.done - killed_at for o in outcomes if o.sent > killed_at and o.status == 200]
     before = [o.done - o.sent for o in outcomes if o.done < killed_at and o.status == 200]
     return {
@@ -159,7 +160,7 @@ def summarize(outcomes: list[Outcome], killed_at: float, replaced_after: float |
         "killed_at_s": round(killed_at, 2),
         "longest_gap_s": round(longest, 2),
         "longest_gap_began_s": round(longest_from, 2),
-        "gap_across_kill_s": round(spanning, 2),
+        "longest_gap_after_kill_s": round(after_kill, 2),
         "replacement_running_after_s": round(replaced_after, 2) if replaced_after is not None else None,
         "first_request_sent_after_kill_done_after_s": round(min(sent_after), 2) if sent_after else None,
         "latency_before_kill_p50_s": round(sorted(before)[len(before) // 2], 3) if before else None,
