@@ -11,6 +11,7 @@ from ray import serve
 
 from deployments.core import loading
 from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
+from deployments.core.deadlines import DeadlineExceeded
 from deployments.core.denoising import DenoiseLoop
 from deployments.core.pending_work import PendingWork, measure
 from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
@@ -34,7 +35,7 @@ class DenoiserConfig(StageConfig):
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
     max_ongoing_requests=32,
     max_queued_requests=256,
-    graceful_shutdown_timeout_s=60,
+    graceful_shutdown_timeout_s=60,  # a replica Serve stops finishes its running jobs first
 )
 class Denoiser(StageBase):
     config_model = DenoiserConfig
@@ -59,6 +60,7 @@ class Denoiser(StageBase):
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.unbatched_jobs: list[DenoiseJob] = []  # in flight under the `batch` or `single` policy
         self.load_seconds = time.perf_counter() - start
+        self.expired = 0  # jobs dropped because their request's deadline passed
         logger.info(
             "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s batch_invariant=%s",
             self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
@@ -108,8 +110,13 @@ class Denoiser(StageBase):
             seed=request.seed, guidance_scale=request.guidance_scale,
             negative_caption=negative.embedding if negative is not None else None,
             init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
+            deadline=request.deadline,
         )
-        latents = await self._run(job)
+        try:
+            latents = await self._run(job)
+        except DeadlineExceeded:
+            self.expired += 1
+            raise
         upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
         timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2)}
         return Latents(latents=latents.latents, width=latents.width, height=latents.height,
@@ -141,7 +148,7 @@ class Denoiser(StageBase):
 
     def stats(self) -> dict:
         data = super().stats()
-        data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled,
+        data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled, expired=self.expired,
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant)

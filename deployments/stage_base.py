@@ -38,6 +38,8 @@ class StageConfig(BaseModel):
 
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
+    max_model_call_s: float = Field(300.0, gt=0)
+    """A model call running longer than this fails the replica's health check (a stuck GPU)."""
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
@@ -146,5 +148,8 @@ class StageBase:
     def reset_stats(self) -> None:
         self.stats_by_method.clear()
 
-    def ready(self) -> bool:
-        return True
+    def check_health(self) -> None:
+        """Serve's health hook: fails when the model can no longer serve, so Serve replaces the replica."""
+        problem = self.gpu_lane.health_problem(self.config.max_model_call_s)
+        if problem:
+            raise RuntimeError(f"{self.stage_name}: {problem}")

@@ -30,6 +30,7 @@ class TextEncoderConfig(StageConfig):
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.15},
     max_ongoing_requests=64,
     max_queued_requests=512,
+    graceful_shutdown_timeout_s=30,  # a replica Serve stops finishes its queued prompts first
 )
 class TextEncoder(StageBase):
     config_model = TextEncoderConfig

@@ -29,6 +29,7 @@ class VaeDecoderConfig(StageConfig):
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.2},
     max_ongoing_requests=32,
     max_queued_requests=256,
+    graceful_shutdown_timeout_s=30,  # a replica Serve stops finishes its queued decodes first
 )
 class VaeDecoder(StageBase):
     config_model = VaeDecoderConfig

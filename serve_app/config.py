@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -19,6 +20,9 @@ from deployments.settings import ModelSettings
 from deployments.stage_base import deep_merge
 
 API_KEYS_ENV = "ZIMAGE_API_KEYS"
+API_KEYS_FILE_ENV = "ZIMAGE_API_KEYS_FILE"  # a file on the node: one key per line
+DIGEST_PREFIX = "sha256:"
+DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
 # Ray Serve deployment options a stage's entry in `args` may set, named as in a Serve config file.
 SERVE_OPTION_NAMES = (
@@ -83,8 +87,15 @@ class ApiLimits(BaseModel):
         return self
 
     def with_env_keys(self) -> "ApiLimits":
-        """Keys may also come from the environment of the Ingress replicas (operator concern)."""
-        extra = hash_keys(split_keys(os.environ.get(API_KEYS_ENV, "")))
+        """Raw keys come only from the Ingress replica's node: its environment (ZIMAGE_API_KEYS, comma
+        separated) or a file named by ZIMAGE_API_KEYS_FILE (one key per line); they never pass
+        through Ray (args, user_config, logs, `serve status`), which sees their digests at most."""
+        raw = split_keys(os.environ.get(API_KEYS_ENV, ""))
+        path = os.environ.get(API_KEYS_FILE_ENV)
+        if path:
+            with open(path, encoding="utf-8") as handle:
+                raw += split_keys(handle.read().splitlines())
+        extra = hash_keys(raw)
         return self.model_copy(update={"api_key_sha256": tuple(dict.fromkeys(self.api_key_sha256 + extra))})
 
 
@@ -100,9 +111,11 @@ def hash_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
 class AppArgs(ModelSettings):
     """ModelSettings (what every stage loads) plus the API, styles, scheduling and deployment options."""
 
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # hide_input_in_errors: an error about a key must not repeat it into the controller's status.
+    model_config = ConfigDict(extra="forbid", frozen=False, hide_input_in_errors=True)
 
     api_keys: tuple[str, ...] = ()
+    """Digests of accepted keys, each `sha256:<hex>`; raw keys belong in the replicas' environment."""
     api: ApiLimits = Field(default_factory=ApiLimits)
     styles: dict[str, str] | None = None
     replace_styles: bool = False
@@ -119,6 +132,19 @@ class AppArgs(ModelSettings):
     @classmethod
     def _split_keys(cls, value):
         return split_keys(value) if isinstance(value, (str, list, tuple)) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _digests_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            if not (key.startswith(DIGEST_PREFIX) and DIGEST_PATTERN.match(key.removeprefix(DIGEST_PREFIX))):
+                raise ValueError(
+                    "api_keys takes digests only, as 'sha256:<64 lowercase hex>' (e.g. from "
+                    "`printf %s KEY | sha256sum`): args reach Ray's logs and status. Give raw keys to the "
+                    f"Ingress replicas through {API_KEYS_ENV} (comma separated) or a file named by "
+                    f"{API_KEYS_FILE_ENV} (one key per line)."
+                )
+        return keys
 
     @model_validator(mode="after")
     def _styles_are_valid(self):
@@ -164,6 +190,7 @@ class AppArgs(ModelSettings):
         elif stage == "denoiser":
             derived = {"scheduling": self.denoiser_scheduling}
         elif stage == "ingress":
-            limits = self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + hash_keys(self.api_keys)})
+            digests = tuple(key.removeprefix(DIGEST_PREFIX) for key in self.api_keys)
+            limits = self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + digests})
             derived = {"api": limits.model_dump(mode="json")}
         return deep_merge(derived, getattr(self, stage).user_config)

@@ -7,9 +7,11 @@ import logging
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from deployments.core.deadlines import DeadlineExceeded
 from deployments.core.model_source import ModelSourceError
 from deployments.core.styles import UnknownStyleError
 from serve_app.protocol import ErrorInfo, ErrorResponse
+from serve_app.retry import is_replica_failure
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,6 +36,8 @@ def default_type(status: int) -> str:
         return "not_found_error"
     if status == 503:
         return "server_overloaded"
+    if status == 504:
+        return "timeout_error"
     if status >= 500:
         return "server_error"
     return "invalid_request_error"
@@ -41,6 +45,11 @@ def default_type(status: int) -> str:
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def deadline_exceeded(timeout_s: float | None = None) -> ApiError:
+    within = f" within its {timeout_s:g}s deadline" if timeout_s is not None else " before its deadline"
+    return ApiError(504, f"The request did not finish{within}; its work was stopped.", code="deadline_exceeded")
 
 
 def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
@@ -64,9 +73,13 @@ def api_error_for(exc: BaseException) -> ApiError:
         return from_validation_error(exc)
     if isinstance(exc, UnknownStyleError):
         return bad_request(str(exc), param="style")
+    if isinstance(exc, DeadlineExceeded):
+        return deadline_exceeded()
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc:
         return api_error_for(cause)
+    if is_replica_failure(exc):  # still failing after the pipeline's retries
+        return ApiError(503, "A stage of the server is restarting; retry shortly.", code="replica_unavailable")
     name = type(exc).__name__
     if "BackPressure" in name or "DeploymentUnavailable" in name:
         return ApiError(503, "The server is overloaded; retry shortly.", code="overloaded")

@@ -12,6 +12,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
@@ -20,9 +21,17 @@ from starlette.responses import JSONResponse, Response
 
 from deployments.stage_base import deep_merge
 from serve_app.config import ApiLimits
-from serve_app.errors import ApiError, api_error_for, bad_request, error_response, from_validation_error
+from serve_app.errors import (
+    ApiError,
+    api_error_for,
+    bad_request,
+    deadline_exceeded,
+    error_response,
+    from_validation_error,
+)
 from serve_app.image_io import decode_upload, json_with_base64_images
 from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
+from serve_app.readiness import ReadinessProbe
 from serve_app.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
@@ -35,12 +44,16 @@ from serve_app.protocol import (
 
 logger = logging.getLogger("ray.serve")
 
-PUBLIC_PATHS = ("/health/live", "/health/ready", "/docs", "/openapi.json")
+TIMEOUT_HEADER = "x-request-timeout"
 
+# The API docs are routes of the Ingress below, so that they need a key when keys are on.
 app = FastAPI(
     title="zimage-serve",
     description="Z-Image-Turbo behind an OpenAI-compatible images API.",
     version="0.1.0",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 
 
@@ -81,7 +94,9 @@ def _multipart_schema_body() -> dict:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+# A replica Serve stops answers its in-flight requests first, up to the default request timeout.
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512,
+                  graceful_shutdown_timeout_s=600)
 @serve.ingress(app)
 class Ingress:
     config_model = IngressConfig
@@ -89,8 +104,8 @@ class Ingress:
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
                  base_config: dict | None = None):
         self.styler = styler
-        self.stages = [("PromptStyler", styler), ("TextEncoder", text_encoder), ("Denoiser", denoiser),
-                       ("VaeDecoder", vae)]
+        self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
+                                        ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
         self.pipeline = ImagePipeline(styler, text_encoder, denoiser, vae, random_weights)
         self.base_config = dict(base_config or {})
         self.reconfigure({})
@@ -110,6 +125,7 @@ class Ingress:
 
     async def generate(self, request: ImageRequest) -> ImageResult:
         """For other Ray applications: `await serve.get_app_handle(name).generate.remote(ImageRequest(...))`."""
+        timeout_s = self._timeout_s(request.timeout_s, "timeout_s")
         init = None
         if request.init_image is not None:
             init = decode_upload(request.init_image, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
@@ -126,7 +142,7 @@ class Ingress:
             parsed = options.model_validate(fields)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name))
+        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s)
 
     # ---- HTTP routes ---------------------------------------------------------------------------
 
@@ -134,16 +150,19 @@ class Ingress:
     async def generations(self, request: Request) -> JSONResponse:
         try:
             self._authorize(request)
+            timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
             self._require_content_type(request, "application/json")
             body = await self._read_body(request, self.limits.max_body_bytes)
             try:
                 data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise bad_request("The request body is not valid JSON.", code="invalid_json") from None
+            except RecursionError:
+                raise bad_request("The request body nests too deeply.", code="invalid_json") from None
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+                raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
             if not isinstance(data, dict):
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
-            result = await self._admit_and_run(plan_request(parsed, None, self.limits, self.model_name))
+            result = await self._admit_and_run(plan_request(parsed, None, self.limits, self.model_name), timeout_s)
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -152,6 +171,7 @@ class Ingress:
     async def edits(self, request: Request) -> JSONResponse:
         try:
             self._authorize(request)
+            timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
             self._require_content_type(request, "multipart/form-data")
             self._check_declared_length(request, self.limits.max_upload_bytes + self.limits.max_body_bytes)
             try:
@@ -166,7 +186,7 @@ class Ingress:
                 await form.close()
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            result = await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name))
+            result = await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s)
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -198,14 +218,25 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        states = {}
-        for name, handle in self.stages:
-            try:
-                states[name] = bool(await asyncio.wait_for(handle.ready.remote(), timeout=5.0))
-            except Exception:
-                states[name] = False
-        ok = all(states.values())
-        return JSONResponse({"status": "ready" if ok else "not_ready", "stages": states}, status_code=200 if ok else 503)
+        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
+        snapshot = self.readiness.current
+        ok = snapshot.ready(self.readiness.stale_s)
+        return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
+                            status_code=200 if ok else 503)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> Response:
+        return self._if_authorized(request, lambda: JSONResponse(app.openapi()))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        url = self._route_prefix(request) + "/openapi.json"
+        return self._if_authorized(request, lambda: get_swagger_ui_html(openapi_url=url, title=app.title))
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Response:
+        url = self._route_prefix(request) + "/openapi.json"
+        return self._if_authorized(request, lambda: get_redoc_html(openapi_url=url, title=app.title))
 
     # ---- request handling ----------------------------------------------------------------------
 
@@ -219,6 +250,32 @@ class Ingress:
         digest = hashlib.sha256(token.strip().encode()).hexdigest().encode()
         if not any(hmac.compare_digest(digest, known.encode()) for known in self.limits.api_key_sha256):
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def _if_authorized(self, request: Request, page) -> Response:
+        """The API docs follow the key setting like every other non-health route."""
+        try:
+            self._authorize(request)
+        except ApiError as exc:
+            return error_response(exc)
+        return page()
+
+    @staticmethod
+    def _route_prefix(request: Request) -> str:
+        return request.scope.get("root_path", "").rstrip("/")
+
+    def _timeout_s(self, asked: str | float | None, param: str = "X-Request-Timeout") -> float:
+        """The request's time budget: the client's (X-Request-Timeout, or the handle API's
+        `timeout_s`), capped by the server's `api.request_timeout_s`."""
+        cap = self.limits.request_timeout_s
+        if asked is None:
+            return cap
+        try:
+            value = float(asked)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not 0 < value < float("inf"):
+            raise bad_request(f"{param} must be a positive number of seconds.", param=param, code="invalid_timeout")
+        return min(value, cap)
 
     @staticmethod
     def _require_content_type(request: Request, expected: str) -> None:
@@ -264,14 +321,15 @@ class Ingress:
         data = await images[0].read(self.limits.max_upload_bytes + 1)
         return fields, data
 
-    async def _admit_and_run(self, plan: RequestPlan) -> ImageResult:
+    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float) -> ImageResult:
+        """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
         if self.inflight >= self.limits.max_inflight_requests:
             raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
         self.inflight += 1
         try:
-            return await asyncio.wait_for(self.pipeline.run(plan), timeout=self.limits.request_timeout_s)
+            return await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(503, "The request did not finish in time; retry shortly.", code="timeout") from None
+            raise deadline_exceeded(timeout_s) from None
         finally:
             self.inflight -= 1
 

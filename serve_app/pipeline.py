@@ -8,6 +8,10 @@ without HTTP or Serve. Stage outputs go straight to the next stage: the caption 
 negative one and the upload's posterior are handed to every Denoiser call as the text encoder's and
 VAE's responses, and each Denoiser response to the VaeDecoder, so tensors never pass through here
 and a request's images share one copy of what they have in common.
+
+A replica that dies mid-request (serve_app.retry) surfaces at whichever await follows it, so an
+image's whole chain is retried: it is seeded, so the retry gives the same pixels. The request's
+deadline travels to the Denoiser, and a request that fails or is cancelled cancels its stage calls.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, Timings
+from serve_app.retry import RetryPolicy
 
 DEFAULT_SIZE = (1024, 1024)
 
@@ -82,36 +87,67 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
 
 
 class ImagePipeline:
-    def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False):
+    def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False,
+                 retry: RetryPolicy | None = None):
         self.styler = styler
         self.text_encoder = text_encoder
         self.denoiser = denoiser
         self.vae = vae
         self.random_weights = random_weights
+        self.retry = retry or RetryPolicy()
 
-    async def run(self, plan: RequestPlan) -> ImageResult:
-        started = time.perf_counter()
-        styled = await self.styler.style.remote(plan.prompt, plan.style)
-        style_ms = (time.perf_counter() - started) * 1000
-        caption = self.text_encoder.encode.remote(styled.text)
-        guided = plan.guidance_scale > 0
-        negative = self.text_encoder.encode.remote(plan.negative_prompt) if guided else None
+    def _conditioning(self, plan: RequestPlan, text: str) -> tuple[Any, Any, Any]:
+        """(caption, negative caption, upload posterior) as stage responses, not awaited here."""
+        caption = self.text_encoder.encode.remote(text)
+        negative = self.text_encoder.encode.remote(plan.negative_prompt) if plan.guidance_scale > 0 else None
         posterior = self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None
+        return caption, negative, posterior
+
+    async def _image(self, request: DenoiseRequest, conditioning: tuple[Any, Any, Any]) -> DecodedImage:
+        """One image's denoise and decode; a failure or cancellation cancels both calls."""
+        latents = self.denoiser.denoise.remote(request, *conditioning)
+        decoded = self.vae.decode.remote(latents)
+        try:
+            return await decoded
+        except BaseException:
+            decoded.cancel()
+            latents.cancel()
+            raise
+
+    async def run(self, plan: RequestPlan, deadline: float | None = None) -> ImageResult:
+        """`deadline` is wall-clock (`time.time()`): the Denoiser drops the images' jobs past it."""
+        started = time.perf_counter()
+        styled = await self.retry.run(lambda _: self.styler.style.remote(plan.prompt, plan.style), deadline, "style")
+        style_ms = (time.perf_counter() - started) * 1000
+        shared = self._conditioning(plan, styled.text)
 
         async def one_image(index: int) -> tuple[GeneratedImage, DecodedImage, float]:
             request = DenoiseRequest(
                 width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
-                guidance_scale=plan.guidance_scale, strength=plan.strength if posterior is not None else 1.0,
+                guidance_scale=plan.guidance_scale, strength=plan.strength if plan.init_image is not None else 1.0,
+                deadline=deadline,
             )
-            latents = self.denoiser.denoise.remote(request, caption, negative, posterior)
-            decoded: DecodedImage = await self.vae.decode.remote(latents)
+
+            def attempt(number: int):  # a retry re-runs the chain from the text encoder
+                return self._image(request, shared if number == 0 else self._conditioning(plan, styled.text))
+
+            decoded: DecodedImage = await self.retry.run(attempt, deadline, f"image {index}")
             start = time.perf_counter()
             data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
             image = GeneratedImage(data=data, format=plan.output_format, seed=request.seed, width=plan.width,
                                    height=plan.height, revised_prompt=styled.text)
             return image, decoded, (time.perf_counter() - start) * 1000
 
-        outcomes = await asyncio.gather(*(one_image(i) for i in range(plan.n)))
+        tasks = [asyncio.ensure_future(one_image(i)) for i in range(plan.n)]
+        try:
+            outcomes = await asyncio.gather(*tasks)
+        except BaseException:  # one image failed for good, or the request was cancelled: stop the rest
+            for task in tasks:
+                task.cancel()
+            for response in shared:
+                if response is not None:
+                    response.cancel()
+            raise
         stage_ms = [decoded.timings for _, decoded, _ in outcomes]
         timings = Timings(
             total_ms=round((time.perf_counter() - started) * 1000, 2),

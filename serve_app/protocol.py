@@ -132,6 +132,7 @@ class ImageRequest:
     output_compression: int | None = None
     init_image: bytes | None = None
     strength: float = 0.6
+    timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 
 @dataclass(frozen=True)

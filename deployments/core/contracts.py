@@ -65,6 +65,8 @@ class DenoiseRequest:
     seed: int
     guidance_scale: float = 0.0
     strength: float = 1.0
+    deadline: float | None = None
+    """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.core.deadlines)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class DenoiseJob:
     negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
     init_posterior: LatentPosterior | None = None  # image-to-image when set
     strength: float = 1.0
+    deadline: float | None = None  # wall-clock; a job past it is dropped (deployments.core.deadlines)
 
     @property
     def is_image_to_image(self) -> bool:

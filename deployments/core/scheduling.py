@@ -7,6 +7,8 @@ Three policies, chosen in config (`denoiser_scheduling`):
   leave it as soon as their own last step is done, each at its own timestep; running work is
   bucketed by resolution and buckets take turns step by step. A request whose caller went away is
   dropped at the next step boundary.
+Under every policy a job past its deadline (`DenoiseJob.deadline`) is dropped before it starts or
+at the next step boundary, and its caller gets `DeadlineExceeded`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from deployments.core.contracts import DenoiseJob, Latents
+from deployments.core.deadlines import DeadlineExceeded, past
 from deployments.core.denoising import DenoiseLoop, DenoiseState
 from deployments.core.gpu_lane import GpuLane
 from deployments.core.pending_work import job_steps
@@ -42,18 +45,30 @@ def group_by_resolution(jobs: Sequence[DenoiseJob]) -> dict[tuple[int, int], lis
 
 
 def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecorder) -> list[Latents | Exception]:
-    """The `batch` policy's body: each resolution group runs to completion as one batch."""
+    """The `batch` policy's body: each resolution group runs to completion as one batch; a job
+    whose deadline passes leaves it (before its first step, or between steps)."""
     results: list[Latents | Exception] = [ValueError("not run")] * len(jobs)
+
+    def expired(i: int, state: DenoiseState | None = None) -> bool:
+        if (state is None or not state.done) and past(jobs[i].deadline):
+            results[i] = DeadlineExceeded()
+            return True
+        return False
+
     for indices in group_by_resolution(jobs).values():
         states: list[tuple[int, DenoiseState]] = []
         for i in indices:
+            if expired(i):
+                continue
             try:
                 states.append((i, loop.start(jobs[i])))
             except Exception as exc:  # a bad job fails alone
                 results[i] = exc
-        running = [s for _, s in states]
-        while any(not s.done for s in running):
-            active = [s for s in running if not s.done]
+        while True:
+            states = [(i, s) for i, s in states if not expired(i, s)]
+            active = [s for _, s in states if not s.done]
+            if not active:
+                break
             start = time.perf_counter()
             loop.step(active)
             record(len(active), time.perf_counter() - start)
@@ -112,6 +127,8 @@ class ContinuousBatcher:
             if entry.future.done():  # the caller went away while waiting
                 self.cancelled += 1
                 continue
+            if self._expire(entry):
+                continue
             bucket = (entry.job.width, entry.job.height)
             if len(self.running.get(bucket, [])) < self.max_batch_size:
                 self.running.setdefault(bucket, []).append(entry)
@@ -122,6 +139,13 @@ class ContinuousBatcher:
                 kept.append(entry)
         self.waiting = kept
         return admitted
+
+    def _expire(self, entry: _Entry) -> bool:
+        """Fails a job whose deadline passed (waiting, or running between steps); True if it did."""
+        if entry.future.done() or not past(entry.job.deadline):
+            return False
+        _fail(entry.future, DeadlineExceeded())
+        return True
 
     def _next_bucket(self) -> tuple[int, int] | None:
         while self._turns:
@@ -150,7 +174,7 @@ class ContinuousBatcher:
             bucket = self._next_bucket()
             if bucket is None:
                 continue
-            entries = self.running[bucket]
+            entries = [e for e in self.running[bucket] if not self._expire(e)]
             try:
                 async with self.lane.lock:
                     if admitted:

@@ -144,7 +144,11 @@ def test_bad_generation_inputs(http, body, status, param, message):
         (b"[1, 2]", {"content-type": "application/json"}, 400, "JSON object"),
         (b"prompt=x", {"content-type": "application/x-www-form-urlencoded"}, 415, "Content-Type"),
         (b"{\"prompt\": \"" + b"x" * (70 << 10) + b"\"}", {"content-type": "application/json"}, 413, "limit"),
+        (b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", {"content-type": "application/json"}, 400, "digits"),
+        (b'{"prompt": "x", "n": ' + b"[" * 20000 + b"]" * 20000 + b"}", {"content-type": "application/json"}, 400,
+         "nests too deeply"),
     ],
+    ids=["not-json", "array", "form", "too-large", "huge-int", "deep-nesting"],
 )
 def test_malformed_bodies(http, content, headers, status, fragment):
     response = http.post(GEN, content=content, headers=headers)
@@ -258,22 +262,48 @@ FIELDS = ["prompt", "n", "size", "seed", "num_inference_steps", "guidance_scale"
           "output_format", "output_compression", "model", "negative_prompt", "user", "quality", "extra"]
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5))
-def test_fuzzed_generation_bodies_never_cause_a_5xx(http, body):
-    """Whatever the body, the answer is a 2xx image or a 4xx in the error shape, never a 5xx."""
+FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def cheap(body: dict) -> dict:
+    """A body that passes validation runs the model: at 512x512, one step and one image, it is cheap."""
     body.setdefault("num_inference_steps", 1)
     if isinstance(body.get("size"), str) or "size" not in body:
         body.setdefault("size", "512x512")
     if isinstance(body.get("n"), int) and body["n"] > 1:
-        body["n"] = 1  # keep the run short; larger n is covered above
-    response = http.post(GEN, json=body)
+        body["n"] = 1  # larger n is covered above
+    return body
+
+
+def assert_not_a_server_error(response) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
     else:
         assert response.json()["data"]
+
+
+@settings(FUZZ, max_examples=500)
+@given(body=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=5))
+def test_fuzzed_generation_bodies_never_cause_a_5xx(http, body):
+    """Whatever the body, the answer is a 2xx image or a 4xx in the error shape, never a 5xx."""
+    assert_not_a_server_error(http.post(GEN, json=cheap(body)))
+
+
+FORM_VALUES = st.text(max_size=12) | st.integers(-(2**70), 2**70).map(str) | st.sampled_from(
+    ["9" * 5000, "1e400", "NaN", "-0", "0.5", "512x512", "auto", "png", "b64_json", "1" * 30]
+)
+EDIT_FIELDS = ["prompt", "n", "size", "seed", "num_inference_steps", "strength", "guidance_scale", "style",
+               "output_format", "response_format", "model", "extra"]
+UPLOADS = st.sampled_from([png_bytes(64, 48, seed=5), png_bytes(512, 512, seed=6)[:300], b"", b"\x89PNG junk"])
+
+
+@settings(FUZZ, max_examples=100)
+@given(fields=st.dictionaries(st.sampled_from(EDIT_FIELDS), FORM_VALUES, max_size=5), upload=UPLOADS)
+def test_fuzzed_edit_uploads_never_cause_a_5xx(http, fields, upload):
+    response = http.post(EDIT, data=cheap(fields) | {"num_inference_steps": "1"}, files={"image": ("i.png", upload)})
+    assert_not_a_server_error(response)
 
 
 @pytest.mark.parametrize(

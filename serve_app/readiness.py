@@ -1,0 +1,61 @@
+"""Readiness from Serve's control plane, never from the data plane.
+
+Asking each stage `ready()` is an ordinary request: it queues behind real work and is refused when
+a stage's queue is full, so a busy server looked down. Instead a thread of the Ingress replica reads
+`serve.status()` (the controller's view of every deployment, one control-plane call) every
+`refresh_s`, and `/health/ready` answers from that snapshot at once. A stage
+is ready when it has at least one RUNNING replica (constructed, model loaded, health checks passed).
+A snapshot older than `stale_s` (the controller is unreachable) counts as not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    stages: dict[str, bool] = field(default_factory=dict)
+    taken_at: float = 0.0  # time.monotonic() of the status read; 0 = none yet
+
+    def ready(self, stale_s: float) -> bool:
+        fresh = self.taken_at > 0 and time.monotonic() - self.taken_at <= stale_s
+        return fresh and bool(self.stages) and all(self.stages.values())
+
+
+def read_readiness(app_name: str, stage_names: list[str]) -> Readiness:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    deployments = app.deployments if app is not None else {}
+
+    def running(name: str) -> bool:
+        status = deployments.get(name)
+        return status is not None and status.replica_states.get("RUNNING", 0) > 0
+
+    return Readiness({name: running(name) for name in stage_names}, time.monotonic())
+
+
+class ReadinessProbe:
+    """Keeps a fresh `Readiness` snapshot in a daemon thread; `current` never blocks."""
+
+    def __init__(self, app_name: str, stage_names: list[str], refresh_s: float = 1.0, stale_s: float = 10.0):
+        self.app_name = app_name
+        self.stage_names = stage_names
+        self.refresh_s = refresh_s
+        self.stale_s = stale_s
+        self.current = Readiness({name: False for name in stage_names})
+        threading.Thread(target=self._poll, name="readiness", daemon=True).start()
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                self.current = read_readiness(self.app_name, self.stage_names)
+            except Exception as exc:  # the controller is away: the snapshot ages into not-ready
+                logger.warning("readiness: could not read serve.status(): %s", exc)
+            time.sleep(self.refresh_s)
