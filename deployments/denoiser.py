@@ -11,7 +11,8 @@ from ray import serve
 from deployments.core import loading
 from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
 from deployments.core.denoising import DenoiseLoop
-from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.core.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.metrics import DenoiserMetrics
 from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase, StageConfig
 
@@ -50,7 +51,10 @@ class Denoiser(StageBase):
         self.loop = DenoiseLoop(
             transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant
         )
-        self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane)
+        self.denoiser_metrics = DenoiserMetrics(POLICIES)
+        self.denoiser_metrics.set_policy(self.config.scheduling)
+        self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
+                                         self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.load_seconds = time.perf_counter() - start
         logger.info(
@@ -58,6 +62,7 @@ class Denoiser(StageBase):
             self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
             self.loop.batch_invariant,
         )
+        self.serving()
 
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
@@ -79,10 +84,12 @@ class Denoiser(StageBase):
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
-        self.stats_by_method["step"].record(size, seconds)
+        self.record_batch("step", size, seconds)
+        self.denoiser_metrics.image_steps.inc(size)
 
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
+        self.denoiser_metrics.set_policy(config.scheduling)
 
     async def denoise(
         self,
@@ -101,21 +108,23 @@ class Denoiser(StageBase):
             negative_caption=negative.embedding if negative is not None else None,
             init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
         )
-        latents = await self._run(job)
+        latents, queued_s = await self._run(job)
         upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
-        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2)}
+        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2),
+                   "denoise_queue_ms": round(queued_s * 1000, 2)}
         return Latents(latents=latents.latents, width=latents.width, height=latents.height,
                        steps_run=latents.steps_run, timings=timings, prompt_truncated=caption.truncated)
 
-    async def _run(self, job: DenoiseJob) -> Latents:
+    async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
+        """(latents, seconds the job waited before its first step)."""
         if self.config.scheduling == "continuous":
-            return await self.batcher.submit(job)
+            return await self.batcher.submit_timed(job)
         if self.config.scheduling == "batch":
-            return await self.grouped.submit(job)
-        results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
+            return await self.grouped.submit_timed(job)
+        results, queued_s = await self.run_model_timed("request", 1, run_grouped, self.loop, [job], self._record_step)
         if isinstance(results[0], Exception):
             raise results[0]
-        return results[0]
+        return results[0], queued_s
 
     def stats(self) -> dict:
         data = super().stats()
