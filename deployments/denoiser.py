@@ -85,7 +85,6 @@ class Denoiser(StageBase):
 
     def _record_step(self, size: int, seconds: float) -> None:
         self.record_batch("step", size, seconds)
-        self.denoiser_metrics.image_steps.inc(size)
 
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size

@@ -2,6 +2,7 @@
 
 `ray.serve.metrics` adds the `deployment`, `replica` and `application` tags, and Ray's metrics agent
 exports every name below with a `ray_` prefix (counters also get `_total`; see README "Operating").
+Ray exports a histogram's `_sum` from bucket midpoints, so exact totals are counters (`zimage_stage_items`).
 Metrics are made inside a replica (so the Serve tags apply) and recorded per batch, per step and per
 queued item: a few microseconds each against milliseconds of model time. `ZIMAGE_METRICS=0` in the
 replicas' environment turns them all into no-ops, for measuring what they cost.
@@ -10,6 +11,8 @@ replicas' environment turns them all into no-ops, for measuring what they cost.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Sequence
 
 METRICS_ENV = "ZIMAGE_METRICS"
@@ -42,12 +45,41 @@ def counter(name: str, description: str, tag_keys: tuple[str, ...] = ()):
     return Counter(name, description=description, tag_keys=tag_keys)
 
 
-def gauge(name: str, description: str, tag_keys: tuple[str, ...] = ()):
-    if not metrics_enabled():
-        return _Off()
-    from ray.serve.metrics import Gauge
+class _KeptGauge:
+    """A Ray gauge whose last values are set again every second: Ray's metrics agent drops a gauge
+    value that its worker has not reported within two report intervals, so a value set once (the
+    policy) or left standing (an empty queue) would vanish from Prometheus."""
 
-    return Gauge(name, description=description, tag_keys=tag_keys)
+    _all: list["_KeptGauge"] = []
+    _lock = threading.Lock()
+
+    def __init__(self, name: str, description: str, tag_keys: tuple[str, ...]):
+        from ray.serve.metrics import Gauge
+
+        self.gauge = Gauge(name, description=description, tag_keys=tag_keys)
+        self.last: dict[tuple, tuple[float, dict | None]] = {}
+        with self._lock:
+            if not self._all:
+                threading.Thread(target=self._refresh_forever, name="zimage-gauges", daemon=True).start()
+            self._all.append(self)
+
+    def set(self, value: float, tags: dict | None = None) -> None:
+        self.gauge.set(value, tags)
+        self.last[tuple(sorted((tags or {}).items()))] = (value, tags)
+
+    @classmethod
+    def _refresh_forever(cls) -> None:
+        while True:
+            time.sleep(1.0)
+            with cls._lock:
+                gauges = list(cls._all)
+            for kept in gauges:
+                for value, tags in list(kept.last.values()):
+                    kept.gauge.set(value, tags)
+
+
+def gauge(name: str, description: str, tag_keys: tuple[str, ...] = ()):
+    return _KeptGauge(name, description, tag_keys) if metrics_enabled() else _Off()
 
 
 def histogram(name: str, description: str, boundaries: list[float], tag_keys: tuple[str, ...] = ()):
@@ -68,6 +100,9 @@ class StageMetrics:
         self.queue_length = gauge("zimage_stage_queue_length", "Items waiting for a batch.", ("method",))
         self.queue_wait = histogram("zimage_stage_queue_wait_seconds", "Time an item waited before its batch started.",
                                     SECONDS_BOUNDARIES, ("method",))
+        self.items = counter("zimage_stage_items",
+                             "Items through the model (Denoiser method=step: image steps; its rate is steps/s).",
+                             ("method",))
         self.batch_size = histogram("zimage_stage_batch_size", "Items per model call (Denoiser: images per step).",
                                     BATCH_SIZE_BOUNDARIES, ("method",))
         self.model_time = histogram("zimage_stage_model_seconds",
@@ -89,6 +124,7 @@ class StageMetrics:
 
     def batch(self, method: str, size: int, seconds: float) -> None:
         tags = {"method": method}
+        self.items.inc(size, tags)
         self.batch_size.observe(size, tags)
         self.model_time.observe(seconds, tags)
         self.gpu_memory()
@@ -133,13 +169,11 @@ class MethodObserver:
 
 
 class DenoiserMetrics:
-    """The Denoiser's own: image steps (their rate is steps per second) and the active policy.
-    Its per-step time, images per step, images running and dropped jobs are the stage metrics of
-    method `step`."""
+    """The Denoiser's own: the active scheduling policy. Its image steps, per-step time, images per
+    step, images running and dropped jobs are the stage metrics of method `step`."""
 
     def __init__(self, policies: Sequence[str]) -> None:
         self.policies = tuple(policies)
-        self.image_steps = counter("zimage_denoiser_image_steps", "Images advanced by one denoising step.")
         self.policy = gauge("zimage_denoiser_scheduling_policy", "1 for the active scheduling policy.", ("policy",))
 
     def set_policy(self, active: str) -> None:

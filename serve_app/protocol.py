@@ -111,6 +111,8 @@ class ErrorInfo(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None
+    """Serve's request ID (the client's X-Request-ID when sent): the key to the request's log lines."""
 
 
 class ErrorResponse(BaseModel):
