@@ -7,12 +7,15 @@ then again after known traffic, and must have moved by exactly what was sent.
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
 import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -149,6 +152,19 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
     assert (query(prometheus, "sum(ray_zimage_compiles_after_ready_total)") or 0) == 0  # nothing compiles on a CPU
     assert query(prometheus, "sum(ray_zimage_requests_in_flight)") == 0
     assert query(prometheus, "count(ray_zimage_stage_batch_size_count{replica!='',application='zimage'})") >= 4
+
+    # The shipped dashboard: every query parses, and every metric it names is exported (GPU memory
+    # and compiles after ready are absent on a CPU where nothing compiles).
+    dashboard = json.loads((Path(__file__).parents[2] / "serve_app/dashboards/zimage.json").read_text())
+    names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    cpu_absent = {"ray_zimage_gpu_memory_allocated_bytes", "ray_zimage_gpu_memory_reserved_bytes",
+                  "ray_zimage_compiles_after_ready_total"}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            response = httpx.get(f"{prometheus}/api/v1/query", params={"query": target["expr"]}, timeout=10)
+            assert response.status_code == 200, (panel["title"], response.text)
+            used = set(re.findall(r"ray_zimage_\w+", target["expr"]))
+            assert used <= names | cpu_absent, (panel["title"], used - names)
 
     # Each stage's replica log has the request's lines under its ID; the Ingress has its access line.
     logs_dir = served.logs_dir()
