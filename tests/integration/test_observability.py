@@ -115,6 +115,7 @@ COUNTS = {
     "decoded": 'sum(ray_zimage_stage_items_total{deployment="VaeDecoder",method="decode"})',
     "decode_batches": 'sum(ray_zimage_stage_batch_size_count{deployment="VaeDecoder",method="decode"})',
     "styled": 'sum(ray_zimage_stage_items_total{deployment="PromptStyler",method="style"})',
+    "style_errors": 'sum(ray_zimage_stage_errors_total{deployment="PromptStyler",method="style"})',
 }
 
 
@@ -127,7 +128,9 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
         two = http.post(GEN, json={**body, "n": 2})
         bad = http.post(GEN, json={**body, "size": "500x500"}, headers={"X-Request-ID": request_id + "-bad"})
         missing = http.post(GEN, json={**body, "model": "no-such-model"})
+        unstyled = http.post(GEN, json={**body, "style": "no-such-style"})  # fails inside the PromptStyler
     assert (one.status_code, two.status_code, bad.status_code, missing.status_code) == (200, 200, 400, 404)
+    assert unstyled.status_code == 400 and unstyled.json()["error"]["param"] == "style"
 
     # The request ID: echoed in every response, named in every error body.
     assert one.headers["x-request-id"] == request_id
@@ -140,9 +143,10 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
         assert 0 <= timings[f"{stage}_queue_ms"] <= timings[f"{stage}_ms"]
 
     moved_by(prometheus, COUNTS, before, {
-        "ok": 2, "bad_size": 1, "no_model": 1, "images": 3, "latency_512": 2, "latency_none": 2,
-        "prompts_encoded": 2, "encode_waits": 2, "image_steps": 6, "denoise_waits": 3, "decoded": 3, "styled": 2,
-    })  # the 400 and the 404 fail before a size is planned: size class "none"
+        "ok": 2, "bad_size": 2, "no_model": 1, "images": 3, "latency_512": 3, "latency_none": 2,
+        "prompts_encoded": 2, "encode_waits": 2, "image_steps": 6, "denoise_waits": 3, "decoded": 3, "styled": 3,
+        "style_errors": 1,
+    })  # the bad size and the 404 fail before a size is planned (class "none"); the bad style after
     after = settled(prometheus, COUNTS, quiet_s=2.0)
     assert 2 <= after["steps_run"] - before["steps_run"] <= 6  # the n=2 request's images may share steps
     assert 2 <= after["decode_batches"] - before["decode_batches"] <= 3
@@ -154,11 +158,11 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
     assert query(prometheus, "count(ray_zimage_stage_batch_size_count{replica!='',application='zimage'})") >= 4
 
     # The shipped dashboard: every query parses, and every metric it names is exported (GPU memory
-    # and compiles after ready are absent on a CPU where nothing compiles).
+    # and compiles after ready are absent on a CPU where nothing compiles; cancels until one happens).
     dashboard = json.loads((Path(__file__).parents[2] / "serve_app/dashboards/zimage.json").read_text())
     names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
     cpu_absent = {"ray_zimage_gpu_memory_allocated_bytes", "ray_zimage_gpu_memory_reserved_bytes",
-                  "ray_zimage_compiles_after_ready_total"}
+                  "ray_zimage_compiles_after_ready_total", "ray_zimage_stage_cancelled_total"}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             response = httpx.get(f"{prometheus}/api/v1/query", params={"query": target["expr"]}, timeout=10)
