@@ -149,6 +149,7 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
     import ray
     from ray import serve
 
+    os.environ["ZIMAGE_METRICS"] = "1" if args.metrics == "on" else "0"  # local replicas inherit it
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")
     parser.add_argument("--verbose", action="store_true", help="show replica logs")
+    parser.add_argument("--metrics", choices=("on", "off"), default="on",
+                        help="the app's Prometheus metrics (ZIMAGE_METRICS in the replicas' environment)")
     parser.add_argument("--json", default="serve_bench.json")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]

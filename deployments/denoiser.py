@@ -14,7 +14,8 @@ from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequ
 from deployments.core.deadlines import DeadlineExceeded
 from deployments.core.denoising import DenoiseLoop
 from deployments.core.pending_work import PendingWork, measure
-from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.core.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.metrics import DenoiserMetrics
 from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase, StageConfig
 
@@ -56,7 +57,10 @@ class Denoiser(StageBase):
         self.loop = DenoiseLoop(
             transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant
         )
-        self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane)
+        self.denoiser_metrics = DenoiserMetrics(POLICIES)
+        self.denoiser_metrics.set_policy(self.config.scheduling)
+        self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
+                                         self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.unbatched_jobs: list[DenoiseJob] = []  # in flight under the `batch` or `single` policy
         self.load_seconds = time.perf_counter() - start
@@ -66,6 +70,7 @@ class Denoiser(StageBase):
             self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
             self.loop.batch_invariant,
         )
+        self.serving()
 
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
@@ -89,10 +94,11 @@ class Denoiser(StageBase):
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
-        self.stats_by_method["step"].record(size, seconds)
+        self.record_batch("step", size, seconds)
 
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
+        self.denoiser_metrics.set_policy(config.scheduling)
 
     async def denoise(
         self,
@@ -113,26 +119,29 @@ class Denoiser(StageBase):
             deadline=request.deadline,
         )
         try:
-            latents = await self._run(job)
+            latents, queued_s = await self._run(job)
         except DeadlineExceeded:
             self.expired += 1
             raise
         upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
-        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2)}
+        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2),
+                   "denoise_queue_ms": round(queued_s * 1000, 2)}
         return Latents(latents=latents.latents, width=latents.width, height=latents.height,
                        steps_run=latents.steps_run, timings=timings, prompt_truncated=caption.truncated)
 
-    async def _run(self, job: DenoiseJob) -> Latents:
+    async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
+        """(latents, seconds the job waited before its first step)."""
         if self.config.scheduling == "continuous":
-            return await self.batcher.submit(job)
+            return await self.batcher.submit_timed(job)
         self.unbatched_jobs.append(job)
         try:
             if self.config.scheduling == "batch":
-                return await self.grouped.submit(job)
-            results = await self.run_model("request", 1, run_grouped, self.loop, [job], self._record_step)
+                return await self.grouped.submit_timed(job)
+            results, queued_s = await self.run_model_timed("request", 1, run_grouped, self.loop, [job],
+                                                           self._record_step)
             if isinstance(results[0], Exception):
                 raise results[0]
-            return results[0]
+            return results[0], queued_s
         finally:
             self.unbatched_jobs.remove(job)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.core.batching import DynamicBatcher
 from deployments.core.gpu_lane import GpuLane
 from deployments.core.start_phases import StartPhases
+from deployments.metrics import StageMetrics
 
 BATCH_HISTORY = 1000
 
@@ -90,6 +91,7 @@ class StageBase:
         self.gpu_lane = GpuLane(name)  # one model call at a time per replica, all on one thread
         self.batchers: dict[str, DynamicBatcher] = {}
         self.start_phases = StartPhases()  # each stage times its own start: load, quantize, compile, warm-up
+        self.metrics = StageMetrics()
 
     def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
         """Batches calls to `fn` (blocking, list in, list out), run off the event loop and recorded."""
@@ -99,10 +101,11 @@ class StageBase:
                 return await self.run_model(method, len(items), fn, items)
             start = time.perf_counter()
             results = fn(items)
-            self.stats_by_method[method].record(len(items), time.perf_counter() - start)
+            self.record_batch(method, len(items), time.perf_counter() - start)
             return results
 
-        batcher = DynamicBatcher(run, self.config.max_batch_size, self.config.batch_wait_timeout_s)
+        batcher = DynamicBatcher(run, self.config.max_batch_size, self.config.batch_wait_timeout_s,
+                                 self.metrics.observer(method))
         self.batchers[method] = batcher
         return batcher
 
@@ -120,11 +123,26 @@ class StageBase:
 
     async def run_model(self, method: str, size: int, fn, *args):
         """Runs blocking model code off the event loop, one call at a time, and records the batch."""
+        return (await self.run_model_timed(method, size, fn, *args))[0]
+
+    async def run_model_timed(self, method: str, size: int, fn, *args) -> tuple[Any, float]:
+        """(`run_model`'s result, seconds it waited for the replica's model thread)."""
+        arrived = time.perf_counter()
         async with self.gpu_lane.lock:
             start = time.perf_counter()
             result = await self.gpu_lane.run(fn, *args)
-            self.stats_by_method[method].record(size, time.perf_counter() - start)
-        return result
+            self.record_batch(method, size, time.perf_counter() - start)
+        return result, start - arrived
+
+    def record_batch(self, method: str, size: int, seconds: float) -> None:
+        """One model call: into `stats()` and the metrics."""
+        self.stats_by_method[method].record(size, seconds)
+        self.metrics.batch(method, size, seconds)
+
+    def serving(self) -> None:
+        """Called at the end of a stage's constructor: warm-up is over, so a compile from now on is a
+        cold path on the request path, counted in `zimage_compiles_after_ready`."""
+        self.metrics.watch_compiles()
 
     def stats(self) -> dict[str, Any]:
         import torch

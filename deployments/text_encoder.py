@@ -61,8 +61,10 @@ class TextEncoder(StageBase):
             graphs = self.gpu_lane.run_blocking(self.encoder.warmup)  # captured on the thread that serves
         logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d batch_invariant=%s",
                     source.name, device, dtype, graphs, self.encoder.batch_invariant)
+        self.serving()
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()
-        caption = await self.encoding.submit(prompt)
-        return replace(caption, timings={"encode_ms": round((time.perf_counter() - start) * 1000, 2)})
+        caption, queued_s = await self.encoding.submit_timed(prompt)
+        return replace(caption, timings={"encode_ms": round((time.perf_counter() - start) * 1000, 2),
+                                         "encode_queue_ms": round(queued_s * 1000, 2)})

@@ -58,6 +58,7 @@ class VaeDecoder(StageBase):
         if device.type == "cuda" and self.settings.vae_compile:
             self.gpu_lane.run_blocking(self._warmup)  # on the thread that serves
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
+        self.serving()
 
     def _warmup(self) -> None:
         """Compiles the decoder before the replica reports ready, so no accepted size compiles on a
@@ -96,13 +97,15 @@ class VaeDecoder(StageBase):
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""
         start = time.perf_counter()
-        decoded = await self.decoding.submit(latents)
-        timings = {**latents.timings, "decode_ms": round((time.perf_counter() - start) * 1000, 2)}
+        decoded, queued_s = await self.decoding.submit_timed(latents)
+        timings = {**latents.timings, "decode_ms": round((time.perf_counter() - start) * 1000, 2),
+                   "decode_queue_ms": round(queued_s * 1000, 2)}
         return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, timings=timings,
                             prompt_truncated=latents.prompt_truncated)
 
     async def encode(self, image: Image.Image) -> LatentPosterior:
         """`image` is RGB with sides that are multiples of 16 (the ingress fits uploads first)."""
         start = time.perf_counter()
-        posterior = await self.encoding.submit(image)
-        return replace(posterior, timings={"image_encode_ms": round((time.perf_counter() - start) * 1000, 2)})
+        posterior, queued_s = await self.encoding.submit_timed(image)
+        return replace(posterior, timings={"image_encode_ms": round((time.perf_counter() - start) * 1000, 2),
+                                           "image_encode_queue_ms": round(queued_s * 1000, 2)})

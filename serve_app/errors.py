@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse
 from deployments.core.deadlines import DeadlineExceeded
 from deployments.core.model_source import ModelSourceError
 from deployments.core.styles import UnknownStyleError
+from serve_app.access_log import current_request_id
 from serve_app.protocol import ErrorInfo, ErrorResponse
 from serve_app.retry import is_replica_failure
 
@@ -93,6 +94,7 @@ def api_error_for(exc: BaseException) -> ApiError:
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code))
+    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code,
+                                         request_id=current_request_id()))
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(body.model_dump(), status_code=error.status, headers=headers)

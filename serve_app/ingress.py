@@ -20,6 +20,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from deployments.stage_base import deep_merge
+from serve_app import access_log
+from serve_app.access_log import AccessRecord
 from serve_app.config import ApiLimits
 from serve_app.errors import (
     ApiError,
@@ -30,6 +32,7 @@ from serve_app.errors import (
     from_validation_error,
 )
 from serve_app.image_io import decode_upload, json_with_base64_images
+from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
 from serve_app.readiness import ReadinessProbe
 from serve_app.protocol import (
@@ -112,6 +115,7 @@ class Ingress:
         self.model_name = model_name
         self.random_weights = random_weights
         self.inflight = 0
+        self.metrics = IngressMetrics()
         if random_weights:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
@@ -125,6 +129,17 @@ class Ingress:
 
     async def generate(self, request: ImageRequest) -> ImageResult:
         """For other Ray applications: `await serve.get_app_handle(name).generate.remote(ImageRequest(...))`."""
+        record = AccessRecord("handle:generate")
+        try:
+            result = await self._generate(request, record)
+        except Exception as exc:
+            error = api_error_for(exc)
+            self._finish(record, error.status, error.code)
+            raise
+        self._finish(record, 200)
+        return result
+
+    async def _generate(self, request: ImageRequest, record: AccessRecord) -> ImageResult:
         timeout_s = self._timeout_s(request.timeout_s, "timeout_s")
         init = None
         if request.init_image is not None:
@@ -142,12 +157,13 @@ class Ingress:
             parsed = options.model_validate(fields)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s)
+        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s, record)
 
     # ---- HTTP routes ---------------------------------------------------------------------------
 
     @app.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=_json_schema_body(ImageGenerationRequest))
     async def generations(self, request: Request) -> JSONResponse:
+        record = AccessRecord("/v1/images/generations")
         try:
             self._authorize(request)
             timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
@@ -162,13 +178,18 @@ class Ingress:
             if not isinstance(data, dict):
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
-            result = await self._admit_and_run(plan_request(parsed, None, self.limits, self.model_name), timeout_s)
-            return await self._respond(result, parsed)
+            plan = plan_request(parsed, None, self.limits, self.model_name)
+            result = await self._admit_and_run(plan, timeout_s, record)
+            return self._answered(record, await self._respond(result, parsed))
+        except asyncio.CancelledError:
+            self._finish(record, 499, "client_closed_request")
+            raise
         except Exception as exc:
-            return error_response(api_error_for(exc))
+            return self._failed(record, api_error_for(exc))
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_multipart_schema_body())
     async def edits(self, request: Request) -> JSONResponse:
+        record = AccessRecord("/v1/images/edits")
         try:
             self._authorize(request)
             timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
@@ -186,10 +207,14 @@ class Ingress:
                 await form.close()
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            result = await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s)
-            return await self._respond(result, parsed)
+            plan = plan_request(parsed, init, self.limits, self.model_name)
+            result = await self._admit_and_run(plan, timeout_s, record)
+            return self._answered(record, await self._respond(result, parsed))
+        except asyncio.CancelledError:
+            self._finish(record, 499, "client_closed_request")
+            raise
         except Exception as exc:
-            return error_response(api_error_for(exc))
+            return self._failed(record, api_error_for(exc))
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -321,17 +346,40 @@ class Ingress:
         data = await images[0].read(self.limits.max_upload_bytes + 1)
         return fields, data
 
-    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float) -> ImageResult:
+    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float, record: AccessRecord) -> ImageResult:
         """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
+        record.width, record.height, record.n, record.steps = plan.width, plan.height, plan.n, plan.steps
+        record.style, record.prompt = plan.style, plan.prompt
         if self.inflight >= self.limits.max_inflight_requests:
             raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
         self.inflight += 1
+        self.metrics.in_flight.set(self.inflight)
         try:
-            return await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
+            result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
         except asyncio.TimeoutError:
             raise deadline_exceeded(timeout_s) from None
         finally:
             self.inflight -= 1
+            self.metrics.in_flight.set(self.inflight)
+        record.images, record.timings = len(result.images), result.timings.model_dump()
+        return result
+
+    def _answered(self, record: AccessRecord, response: Response) -> Response:
+        record.bytes_out = len(response.body)
+        self._finish(record, response.status_code)
+        return response
+
+    def _failed(self, record: AccessRecord, error: ApiError) -> Response:
+        response = error_response(error)
+        record.bytes_out = len(response.body)
+        self._finish(record, error.status, error.code)
+        return response
+
+    def _finish(self, record: AccessRecord, status: int, code: str | None = None) -> None:
+        """The request's access-log line and metrics, once, however it ended."""
+        record.status, record.code = status, code
+        access_log.write(record)
+        self.metrics.record(record)
 
     async def _respond(self, result: ImageResult, req: ImageOptions) -> Response:
         """The OpenAI images response; base64 and JSON encoding (megabytes) run off the event loop."""

@@ -149,13 +149,21 @@ class ImagePipeline:
                     response.cancel()
             raise
         stage_ms = [decoded.timings for _, decoded, _ in outcomes]
+
+        def per_image(name: str) -> float:
+            return round(sum(t.get(name, 0.0) for t in stage_ms), 2)
+
         timings = Timings(
             total_ms=round((time.perf_counter() - started) * 1000, 2),
             style_ms=round(style_ms, 2),
             encode_ms=stage_ms[0].get("encode_ms", 0.0),
+            encode_queue_ms=stage_ms[0].get("encode_queue_ms", 0.0),
             image_encode_ms=stage_ms[0].get("image_encode_ms", 0.0),
-            denoise_ms=round(sum(t.get("denoise_ms", 0.0) for t in stage_ms), 2),
-            decode_ms=round(sum(t.get("decode_ms", 0.0) for t in stage_ms), 2),
+            image_encode_queue_ms=stage_ms[0].get("image_encode_queue_ms", 0.0),
+            denoise_ms=per_image("denoise_ms"),
+            denoise_queue_ms=per_image("denoise_queue_ms"),
+            decode_ms=per_image("decode_ms"),
+            decode_queue_ms=per_image("decode_queue_ms"),
             output_encode_ms=round(sum(o[2] for o in outcomes), 2),
         )
         return ImageResult(

@@ -77,14 +77,22 @@ class ImageObject(BaseModel):
 
 
 class Timings(BaseModel):
-    """Milliseconds: the whole request, and the model stages summed over its images."""
+    """Milliseconds: the whole request, and the model stages summed over its images.
+
+    Each stage's `X_ms` is its whole time in that stage; `X_queue_ms` is the part of it spent waiting
+    before its batch started (the Denoiser: before its first step), so `X_ms - X_queue_ms` is model time.
+    """
 
     total_ms: float
     style_ms: float
     encode_ms: float
+    encode_queue_ms: float = 0.0
     image_encode_ms: float = 0.0
+    image_encode_queue_ms: float = 0.0
     denoise_ms: float
+    denoise_queue_ms: float = 0.0
     decode_ms: float
+    decode_queue_ms: float = 0.0
     output_encode_ms: float
 
 
@@ -103,6 +111,8 @@ class ErrorInfo(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    request_id: str | None = None
+    """Serve's request ID (the client's X-Request-ID when sent): the key to the request's log lines."""
 
 
 class ErrorResponse(BaseModel):

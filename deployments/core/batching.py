@@ -3,18 +3,42 @@
 Items that arrive while a batch runs wait together and go as the next batch (up to
 `max_batch_size`), so batch size follows load on its own; `wait_s` optionally holds a batch
 open a little longer for more company. One batch runs at a time per batcher. Plain asyncio, no Ray.
+
+A `BatchObserver` hears the queue's length, each item's wait before its batch started and the items
+that failed (the deployments turn these into metrics). The batch task runs in a context of its own,
+so that it carries no caller's request context (and so no caller's request ID) in its log lines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 RunBatch = Callable[[list[Any]], Awaitable[list[Any]]]
+
+
+class BatchObserver:
+    """What a batcher reports; this base ignores it all."""
+
+    def waiting(self, length: int) -> None:
+        """The number of items waiting, after it changed."""
+
+    def admitted(self, waits: Sequence[float]) -> None:
+        """Items that left the queue for a batch, with the seconds each waited."""
+
+    def failed(self, count: int) -> None:
+        """Items that failed."""
+
+    def cancelled(self, count: int) -> None:
+        """Items dropped because their caller went away."""
+
+    def running(self, count: int) -> None:
+        """Items being worked on (step-level batching, where items stay in the batch for many steps)."""
 
 
 @dataclass
@@ -22,26 +46,36 @@ class _Waiting:
     item: Any
     future: asyncio.Future
     arrived: float
+    started: float = 0.0
 
 
 class DynamicBatcher:
-    def __init__(self, run_batch: RunBatch, max_batch_size: int = 8, wait_s: float = 0.0):
+    def __init__(self, run_batch: RunBatch, max_batch_size: int = 8, wait_s: float = 0.0,
+                 observer: BatchObserver | None = None):
         """`run_batch` maps a list of items to a list of results; an Exception in a result's place
         fails that item alone, an exception raised fails the whole batch."""
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
+        self.observer = observer or BatchObserver()
         self._queue: collections.deque[_Waiting] = collections.deque()
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     async def submit(self, item: Any) -> Any:
+        return (await self.submit_timed(item))[0]
+
+    async def submit_timed(self, item: Any) -> tuple[Any, float]:
+        """(result, seconds the item waited before its batch started)."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(item, future, time.monotonic()))
+        waiting = _Waiting(item, future, time.monotonic())
+        self._queue.append(waiting)
+        self.observer.waiting(len(self._queue))
         self._arrival.set()
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drive())
-        return await future  # a caller that goes away before its batch starts is skipped
+            self._task = asyncio.create_task(self._drive(), context=contextvars.Context())
+        result = await future  # a caller that goes away before its batch starts is skipped
+        return result, waiting.started - waiting.arrived
 
     async def _next_batch(self) -> list[_Waiting]:
         while not self._queue:
@@ -54,11 +88,20 @@ class DynamicBatcher:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        batch = []
+        batch, gone = [], 0
         while self._queue and len(batch) < self.max_batch_size:
             waiting = self._queue.popleft()
             if not waiting.future.done():
                 batch.append(waiting)
+            else:
+                gone += 1
+        if gone:
+            self.observer.cancelled(gone)
+        now = time.monotonic()
+        for waiting in batch:
+            waiting.started = now
+        self.observer.waiting(len(self._queue))
+        self.observer.admitted([now - w.arrived for w in batch])
         return batch
 
     async def _drive(self) -> None:
@@ -71,10 +114,12 @@ class DynamicBatcher:
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
             except Exception as exc:  # the batch failed: each of its callers hears why
+                self.observer.failed(len(batch))
                 for waiting in batch:
                     if not waiting.future.done():
                         waiting.future.set_exception(exc)
                 continue
+            self.observer.failed(sum(isinstance(result, BaseException) for result in results))
             for waiting, result in zip(batch, results):
                 if waiting.future.done():
                     continue

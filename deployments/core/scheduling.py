@@ -15,26 +15,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from deployments.core.batching import BatchObserver
 from deployments.core.contracts import DenoiseJob, Latents
 from deployments.core.deadlines import DeadlineExceeded, past
 from deployments.core.denoising import DenoiseLoop, DenoiseState
 from deployments.core.gpu_lane import GpuLane
 from deployments.core.pending_work import job_steps
+from deployments.core.step_timer import StepRecorder, StepTimer
 
 logger = logging.getLogger(__name__)
 
 SchedulingPolicy = Literal["single", "batch", "continuous"]
 POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
 
-# Called after each batched step with the number of images it advanced and the seconds it took (with
+# A StepRecorder hears each batched step's image count and device seconds (with
 # `DenoiseLoop.batch_invariant`, the CPU default, a step makes one DiT call per job; see denoising.py).
-StepRecorder = Callable[[int, float], None]
 
 
 def group_by_resolution(jobs: Sequence[DenoiseJob]) -> dict[tuple[int, int], list[int]]:
@@ -48,6 +50,7 @@ def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecor
     """The `batch` policy's body: each resolution group runs to completion as one batch; a job
     whose deadline passes leaves it (before its first step, or between steps)."""
     results: list[Latents | Exception] = [ValueError("not run")] * len(jobs)
+    timer = StepTimer(record)
 
     def expired(i: int, state: DenoiseState | None = None) -> bool:
         if (state is None or not state.done) and past(jobs[i].deadline):
@@ -69,14 +72,13 @@ def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecor
             active = [s for _, s in states if not s.done]
             if not active:
                 break
-            start = time.perf_counter()
-            loop.step(active)
-            record(len(active), time.perf_counter() - start)
+            timer.step(loop, active)
         for i, state in states:
             try:
                 results[i] = state.result()
             except Exception as exc:
                 results[i] = exc
+    timer.flush()
     return results
 
 
@@ -85,17 +87,20 @@ class _Entry:
     job: DenoiseJob
     future: asyncio.Future
     enqueued: float
+    admitted: float = 0.0
     state: DenoiseState | None = None
 
 
 class ContinuousBatcher:
     """Step-level continuous batching over one DenoiseLoop, driven by a single background task."""
 
-    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: GpuLane | None = None):
+    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: GpuLane | None = None,
+                 observer: BatchObserver | None = None):
         self.loop = loop
         self.max_batch_size = max_batch_size
-        self.record = record
+        self.timer = StepTimer(record)
         self.lane = lane or GpuLane("denoise")
+        self.observer = observer or BatchObserver()
         self.waiting: collections.deque[_Entry] = collections.deque()
         self.running: dict[tuple[int, int], list[_Entry]] = {}
         self._turns: collections.deque[tuple[int, int]] = collections.deque()
@@ -104,12 +109,19 @@ class ContinuousBatcher:
         self.cancelled = 0
 
     async def submit(self, job: DenoiseJob) -> Latents:
+        return (await self.submit_timed(job))[0]
+
+    async def submit_timed(self, job: DenoiseJob) -> tuple[Latents, float]:
+        """(latents, seconds the job waited before it joined the running batch)."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Entry(job, future, time.perf_counter()))
+        entry = _Entry(job, future, time.perf_counter())
+        self.waiting.append(entry)
+        self.observer.waiting(len(self.waiting))
         self._wake.set()
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._drive())
-        return await future  # cancelling this await drops the job at the next step boundary
+        if self._task is None or self._task.done():  # its own context: no caller's request ID in its logs
+            self._task = asyncio.create_task(self._drive(), context=contextvars.Context())
+        latents = await future  # cancelling this await drops the job at the next step boundary
+        return latents, entry.admitted - entry.enqueued
 
     def queued_jobs(self) -> list[DenoiseJob]:
         """Jobs waiting to join the running batch (their callers still there)."""
@@ -125,7 +137,7 @@ class ContinuousBatcher:
         while self.waiting:
             entry = self.waiting.popleft()
             if entry.future.done():  # the caller went away while waiting
-                self.cancelled += 1
+                self._cancel(1)
                 continue
             if self._expire(entry):
                 continue
@@ -138,6 +150,12 @@ class ContinuousBatcher:
             else:
                 kept.append(entry)
         self.waiting = kept
+        now = time.perf_counter()
+        for entry in admitted:
+            entry.admitted = now
+        self.observer.waiting(len(kept))
+        self.observer.admitted([now - entry.enqueued for entry in admitted])
+        self.observer.running(sum(len(entries) for entries in self.running.values()))
         return admitted
 
     def _expire(self, entry: _Entry) -> bool:
@@ -146,6 +164,10 @@ class ContinuousBatcher:
             return False
         _fail(entry.future, DeadlineExceeded())
         return True
+
+    def _cancel(self, count: int) -> None:
+        self.cancelled += count
+        self.observer.cancelled(count)
 
     def _next_bucket(self) -> tuple[int, int] | None:
         while self._turns:
@@ -162,6 +184,7 @@ class ContinuousBatcher:
             try:
                 entry.state = self.loop.start(entry.job)
             except Exception as exc:
+                self.observer.failed(1)
                 if not entry.future.done():
                     entry.future.get_loop().call_soon_threadsafe(_fail, entry.future, exc)
 
@@ -181,27 +204,30 @@ class ContinuousBatcher:
                         await self.lane.run(self._start_states, admitted)
                     live = [e for e in entries if e.state is not None and not e.future.done()]
                     if live:
-                        start = time.perf_counter()
-                        await self.lane.run(self.loop.step, [e.state for e in live])
-                        self.record(len(live), time.perf_counter() - start)
+                        await self.lane.run(self.timer.step, self.loop, [e.state for e in live])
             except Exception as exc:  # a failed step fails that bucket's requests, not the server
                 logger.exception("denoise step failed for bucket %s", bucket)
+                self.observer.failed(sum(not entry.future.done() for entry in entries))
                 for entry in entries:
                     _fail(entry.future, exc)
             remaining = []
             for entry in entries:
                 if entry.future.done():
                     if entry.future.cancelled():
-                        self.cancelled += 1
+                        self._cancel(1)
                     continue
                 if entry.state is not None and entry.state.done:
                     try:
                         entry.future.set_result(entry.state.result())
                     except Exception as exc:
+                        self.observer.failed(1)
                         entry.future.set_exception(exc)
                     continue
                 remaining.append(entry)
             self.running[bucket] = remaining
+            if not self.waiting and not any(self.running.values()):
+                self.observer.running(0)
+                await self.lane.run(self.timer.flush)  # idle: the last steps' device times
 
 
 def _fail(future: asyncio.Future, exc: BaseException) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ class ServedApp:
     args: dict
 
     port: int
+    metrics_port: int
 
     def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300) -> None:
         """Deploys from a config, as `serve deploy` does. `deployments` overrides per-deployment options;
@@ -89,6 +91,13 @@ class ServedApp:
 
         return serve.get_deployment_handle(deployment, APP_NAME).stats.remote().result(timeout_s=30)
 
+    @staticmethod
+    def logs_dir() -> str:
+        """This Ray session's log folder (Serve's replica logs are under serve/)."""
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+
     def reset_stats(self) -> None:
         from ray import serve
 
@@ -101,10 +110,13 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # the metrics agent exports each second
+    metrics_port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port)
+    app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port, metrics_port=metrics_port)
     try:
         app.deploy()
         yield app

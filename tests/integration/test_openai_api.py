@@ -134,7 +134,8 @@ def test_bad_generation_inputs(http, body, status, param, message):
     error = response.json()["error"]
     assert error["param"] == param
     assert message.lower() in error["message"].lower()
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(
@@ -279,7 +280,7 @@ def assert_not_a_server_error(response) -> None:
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error = response.json()["error"]
-        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert set(error) == {"message", "type", "param", "code", "request_id"} and error["message"]
     else:
         assert response.json()["data"]
 

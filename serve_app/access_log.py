@@ -1,0 +1,74 @@
+"""One access-log line per request at the Ingress, and the request's ID from Serve's request context.
+
+Serve's proxy takes a client's `X-Request-ID` (or makes one), returns it as a response header and
+puts it in the request context, which deployment handles carry to every stage; Serve's logger adds
+it to every replica log line made in that context. The line's fields also travel as
+`ray_serve_extra_fields`, so with Serve's `logging_config: {encoding: JSON}` each field is a JSON key.
+Prompts are logged only with `ZIMAGE_LOG_PROMPTS=1` in the Ingress replicas' environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("ray.serve")
+
+LOG_PROMPTS_ENV = "ZIMAGE_LOG_PROMPTS"
+
+
+def current_request_id() -> str | None:
+    """The ID Serve gave this request (the client's X-Request-ID when it sent one); None outside Serve."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or None
+
+
+def log_prompts() -> bool:
+    return os.environ.get(LOG_PROMPTS_ENV, "").strip().lower() in ("1", "true", "on", "yes")
+
+
+@dataclass
+class AccessRecord:
+    """What one request did, filled in as it goes; `fields()` is the access-log line."""
+
+    route: str
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    code: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int | None = None
+    steps: int | None = None
+    style: str | None = None
+    prompt: str | None = None
+    images: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    bytes_out: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
+    def size(self) -> str | None:
+        return f"{self.width}x{self.height}" if self.width and self.height else None
+
+    def fields(self) -> dict[str, Any]:
+        data = {
+            "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
+            "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "images": self.images,
+            "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out, **self.timings,
+        }
+        if log_prompts():
+            data["prompt"] = self.prompt
+        return data
+
+
+def write(record: AccessRecord) -> None:
+    fields = record.fields()
+    text = " ".join(f"{key}={value}" for key, value in fields.items() if key != "request_id")
+    logger.info("access %s", text, extra={"ray_serve_extra_fields": fields})

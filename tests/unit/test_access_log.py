@@ -1,0 +1,36 @@
+"""The access-log line's fields, as Ray's JSON log formatter writes them, and the size classes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ray._common.formatters import JSONFormatter
+
+from serve_app.access_log import LOG_PROMPTS_ENV, AccessRecord
+from serve_app.metrics import size_class
+
+
+def _json_line(record: AccessRecord) -> dict:
+    log_record = logging.makeLogRecord({"msg": "access", "levelname": "INFO",
+                                        "ray_serve_extra_fields": record.fields()})
+    return json.loads(JSONFormatter().format(log_record))
+
+
+def test_json_encoding_makes_each_field_a_key_and_leaves_prompts_out(monkeypatch):
+    monkeypatch.delenv(LOG_PROMPTS_ENV, raising=False)
+    record = AccessRecord("/v1/images/generations", status=400, code="invalid_value", width=512, height=768, n=2,
+                          steps=4, style="Watercolor", prompt="a private prompt", timings={"denoise_queue_ms": 1.5})
+    line = _json_line(record)
+    assert (line["route"], line["status"], line["code"], line["size"]) == ("/v1/images/generations", 400,
+                                                                           "invalid_value", "512x768")
+    assert (line["n"], line["steps"], line["style"], line["denoise_queue_ms"]) == (2, 4, "Watercolor", 1.5)
+    assert "prompt" not in line and "a private prompt" not in json.dumps(line)
+    monkeypatch.setenv(LOG_PROMPTS_ENV, "1")
+    assert _json_line(record)["prompt"] == "a private prompt"
+
+
+def test_size_classes_bound_the_latency_histogram():
+    assert [size_class(*s) for s in [(512, 512), (768, 512), (1024, 1024), (1536, 1536), (2048, 2048)]] == [
+        "512", "1024", "1024", "1536", "2048"]
+    assert size_class(None, None) == "none"
