@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import torch
 from ray import serve
 
 from deployments.core import loading
-from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
-from deployments.core.denoising import DenoiseLoop
+from deployments.core.contracts import (
+    CaptionEmbedding,
+    DenoiseJob,
+    DenoiseProgress,
+    DenoiseRequest,
+    LatentPosterior,
+    Latents,
+)
+from deployments.core.denoising import DenoiseLoop, DenoiseState, clean_estimate, preview_steps
 from deployments.core.scheduling import ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.settings import ModelSettings
 from deployments.stage_base import StageBase, StageConfig
@@ -95,13 +104,55 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        job = DenoiseJob(
+        latents = await self._run(self._job(request, caption, negative, posterior))
+        return self._finished(latents, caption, posterior, start)
+
+    async def denoise_stream(
+        self,
+        request: DenoiseRequest,
+        caption: CaptionEmbedding,
+        negative: CaptionEmbedding | None = None,
+        posterior: LatentPosterior | None = None,
+        previews: int = 0,
+    ) -> AsyncIterator[DenoiseProgress]:
+        """`denoise` step by step, for `handle.options(stream=True)`: one update after each step, with the
+        clean-latent estimate at `previews` evenly spread steps, then the result (the very latents
+        `denoise` returns). Closing the stream (the client went away) cancels the job, which the
+        scheduler drops at its next step."""
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[DenoiseProgress | None] = asyncio.Queue()
+
+        def on_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:  # on the model thread
+            chosen = state.step_index in preview_steps(state.total_steps, previews)
+            preview = Latents(clean_estimate(state, noise_pred), request.width, request.height) if chosen else None
+            update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        task = asyncio.ensure_future(self._run(self._job(request, caption, negative, posterior, on_step)))
+        task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
+        try:
+            while (update := await updates.get()) is not None:
+                yield update
+            latents = self._finished(await task, caption, posterior, start)
+            yield DenoiseProgress(latents.steps_run, latents.steps_run, time.perf_counter() - start, result=latents,
+                                  caption_tokens=caption.num_tokens)
+        finally:
+            task.cancel()
+
+    @staticmethod
+    def _job(request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None,
+             posterior: LatentPosterior | None, on_step=None) -> DenoiseJob:
+        return DenoiseJob(
             caption=caption.embedding, width=request.width, height=request.height, steps=request.steps,
             seed=request.seed, guidance_scale=request.guidance_scale,
             negative_caption=negative.embedding if negative is not None else None,
-            init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
+            init_posterior=posterior, strength=request.strength if posterior is not None else 1.0, on_step=on_step,
         )
-        latents = await self._run(job)
+
+    @staticmethod
+    def _finished(latents: Latents, caption: CaptionEmbedding, posterior: LatentPosterior | None,
+                  start: float) -> Latents:
         upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
         timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2)}
         return Latents(latents=latents.latents, width=latents.width, height=latents.height,

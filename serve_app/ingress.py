@@ -5,19 +5,24 @@ It authenticates, parses and validates; the request's plan and its run through t
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 
+from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.stage_base import deep_merge
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, bad_request, error_response, from_validation_error
@@ -32,16 +37,20 @@ from serve_app.protocol import (
     ImageResult,
     ImagesResponse,
 )
+from serve_app.streaming import SSE_HEADERS, StreamEvents, StreamItem, StreamKind, sse_body
 
 logger = logging.getLogger("ray.serve")
 
 PUBLIC_PATHS = ("/health/live", "/health/ready", "/docs", "/openapi.json")
+
+WEB_DIR = Path(__file__).parent / "web"  # the page: static files, no build step, nothing from the network
 
 app = FastAPI(
     title="zimage-serve",
     description="Z-Image-Turbo behind an OpenAI-compatible images API.",
     version="0.1.0",
 )
+app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -143,7 +152,10 @@ class Ingress:
             if not isinstance(data, dict):
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
-            result = await self._admit_and_run(plan_request(parsed, None, self.limits, self.model_name))
+            plan = plan_request(parsed, None, self.limits, self.model_name)
+            if parsed.stream:
+                return await self._stream(plan, parsed, "image_generation")
+            result = await self._admit_and_run(plan)
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -166,7 +178,10 @@ class Ingress:
                 await form.close()
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            result = await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name))
+            plan = plan_request(parsed, init, self.limits, self.model_name)
+            if parsed.stream:
+                return await self._stream(plan, parsed, "image_edit")
+            result = await self._admit_and_run(plan)
             return await self._respond(result, parsed)
         except Exception as exc:
             return error_response(api_error_for(exc))
@@ -191,6 +206,22 @@ class Ingress:
             return error_response(api_error_for(exc))
         return JSONResponse({"object": "list", "default": default,
                              "data": [{"name": name, "template": template} for name, template in table.items()]})
+
+    @app.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The web page (Generate and Transform); it and its files need no key, the API calls it makes do."""
+        return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/page/settings", include_in_schema=False)
+    async def page_settings(self) -> JSONResponse:
+        """What the page's form offers, from the server's own rules; public, as it holds no secret."""
+        limits = self.limits
+        return JSONResponse({
+            "size_presets": [list(size) for size in SIZE_PRESETS], "min_side": MIN_SIDE, "max_side": MAX_SIDE,
+            "side_multiple": SIDE_MULTIPLE, "max_pixels": limits.max_pixels, "min_steps": limits.min_steps,
+            "max_steps": limits.max_steps, "default_steps": limits.default_steps,
+            "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
+        })
 
     @app.get("/health/live")
     async def live(self) -> JSONResponse:
@@ -264,16 +295,48 @@ class Ingress:
         data = await images[0].read(self.limits.max_upload_bytes + 1)
         return fields, data
 
-    async def _admit_and_run(self, plan: RequestPlan) -> ImageResult:
+    @contextlib.contextmanager
+    def _admitted(self):
         if self.inflight >= self.limits.max_inflight_requests:
             raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
         self.inflight += 1
         try:
-            return await asyncio.wait_for(self.pipeline.run(plan), timeout=self.limits.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise ApiError(503, "The request did not finish in time; retry shortly.", code="timeout") from None
+            yield
         finally:
             self.inflight -= 1
+
+    async def _admit_and_run(self, plan: RequestPlan) -> ImageResult:
+        with self._admitted():
+            try:
+                return await asyncio.wait_for(self.pipeline.run(plan), timeout=self.limits.request_timeout_s)
+            except asyncio.TimeoutError:
+                raise ApiError(503, "The request did not finish in time; retry shortly.", code="timeout") from None
+
+    async def _admit_and_stream(self, plan: RequestPlan, partial_images: int) -> AsyncIterator[StreamItem]:
+        """`pipeline.stream` under admission and the request deadline."""
+        with self._admitted():
+            items = self.pipeline.stream(plan, partial_images)
+            deadline = time.monotonic() + self.limits.request_timeout_s
+            try:
+                while True:
+                    try:
+                        yield await asyncio.wait_for(anext(items), timeout=deadline - time.monotonic())
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.TimeoutError:
+                        raise ApiError(503, "The request did not finish in time; retry shortly.",
+                                       code="timeout") from None
+            finally:
+                await items.aclose()
+
+    async def _stream(self, plan: RequestPlan, req: ImageOptions, kind: StreamKind) -> StreamingResponse:
+        """Server-sent events (serve_app.streaming). The first step is awaited before the headers go
+        out, so a request that cannot start still gets a JSON error with its status."""
+        items = self._admit_and_stream(plan, req.partial_images or 0)
+        first = await anext(items)
+        headers = {**SSE_HEADERS, **({"X-Random-Weights": "true"} if self.random_weights else {})}
+        return StreamingResponse(sse_body(first, items, StreamEvents(kind, req, plan)),
+                                 media_type="text/event-stream", headers=headers)
 
     async def _respond(self, result: ImageResult, req: ImageOptions) -> Response:
         """The OpenAI images response; base64 and JSON encoding (megabytes) run off the event loop."""
