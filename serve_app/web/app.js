@@ -12,6 +12,7 @@ const EXAMPLES = [
 ];
 
 const $ = (id) => document.getElementById(id);
+const emptyNote = $("empty");
 const state = { key: sessionStorage.getItem("zimage-key") || "", settings: null, history: [] };
 
 // ---- API ------------------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ function makeCard(label) {
     '<div class="frame"><img alt=""><div class="placeholder">Waiting…</div></div>' +
     '<div class="status"><progress max="1" value="0"></progress><span class="steps" aria-live="off"></span></div>' +
     '<dl class="meta" hidden></dl><div class="actions" hidden></div>';
-  $("empty").hidden = true;
+  emptyNote.hidden = true;
   $("cards").appendChild(card);
   const img = card.querySelector("img");
   const bar = card.querySelector("progress");
@@ -136,6 +137,10 @@ function makeCard(label) {
       steps.textContent = "Failed: " + (error.message || error);
     },
   };
+}
+
+function clearCards() {
+  $("cards").replaceChildren(emptyNote);
 }
 
 function showFinal(card, src, event, settings) {
@@ -200,8 +205,7 @@ function addHistory(src, event, settings) {
     img.alt = "";
     button.appendChild(img);
     button.addEventListener("click", () => {
-      $("cards").innerHTML = "";
-      $("cards").appendChild($("empty"));
+      clearCards();
       const card = makeCard("");
       showFinal(card.element, item.src, item.event, item.settings);
     });
@@ -297,8 +301,7 @@ async function runAll(form, makeRequest, count) {
   clearError();
   const button = form.querySelector("button[type=submit]");
   button.disabled = true;
-  $("cards").innerHTML = "";
-  $("cards").appendChild($("empty"));
+  clearCards();
   try {
     const jobs = [];
     for (let i = 0; i < count; i++) {
