@@ -324,7 +324,7 @@ async function onGenerate(event) {
   event.preventDefault();
   await refreshStylesQuietly();
   const seed = chosenSeed("g");
-  const n = Math.max(1, Number($("g-n").value) || 1);
+  const n = Math.min(Math.max(1, Number($("g-n").value) || 1), state.settings ? state.settings.max_images : 1);
   const settings = { prompt: $("g-prompt").value, style: $("g-style").value, steps: Number($("g-steps").value) };
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
   await runAll(event.target, (i) => ({
