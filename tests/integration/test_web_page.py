@@ -109,7 +109,7 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     # transform an uploaded file: the result follows the upload's size
     page.click("#tab-transform")
     page.set_input_files("#t-file", str(upload_png(tmp_path)))
-    assert page.is_visible("#t-preview")
+    page.wait_for_selector("#t-preview", state="visible")  # once the file has loaded
     page.fill("#t-prompt", "the same gradient at night")
     set_range(page, "#t-steps", 4)
     page.fill("#t-seed", "3")
