@@ -7,13 +7,10 @@ Without /usr/bin/chromium the test fails; ZIMAGE_SKIP_BROWSER=1 skips it explici
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -132,33 +129,3 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
     print(f"screenshots in {ARTIFACTS}")
 
-
-def test_with_keys_on_the_page_loads_without_one_and_sends_the_key_typed(served, browser):
-    key = "page-test-key"
-    served.deploy([{"name": "Ingress", "user_config": {"api": {"api_key_sha256": [hashlib.sha256(key.encode()).hexdigest()]}}}])
-    try:
-        with httpx.Client(base_url=served.url, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while not http.get("/page/settings").json()["api_keys_required"]:
-                assert time.monotonic() < deadline, "the Ingress never took the key"
-                time.sleep(0.5)
-            for path in ("/", "/static/app.js", "/static/style.css"):
-                assert http.get(path).status_code == 200, path
-            assert http.get("/v1/styles").status_code == 401
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(served.url + "/")
-        page.wait_for_selector("body[data-ready=true]")
-        assert "Missing API key" in page.inner_text("#error") and page.is_visible("#api-key")
-        assert page.locator("#g-style option").count() == 0
-        page.fill("#api-key", key)
-        page.click("#key-save")
-        page.wait_for_function("document.querySelectorAll('#g-style option').length > 0")
-        assert page.is_hidden("#error") and page.is_visible("#random-banner")
-        page.close()
-    finally:
-        served.deploy()
-        with httpx.Client(base_url=served.url, timeout=30) as http:
-            deadline = time.monotonic() + 60
-            while http.get("/page/settings").json()["api_keys_required"]:
-                assert time.monotonic() < deadline, "the Ingress kept the key"
-                time.sleep(0.5)
