@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from itertools import chain
 
 import torch
 from ray import serve
 
 from deployments.core import loading
-from deployments.core.contracts import CaptionEmbedding, DenoiseJob, DenoiseRequest, LatentPosterior, Latents
+from deployments.core.contracts import (
+    CaptionEmbedding,
+    DenoiseJob,
+    DenoiseProgress,
+    DenoiseRequest,
+    LatentPosterior,
+    Latents,
+)
 from deployments.core.deadlines import DeadlineExceeded
-from deployments.core.denoising import DenoiseLoop
+from deployments.core.denoising import DenoiseLoop, DenoiseState, clean_estimate, preview_steps
 from deployments.core.pending_work import PendingWork, measure
 from deployments.core.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.metrics import DenoiserMetrics
@@ -111,18 +120,56 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        job = DenoiseJob(
+        latents, queued_s = await self._run(self._job(request, caption, negative, posterior))
+        return self._finished(latents, queued_s, caption, posterior, start)
+
+    async def denoise_stream(
+        self,
+        request: DenoiseRequest,
+        caption: CaptionEmbedding,
+        negative: CaptionEmbedding | None = None,
+        posterior: LatentPosterior | None = None,
+        previews: int = 0,
+    ) -> AsyncIterator[DenoiseProgress]:
+        """`denoise` step by step, for `handle.options(stream=True)`: one update after each step, with the
+        clean-latent estimate at `previews` evenly spread steps, then the result (the very latents
+        `denoise` returns). Closing the stream (the client went away) cancels the job, which the
+        scheduler drops at its next step."""
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[DenoiseProgress | None] = asyncio.Queue()
+
+        def on_step(state: DenoiseState, noise_pred: torch.Tensor) -> None:  # on the model thread
+            chosen = state.step_index in preview_steps(state.total_steps, previews)
+            preview = Latents(clean_estimate(state, noise_pred), request.width, request.height) if chosen else None
+            update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
+            loop.call_soon_threadsafe(updates.put_nowait, update)
+
+        task = asyncio.ensure_future(self._run(self._job(request, caption, negative, posterior, on_step)))
+        task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
+        try:
+            while (update := await updates.get()) is not None:
+                yield update
+            latents = self._finished(*await task, caption, posterior, start)
+            yield DenoiseProgress(latents.steps_run, latents.steps_run, time.perf_counter() - start, result=latents,
+                                  caption_tokens=caption.num_tokens)
+        finally:
+            task.cancel()
+
+    @staticmethod
+    def _job(request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None,
+             posterior: LatentPosterior | None, on_step=None) -> DenoiseJob:
+        return DenoiseJob(
             caption=caption.embedding, width=request.width, height=request.height, steps=request.steps,
             seed=request.seed, guidance_scale=request.guidance_scale,
             negative_caption=negative.embedding if negative is not None else None,
             init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
-            deadline=request.deadline,
+            deadline=request.deadline, on_step=on_step,
         )
-        try:
-            latents, queued_s = await self._run(job)
-        except DeadlineExceeded:
-            self.expired += 1
-            raise
+
+    @staticmethod
+    def _finished(latents: Latents, queued_s: float, caption: CaptionEmbedding, posterior: LatentPosterior | None,
+                  start: float) -> Latents:
         upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
         timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2),
                    "denoise_queue_ms": round(queued_s * 1000, 2)}
@@ -130,20 +177,24 @@ class Denoiser(StageBase):
                        steps_run=latents.steps_run, timings=timings, prompt_truncated=caption.truncated)
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
-        """(latents, seconds the job waited before its first step)."""
-        if self.config.scheduling == "continuous":
-            return await self.batcher.submit_timed(job)
-        self.unbatched_jobs.append(job)
+        """(latents, seconds the job waited before its first step), under the live scheduling policy."""
         try:
-            if self.config.scheduling == "batch":
-                return await self.grouped.submit_timed(job)
-            results, queued_s = await self.run_model_timed("request", 1, run_grouped, self.loop, [job],
-                                                           self._record_step)
-            if isinstance(results[0], Exception):
-                raise results[0]
-            return results[0], queued_s
-        finally:
-            self.unbatched_jobs.remove(job)
+            if self.config.scheduling == "continuous":
+                return await self.batcher.submit_timed(job)
+            self.unbatched_jobs.append(job)
+            try:
+                if self.config.scheduling == "batch":
+                    return await self.grouped.submit_timed(job)
+                results, queued_s = await self.run_model_timed("request", 1, run_grouped, self.loop, [job],
+                                                               self._record_step)
+                if isinstance(results[0], Exception):
+                    raise results[0]
+                return results[0], queued_s
+            finally:
+                self.unbatched_jobs.remove(job)
+        except DeadlineExceeded:
+            self.expired += 1
+            raise
 
     def pending_work(self) -> PendingWork:
         """The images waiting for this replica's GPU and the steps they have left (jobs under the

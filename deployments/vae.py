@@ -55,6 +55,7 @@ class VaeDecoder(StageBase):
         )
         self.decoding = self.add_batcher("decode", self.codec.decode)
         self.encoding = self.add_batcher("encode", self.codec.encode)
+        self.previewing = self.add_batcher("preview", self.codec.preview)
         if device.type == "cuda" and self.settings.vae_compile:
             self.gpu_lane.run_blocking(self._warmup)  # on the thread that serves
         logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
@@ -102,6 +103,10 @@ class VaeDecoder(StageBase):
                    "decode_queue_ms": round(queued_s * 1000, 2)}
         return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, timings=timings,
                             prompt_truncated=latents.prompt_truncated)
+
+    async def preview(self, latents: Latents) -> DecodedImage:
+        """A streamed request's partial image from the Denoiser's clean-latent estimate (see `VaeCodec.preview`)."""
+        return await self.previewing.submit(latents)
 
     async def encode(self, image: Image.Image) -> LatentPosterior:
         """`image` is RGB with sides that are multiples of 16 (the ingress fits uploads first)."""

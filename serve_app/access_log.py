@@ -49,6 +49,11 @@ class AccessRecord:
     timings: dict[str, float] = field(default_factory=dict)
     bytes_out: int = 0
 
+    def describe(self, plan: Any) -> None:
+        """What was asked for, from the request's plan (serve_app.pipeline.RequestPlan)."""
+        self.width, self.height, self.n, self.steps = plan.width, plan.height, plan.n, plan.steps
+        self.style, self.prompt = plan.style, plan.prompt
+
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started

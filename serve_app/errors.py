@@ -93,8 +93,13 @@ def api_error_for(exc: BaseException) -> ApiError:
     return ApiError(500, "The server had an internal error while processing the request.", code="internal_error")
 
 
+def error_info(error: ApiError) -> ErrorInfo:
+    """The error body's `error` object; it names the request's ID (Serve's request context)."""
+    return ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code,
+                     request_id=current_request_id())
+
+
 def error_response(error: ApiError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=error.message, type=error.type, param=error.param, code=error.code,
-                                         request_id=current_request_id()))
+    body = ErrorResponse(error=error_info(error))
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
     return JSONResponse(body.model_dump(), status_code=error.status, headers=headers)

@@ -5,11 +5,14 @@ It authenticates, parses and validates; the request's plan and its run through t
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -17,8 +20,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 
+from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.stage_base import deep_merge
 from serve_app import access_log
 from serve_app.access_log import AccessRecord
@@ -44,10 +49,13 @@ from serve_app.protocol import (
     ImageResult,
     ImagesResponse,
 )
+from serve_app.streaming import SSE_HEADERS, StreamEvents, StreamItem, StreamKind, sse_body
 
 logger = logging.getLogger("ray.serve")
 
 TIMEOUT_HEADER = "x-request-timeout"
+
+WEB_DIR = Path(__file__).parent / "web"  # the page: static files, no build step, nothing from the network
 
 # The API docs are routes of the Ingress below, so that they need a key when keys are on.
 app = FastAPI(
@@ -58,6 +66,7 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
+app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -179,6 +188,8 @@ class Ingress:
                 raise bad_request("The request body must be a JSON object.", code="invalid_json")
             parsed = ImageGenerationRequest.model_validate(data)
             plan = plan_request(parsed, None, self.limits, self.model_name)
+            if parsed.stream:
+                return await self._stream(plan, parsed, "image_generation", timeout_s, record)
             result = await self._admit_and_run(plan, timeout_s, record)
             return self._answered(record, await self._respond(result, parsed))
         except asyncio.CancelledError:
@@ -208,6 +219,8 @@ class Ingress:
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
             plan = plan_request(parsed, init, self.limits, self.model_name)
+            if parsed.stream:
+                return await self._stream(plan, parsed, "image_edit", timeout_s, record)
             result = await self._admit_and_run(plan, timeout_s, record)
             return self._answered(record, await self._respond(result, parsed))
         except asyncio.CancelledError:
@@ -236,6 +249,22 @@ class Ingress:
             return error_response(api_error_for(exc))
         return JSONResponse({"object": "list", "default": default,
                              "data": [{"name": name, "template": template} for name, template in table.items()]})
+
+    @app.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The web page (Generate and Transform); it and its files need no key, the API calls it makes do."""
+        return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/page/settings", include_in_schema=False)
+    async def page_settings(self) -> JSONResponse:
+        """What the page's form offers, from the server's own rules; public, as it holds no secret."""
+        limits = self.limits
+        return JSONResponse({
+            "size_presets": [list(size) for size in SIZE_PRESETS], "min_side": MIN_SIDE, "max_side": MAX_SIDE,
+            "side_multiple": SIDE_MULTIPLE, "max_pixels": limits.max_pixels, "min_steps": limits.min_steps,
+            "max_steps": limits.max_steps, "default_steps": limits.default_steps,
+            "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
+        })
 
     @app.get("/health/live")
     async def live(self) -> JSONResponse:
@@ -346,23 +375,70 @@ class Ingress:
         data = await images[0].read(self.limits.max_upload_bytes + 1)
         return fields, data
 
-    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float, record: AccessRecord) -> ImageResult:
-        """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
-        record.width, record.height, record.n, record.steps = plan.width, plan.height, plan.n, plan.steps
-        record.style, record.prompt = plan.style, plan.prompt
+    @contextlib.contextmanager
+    def _admitted(self):
         if self.inflight >= self.limits.max_inflight_requests:
             raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
         self.inflight += 1
         self.metrics.in_flight.set(self.inflight)
         try:
-            result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
-        except asyncio.TimeoutError:
-            raise deadline_exceeded(timeout_s) from None
+            yield
         finally:
             self.inflight -= 1
             self.metrics.in_flight.set(self.inflight)
+
+    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float, record: AccessRecord) -> ImageResult:
+        """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
+        record.describe(plan)
+        with self._admitted():
+            try:
+                result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
+            except asyncio.TimeoutError:
+                raise deadline_exceeded(timeout_s) from None
         record.images, record.timings = len(result.images), result.timings.model_dump()
         return result
+
+    async def _admit_and_stream(self, plan: RequestPlan, partial_images: int, timeout_s: float
+                                ) -> AsyncIterator[StreamItem]:
+        """`pipeline.stream` under admission and the request's deadline (which travels with it too)."""
+        with self._admitted():
+            deadline = time.monotonic() + timeout_s
+            items = self.pipeline.stream(plan, partial_images, time.time() + timeout_s)
+            try:
+                while True:
+                    try:
+                        yield await asyncio.wait_for(anext(items), timeout=deadline - time.monotonic())
+                    except StopAsyncIteration:
+                        return
+                    except asyncio.TimeoutError:
+                        raise deadline_exceeded(timeout_s) from None
+            finally:
+                await items.aclose()
+
+    async def _stream(self, plan: RequestPlan, req: ImageOptions, kind: StreamKind, timeout_s: float,
+                      record: AccessRecord) -> StreamingResponse:
+        """Server-sent events (serve_app.streaming). The first step is awaited before the headers go
+        out, so a request that cannot start still gets a JSON error with its status."""
+        record.describe(plan)
+        items = self._admit_and_stream(plan, req.partial_images or 0, timeout_s)
+        first = await anext(items)
+        headers = {**SSE_HEADERS, **({"X-Random-Weights": "true"} if self.random_weights else {})}
+        body = sse_body(first, items, StreamEvents(kind, req, plan))
+        return StreamingResponse(self._logged(body, record), media_type="text/event-stream", headers=headers)
+
+    async def _logged(self, body: AsyncIterator[bytes], record: AccessRecord) -> AsyncIterator[bytes]:
+        """A stream's body, counted; its access-log line is written when it ends (an error after the
+        stream started travels as an event, so the status stays 200)."""
+        status, code = 200, None
+        try:
+            async for chunk in body:
+                record.bytes_out += len(chunk)
+                yield chunk
+        except asyncio.CancelledError:
+            status, code = 499, "client_closed_request"
+            raise
+        finally:
+            self._finish(record, status, code)
 
     def _answered(self, record: AccessRecord, response: Response) -> Response:
         record.bytes_out = len(response.body)

@@ -2,6 +2,9 @@
 
     style -> encode prompt (and negative) -> [encode upload] -> denoise each image -> decode -> encode output
 
+`ImagePipeline.run` returns the finished images; `ImagePipeline.stream` runs the same path for one
+image and yields progress on the way (each step, and previews decoded from the Denoiser's estimate).
+
 `ImagePipeline` takes the stages' deployment handles (in production Ray Serve `DeploymentHandle`s;
 in tests, in-process stand-ins with the same `handle.method.remote(...)` shape), so it is tested
 without HTTP or Serve. Stage outputs go straight to the next stage: the caption embedding, the
@@ -19,17 +22,18 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from PIL import Image
 
-from deployments.core.contracts import DecodedImage, DenoiseRequest
+from deployments.core.contracts import DecodedImage, DenoiseRequest, Latents, StyledPrompt
 from deployments.core.image_sizes import fit_upload, fitted_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
-from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, Timings
+from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, PartialImage, StepDone, Timings
 from serve_app.retry import RetryPolicy
 
 DEFAULT_SIZE = (1024, 1024)
@@ -65,6 +69,9 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     n = req.n or 1
     if n > limits.max_images_per_request:
         raise bad_request(f"n must be at most {limits.max_images_per_request}.", param="n")
+    if req.stream and n > 1:
+        raise bad_request("A streamed request makes one image: send n=1, one request per image (image i of a "
+                          "request with seed s is the image of seed s + i).", param="n", code="unsupported_value")
     steps = req.num_inference_steps or limits.default_steps
     if not limits.min_steps <= steps <= limits.max_steps:
         raise bad_request(f"num_inference_steps must be within {limits.min_steps}..{limits.max_steps}.",
@@ -86,6 +93,18 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     )
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What every image of a request shares: the styled prompt, and the stages' responses (not yet
+    awaited) for the caption, the negative caption and the upload's posterior."""
+
+    styled: StyledPrompt
+    caption: Any
+    negative: Any
+    posterior: Any
+    style_ms: float
+
+
 class ImagePipeline:
     def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False,
                  retry: RetryPolicy | None = None):
@@ -96,16 +115,89 @@ class ImagePipeline:
         self.random_weights = random_weights
         self.retry = retry or RetryPolicy()
 
-    def _conditioning(self, plan: RequestPlan, text: str) -> tuple[Any, Any, Any]:
-        """(caption, negative caption, upload posterior) as stage responses, not awaited here."""
-        caption = self.text_encoder.encode.remote(text)
-        negative = self.text_encoder.encode.remote(plan.negative_prompt) if plan.guidance_scale > 0 else None
-        posterior = self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None
-        return caption, negative, posterior
+    async def run(self, plan: RequestPlan, deadline: float | None = None) -> ImageResult:
+        """`deadline` is wall-clock (`time.time()`): the Denoiser drops the images' jobs past it."""
+        started = time.perf_counter()
+        cond = await self._condition(plan, deadline)
 
-    async def _image(self, request: DenoiseRequest, conditioning: tuple[Any, Any, Any]) -> DecodedImage:
+        async def one_image(index: int) -> tuple[GeneratedImage, DecodedImage, float]:
+            request = self._denoise_request(plan, index, cond, deadline)
+
+            def attempt(number: int):  # a retry re-runs the chain from the text encoder
+                return self._image(request, cond if number == 0 else self._encodings(plan, cond.styled, cond.style_ms))
+
+            decoded: DecodedImage = await self.retry.run(attempt, deadline, f"image {index}")
+            return await self._encode(plan, request.seed, cond, decoded)
+
+        tasks = [asyncio.ensure_future(one_image(i)) for i in range(plan.n)]
+        try:
+            outcomes = await asyncio.gather(*tasks)
+        except BaseException:  # one image failed for good, or the request was cancelled: stop the rest
+            for task in tasks:
+                task.cancel()
+            for response in (cond.caption, cond.negative, cond.posterior):
+                if response is not None:
+                    response.cancel()
+            raise
+        return self._result(outcomes, cond, started)
+
+    async def stream(self, plan: RequestPlan, partial_images: int, deadline: float | None = None
+                     ) -> AsyncIterator[StepDone | PartialImage | ImageResult]:
+        """`run` for one image, step by step: a `StepDone` after every denoising step, a `PartialImage`
+        (the VaeDecoder's preview of the Denoiser's clean-latent estimate) at `partial_images` steps spread
+        over the run, then the `ImageResult`, whose pixels are those `run` gives. Closing this generator
+        cancels the Denoiser's job. (A stream's items cannot be passed on unresolved, so here the final
+        latents, 1 MB at 1024x1024, come through the Ingress on their way to the decoder.) A stream is
+        not retried after a replica dies: its events have already reached the client."""
+        started = time.perf_counter()
+        cond = await self._condition(plan, deadline)
+        request = self._denoise_request(plan, 0, cond, deadline)
+        updates = self.denoiser.options(stream=True).denoise_stream.remote(
+            request, cond.caption, cond.negative, cond.posterior, partial_images
+        )
+        latents: Latents | None = None
+        previews = 0
+        try:
+            async for update in updates:
+                if update.result is not None:
+                    latents, tokens = update.result, update.caption_tokens
+                    continue
+                yield StepDone(update.step, update.steps, time.perf_counter() - started)
+                if update.preview is not None:
+                    preview: DecodedImage = await self.vae.preview.remote(update.preview)
+                    data = await asyncio.to_thread(encode_output, preview.pixels, plan.output_format,
+                                                   plan.output_compression)
+                    yield PartialImage(previews, data, preview.width, preview.height)
+                    previews += 1
+        except BaseException:  # failed, or closed by the consumer: stop the Denoiser's job too
+            updates.cancel()
+            raise
+        if latents is None:
+            raise RuntimeError("the Denoiser's stream ended without a result")
+        decoded: DecodedImage = await self.vae.decode.remote(latents)
+        result = self._result([await self._encode(plan, request.seed, cond, decoded)], cond, started)
+        yield replace(result, prompt_tokens=tokens)
+
+    async def _condition(self, plan: RequestPlan, deadline: float | None) -> Conditioning:
+        """Style (retried if its replica dies), then start the encodings."""
+        started = time.perf_counter()
+        styled = await self.retry.run(lambda _: self.styler.style.remote(plan.prompt, plan.style), deadline, "style")
+        return self._encodings(plan, styled, (time.perf_counter() - started) * 1000)
+
+    def _encodings(self, plan: RequestPlan, styled: StyledPrompt, style_ms: float) -> Conditioning:
+        """The prompt encodings and the upload's encoding, as stage responses not awaited here."""
+        guided = plan.guidance_scale > 0
+        return Conditioning(
+            styled=styled,
+            caption=self.text_encoder.encode.remote(styled.text),
+            negative=self.text_encoder.encode.remote(plan.negative_prompt) if guided else None,
+            posterior=self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None,
+            style_ms=style_ms,
+        )
+
+    async def _image(self, request: DenoiseRequest, cond: Conditioning) -> DecodedImage:
         """One image's denoise and decode; a failure or cancellation cancels both calls."""
-        latents = self.denoiser.denoise.remote(request, *conditioning)
+        latents = self.denoiser.denoise.remote(request, cond.caption, cond.negative, cond.posterior)
         decoded = self.vae.decode.remote(latents)
         try:
             return await decoded
@@ -114,40 +206,25 @@ class ImagePipeline:
             latents.cancel()
             raise
 
-    async def run(self, plan: RequestPlan, deadline: float | None = None) -> ImageResult:
-        """`deadline` is wall-clock (`time.time()`): the Denoiser drops the images' jobs past it."""
-        started = time.perf_counter()
-        styled = await self.retry.run(lambda _: self.styler.style.remote(plan.prompt, plan.style), deadline, "style")
-        style_ms = (time.perf_counter() - started) * 1000
-        shared = self._conditioning(plan, styled.text)
+    @staticmethod
+    def _denoise_request(plan: RequestPlan, index: int, cond: Conditioning, deadline: float | None) -> DenoiseRequest:
+        return DenoiseRequest(
+            width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
+            guidance_scale=plan.guidance_scale, strength=plan.strength if cond.posterior is not None else 1.0,
+            deadline=deadline,
+        )
 
-        async def one_image(index: int) -> tuple[GeneratedImage, DecodedImage, float]:
-            request = DenoiseRequest(
-                width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
-                guidance_scale=plan.guidance_scale, strength=plan.strength if plan.init_image is not None else 1.0,
-                deadline=deadline,
-            )
+    @staticmethod
+    async def _encode(plan: RequestPlan, seed: int, cond: Conditioning, decoded: DecodedImage
+                      ) -> tuple[GeneratedImage, DecodedImage, float]:
+        start = time.perf_counter()
+        data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
+        image = GeneratedImage(data=data, format=plan.output_format, seed=seed, width=plan.width,
+                               height=plan.height, revised_prompt=cond.styled.text)
+        return image, decoded, (time.perf_counter() - start) * 1000
 
-            def attempt(number: int):  # a retry re-runs the chain from the text encoder
-                return self._image(request, shared if number == 0 else self._conditioning(plan, styled.text))
-
-            decoded: DecodedImage = await self.retry.run(attempt, deadline, f"image {index}")
-            start = time.perf_counter()
-            data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
-            image = GeneratedImage(data=data, format=plan.output_format, seed=request.seed, width=plan.width,
-                                   height=plan.height, revised_prompt=styled.text)
-            return image, decoded, (time.perf_counter() - start) * 1000
-
-        tasks = [asyncio.ensure_future(one_image(i)) for i in range(plan.n)]
-        try:
-            outcomes = await asyncio.gather(*tasks)
-        except BaseException:  # one image failed for good, or the request was cancelled: stop the rest
-            for task in tasks:
-                task.cancel()
-            for response in shared:
-                if response is not None:
-                    response.cancel()
-            raise
+    def _result(self, outcomes: list[tuple[GeneratedImage, DecodedImage, float]], cond: Conditioning,
+                started: float) -> ImageResult:
         stage_ms = [decoded.timings for _, decoded, _ in outcomes]
 
         def per_image(name: str) -> float:
@@ -155,7 +232,7 @@ class ImagePipeline:
 
         timings = Timings(
             total_ms=round((time.perf_counter() - started) * 1000, 2),
-            style_ms=round(style_ms, 2),
+            style_ms=round(cond.style_ms, 2),
             encode_ms=stage_ms[0].get("encode_ms", 0.0),
             encode_queue_ms=stage_ms[0].get("encode_queue_ms", 0.0),
             image_encode_ms=stage_ms[0].get("image_encode_ms", 0.0),

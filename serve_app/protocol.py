@@ -34,6 +34,8 @@ class ImageOptions(BaseModel):
     background: Literal["auto", "opaque"] | None = None
     moderation: Literal["auto", "low"] | None = None
     user: str | None = Field(None, max_length=256)
+    stream: bool | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
     # Z-Image extensions
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1)
@@ -60,8 +62,6 @@ class ImageOptions(BaseModel):
 
 class ImageGenerationRequest(ImageOptions):
     """`POST /v1/images/generations` (JSON)."""
-
-    stream: Literal[False] | None = None
 
 
 class ImageEditRequest(ImageOptions):
@@ -106,6 +106,62 @@ class ImagesResponse(BaseModel):
     random_weights: bool = False
 
 
+# ---- streaming (`stream: true`): server-sent events, fields as the openai client's event types ----
+
+
+class StreamUsage(BaseModel):
+    """Counted in DiT tokens (a 16x16 pixel patch each; the caption's tokens for text)."""
+
+    class InputDetails(BaseModel):
+        image_tokens: int
+        text_tokens: int
+
+    input_tokens: int
+    input_tokens_details: InputDetails
+    output_tokens: int
+    total_tokens: int
+
+
+class ImageStreamEvent(BaseModel):
+    """What every image event carries: the request's settings (`size` is the requested image's, also
+    on a partial image, which is smaller: see `VaeCodec.preview`)."""
+
+    b64_json: str
+    created_at: int
+    size: str
+    quality: Literal["low", "medium", "high", "auto"]
+    background: Literal["opaque", "auto"]
+    output_format: OutputFormat
+
+
+class ImagePartialEvent(ImageStreamEvent):
+    """`image_generation.partial_image` / `image_edit.partial_image`."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    partial_image_index: int
+
+
+class ImageCompletedEvent(ImageStreamEvent):
+    """`image_generation.completed` / `image_edit.completed`; `seed`, `revised_prompt` and `timings` are
+    Z-Image extensions."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    usage: StreamUsage
+    seed: int
+    revised_prompt: str
+    timings: Timings
+    random_weights: bool = False
+
+
+class ProgressEvent(BaseModel):
+    """`zimage.progress`, a Z-Image extension after every denoising step; OpenAI clients may ignore it."""
+
+    type: Literal["zimage.progress"] = "zimage.progress"
+    step: int
+    steps: int
+    elapsed: float  # seconds since the request arrived
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -117,6 +173,12 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+class StreamErrorEvent(ErrorResponse):
+    """A failure after a stream has started: the last event before the server closes the stream."""
+
+    type: Literal["error"] = "error"
 
 
 # ---- the Python handle API -------------------------------------------------------------------
@@ -161,3 +223,23 @@ class ImageResult:
     timings: Timings
     random_weights: bool = False
     prompt_truncated: bool = False
+    prompt_tokens: int = 0  # known on the streamed path only
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A streamed run: one more denoising step done."""
+
+    step: int
+    steps: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A streamed run: a preview, encoded in the request's output format."""
+
+    index: int
+    data: bytes
+    width: int
+    height: int

@@ -6,7 +6,9 @@ Keeping them in one module lets a reader see the whole request path's data at a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -83,6 +85,9 @@ class DenoiseJob:
     init_posterior: LatentPosterior | None = None  # image-to-image when set
     strength: float = 1.0
     deadline: float | None = None  # wall-clock; a job past it is dropped (deployments.core.deadlines)
+    on_step: Callable[[Any, torch.Tensor], None] | None = None
+    """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's
+    noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
 
     @property
     def is_image_to_image(self) -> bool:
@@ -100,6 +105,19 @@ class Latents:
     timings: dict[str, float] = field(default_factory=dict)
     """Milliseconds per stage so far (text encoder, Denoiser): each stage adds its own and passes them on."""
     prompt_truncated: bool = False
+
+
+@dataclass(frozen=True)
+class DenoiseProgress:
+    """One update of a streamed denoise (`Denoiser.denoise_stream`): after each step, the step count;
+    at the steps chosen for previews, the model's current estimate of the clean latents; last, the result."""
+
+    step: int
+    steps: int
+    elapsed_s: float
+    preview: Latents | None = None
+    result: Latents | None = None
+    caption_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,23 @@ class DenoiseState:
         )
 
 
+def clean_estimate(state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
+    """The model's current estimate of the clean latents after a step, as float32 on the CPU.
+
+    The step moved `latents += (sigma_next - sigma_t) * noise_pred`, so
+    `latents - sigma_next * noise_pred` equals `x0_hat = latents_t - sigma_t * noise_pred`: the point
+    the flow-matching velocity heads for. After the last step (sigma 0) it is the result itself.
+    """
+    sigma = state.schedule.sigmas[state.step_index]
+    return (state.latents - sigma * noise_pred.to(torch.float32)).to("cpu")
+
+
+def preview_steps(total_steps: int, count: int) -> frozenset[int]:
+    """The steps (1-based, counted after the step) after which a stream sends one of `count` previews:
+    spread evenly, never the last (the finished image follows it); fewer when the steps are fewer."""
+    return frozenset(s for i in range(count) if 0 < (s := round(total_steps * (i + 1) / (count + 1))) < total_steps)
+
+
 # A transformer call over ragged lists: (latents [C,1,h,w] list, t [B], captions list) -> outputs list.
 TransformerFn = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
 
@@ -211,6 +228,8 @@ class DenoiseLoop:
             dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
             state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
             state.step_index += 1
+            if state.job.on_step is not None:
+                state.job.on_step(state, noise_pred)
 
     def _predict(self, states: Sequence[DenoiseState]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """One transformer call for `states`: every positive pass, then the guided jobs' negative passes

@@ -17,6 +17,7 @@ from deployments.core.contracts import DecodedImage, LatentPosterior, Latents
 DEFAULT_TILE_ABOVE_PX = 1024 * 1024
 DEFAULT_TILE_PX = 1024  # diffusers' own tile for this VAE (its sample_size)
 DEFAULT_TILE_OVERLAP = 0.25
+PREVIEW_POOL = 2  # a streamed preview is decoded at 1/PREVIEW_POOL of the image's side
 
 
 class VaeCodec:
@@ -66,6 +67,20 @@ class VaeCodec:
                 for i, image in zip(chunk, to_uint8(pixels)):
                     results[i] = DecodedImage(pixels=image, width=width, height=height)
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def preview(self, items: Sequence[Latents]) -> list[DecodedImage]:
+        """Cheap previews for streaming: the real decoder on latents average-pooled 2x2, so an image of
+        half the side (a quarter of the decoder's work: 512x512 for a 1024x1024 request) that is never
+        tiled. Blurrier than the final decode, but the model's own colours and shapes; the cost per
+        preview is what `benchmarks/bench_preview.py` measures."""
+        results = []
+        for item in items:
+            z = torch.nn.functional.avg_pool2d(item.latents.to(self.device, self.dtype), PREVIEW_POOL)
+            pixels = self.vae.decode(z / self.scaling_factor + self.shift_factor).sample
+            results.append(DecodedImage(pixels=to_uint8(pixels)[0], width=item.width // PREVIEW_POOL,
+                                        height=item.height // PREVIEW_POOL))
+        return results
 
     @torch.inference_mode()
     def encode(self, images: Sequence[Image.Image]) -> list[LatentPosterior]:

@@ -121,7 +121,8 @@ BAD_GENERATIONS = [
     ({"prompt": "x", "style": "Baroque"}, 400, "style", "known styles"),
     ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "does not exist"),
     ({"prompt": "x", "colour": "red"}, 400, "colour", "Unrecognized request argument"),
-    ({"prompt": "x", "stream": True}, 400, "stream", "stream"),
+    ({"prompt": "x", "stream": "sometimes"}, 400, "stream", "stream"),
+    ({"prompt": "x", "partial_images": 4}, 400, "partial_images", "partial_images"),
     ({"prompt": "x", "background": "transparent"}, 400, "background", "background"),
     ({"prompt": 42}, 400, "prompt", "prompt"),
 ]

@@ -1,0 +1,101 @@
+"""`stream: true` as server-sent events, in the shape of OpenAI's images API.
+
+A streamed request sends `event: <type>` / `data: <json>` pairs:
+
+    zimage.progress                (after every denoising step: step, steps, elapsed; an extension)
+    <kind>.partial_image           (`partial_images` of them, 0..3, spread over the steps)
+    <kind>.completed               (the image, pixel for pixel what the same request gives unstreamed)
+
+where <kind> is `image_generation` or `image_edit`. The openai client parses each `data:` line into
+its event types by `type`; an unknown type (our `zimage.progress`) still parses, as an object whose
+`type` is `zimage.progress`, so a client that switches on `type` passes over it.
+
+Errors: anything that fails before the first step is done gets the usual JSON error and status (the
+Ingress waits for the first step before it sends headers). A failure after that is sent as one
+`error` event, `{"type": "error", "error": {message, type, param, code}}` (the openai client raises it
+as an `APIError`), and the stream closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from typing import Literal
+
+from pydantic import BaseModel
+
+from deployments.core.denoising import image_tokens
+from serve_app.errors import api_error_for, error_info
+from serve_app.pipeline import RequestPlan
+from serve_app.protocol import (
+    ImageCompletedEvent,
+    ImageOptions,
+    ImagePartialEvent,
+    ImageResult,
+    PartialImage,
+    ProgressEvent,
+    StepDone,
+    StreamErrorEvent,
+    StreamUsage,
+)
+
+StreamKind = Literal["image_generation", "image_edit"]
+StreamItem = StepDone | PartialImage | ImageResult
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def sse(event: BaseModel) -> bytes:
+    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
+
+
+class StreamEvents:
+    """Turns a streamed run's items into the wire events of one request."""
+
+    def __init__(self, kind: StreamKind, req: ImageOptions, plan: RequestPlan):
+        self.kind = kind
+        self.plan = plan
+        self.settings = dict(
+            size=f"{plan.width}x{plan.height}",
+            quality=req.quality if req.quality in ("low", "medium", "high") else "auto",
+            background=req.background or "auto",
+            output_format=plan.output_format,
+        )
+
+    def encode(self, item: StreamItem) -> bytes:
+        if isinstance(item, StepDone):
+            return sse(ProgressEvent(step=item.step, steps=item.steps, elapsed=round(item.elapsed_s, 3)))
+        created = int(time.time())
+        if isinstance(item, PartialImage):
+            return sse(ImagePartialEvent(type=f"{self.kind}.partial_image", b64_json=_b64(item.data),
+                                         created_at=created, partial_image_index=item.index, **self.settings))
+        image = item.images[0]
+        return sse(ImageCompletedEvent(
+            type=f"{self.kind}.completed", b64_json=_b64(image.data), created_at=created,
+            usage=self.usage(item.prompt_tokens), seed=image.seed, revised_prompt=image.revised_prompt,
+            timings=item.timings, random_weights=item.random_weights, **self.settings,
+        ))
+
+    def usage(self, text_tokens: int) -> StreamUsage:
+        """DiT tokens: the caption's, the upload's patches (edits) and the output's patches."""
+        output = image_tokens(self.plan.width, self.plan.height)
+        upload = output if self.plan.init_image is not None else 0
+        details = StreamUsage.InputDetails(image_tokens=upload, text_tokens=text_tokens)
+        return StreamUsage(input_tokens=upload + text_tokens, input_tokens_details=details, output_tokens=output,
+                           total_tokens=upload + text_tokens + output)
+
+
+async def sse_body(first: StreamItem, rest: AsyncIterator[StreamItem], events: StreamEvents) -> AsyncIterator[bytes]:
+    """The response body: `first` (already received, so that earlier failures were plain JSON errors),
+    then the rest; a failure becomes an `error` event and ends the stream."""
+    yield events.encode(first)
+    try:
+        async for item in rest:
+            yield events.encode(item) if isinstance(item, StepDone) else await asyncio.to_thread(events.encode, item)
+    except Exception as exc:
+        yield sse(StreamErrorEvent(error=error_info(api_error_for(exc))))

@@ -1,0 +1,131 @@
+"""The web page at `/` in a real headless Chromium (Debian's package, driven by Playwright) against
+the served app: generate with live progress, transform an upload, an API error, keyboard tabs, and a
+phone-width screen. Screenshots go to tests/artifacts/ (git-ignored).
+
+Without /usr/bin/chromium the test fails; ZIMAGE_SKIP_BROWSER=1 skips it explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = os.environ.get("ZIMAGE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+# Records every step count and partial image the page shows, however fast they pass.
+WATCH_PROGRESS = """() => {
+  window.seen = {steps: [], partials: 0};
+  new MutationObserver(() => {
+    for (const el of document.querySelectorAll('#cards .steps')) {
+      if (window.seen.steps.at(-1) !== el.textContent) window.seen.steps.push(el.textContent);
+    }
+    for (const img of document.querySelectorAll('#cards img[alt^="Partial image"]')) {
+      if (img.dataset.counted !== img.src.length + img.alt) { img.dataset.counted = img.src.length + img.alt; window.seen.partials++; }
+    }
+  }).observe(document.getElementById('cards'), {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if os.environ.get("ZIMAGE_SKIP_BROWSER") == "1":
+        pytest.skip("ZIMAGE_SKIP_BROWSER=1")
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def set_range(page, selector: str, value: int) -> None:
+    page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
+
+
+def upload_png(tmp_path: Path) -> Path:
+    ys, xs = np.mgrid[0:640, 0:512]
+    pixels = np.stack([xs * 255 // 511, ys * 255 // 639, np.full_like(xs, 128)], axis=-1).astype(np.uint8)
+    path = tmp_path / "upload.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, browser, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_visible("#random-banner")  # tiny has random weights
+    assert page.locator("#g-aspect option").count() == 19  # the 18 presets and "Custom"
+    assert "Watercolor" in page.locator("#g-style").inner_text()
+
+    # keyboard: the tablist switches with the arrow keys
+    page.focus("#tab-generate")
+    page.keyboard.press("ArrowRight")
+    assert page.get_attribute("#tab-transform", "aria-selected") == "true" and page.is_visible("#panel-transform")
+    assert page.evaluate("document.activeElement.id") == "tab-transform"
+    page.keyboard.press("ArrowLeft")
+    assert page.is_visible("#panel-generate") and not page.is_visible("#panel-transform")
+
+    # generate: an example fills the form; a custom small size, 4 steps, seed 7; progress is watched
+    page.click("#examples button >> nth=0")
+    assert "lighthouse" in page.input_value("#g-prompt")
+    page.select_option("#g-aspect", "custom")
+    page.fill("#g-width", "512")
+    page.fill("#g-height", "512")
+    set_range(page, "#g-steps", 4)
+    page.fill("#g-seed", "7")
+    page.evaluate(WATCH_PROGRESS)
+    page.click("#panel-generate button[type=submit]")
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    assert page.inner_text("#cards .seed") == "7"
+    assert page.get_attribute("#cards .frame img", "src").startswith("data:image/png;base64,")
+    seen = page.evaluate("window.seen")
+    assert "Step 1 of 4" in seen["steps"] and "Step 4 of 4" in seen["steps"], seen
+    assert seen["partials"] >= 1, seen
+    page.screenshot(path=str(ARTIFACTS / "page-desktop.png"))
+
+    # an error from the API is shown as it comes
+    page.fill("#g-width", "500")
+    page.click("#panel-generate button[type=submit]")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not a multiple of 16" in page.inner_text("#error")
+
+    # transform an uploaded file: the result follows the upload's size
+    page.click("#tab-transform")
+    page.set_input_files("#t-file", str(upload_png(tmp_path)))
+    page.wait_for_selector("#t-preview", state="visible")  # once the file has loaded
+    page.fill("#t-prompt", "the same gradient at night")
+    set_range(page, "#t-steps", 4)
+    page.fill("#t-seed", "3")
+    page.click("#panel-transform button[type=submit]")
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    assert page.is_hidden("#error")
+    assert page.inner_text("#cards .seed") == "3"
+    assert "512x640" in page.inner_text("#cards .meta")
+    assert page.locator("#history li").count() == 2
+    page.screenshot(path=str(ARTIFACTS / "page-transform.png"), full_page=True)
+
+    # a phone-width screen: nothing wider than the viewport
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.click("#tab-generate")
+    overflow = page.evaluate("""() => Array.from(document.querySelectorAll('body *'))
+        .filter(el => el.getClientRects().length && el.getBoundingClientRect().right > window.innerWidth + 1)
+        .map(el => el.id || el.className || el.tagName)""")
+    assert overflow == []
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
+    print(f"screenshots in {ARTIFACTS}")
+
