@@ -194,6 +194,7 @@ class Denoiser(StageBase):
                 self.unbatched_jobs.remove(job)
         except DeadlineExceeded:
             self.expired += 1
+            self.denoiser_metrics.expired.inc()
             raise
 
     def pending_work(self) -> PendingWork:

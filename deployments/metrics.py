@@ -169,12 +169,13 @@ class MethodObserver:
 
 
 class DenoiserMetrics:
-    """The Denoiser's own: the active scheduling policy. Its image steps, per-step time, images per
+    """The Denoiser's own: the active scheduling policy and expired jobs. Its image steps, per-step time, images per
     step, images running and dropped jobs are the stage metrics of method `step`."""
 
     def __init__(self, policies: Sequence[str]) -> None:
         self.policies = tuple(policies)
         self.policy = gauge("zimage_denoiser_scheduling_policy", "1 for the active scheduling policy.", ("policy",))
+        self.expired = counter("zimage_denoiser_expired", "Jobs dropped because their request's deadline passed.")
 
     def set_policy(self, active: str) -> None:
         for name in self.policies:

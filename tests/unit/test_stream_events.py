@@ -39,7 +39,8 @@ def test_an_api_error_mid_stream_is_sent_as_an_error_event_in_openai_shape():
     assert [name for name, _ in events] == ["zimage.progress", "zimage.progress", "error"]
     assert [data["step"] for _, data in events[:2]] == [1, 2]
     assert events[-1][1] == {"type": "error", "error": {"message": "The request did not finish in time; retry shortly.",
-                                                       "type": "server_overloaded", "param": None, "code": "timeout"}}
+                                                       "type": "server_overloaded", "param": None, "code": "timeout",
+                                                       "request_id": None}}  # no Serve request here
 
 
 def test_an_internal_failure_mid_stream_says_nothing_internal():
