@@ -132,3 +132,13 @@ def test_json_with_base64_images_is_the_json_encoders_text():
     body = json_with_base64_images(payload, images)
     assert json.loads(body) == expected
     assert body == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("compression", [None, 70, 0, 99])
+def test_jpeg_output_is_byte_for_byte_what_pillow_writes(compression):
+    """JPEG goes through imagecodecs for speed; it must write exactly Pillow's bytes at the same quality."""
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (320, 480, 3), dtype=np.uint8))
+    quality = 90 if compression is None else max(1, 100 - compression)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG", quality=quality)
+    assert encode_output(pixels, "jpeg", compression) == buffer.getvalue()
