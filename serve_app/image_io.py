@@ -44,7 +44,8 @@ def encode_output(pixels: torch.Tensor, output_format: str, compression: int | N
         return encode_png(pixels.numpy(), PNG_COMPRESS_LEVEL)
     quality = DEFAULT_LOSSY_QUALITY if compression is None else max(1, 100 - compression)
     if output_format == "jpeg":
-        return bytes(imagecodecs.jpeg8_encode(pixels.numpy(), level=quality))
+        # the decoder's pixels are a permuted (non-contiguous) view; libjpeg reads rows contiguously
+        return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels.numpy()), level=quality))
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, format="WEBP", quality=quality)
     return buffer.getvalue()

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.stage_base import deep_merge
-from serve_app import access_log
+from serve_app import access_log, request_io
 from serve_app.access_log import AccessRecord
 from serve_app.config import ApiLimits
 from serve_app.errors import (
@@ -176,16 +175,7 @@ class Ingress:
         try:
             self._authorize(request)
             timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
-            self._require_content_type(request, "application/json")
-            body = await self._read_body(request, self.limits.max_body_bytes)
-            try:
-                data = json.loads(body)
-            except RecursionError:
-                raise bad_request("The request body nests too deeply.", code="invalid_json") from None
-            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
-                raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-            if not isinstance(data, dict):
-                raise bad_request("The request body must be a JSON object.", code="invalid_json")
+            data = await request_io.read_json_object(request, self.limits.max_body_bytes)
             parsed = ImageGenerationRequest.model_validate(data)
             plan = plan_request(parsed, None, self.limits, self.model_name)
             if parsed.stream:
@@ -204,18 +194,8 @@ class Ingress:
         try:
             self._authorize(request)
             timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
-            self._require_content_type(request, "multipart/form-data")
-            self._check_declared_length(request, self.limits.max_upload_bytes + self.limits.max_body_bytes)
-            try:
-                form = await request.form(max_files=2, max_fields=64, max_part_size=self.limits.max_body_bytes)
-            except ApiError:
-                raise
-            except Exception as exc:
-                raise bad_request(f"The multipart body could not be parsed: {exc}", code="invalid_multipart") from None
-            try:
-                fields, image_bytes = await self._split_form(form)
-            finally:
-                await form.close()
+            fields, image_bytes = await request_io.read_edit_form(request, self.limits.max_body_bytes,
+                                                                  self.limits.max_upload_bytes)
             parsed = ImageEditRequest.model_validate(fields)
             init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
             plan = plan_request(parsed, init, self.limits, self.model_name)
@@ -330,50 +310,6 @@ class Ingress:
         if not 0 < value < float("inf"):
             raise bad_request(f"{param} must be a positive number of seconds.", param=param, code="invalid_timeout")
         return min(value, cap)
-
-    @staticmethod
-    def _require_content_type(request: Request, expected: str) -> None:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type != expected:
-            raise ApiError(415, f"Content-Type must be {expected}, got {content_type or 'none'}.",
-                           code="unsupported_media_type")
-
-    @staticmethod
-    def _check_declared_length(request: Request, cap: int) -> None:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise ApiError(413, f"The request body is {declared} bytes, over the limit of {cap}.",
-                           code="request_too_large")
-
-    async def _read_body(self, request: Request, cap: int) -> bytes:
-        self._check_declared_length(request, cap)
-        chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                raise ApiError(413, f"The request body is over the limit of {cap} bytes.", code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _split_form(self, form) -> tuple[dict, bytes]:
-        fields: dict = {}
-        images = []
-        for key, value in form.multi_items():
-            if key in ("image", "image[]"):
-                images.append(value)
-            elif key == "mask":
-                raise bad_request("Masks are not supported; the whole image is edited.", param="mask",
-                                  code="unsupported_parameter")
-            elif hasattr(value, "read"):
-                raise bad_request(f"Unexpected file field '{key}'.", param=key, code="unknown_parameter")
-            else:
-                fields[key] = value
-        if not images:
-            raise ApiError(400, "Missing required parameter: 'image'.", param="image", code="missing_required_parameter")
-        if len(images) > 1 or not hasattr(images[0], "read"):
-            raise bad_request("Send exactly one image file.", param="image", code="invalid_image")
-        data = await images[0].read(self.limits.max_upload_bytes + 1)
-        return fields, data
 
     @contextlib.contextmanager
     def _admitted(self):

@@ -137,7 +137,8 @@ def test_json_with_base64_images_is_the_json_encoders_text():
 @pytest.mark.parametrize("compression", [None, 70, 0, 99])
 def test_jpeg_output_is_byte_for_byte_what_pillow_writes(compression):
     """JPEG goes through imagecodecs for speed; it must write exactly Pillow's bytes at the same quality."""
-    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (320, 480, 3), dtype=np.uint8))
+    # as the VaeDecoder returns them: a channels-first tensor permuted to [H, W, 3], not contiguous
+    pixels = torch.from_numpy(np.random.default_rng(3).integers(0, 255, (3, 320, 480), dtype=np.uint8)).permute(1, 2, 0)
     quality = 90 if compression is None else max(1, 100 - compression)
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, format="JPEG", quality=quality)

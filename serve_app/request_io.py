@@ -1,0 +1,86 @@
+"""Reading an HTTP request's body within its caps: a JSON object, or an edit's multipart form.
+
+Every problem is an `ApiError` with its status (413 over a cap, 415 a wrong Content-Type, 400 a body
+that does not parse), raised before anything is decoded past the cap.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from serve_app.errors import ApiError, bad_request
+
+
+def require_content_type(request: Request, expected: str) -> None:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != expected:
+        raise ApiError(415, f"Content-Type must be {expected}, got {content_type or 'none'}.",
+                       code="unsupported_media_type")
+
+
+def check_declared_length(request: Request, cap: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, f"The request body is {declared} bytes, over the limit of {cap}.", code="request_too_large")
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    check_declared_length(request, cap)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > cap:
+            raise ApiError(413, f"The request body is over the limit of {cap} bytes.", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
+    """The body as a JSON object; deep nesting and integers past Python's digit limit are 400s too."""
+    require_content_type(request, "application/json")
+    body = await read_body(request, cap)
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise bad_request("The request body nests too deeply.", code="invalid_json") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit
+        raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+async def read_edit_form(request: Request, max_field_bytes: int, max_upload_bytes: int) -> tuple[dict, bytes]:
+    """(the text fields, the one image file's bytes) of an edit's multipart body."""
+    require_content_type(request, "multipart/form-data")
+    check_declared_length(request, max_upload_bytes + max_field_bytes)
+    try:
+        form = await request.form(max_files=2, max_fields=64, max_part_size=max_field_bytes)
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise bad_request(f"The multipart body could not be parsed: {exc}", code="invalid_multipart") from None
+    try:
+        fields: dict = {}
+        images = []
+        for key, value in form.multi_items():
+            if key in ("image", "image[]"):
+                images.append(value)
+            elif key == "mask":
+                raise bad_request("Masks are not supported; the whole image is edited.", param="mask",
+                                  code="unsupported_parameter")
+            elif hasattr(value, "read"):
+                raise bad_request(f"Unexpected file field '{key}'.", param=key, code="unknown_parameter")
+            else:
+                fields[key] = value
+        if not images:
+            raise ApiError(400, "Missing required parameter: 'image'.", param="image",
+                           code="missing_required_parameter")
+        if len(images) > 1 or not hasattr(images[0], "read"):
+            raise bad_request("Send exactly one image file.", param="image", code="invalid_image")
+        return fields, await images[0].read(max_upload_bytes + 1)
+    finally:
+        await form.close()
