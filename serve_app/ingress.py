@@ -358,6 +358,7 @@ class Ingress:
         record.describe(plan)
         items = self._admit_and_stream(plan, req.partial_images or 0, timeout_s)
         first = await anext(items)
+        self.metrics.streamed(record)
         headers = {**SSE_HEADERS, **({"X-Random-Weights": "true"} if self.random_weights else {})}
         body = sse_body(first, items, StreamEvents(kind, req, plan))
         return StreamingResponse(self._logged(body, record), media_type="text/event-stream", headers=headers)

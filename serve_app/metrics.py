@@ -1,7 +1,7 @@
 """The Ingress's Prometheus metrics, through Ray Serve's metrics API (see deployments/metrics.py).
 
-Recorded once per request from its `AccessRecord`. Time to first byte of streamed responses is not
-here yet: responses are not streamed.
+Recorded once per request from its `AccessRecord`; a streamed response also records its time to
+first byte (the first step's event, sent before anything else) when its headers go out.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ class IngressMetrics:
                                  LATENCY_BOUNDARIES, ("route", "size_class"))
         self.images = counter("zimage_images", "Images produced.", ("route",))
         self.in_flight = gauge("zimage_requests_in_flight", "Requests admitted and running through the stages.")
+        self.first_byte = histogram("zimage_stream_first_byte_seconds",
+                                    "Streamed responses: time until the headers and first event go out.",
+                                    LATENCY_BOUNDARIES, ("route", "size_class"))
+
+    def streamed(self, request: AccessRecord) -> None:
+        self.first_byte.observe(request.seconds, {"route": request.route,
+                                                  "size_class": size_class(request.width, request.height)})
 
     def record(self, request: AccessRecord) -> None:
         self.requests.inc(1, {"route": request.route, "status": str(request.status), "code": request.code or ""})
