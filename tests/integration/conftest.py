@@ -7,6 +7,7 @@ tests that need other settings change its live `user_config`, as an operator wou
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import os
 import socket
@@ -41,13 +42,20 @@ def base_args(cache_dir) -> dict:
     }
 
 
+def off_loop(call):
+    """`call()` on a thread of its own: a handle's blocking `.result()` refuses to run where an event
+    loop is running, as under Playwright's sync API."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(call).result()
+
+
 @dataclass
 class ServedApp:
     url: str
     args: dict
-
     port: int
     metrics_port: int
+    last_check: object = None  # what the last readiness check of a deploy saw
 
     def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300) -> None:
         """Deploys from a config, as `serve deploy` does. `deployments` overrides per-deployment options;
@@ -72,24 +80,29 @@ class ServedApp:
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"deploy failed: {status.message}")
             time.sleep(0.5)
-        raise TimeoutError(f"{APP_NAME} not running after {timeout_s}s")
+        details = {name: (d.status, d.message) for name, d in status.deployments.items()} if status else None
+        raise TimeoutError(f"{APP_NAME} not running after {timeout_s}s: {details}; last Denoiser check: "
+                           f"{self.last_check}")
 
     def _denoiser_config_applied(self, deployments: list[dict]) -> bool:
-        """RUNNING can still describe the previous config for a moment after a redeploy."""
+        """RUNNING can still describe the previous config for a moment after a redeploy; what the last
+        check saw is kept for the timeout's message."""
         wanted = self.args["denoiser"]["user_config"]
         for item in deployments:
             if item["name"] == "Denoiser":
                 wanted = item.get("user_config", wanted)
         try:
             config = self.stats("Denoiser")["config"]
-        except Exception:
+        except Exception as exc:
+            self.last_check = repr(exc)
             return False
+        self.last_check = config
         return all(config.get(k) == v for k, v in wanted.items())
 
     def stats(self, deployment: str) -> dict:
         from ray import serve
 
-        return serve.get_deployment_handle(deployment, APP_NAME).stats.remote().result(timeout_s=30)
+        return off_loop(lambda: serve.get_deployment_handle(deployment, APP_NAME).stats.remote().result(timeout_s=30))
 
     @staticmethod
     def logs_dir() -> str:
@@ -102,7 +115,7 @@ class ServedApp:
         from ray import serve
 
         for name in ("TextEncoder", "Denoiser", "VaeDecoder"):
-            serve.get_deployment_handle(name, APP_NAME).reset_stats.remote().result(timeout_s=30)
+            off_loop(lambda: serve.get_deployment_handle(name, APP_NAME).reset_stats.remote().result(timeout_s=30))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The web page at `/` in a real headless Chromium (Debian's package, driven by Playwright) against
-the served app: generate with live progress, transform an upload, an API error, keyboard tabs, and a
-phone-width screen. Screenshots go to tests/artifacts/ (git-ignored).
+the served app: generate with live progress, transform an upload, an API error, keyboard tabs, a
+phone-width screen, and keys switched on. Screenshots go to tests/artifacts/ (git-ignored).
 
 Without /usr/bin/chromium the test fails; ZIMAGE_SKIP_BROWSER=1 skips it explicitly.
 """
@@ -129,3 +129,33 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
     print(f"screenshots in {ARTIFACTS}")
 
+
+
+def test_with_keys_on_the_page_loads_without_one_and_sends_the_key_typed(served, browser):
+    """Keys switched on live (an Ingress user_config override of the key digests): the page and its
+    settings load without a key, the key box opens, a request without a key shows the API's 401
+    message, and with the typed key the same request succeeds."""
+    import hashlib
+
+    digest = hashlib.sha256(b"page-test-key").hexdigest()
+    served.deploy([{"name": "Ingress", "user_config": {"api": {"api_key_sha256": [digest]}}}])
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(served.url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.get_attribute("#key-box", "open") is not None  # the key box opens by itself
+        page.fill("#g-prompt", "a lighthouse behind a key")
+        page.select_option("#g-aspect", "custom")
+        page.fill("#g-width", "512")
+        page.fill("#g-height", "512")
+        set_range(page, "#g-steps", 4)
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "API key" in page.inner_text("#error")
+        page.fill("#api-key", "page-test-key")
+        page.click("#key-save")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+        assert page.is_hidden("#error")
+    finally:
+        served.deploy()
