@@ -90,7 +90,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         if all(plain_parts):
             rows.append({"stage": "total", "size": size, "variant": "plain",
                          "median_ms": sum(p["median_ms"] for p in plain_parts)})
-        for variant in ("ours_bf16", "ours_fp8"):
+        for variant in ("ours_bf16", "ours_fp8", "ours_fp8_fused", "ours_fp8_fused_bf16attn"):
             parts = (text_ours, by_key.get(("dit_8steps", size, variant)), vae_ours)
             if all(parts):
                 rows.append({"stage": "total", "size": size, "variant": variant,
@@ -108,7 +108,7 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
             flops, repeat = by_key.get(("dit_step", r["size"], step_variant)) or {}, steps
         if flops.get("flops_linear") and results["meta"]["device"] != "cpu":
             parts = {"linear": repeat * flops["flops_linear"], "attention": repeat * flops["flops_attention"]}
-            r["floor_ms"] = floor_ms(parts, fp8=r["variant"].endswith("fp8"))
+            r["floor_ms"] = floor_ms(parts, fp8="fp8" in r["variant"])
             r["floor_share"] = r["floor_ms"] / r["median_ms"]
     return rows
 
@@ -181,6 +181,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae-channels-last", action="store_true", help="compiled VAE in channels-last layout")
     p.add_argument("--dynamic", default="marked", choices=sorted(DYNAMIC),
                    help="DiT shapes: batch and sequence dims marked dynamic, dynamo's automatic, or static")
+    p.add_argument("--fp8-kernels", default="inductor",
+                   help="FP8 variants to run, comma separated: inductor (torchao + inductor), fused (our Triton "
+                        "kernels + cuDNN FP8 attention), fused-bf16-attention")
     p.add_argument("--fp8-tune", action="store_true", help="let torchao turn on coordinate-descent tuning")
     p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, eager on the CPU smoke run")
     p.add_argument("--cache-dir", default=None, help="compile cache directory (default: a fresh one, so cold)")

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels defined from here on run in Triton's interpreter on CPU tensors
+    # (tests/unit/test_fused_fp8.py); the choice is made when a kernel is defined, so before imports.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from deployments.core.local_pipeline import LocalPipeline
 from deployments.core.model_source import resolve_model_source
 

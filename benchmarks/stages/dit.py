@@ -162,7 +162,7 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
         bench.write()
 
 
-def _optimize(bench: Bench, transformer: Any, precision: str) -> None:
+def _optimize(bench: Bench, transformer: Any, precision: str, fp8_kernels: str = "inductor") -> None:
     """Our DiT rewrite as the benchmark's options ask, timed (compiling happens on the first call)."""
     t0 = time.perf_counter()
     optimize.optimize_transformer(
@@ -174,8 +174,11 @@ def _optimize(bench: Bench, transformer: Any, precision: str) -> None:
         dynamic=DYNAMIC[bench.args.dynamic],
         tune_inductor=bench.args.fp8_tune,
         backend=bench.backend,
+        fp8_kernels=fp8_kernels,
     )
-    bench.results["compile"][f"ours_{precision}_rewrite_s"] = time.perf_counter() - t0
+    bench.results["compile"][f"{fp8_variant(fp8_kernels) if precision == 'fp8' else 'ours_bf16'}_rewrite_s"] = (
+        time.perf_counter() - t0
+    )
 
 
 def section_dit_bf16(bench: Bench, source: Any, state: dict[str, Any]) -> None:
@@ -200,12 +203,32 @@ def section_dit_bf16(bench: Bench, source: Any, state: dict[str, Any]) -> None:
         bench.write()
 
 
+FP8_VARIANTS = {"inductor": "ours_fp8", "fused": "ours_fp8_fused", "fused-bf16-attention": "ours_fp8_fused_bf16attn"}
+
+
+def fp8_variant(fp8_kernels: str) -> str:
+    return FP8_VARIANTS[fp8_kernels]
+
+
 def section_dit_fp8(bench: Bench, source: Any, state: dict[str, Any]) -> None:
+    """Each of `--fp8-kernels` in turn, on a freshly loaded transformer, in this one run."""
     try:
         fp8.check_fp8_support(bench.device)
     except fp8.Fp8UnsupportedError as exc:
         bench.note(f"fp8 skipped: {exc}")
         return
+    for kernels in bench.args.fp8_kernels.split(","):
+        try:
+            _dit_fp8_variant(bench, source, state, kernels)
+        except Exception as exc:  # noqa: BLE001 - the next variant still gives data
+            bench.note(f"fp8 {kernels} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            import traceback
+
+            traceback.print_exc()
+
+
+def _dit_fp8_variant(bench: Bench, source: Any, state: dict[str, Any], kernels: str) -> None:
+    variant = fp8_variant(kernels)
     state.pop("pipe", None)
     state.pop("transformer", None)
     torch._dynamo.reset()  # compiled graphs may hold the bf16 blocks alive
@@ -215,10 +238,11 @@ def section_dit_fp8(bench: Bench, source: Any, state: dict[str, Any]) -> None:
     if bench.cuda:
         torch.cuda.reset_peak_memory_stats(bench.device)
     transformer = loading.load_transformer(source, bench.device, bench.dtype)
-    _optimize(bench, transformer, "fp8")
+    _optimize(bench, transformer, "fp8", kernels)
     bench.free()
+    suffix = variant.removeprefix("ours_fp8")
     if bench.cuda:
-        bench.results["dit_fp8_weights_gb"] = bench.allocated_gb() - before
-        bench.results["dit_fp8_load_peak_gb"] = torch.cuda.max_memory_allocated(bench.device) / 2**30 - before
+        bench.results[f"dit_fp8{suffix}_weights_gb"] = bench.allocated_gb() - before
+        bench.results[f"dit_fp8{suffix}_load_peak_gb"] = torch.cuda.max_memory_allocated(bench.device) / 2**30 - before
     state["transformer"] = transformer
-    _ours_dit(bench, source, loading.load_scheduler(source), state, transformer, "ours_fp8")
+    _ours_dit(bench, source, loading.load_scheduler(source), state, transformer, variant)

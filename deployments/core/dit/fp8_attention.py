@@ -1,0 +1,267 @@
+"""FP8 attention for the DiT's joint image + caption sequence: cuDNN's FP8 SDPA on Hopper.
+
+Attention is about a quarter of a 1024x1024 step in bf16 (cuDNN, ~530 TFLOP/s). cuDNN's FP8 flash
+attention (through the cuDNN frontend's Python graph API, package `nvidia-cudnn-frontend`) runs
+Q K^T and P V on FP8 tensor cores with one scale per tensor:
+
+- `qkv_norm_rope_quant` (Triton, one program per token, every head): the per-head RMS norms of q and
+  k, the rotary embedding, and the cast of q, k and v to FP8, reading the fused q/k/v GEMM's output
+  once. q and k take a static scale: after an RMS norm with weight `w` every rotated pair has norm
+  at most `sqrt(head_dim) * max|w|`, so that bound maps to 448 and nothing can overflow (FP8 is a
+  floating-point format: a loose bound costs range at the bottom, not precision). v takes its
+  tensor's absolute maximum, one small reduction before the kernel.
+- `sdpa_fp8`: the cuDNN graph, built once per (batch, sequence, heads, head_dim) and cached. Hopper
+  writes the output in FP8; every output row is a convex combination of v's rows, so v's scale
+  bounds it exactly and the output projection takes it as is (`descale_v` per row), with no
+  quantization pass in between.
+
+Masks: cuDNN's FP8 path here takes no key-padding mask; masked calls (ragged batches) stay on the
+bf16 path (`fused_block`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from deployments.core.dit.fused_quant import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, triton
+
+SOFTMAX_SCALE = FP8_MAX  # P is in [0, 1]: 1 maps to 448
+
+
+def qk_static_scales(norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor) -> torch.Tensor:
+    """`[2]` float32: the dequantization scales of q and k (bound / 448), from the norms' weights."""
+    head_dim = norm_q_weight.numel()
+    bounds = torch.stack([norm_q_weight.detach().float().abs().max(), norm_k_weight.detach().float().abs().max()])
+    return (bounds * math.sqrt(head_dim)).clamp_min(AMAX_FLOOR) / FP8_MAX
+
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _norm_rope_quant_head(src_ptr, dst_ptr, w_ptr, src_row, dst_row, cos, sin, descale, heads, eps,
+                              HEADS: tl.constexpr, HALF: tl.constexpr):
+        head = tl.arange(0, HEADS)[:, None]
+        pair = tl.arange(0, HALF)[None, :]
+        mask = head < heads
+        even = head * (2 * HALF) + 2 * pair
+        e = tl.load(src_ptr + src_row + even, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(src_ptr + src_row + even + 1, mask=mask, other=0.0).to(tl.float32)
+        rms = tl.rsqrt((tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)) / (2 * HALF) + eps)[:, None]
+        e = e * rms * tl.load(w_ptr + 2 * pair).to(tl.float32)
+        o = o * rms * tl.load(w_ptr + 2 * pair + 1).to(tl.float32)
+        rotated_e = (e * cos - o * sin) / descale
+        rotated_o = (e * sin + o * cos) / descale
+        tl.store(dst_ptr + dst_row + even, tl.clamp(rotated_e, -448.0, 448.0).to(dst_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst_ptr + dst_row + even + 1, tl.clamp(rotated_o, -448.0, 448.0).to(dst_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _qkv_norm_rope_quant_kernel(qkv_ptr, wq_ptr, wk_ptr, rope_ptr, qk_descale_ptr, v_descale_ptr,
+                                    q_ptr, k_ptr, v_ptr, heads, eps_q, eps_k,
+                                    HEADS: tl.constexpr, HALF: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        width = heads * 2 * HALF
+        src_row = row * 3 * width
+        dst_row = row * width
+        pair = tl.arange(0, HALF)[None, :]
+        cos = tl.load(rope_ptr + row * 2 * HALF + 2 * pair)
+        sin = tl.load(rope_ptr + row * 2 * HALF + 2 * pair + 1)
+        _norm_rope_quant_head(qkv_ptr, q_ptr, wq_ptr, src_row, dst_row, cos, sin, tl.load(qk_descale_ptr),
+                              heads, eps_q, HEADS, HALF)
+        _norm_rope_quant_head(qkv_ptr, k_ptr, wk_ptr, src_row + width, dst_row, cos, sin,
+                              tl.load(qk_descale_ptr + 1), heads, eps_k, HEADS, HALF)
+        head = tl.arange(0, HEADS)[:, None]
+        col = head * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        mask = head < heads
+        v = tl.load(qkv_ptr + src_row + 2 * width + col, mask=mask, other=0.0).to(tl.float32)
+        v = tl.clamp(v / tl.load(v_descale_ptr), -448.0, 448.0)
+        tl.store(v_ptr + dst_row + col, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+    @torch.library.triton_op("zimage::qkv_norm_rope_quant", mutates_args=())
+    def _qkv_norm_rope_quant_op(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                                rope: torch.Tensor, qk_descale: torch.Tensor, v_descale: torch.Tensor,
+                                heads: int, eps_q: float, eps_k: float
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = qkv.shape[0]
+        width = qkv.shape[1] // 3
+        q, k, v = (torch.empty((rows, width), dtype=FP8_DTYPE, device=qkv.device) for _ in range(3))
+        half = width // heads // 2
+        torch.library.wrap_triton(_qkv_norm_rope_quant_kernel)[(rows,)](
+            qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale, q, k, v, heads, eps_q, eps_k,
+            HEADS=triton.next_power_of_2(heads), HALF=half, num_warps=8,
+        )
+        return q, k, v
+
+
+def v_descale_of(qkv: torch.Tensor) -> torch.Tensor:
+    """`[1]` float32: v's dequantization scale, its absolute maximum over 448."""
+    width = qkv.shape[-1] // 3
+    return (qkv[..., 2 * width:].abs().amax().float().clamp_min(AMAX_FLOOR) / FP8_MAX).reshape(1)
+
+
+def qkv_norm_rope_quant(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                        rope: torch.Tensor, qk_descale: torch.Tensor, heads: int, eps_q: float, eps_k: float,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`qkv` `[rows, 3 * heads * head_dim]` bf16 and `rope` `[rows, head_dim / 2, 2]` float32 (cos, sin)
+    -> FP8 q, k, v `[rows, heads * head_dim]` and v's `[1]` dequantization scale."""
+    v_descale = v_descale_of(qkv)
+    if triton is None or qkv.device.type != "cuda":
+        q, k, v = qkv_norm_rope_quant_reference(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale,
+                                                heads, eps_q, eps_k)
+        return q, k, v, v_descale
+    q, k, v = torch.ops.zimage.qkv_norm_rope_quant(qkv, norm_q_weight, norm_k_weight, rope, qk_descale,
+                                                   v_descale, heads, eps_q, eps_k)
+    return q, k, v, v_descale
+
+
+def qkv_norm_rope_reference(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                            rope: torch.Tensor, heads: int, eps_q: float, eps_k: float
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 q, k (normed, rotated) and v, each `[rows, heads, head_dim]`: the attention's inputs."""
+    rows = qkv.shape[0]
+    q, k, v = qkv.float().reshape(rows, 3, heads, -1).unbind(1)
+    cos, sin = rope[..., 0].float().unsqueeze(1), rope[..., 1].float().unsqueeze(1)
+
+    def norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+    return norm_rope(q, norm_q_weight, eps_q), norm_rope(k, norm_k_weight, eps_k), v
+
+
+def qkv_norm_rope_quant_reference(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
+                                  rope: torch.Tensor, qk_descale: torch.Tensor, v_descale: torch.Tensor,
+                                  heads: int, eps_q: float, eps_k: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`qkv_norm_rope_quant` in float32, eagerly (CPU, and the tests' reference)."""
+    rows = qkv.shape[0]
+    q, k, v = qkv_norm_rope_reference(qkv, norm_q_weight, norm_k_weight, rope, heads, eps_q, eps_k)
+
+    def cast(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+        return (x / descale).clamp(-FP8_MAX, FP8_MAX).reshape(rows, -1).to(FP8_DTYPE)
+
+    return cast(q, qk_descale[0]), cast(k, qk_descale[1]), cast(v, v_descale)
+
+
+class _CudnnFp8Sdpa:
+    """cuDNN FP8 SDPA graphs, one per (device, batch, sequence, heads, head_dim), built on first use."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[int, ...], tuple] = {}
+        self._handles: dict[int, object] = {}
+        self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def _handle(self, device: torch.device):
+        import cudnn
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._handles:
+            with torch.cuda.device(index):
+                self._handles[index] = cudnn.create_handle()
+                self._constants[index] = (
+                    torch.full((1, 1, 1, 1), 1.0 / SOFTMAX_SCALE, dtype=torch.float32, device=device),
+                    torch.full((1, 1, 1, 1), SOFTMAX_SCALE, dtype=torch.float32, device=device),
+                )
+        return index, self._handles[index]
+
+    def _graph(self, index: int, handle, batch: int, seq: int, heads: int, head_dim: int):
+        key = (index, batch, seq, heads, head_dim)
+        if key in self._graphs:
+            return self._graphs[key]
+        import cudnn
+
+        fp8, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        graph = cudnn.pygraph(io_data_type=fp8, intermediate_data_type=fp32, compute_data_type=fp32, handle=handle)
+        dims = [batch, heads, seq, head_dim]
+        strides = [seq * heads * head_dim, head_dim, heads * head_dim, 1]  # [B, S, H, D] in memory
+        q, k, v = (graph.tensor(name=n, dim=dims, stride=strides, data_type=fp8) for n in ("q", "k", "v"))
+        scalars = [graph.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
+                   for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+        out, _, amax_s, amax_o = graph.sdpa_fp8(
+            q=q, k=k, v=v, descale_q=scalars[0], descale_k=scalars[1], descale_v=scalars[2],
+            descale_s=scalars[3], scale_s=scalars[4], scale_o=scalars[5],
+            generate_stats=False, attn_scale=1.0 / math.sqrt(head_dim), use_causal_mask=False, name="sdpa_fp8",
+        )
+        out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(fp8)
+        for amax in (amax_s, amax_o):
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(fp32)
+        graph.validate()
+        graph.build_operation_graph()
+        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        graph.check_support()
+        graph.build_plans()
+        entry = (graph, (q, k, v, *scalars, out, amax_s, amax_o), graph.get_workspace_size())
+        self._graphs[key] = entry
+        return entry
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
+                 descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int) -> torch.Tensor:
+        import cudnn
+
+        batch, seq, width = q.shape
+        head_dim = width // heads
+        with self._lock:
+            index, handle = self._handle(q.device)
+            graph, tensors, workspace_size = self._graph(index, handle, batch, seq, heads, head_dim)
+        descale_s, scale_s = self._constants[index]
+        out = torch.empty_like(q)
+        amax = torch.empty(2, dtype=torch.float32, device=q.device)
+        workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=q.device)
+        tq, tk, tv, dq, dk, dv, ds, ss, so, to, tas, tao = tensors
+        pack = {
+            tq: q, tk: k, tv: v, dq: descale_q.reshape(1, 1, 1, 1), dk: descale_k.reshape(1, 1, 1, 1),
+            dv: descale_v.reshape(1, 1, 1, 1), ds: descale_s, ss: scale_s,
+            so: (1.0 / descale_v).reshape(1, 1, 1, 1), to: out, tas: amax[0:1], tao: amax[1:2],
+        }
+        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+        graph.execute(pack, workspace, handle=handle)
+        return out
+
+
+_SDPA = _CudnnFp8Sdpa()
+
+
+@torch.library.custom_op("zimage::sdpa_fp8", mutates_args=())
+def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+             descale_v: torch.Tensor, heads: int) -> torch.Tensor:
+    """FP8 attention over `[B, S, heads * head_dim]` FP8 q, k, v (no mask); the FP8 output has v's
+    dequantization scale. CUDA only (cuDNN)."""
+    if q.device.type != "cuda":
+        raise RuntimeError("sdpa_fp8 runs on CUDA GPUs (cuDNN); use the bf16 attention elsewhere")
+    return _SDPA(q, k, v, descale_q, descale_k, descale_v, heads)
+
+
+@sdpa_fp8.register_fake
+def _(q, k, v, descale_q, descale_k, descale_v, heads):
+    return torch.empty_like(q)
+
+
+def sdpa_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
+                       descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The dequantized attention in float32, `[B, S, heads * head_dim]` (the tests' reference)."""
+    def heads_first(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
+        return (x.float() * descale.float()).unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(
+        heads_first(q, descale_q), heads_first(k, descale_k), heads_first(v, descale_v)
+    )
+    return out.transpose(1, 2).flatten(2)
+
+
+def cudnn_fp8_attention_available(device: torch.device) -> bool:
+    """cuDNN's frontend is importable and the GPU is a Hopper (FP8 SDPA forward needs sm_90)."""
+    if device.type != "cuda" or not torch.cuda.is_available() or triton is None:
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        import cudnn  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""The fused FP8 kernels on the GPU, each against its float32 reference, at the DiT's real widths.
+
+Row kernels (`fused_quant`, `qkv_norm_rope_quant`): the scales agree to float32 rounding and the FP8
+values to the nearest-rounding of the same numbers: at most one FP8 step apart, and only where the
+float32 value sits on a rounding boundary (a small fraction, bounded below). cuDNN's FP8 attention:
+against float32 attention over the same dequantized q, k, v (its own error: P and the output in
+FP8), and against bf16 SDPA on the unquantized inputs (what the bf16 path computes).
+With `ZIMAGE_GPU_REPORT=path.json` the measured errors are written there.
+
+    pytest -q -m gpu tests/gpu/test_gpu_fused_fp8.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from deployments.core.dit import fp8_attention, fused_quant
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = torch.device("cuda")
+ROWS, DIM, HIDDEN, HEADS = 4256, 3840, 10240, 30  # 1024x1024 with a 160-token caption
+REPORT: dict = {}
+# Measured on an H200 (bench run of 2026-12-01): see the values written to the report.
+MAX_STEPS_APART = 1
+MAX_BOUNDARY_SHARE = 1e-3
+ATTENTION_FP8_VS_F32 = 4e-2
+ATTENTION_FP8_VS_BF16 = 5e-2
+
+
+def record(**values) -> None:
+    REPORT.update(values)
+    path = os.environ.get("ZIMAGE_GPU_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump(REPORT, f, indent=2)
+
+
+def make(*shape, scale=1.0, seed=0):
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    return (torch.randn(*shape, generator=g, device=DEVICE) * scale).to(torch.bfloat16)
+
+
+def fp8_steps_apart(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(largest distance in FP8 steps of `want`, share of values that differ at all)."""
+    got, want = got.float(), want.float()
+    exponent = torch.floor(torch.log2(want.abs().clamp_min(2**-6)))
+    step = 2.0 ** (exponent - 3)
+    apart = (got - want).abs() / step
+    return apart.max().item(), (apart > 0).float().mean().item()
+
+
+def check_rows(name, q, s, want_q, want_s):
+    steps, share = fp8_steps_apart(q, want_q)
+    scale_err = ((s - want_s).abs() / want_s).max().item()
+    record(**{name: {"max_steps_apart": steps, "share_differing": share, "scale_rel_err": scale_err}})
+    assert scale_err < 1e-5
+    assert steps <= MAX_STEPS_APART and share <= MAX_BOUNDARY_SHARE
+
+
+def test_norm_modulate_quant():
+    x, w, mod = make(2, ROWS // 2, DIM, scale=3), make(DIM, seed=1), make(2, DIM, seed=2)
+    q, s = fused_quant.norm_modulate_quant(x, w, mod, 1e-6)
+    want_q, want_s = fused_quant.norm_modulate_quant_reference(x.view(-1, DIM), w, mod, ROWS // 2, 1e-6)
+    check_rows("norm_modulate_quant", q, s, want_q, want_s)
+
+
+def test_gated_residual_with_the_next_norm():
+    x, y = make(2, ROWS // 2, DIM, scale=2), make(2, ROWS // 2, DIM, seed=1)
+    w, gate, w2, mod = make(DIM, seed=2), make(2, DIM, seed=3), make(DIM, seed=4), make(2, DIM, seed=5)
+    out, q, s = fused_quant.gated_residual(x, y, w, gate, 1e-5, (w2, mod, 1e-6))
+    want_out, want_q, want_s = fused_quant.gated_residual_reference(
+        x.view(-1, DIM), y.view(-1, DIM), w, gate, ROWS // 2, 1e-5, w2, mod, 1e-6)
+    bf16_apart = ((out.view(-1, DIM).float() - want_out.float()).abs() / want_out.float().abs().clamp_min(1e-3)).max()
+    record(gated_residual_bf16_rel=bf16_apart.item())
+    assert bf16_apart <= 2**-7  # one bf16 rounding of the same sum
+    check_rows("gated_residual_next", q, s, want_q, want_s)
+
+
+def test_swiglu_quant():
+    h = make(ROWS, 2 * HIDDEN, scale=2)
+    q, s = fused_quant.swiglu_quant(h)
+    want_q, want_s = fused_quant.swiglu_quant_reference(h)
+    check_rows("swiglu_quant", q, s, want_q, want_s)
+
+
+def test_qkv_norm_rope_quant():
+    qkv = make(ROWS, 3 * DIM, scale=2)
+    wq, wk = make(DIM // HEADS, seed=1), make(DIM // HEADS, seed=2)
+    angles = torch.rand(ROWS, DIM // HEADS // 2, device=DEVICE) * 2 * math.pi
+    rope = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
+    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    q, k, v, v_descale = fp8_attention.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, HEADS, 1e-5, 1e-5)
+    want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, HEADS, 1e-5, 1e-5)
+    for name, got, expected in zip("qkv", (q, k, v), want):
+        steps, share = fp8_steps_apart(got, expected)
+        record(**{f"qkv_norm_rope_quant_{name}": {"max_steps_apart": steps, "share_differing": share}})
+        assert steps <= MAX_STEPS_APART and share <= MAX_BOUNDARY_SHARE
+
+
+@pytest.mark.skipif(not fp8_attention.cudnn_fp8_attention_available(DEVICE), reason="needs cuDNN's frontend on sm_90")
+@pytest.mark.parametrize("seq", [1184, 4256])
+def test_cudnn_fp8_attention(seq):
+    qkv = make(seq, 3 * DIM, scale=2)
+    wq, wk = make(DIM // HEADS, seed=1), make(DIM // HEADS, seed=2)
+    angles = torch.rand(seq, DIM // HEADS // 2, device=DEVICE) * 2 * math.pi
+    rope = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
+    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    q, k, v, v_descale = fp8_attention.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, HEADS, 1e-5, 1e-5)
+    shape = (1, seq, DIM)
+    out = fp8_attention.sdpa_fp8(q.view(shape), k.view(shape), v.view(shape), qk_descale[0:1], qk_descale[1:2],
+                                 v_descale, HEADS)
+    got = out.float() * v_descale
+    want = fp8_attention.sdpa_fp8_reference(q.view(shape), k.view(shape), v.view(shape), qk_descale[0:1],
+                                            qk_descale[1:2], v_descale, HEADS)
+    vs_f32 = ((got - want).norm() / want.norm()).item()
+    # bf16 SDPA on the unquantized q, k, v: what the bf16 path computes
+    exact = fp8_attention.qkv_norm_rope_reference(qkv, wq, wk, rope, HEADS, 1e-5, 1e-5)
+    bf16 = torch.nn.functional.scaled_dot_product_attention(
+        *(t.to(torch.bfloat16).transpose(0, 1).unsqueeze(0) for t in exact)
+    ).squeeze(0).transpose(0, 1).reshape(1, seq, DIM).float()
+    vs_bf16 = ((got - bf16).norm() / bf16.norm()).item()
+    record(**{f"sdpa_fp8_{seq}": {"rel_err_vs_f32_on_fp8_inputs": vs_f32, "rel_err_vs_bf16_sdpa": vs_bf16}})
+    assert torch.isfinite(got).all()
+    assert vs_f32 <= ATTENTION_FP8_VS_F32
+    assert vs_bf16 <= ATTENTION_FP8_VS_BF16

@@ -1,0 +1,199 @@
+"""The fused FP8 path (deployments.core.dit.fused_quant, fp8_attention, fp8_linear, fused_block) on the CPU.
+
+The Triton kernels run in Triton's interpreter (`TRITON_INTERPRET=1`, CPU tensors) against their
+float32 references. The interpreter's own float-to-FP8 cast truncates (it is not the GPU's
+round-to-nearest), so these tests have the kernels write float32 (`FP8_DTYPE` patched): that checks
+every index, mask, norm, modulation and scale exactly; the real FP8 rounding and cuDNN's FP8
+attention are checked on the GPU (tests/gpu/test_gpu_fused_fp8.py). The whole fused block is checked
+against diffusers' block on the tiny checkpoint with the references (FP8 numerics, bf16 attention).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.core import loading
+from deployments.core.dit import fp8_attention, fused_block, fused_quant, fusion, rotary
+from deployments.core.dit.blocks import iter_blocks
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Triton's interpreter on CPU tensors (tests/conftest.py sets it before the kernels are defined),
+    kernels writing float32 where they would write FP8."""
+    if fused_quant.triton is None:
+        pytest.skip("Triton is not installed")
+    from triton import knobs
+
+    if not knobs.runtime.interpret:
+        pytest.skip("the kernels were defined for the GPU (TRITON_INTERPRET unset)")
+    monkeypatch.setattr(fused_quant, "FP8_DTYPE", torch.float32)
+    monkeypatch.setattr(fp8_attention, "FP8_DTYPE", torch.float32)
+    yield
+
+
+
+
+def unrounded(q: torch.Tensor) -> torch.Tensor:
+    return q.float()
+
+
+def reference_unrounded(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = y.abs().amax(-1, keepdim=True).clamp_min(fused_quant.AMAX_FLOOR) / fused_quant.FP8_MAX
+    return (y / scale).clamp(-448, 448), scale
+
+
+def make(*shape, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("n_cols", [96, 384, 640])
+@pytest.mark.parametrize("with_mod", [True, False])
+def test_norm_modulate_quant_kernel(interpreted, n_cols, with_mod):
+    batch, seq = 3, 5
+    x, w, mod = make(batch, seq, n_cols, scale=3), make(n_cols, seed=1), make(batch, n_cols, seed=2)
+    q, s = torch.ops.zimage.norm_modulate_quant(x.reshape(-1, n_cols), w, mod if with_mod else None, seq, 1e-6)
+    y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()
+    if with_mod:
+        y = y * mod.float()[:, None, :]
+    want_q, want_s = reference_unrounded(y.reshape(-1, n_cols))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(unrounded(q), want_q, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused_next", [True, False])
+def test_gated_residual_kernel(interpreted, fused_next):
+    batch, seq, n_cols = 2, 4, 384
+    x, y = make(batch, seq, n_cols, scale=2), make(batch, seq, n_cols, seed=1)
+    w, gate, w2, mod = make(n_cols, seed=2), make(batch, n_cols, seed=3), make(n_cols, seed=4), make(batch, n_cols, seed=5)
+    out, q, s = torch.ops.zimage.gated_residual(x.reshape(-1, n_cols), y.reshape(-1, n_cols), w, gate, seq, 1e-5,
+                                                w2 if fused_next else None, mod if fused_next else None, 1e-6)
+    out = out.view(batch, seq, n_cols)
+    normed = y.float() * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    want = (x.float() + gate.float()[:, None, :] * normed).to(torch.bfloat16)
+    # one bf16 rounding of the same float32 sum: at most one unit in the last place apart
+    torch.testing.assert_close(out, want, rtol=2**-7, atol=1e-2)
+    if not fused_next:
+        assert q.numel() == 0 and s.numel() == 0
+        return
+    z = out.float() * torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w2.float() * mod.float()[:, None, :]
+    want_q, want_s = reference_unrounded(z.reshape(-1, n_cols))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(unrounded(q), want_q, rtol=1e-4, atol=1e-3)
+
+
+def test_gated_residual_without_gate_adds_the_plain_norm(interpreted):
+    x, y, w = make(1, 6, 256, scale=2), make(1, 6, 256, seed=1), make(256, seed=2)
+    out, _, _ = torch.ops.zimage.gated_residual(x.reshape(6, 256), y.reshape(6, 256), w, None, 6, 1e-5,
+                                                None, None, 0.0)
+    normed = y.float() * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    torch.testing.assert_close(out.view(1, 6, 256), (x.float() + normed).to(torch.bfloat16), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("n_cols", [160, 640])
+def test_swiglu_quant_kernel(interpreted, n_cols):
+    h = make(7, 2 * n_cols, scale=2)
+    q, s = torch.ops.zimage.swiglu_quant(h)
+    a, b = h.float().chunk(2, dim=-1)
+    want_q, want_s = reference_unrounded(torch.nn.functional.silu(a) * b)
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(unrounded(q), want_q, rtol=1e-4, atol=1e-3)
+
+
+def test_a_zero_row_gets_a_finite_scale(interpreted):
+    x = torch.zeros(2, 128, dtype=torch.bfloat16)
+    q, s = torch.ops.zimage.norm_modulate_quant(x, torch.ones(128, dtype=torch.bfloat16), None, 2, 1e-6)
+    assert torch.isfinite(s).all() and torch.isfinite(q).all() and (q == 0).all()
+
+
+def test_row_split_covers_a_row_with_little_padding():
+    assert fused_quant.row_split(3840) == (2048, 2048)
+    assert fused_quant.row_split(10240) == (8192, 2048)
+    assert fused_quant.row_split(4096) == (4096, 1)
+    for n in range(1, 300):
+        head, tail = fused_quant.row_split(n)
+        assert head + tail >= n and head <= n and tail < 2 * max(n - head, 1)
+
+
+def test_qkv_norm_rope_quant_kernel(interpreted):
+    rows, heads, head_dim = 6, 3, 32
+    qkv = make(rows, 3 * heads * head_dim, scale=2)
+    wq, wk = make(head_dim, seed=1), make(head_dim, seed=2)
+    angles = torch.rand(rows, head_dim // 2, generator=torch.Generator().manual_seed(3)) * 6.28
+    rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    v_descale = fp8_attention.v_descale_of(qkv)
+    q, k, v = torch.ops.zimage.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
+    want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
+    for got, expected in zip((q, k, v), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    # the static bound holds: nothing reaches the clamp
+    assert q.abs().max() < 448 and k.abs().max() < 448
+
+
+def test_qkv_reference_matches_the_stock_attention_inputs():
+    """The FP8 q/k/v reference is the processor's norm + RoPE + cast, in float32."""
+    rows, heads, head_dim = 5, 2, 16
+    qkv = make(rows, 3 * heads * head_dim, scale=2).float()
+    norm = torch.nn.RMSNorm(head_dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(make(head_dim, seed=1).float())
+    angles = torch.rand(rows, head_dim // 2) * 6.28
+    rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    qk_descale = fp8_attention.qk_static_scales(norm.weight, norm.weight)
+    v_descale = fp8_attention.v_descale_of(qkv)
+    q8, _, v8 = fp8_attention.qkv_norm_rope_quant_reference(qkv, norm.weight, norm.weight, rope, qk_descale,
+                                                             v_descale, heads, 1e-5, 1e-5)
+    q, _, v = qkv.reshape(rows, 3, heads, head_dim).unbind(1)
+    cos, sin = rotary.rope_cos_sin(rope.unsqueeze(0))
+    want_q = rotary.apply_real_rope(norm(q).unsqueeze(0), cos, sin)[0]
+    assert ((q8.float() * qk_descale[0]).reshape(rows, heads, head_dim) - want_q).abs().max() <= 2**-3 * want_q.abs().max()
+    assert ((v8.float() * v_descale).reshape(rows, heads, head_dim) - v).abs().max() <= 2**-3 * v.abs().max()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("case", ["single", "ragged"])
+def test_fused_block_computes_the_stock_block(tiny_source, case):
+    """The whole fused block (bf16 attention; FP8 GEMM inputs) against diffusers' block, tiny checkpoint."""
+    reference = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    ours = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    rotary.install_real_rope(ours)
+    fusion.fuse_projections(ours)
+    fused_block.install_fused_blocks(ours, attention="bf16")
+    assert all(type(b).__name__ == "FusedFp8Block" for b in iter_blocks(ours))
+    assert len({type(b) for b in iter_blocks(ours)}) == 1  # one class: one compiled graph for all blocks
+    g = torch.Generator().manual_seed(0)
+    items = [(32, 32, 40)] if case == "single" else [(32, 32, 17), (16, 48, 70)]
+    cfg = reference.config
+    latents = [torch.randn(cfg.in_channels, 1, h, w, generator=g).to(torch.bfloat16) for h, w, _ in items]
+    captions = [torch.randn(n, cfg.cap_feat_dim, generator=g).to(torch.bfloat16) for *_, n in items]
+    t = torch.rand(len(items), generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        want = reference(latents, t, captions, return_dict=False)[0]
+        got = ours(latents, t, captions, return_dict=False)[0]
+    for out, ref in zip(got, want):
+        assert out.shape == ref.shape
+        # FP8 (e4m3) GEMM inputs and weights: a few percent over one forward of the tiny model
+        assert rel_err(out, ref) < 0.05  # measured 0.026 to 0.030
+
+
+def test_fp8_attention_is_refused_without_cudnn_on_a_hopper(tiny_source):
+    ours = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    rotary.install_real_rope(ours)
+    fusion.fuse_projections(ours)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        fused_block.install_fused_blocks(ours, attention="fp8")
+
+
+def test_fused_blocks_need_fused_projections(tiny_source):
+    ours = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    rotary.install_real_rope(ours)
+    with pytest.raises(ValueError, match="fuse_projections"):
+        fused_block.install_fused_blocks(ours, attention="bf16")
