@@ -9,7 +9,8 @@ For each image size (batch 1, a 160-token caption: 1184 / 4256 / 16544 tokens), 
 - `swiglu_quant` against silu * gate then the cast; `gated_residual` alone (end of the block);
 - the attention's inputs (per-head norms + RoPE; with FP8 also the cast) and the attention itself:
   cuDNN bf16 SDPA against cuDNN FP8 SDPA (`fp8_attention`), with its graph build time.
-Median of the timed runs (each 20 back-to-back calls, CUDA events), in microseconds per call; the
+Median of the timed runs (each 20 calls replayed from one CUDA graph, CUDA events), in microseconds
+per call; the
 "per step" column multiplies by the 34 blocks of a step (2 + 2 refiners, 30 main layers).
 """
 
@@ -45,10 +46,22 @@ def tokens(size: int) -> int:
 
 
 def time_us(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
+    """GPU microseconds per call: `CALLS` calls captured in one CUDA graph and replayed, so that the
+    figure is the kernels' time and not Python's launch overhead (which hides sub-100 us kernels)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    runs = [cuda_time_ms(lambda: [fn() for _ in range(CALLS)]) * 1000.0 / CALLS for _ in range(repeats)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    runs = [cuda_time_ms(graph.replay) * 1000.0 / CALLS for _ in range(repeats)]
     return statistics.median(runs)
 
 

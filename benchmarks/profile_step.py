@@ -10,6 +10,8 @@ kernels, and the relative error of one step against diffusers' eager bf16 transf
 - `fp8-row`: what the Denoiser runs (real RoPE, fused projections, torchao FP8 rowwise, regional
   compile);
 - `fp8-tensor`: the same with one FP8 scale per tensor (cuBLAS's tensorwise FP8 GEMM);
+- `fp8-fused` / `fp8-fused-bf16attn`: our fused Triton kernels and pre-quantized FP8 GEMMs, with
+  cuDNN's FP8 attention / bf16 attention (`dit.fused_block`);
 - `+mk` / `+cdt` after a variant's name: inductor's multi-kernel (persistent and looped reductions
   both generated, the faster picked at run time) / coordinate-descent tuning of generated kernels;
 - `<variant>-graph`: the same module with the whole forward captured as one CUDA graph.
@@ -52,6 +54,7 @@ from deployments.core.denoising import latent_shape  # noqa: E402
 from deployments.core.model_source import resolve_model_source  # noqa: E402
 
 CATEGORIES = (  # first match wins; generated kernels are named after every op they fused
+    ("fused_triton", ("norm_modulate_quant", "gated_residual", "swiglu_quant", "qkv_norm_rope_quant")),
     ("triton", ("triton",)),
     ("attention", ("fmha", "flash", "cudnn", "attention", "sdpa")),
     ("gemm_fp8", ("qqtst", "f8f8", "e4m3", "fp8")),
@@ -177,7 +180,7 @@ class Run:
     def dit_variant(self, name: str, reference: torch.Tensor | None) -> None:
         base = name.removesuffix("-graph")
         model, *flags = base.split("+")
-        scaling = {"fp8-row": "row", "fp8-tensor": "tensor"}.get(model)
+        scaling = {"fp8-row": "row", "fp8-tensor": "tensor", "fp8-fused": "row", "fp8-fused-bf16attn": "row"}.get(model)
         if (scaling is None and model != "bf16") or set(flags) - set(INDUCTOR_FLAGS):
             raise ValueError(f"unknown variant {name!r}")
         patch = {k: v for f in flags if f in INDUCTOR_FLAGS for k, v in INDUCTOR_FLAGS[f].items()}
@@ -190,6 +193,7 @@ class Run:
         optimize.optimize_transformer(
             transformer, "bf16" if model == "bf16" else "fp8", compile=True, cache_dir=self.args.cache_dir,
             attention="cudnn", fp8_scaling=scaling or "row",
+            fp8_kernels={"fp8-fused": "fused", "fp8-fused-bf16attn": "fused-bf16-attention"}.get(model, "inductor"),
         )
         self.free()
         inputs = self.step_inputs(transformer.config)

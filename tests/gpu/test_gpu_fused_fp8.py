@@ -29,11 +29,15 @@ pytestmark = [
 DEVICE = torch.device("cuda")
 ROWS, DIM, HIDDEN, HEADS = 4256, 3840, 10240, 30  # 1024x1024 with a 160-token caption
 REPORT: dict = {}
-# Measured on an H200 (bench run of 2026-12-01): see the values written to the report.
+# Measured on an H200 (2026-12-01): every kernel at most 1 step apart, on 3e-7 to 5.2e-6 of the values.
 MAX_STEPS_APART = 1
-MAX_BOUNDARY_SHARE = 1e-3
+MAX_BOUNDARY_SHARE = 2e-5
+# cuDNN FP8 attention, measured on an H200 (2026-12-01): 3.5e-2 / 3.6e-2 against float32 attention on
+# the same FP8 inputs (its output is FP8: e4m3 rounding alone is ~2^-4 / sqrt(3) = 3.6e-2 relative,
+# the same rounding the to_out GEMM's input gets on the bf16 path), 6.6e-2 / 6.7e-2 against bf16 SDPA
+# on the unquantized inputs (q, k and v in FP8 as well).
 ATTENTION_FP8_VS_F32 = 4e-2
-ATTENTION_FP8_VS_BF16 = 5e-2
+ATTENTION_FP8_VS_BF16 = 7.5e-2
 
 
 def record(**values) -> None:

@@ -42,22 +42,21 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _norm_rope_quant_head(src_ptr, dst_ptr, w_ptr, src_row, dst_row, cos, sin, descale, heads, eps,
-                              HEADS: tl.constexpr, HALF: tl.constexpr):
+    def _norm_rope_quant_heads(src_ptr, dst_ptr, w_ptr, src_row, dst_row, cos, sin, descale, heads, eps,
+                               HEADS: tl.constexpr, HALF: tl.constexpr):
+        """One token's heads `[HEADS, 2 * HALF]`, read and written as contiguous rows; the rotation
+        pairs (even, odd) come from splitting the last dimension in registers."""
         head = tl.arange(0, HEADS)[:, None]
-        pair = tl.arange(0, HALF)[None, :]
+        col = tl.arange(0, 2 * HALF)[None, :]
         mask = head < heads
-        even = head * (2 * HALF) + 2 * pair
-        e = tl.load(src_ptr + src_row + even, mask=mask, other=0.0).to(tl.float32)
-        o = tl.load(src_ptr + src_row + even + 1, mask=mask, other=0.0).to(tl.float32)
-        rms = tl.rsqrt((tl.sum(e * e, axis=1) + tl.sum(o * o, axis=1)) / (2 * HALF) + eps)[:, None]
-        e = e * rms * tl.load(w_ptr + 2 * pair).to(tl.float32)
-        o = o * rms * tl.load(w_ptr + 2 * pair + 1).to(tl.float32)
-        rotated_e = (e * cos - o * sin) / descale
-        rotated_o = (e * sin + o * cos) / descale
-        tl.store(dst_ptr + dst_row + even, tl.clamp(rotated_e, -448.0, 448.0).to(dst_ptr.dtype.element_ty), mask=mask)
-        tl.store(dst_ptr + dst_row + even + 1, tl.clamp(rotated_o, -448.0, 448.0).to(dst_ptr.dtype.element_ty),
-                 mask=mask)
+        offsets = head * (2 * HALF) + col
+        x = tl.load(src_ptr + src_row + offsets, mask=mask, other=0.0).to(tl.float32)
+        rms = tl.rsqrt(tl.sum(x * x, axis=1) / (2 * HALF) + eps)[:, None]
+        x = x * rms * tl.load(w_ptr + col).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, (HEADS, HALF, 2)))
+        rotated = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (HEADS, 2 * HALF))
+        rotated = tl.clamp(rotated / descale, -448.0, 448.0)
+        tl.store(dst_ptr + dst_row + offsets, rotated.to(dst_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qkv_norm_rope_quant_kernel(qkv_ptr, wq_ptr, wk_ptr, rope_ptr, qk_descale_ptr, v_descale_ptr,
@@ -67,21 +66,21 @@ if triton is not None:
         width = heads * 2 * HALF
         src_row = row * 3 * width
         dst_row = row * width
-        pair = tl.arange(0, HALF)[None, :]
-        cos = tl.load(rope_ptr + row * 2 * HALF + 2 * pair)
-        sin = tl.load(rope_ptr + row * 2 * HALF + 2 * pair + 1)
-        _norm_rope_quant_head(qkv_ptr, q_ptr, wq_ptr, src_row, dst_row, cos, sin, tl.load(qk_descale_ptr),
-                              heads, eps_q, HEADS, HALF)
-        _norm_rope_quant_head(qkv_ptr, k_ptr, wk_ptr, src_row + width, dst_row, cos, sin,
-                              tl.load(qk_descale_ptr + 1), heads, eps_k, HEADS, HALF)
+        table = tl.load(rope_ptr + row * 2 * HALF + tl.arange(0, 2 * HALF))  # (cos, sin) pairs
+        cos, sin = tl.split(tl.reshape(table, (HALF, 2)))
+        cos, sin = cos[None, :].to(tl.float32), sin[None, :].to(tl.float32)
+        _norm_rope_quant_heads(qkv_ptr, q_ptr, wq_ptr, src_row, dst_row, cos, sin, tl.load(qk_descale_ptr),
+                               heads, eps_q, HEADS, HALF)
+        _norm_rope_quant_heads(qkv_ptr, k_ptr, wk_ptr, src_row + width, dst_row, cos, sin,
+                               tl.load(qk_descale_ptr + 1), heads, eps_k, HEADS, HALF)
         head = tl.arange(0, HEADS)[:, None]
-        col = head * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+        offsets = head * (2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
         mask = head < heads
-        v = tl.load(qkv_ptr + src_row + 2 * width + col, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(qkv_ptr + src_row + 2 * width + offsets, mask=mask, other=0.0).to(tl.float32)
         v = tl.clamp(v / tl.load(v_descale_ptr), -448.0, 448.0)
-        tl.store(v_ptr + dst_row + col, v.to(v_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + dst_row + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
 
-    @torch.library.triton_op("zimage::qkv_norm_rope_quant", mutates_args=())
+    @torch.library.custom_op("zimage::qkv_norm_rope_quant", mutates_args=())
     def _qkv_norm_rope_quant_op(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
                                 rope: torch.Tensor, qk_descale: torch.Tensor, v_descale: torch.Tensor,
                                 heads: int, eps_q: float, eps_k: float
@@ -90,11 +89,16 @@ if triton is not None:
         width = qkv.shape[1] // 3
         q, k, v = (torch.empty((rows, width), dtype=FP8_DTYPE, device=qkv.device) for _ in range(3))
         half = width // heads // 2
-        torch.library.wrap_triton(_qkv_norm_rope_quant_kernel)[(rows,)](
+        _qkv_norm_rope_quant_kernel[(rows,)](
             qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale, q, k, v, heads, eps_q, eps_k,
             HEADS=triton.next_power_of_2(heads), HALF=half, num_warps=8,
         )
         return q, k, v
+
+    @_qkv_norm_rope_quant_op.register_fake
+    def _(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale, heads, eps_q, eps_k):
+        rows, width = qkv.shape[0], qkv.shape[1] // 3
+        return tuple(qkv.new_empty((rows, width), dtype=FP8_DTYPE) for _ in range(3))
 
 
 def v_descale_of(qkv: torch.Tensor) -> torch.Tensor:

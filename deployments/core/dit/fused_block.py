@@ -12,8 +12,8 @@ against inductor's kernels for the same block, which read each row twice for a n
 quantize in separate passes. Attention runs in FP8 where cuDNN's FP8 SDPA is available and the
 call has no mask (`attention="fp8"`); a masked call (ragged batch) or `attention="bf16"` runs
 torch's SDPA in bf16 and quantizes its output rows in torch. The block stays compiled regionally
-(`regional_compile`): the Triton kernels are `triton_op`s inside the graph, and inductor fuses the
-small modulation arithmetic around them.
+(`regional_compile`): the Triton kernels and cuDNN's attention are custom ops inside the graph,
+and inductor fuses the small modulation arithmetic around them.
 
 `install_fused_blocks` swaps each block's class and replaces its linears with `Fp8Weight`s; it
 needs fused projections (`fusion`) and the real-valued RoPE tables (`rotary`) in place first.

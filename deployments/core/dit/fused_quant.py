@@ -160,23 +160,28 @@ def _per_item(values: torch.Tensor | None, rows: int, n_cols: int) -> tuple[torc
 
 
 if triton is not None:
-    # Registered as `triton_op`s: torch.compile traces through them and inductor launches the
-    # kernels from its generated code, in the same graph as everything around them.
+    # Registered as custom ops, opaque to torch.compile: the compiled block calls them between its
+    # own kernels. (As `triton_op`s, which inductor compiles itself, torch 2.11's inductor failed to
+    # lower `_norm_modulate_quant_kernel` (LLVM pass failure) that Triton compiles fine on its own.)
 
-    @torch.library.triton_op("zimage::norm_modulate_quant", mutates_args=())
+    @torch.library.custom_op("zimage::norm_modulate_quant", mutates_args=())
     def _norm_modulate_quant_op(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor | None,
                                 rows_per_item: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         rows, n_cols = x.shape
         q = torch.empty((rows, n_cols), dtype=FP8_DTYPE, device=x.device)
         s = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
         head, tail = row_split(n_cols)
-        torch.library.wrap_triton(_norm_modulate_quant_kernel)[(rows,)](
+        _norm_modulate_quant_kernel[(rows,)](
             x, weight, mod if mod is not None else weight, q, s, rows_per_item, n_cols, eps,
             HAS_MOD=mod is not None, HEAD=head, TAIL=tail, num_warps=_warps(n_cols),
         )
         return q, s
 
-    @torch.library.triton_op("zimage::gated_residual", mutates_args=())
+    @_norm_modulate_quant_op.register_fake
+    def _(x, weight, mod, rows_per_item, eps):
+        return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+    @torch.library.custom_op("zimage::gated_residual", mutates_args=())
     def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
                            rows_per_item: int, eps: float, next_weight: torch.Tensor | None,
                            next_mod: torch.Tensor | None, next_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,7 +191,7 @@ if triton is not None:
         q = torch.empty((rows if quantized else 0, n_cols), dtype=FP8_DTYPE, device=x.device)
         s = torch.empty((rows if quantized else 0, 1), dtype=torch.float32, device=x.device)
         head, tail = row_split(n_cols)
-        torch.library.wrap_triton(_gated_residual_kernel)[(rows,)](
+        _gated_residual_kernel[(rows,)](
             x, y, weight, gate if gate is not None else weight, out,
             next_weight if quantized else weight, next_mod if next_mod is not None else weight,
             q if quantized else out, s if quantized else out,
@@ -196,17 +201,26 @@ if triton is not None:
         )
         return out, q, s
 
-    @torch.library.triton_op("zimage::swiglu_quant", mutates_args=())
+    @_gated_residual_op.register_fake
+    def _(x, y, weight, gate, rows_per_item, eps, next_weight, next_mod, next_eps):
+        rows = x.shape[0] if next_weight is not None else 0
+        return (torch.empty_like(x), x.new_empty((rows, x.shape[1]), dtype=FP8_DTYPE),
+                x.new_empty((rows, 1), dtype=torch.float32))
+
+    @torch.library.custom_op("zimage::swiglu_quant", mutates_args=())
     def _swiglu_quant_op(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, width = h.shape
         n_cols = width // 2
         q = torch.empty((rows, n_cols), dtype=FP8_DTYPE, device=h.device)
         s = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
         head, tail = row_split(n_cols)
-        torch.library.wrap_triton(_swiglu_quant_kernel)[(rows,)](
-            h, q, s, n_cols, HEAD=head, TAIL=tail, num_warps=_warps(n_cols)
-        )
+        _swiglu_quant_kernel[(rows,)](h, q, s, n_cols, HEAD=head, TAIL=tail, num_warps=_warps(n_cols))
         return q, s
+
+    @_swiglu_quant_op.register_fake
+    def _(h):
+        rows, width = h.shape
+        return h.new_empty((rows, width // 2), dtype=FP8_DTYPE), h.new_empty((rows, 1), dtype=torch.float32)
 
 
 def norm_modulate_quant(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor | None, eps: float
