@@ -58,6 +58,7 @@ class Denoiser(StageBase):
         with self.start_phases.phase("load"):
             transformer = loading.load_transformer(source, device, dtype)
         self.warmup_seconds: dict[str, float] = {}
+        self.fp8_kernels: str | None = None  # resolved in `_optimize` (GPU, FP8 only)
         if device.type == "cuda":
             transformer = self.gpu_lane.run_blocking(self._optimize, transformer)  # warm the serving thread
         elif self.settings.precision != "bf16" or self.settings.compile:
@@ -89,9 +90,12 @@ class Denoiser(StageBase):
         from deployments.core.dit.warmup import warm_for_serving
 
         with self.start_phases.phase("quantize"):  # RoPE, fusion, FP8; compile wraps the blocks (and loads its cache)
+            self.fp8_kernels = self.settings.dit_fp8_kernels(self.settings.torch_device())
+            if self.settings.precision == "fp8":
+                logger.info("FP8 DiT kernels: %s (setting %r)", self.fp8_kernels, self.settings.fp8_kernels)
             transformer = optimize_transformer(
                 transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
-                attention=self.settings.attention,
+                attention=self.settings.attention, fp8_kernels=self.fp8_kernels,
             )
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
@@ -212,5 +216,6 @@ class Denoiser(StageBase):
         data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled, expired=self.expired,
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
                     pending_work=self.pending_work().as_metrics(),
-                    batch_invariant=self.loop.batch_invariant)
+                    batch_invariant=self.loop.batch_invariant,
+                    fp8_kernels=self.fp8_kernels if self.settings.precision == "fp8" else None)
         return data

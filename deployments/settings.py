@@ -26,6 +26,11 @@ class ModelSettings(BaseModel):
     vae_tile_px: int = Field(1024, ge=256, le=4096)
     vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
+    fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "auto"
+    """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`). `auto`: our fused kernels with cuDNN's FP8
+    attention on a Hopper GPU with `nvidia-cudnn-frontend` installed, else the fused kernels with bf16
+    attention where Triton runs, else torchao + inductor; the choice is logged and in the
+    Denoiser's stats (`fp8_kernels`)."""
     text_encoder_cuda_graphs: bool = True
     text_encoder_compile: bool = False
     """Compile the text encoder's decoder layers (GPU only; replayed inside the CUDA graphs)."""
@@ -37,6 +42,17 @@ class ModelSettings(BaseModel):
     vae_compile: bool = False
     warmup_sizes: tuple[str, ...] = ("1024x1024",)
     """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""
+
+    def dit_fp8_kernels(self, device: torch.device) -> str:
+        """`fp8_kernels` with `auto` resolved for `device`."""
+        if self.fp8_kernels != "auto":
+            return self.fp8_kernels
+        from deployments.core.dit.fp8_attention import cudnn_fp8_attention_available
+        from deployments.core.dit.fused_quant import triton_available
+
+        if cudnn_fp8_attention_available(device):
+            return "fused"
+        return "fused-bf16-attention" if triton_available(device) else "inductor"
 
     @field_validator("warmup_sizes", mode="before")
     @classmethod

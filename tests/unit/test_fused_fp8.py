@@ -31,7 +31,6 @@ def interpreted(monkeypatch):
     if not knobs.runtime.interpret:
         pytest.skip("the kernels were defined for the GPU (TRITON_INTERPRET unset)")
     monkeypatch.setattr(fused_quant, "FP8_DTYPE", torch.float32)
-    monkeypatch.setattr(fp8_attention, "FP8_DTYPE", torch.float32)
     yield
 
 
@@ -126,8 +125,8 @@ def test_qkv_norm_rope_quant_kernel(interpreted):
     angles = torch.rand(rows, head_dim // 2, generator=torch.Generator().manual_seed(3)) * 6.28
     rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
     qk_descale = fp8_attention.qk_static_scales(wq, wk)
-    v_descale = fp8_attention.v_descale_of(qkv)
-    q, k, v = torch.ops.zimage.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
+    q, k, v, v_descale = torch.ops.zimage.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, heads, 1e-5, 1e-5)
+    torch.testing.assert_close(v_descale, fp8_attention.v_descale_of(qkv), rtol=1e-6, atol=0)
     want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
     for got, expected in zip((q, k, v), want):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
@@ -197,3 +196,14 @@ def test_fused_blocks_need_fused_projections(tiny_source):
     rotary.install_real_rope(ours)
     with pytest.raises(ValueError, match="fuse_projections"):
         fused_block.install_fused_blocks(ours, attention="bf16")
+
+
+def test_fp8_kernels_setting_resolves_per_device():
+    from deployments.settings import ModelSettings
+
+    assert ModelSettings().fp8_kernels == "auto"
+    assert ModelSettings().dit_fp8_kernels(CPU) == "inductor"  # no Triton kernels for CPU tensors
+    for choice in ("inductor", "fused", "fused-bf16-attention"):
+        assert ModelSettings(fp8_kernels=choice).dit_fp8_kernels(CPU) == choice
+    with pytest.raises(ValueError):
+        ModelSettings(fp8_kernels="fast")
