@@ -261,8 +261,8 @@ class DenoiseLoop:
             model_caps.append(state.negative_caption)
         t = torch.stack(model_t)
         t = (1000 - t) / 1000
-        if one_image_per_forward:
-            outputs = [self.transformer_fn([x], t[i : i + 1], [c])[0]
+        if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
+            outputs = [self.transformer_fn([x], t[i : i + 1].clone(), [c])[0]
                        for i, (x, c) in enumerate(zip(model_latents, model_caps))]
         else:
             outputs = self.transformer_fn(model_latents, t, model_caps)
