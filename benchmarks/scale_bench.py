@@ -94,11 +94,13 @@ def one_run(args, gpus: int, recorder: Recorder, prompts: list[str]) -> float:
         sampler.stop()
         series = windows(report.records, args.window, args.duration)
         steady, reached = time_to_90(series)
-        print(f"{'t (s)':>6} {'img/s':>7}  replicas (RUNNING) " + " ".join(f"{d[:8]:>8}" for d in DEPLOYMENTS))
+        print(f"{'t (s)':>6} {'img/s':>7}  replicas (RUNNING) " + " ".join(f"{d[:8]:>8}" for d in DEPLOYMENTS)
+              + "  Denoiser in any state (asked for)")
         for w in series:
             sample = next((s for s in reversed(sampler.samples) if s["t_s"] <= w["t_end_s"]), None) or {}
             counts = " ".join(f"{sample.get(d, {}).get('RUNNING', 0):>8}" for d in DEPLOYMENTS)
-            print(f"{w['t_end_s']:>6.0f} {w['images_per_s']:>7.3f}  {'':18} {counts}")
+            asked = sum(sample.get("Denoiser", {}).values())
+            print(f"{w['t_end_s']:>6.0f} {w['images_per_s']:>7.3f}  {'':18} {counts}  {asked:>8}")
         reached_text = f"{reached:.0f} s" if reached is not None else "never"
         print(f"steady {steady:.3f} img/s; 90% of it reached after {reached_text}")
         data = report.to_dict()

@@ -12,6 +12,7 @@ import torch
 from ray import serve
 
 from deployments.core import loading
+from deployments.core.batched_warmup import BatchedWarmup, WarmupStep
 from deployments.core.contracts import (
     CaptionEmbedding,
     DenoiseJob,
@@ -59,16 +60,20 @@ class Denoiser(StageBase):
             transformer = loading.load_transformer(source, device, dtype)
         self.warmup_seconds: dict[str, float] = {}
         self.fp8_kernels: str | None = None  # resolved in `_optimize` (GPU, FP8 only)
+        self._after_ready: list[WarmupStep] = []  # warm-up calls left for after ready (set by _optimize)
         if device.type == "cuda":
             transformer = self.gpu_lane.run_blocking(self._optimize, transformer)  # warm the serving thread
         elif self.settings.precision != "bf16" or self.settings.compile:
             logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
                            self.settings.precision, self.settings.compile)
+        self.batched_warmup = BatchedWarmup(self.gpu_lane, self._after_ready, on_ready=self._batched_graphs_ready)
         self.loop = DenoiseLoop(
-            transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant
+            transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant,
+            batched_ready=self.batched_warmup.ready,
         )
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
         self.denoiser_metrics.set_policy(self.config.scheduling)
+        self.denoiser_metrics.batched_ready.set(float(self.batched_warmup.ready.is_set()))
         self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
                                          self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
@@ -80,14 +85,22 @@ class Denoiser(StageBase):
             self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
             self.loop.batch_invariant,
         )
-        self.serving()
+        self.serving(expected_compiles=lambda: self.batched_warmup.running)
+        self.batched_warmup.start()  # nothing to do when every graph was warmed above
+
+    def _batched_graphs_ready(self, warmup: BatchedWarmup) -> None:
+        self.start_phases.add("warmup_batched", warmup.lane_seconds)
+        self.denoiser_metrics.batched_ready.set(1.0)
 
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
-        With compile on, the configured sizes are compiled (or loaded from the cache) before the
-        replica reports ready (`dit.warmup.warm_for_serving`)."""
+        With compile on, the configured sizes are compiled (or loaded from the cache): at batch 1
+        before the replica reports ready, batches over one image before it too or, with
+        `warm_batches_in_background`, afterwards (`dit.warmup.serving_calls`)."""
+        from functools import partial
+
         from deployments.core.dit.optimize import optimize_transformer
-        from deployments.core.dit.warmup import warm_for_serving
+        from deployments.core.dit.warmup import persist_artifacts, run_call, run_calls, serving_calls
 
         with self.start_phases.phase("quantize"):  # RoPE, fusion, FP8; compile wraps the blocks (and loads its cache)
             self.fp8_kernels = self.settings.dit_fp8_kernels(self.settings.torch_device())
@@ -99,11 +112,16 @@ class Denoiser(StageBase):
             )
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
-            sizes = self.settings.warmup_pixels()
+            single, batched = serving_calls(
+                self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens
+            )
+            if not self.settings.warm_batches_in_background:
+                single, batched = single + batched, []
             with self.start_phases.phase("warmup"):
-                self.warmup_seconds = warm_for_serving(
-                    transformer, sizes, self.config.max_batch_size, self.settings.max_prompt_tokens
-                )
+                self.warmup_seconds = run_calls(transformer, single)
+            if batched:
+                self._after_ready += [(call.key, partial(run_call, transformer, call)) for call in batched]
+                self._after_ready.append(("save_artifacts", partial(persist_artifacts, transformer)))
         return transformer
 
     def _record_step(self, size: int, seconds: float) -> None:
@@ -215,6 +233,8 @@ class Denoiser(StageBase):
         data = super().stats()
         data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled, expired=self.expired,
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
+                    batched_graphs_ready=self.batched_warmup.ready.is_set(),
+                    batched_warmup=self.batched_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
                     fp8_kernels=self.fp8_kernels if self.settings.precision == "fp8" else None)

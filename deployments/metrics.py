@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 METRICS_ENV = "ZIMAGE_METRICS"
 BATCH_SIZE_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -136,11 +136,16 @@ class StageMetrics:
             self.gpu_allocated.set(torch.cuda.memory_allocated())
             self.gpu_reserved.set(torch.cuda.memory_reserved())
 
-    def watch_compiles(self) -> None:
-        """From now on (the replica is ready) every dynamo compilation counts: a cold path in serving."""
+    def watch_compiles(self, expected: Callable[[], bool] | None = None) -> None:
+        """From now on (the replica is ready) every dynamo compilation counts: a cold path in serving.
+        `expected()` true at a compile's start exempts it (a warm-up the replica runs after ready)."""
         from torch._dynamo.callback import on_compile_start
 
-        on_compile_start(lambda *args: self.compiles.inc())
+        def count(*args) -> None:
+            if expected is None or not expected():
+                self.compiles.inc()
+
+        on_compile_start(count)
 
 
 class MethodObserver:
@@ -169,13 +174,17 @@ class MethodObserver:
 
 
 class DenoiserMetrics:
-    """The Denoiser's own: the active scheduling policy and expired jobs. Its image steps, per-step time, images per
-    step, images running and dropped jobs are the stage metrics of method `step`."""
+    """The Denoiser's own: the active scheduling policy, expired jobs, and whether its batched graphs are
+    compiled. Its image steps, per-step time, images per step, images running and dropped jobs are the
+    stage metrics of method `step`."""
 
     def __init__(self, policies: Sequence[str]) -> None:
         self.policies = tuple(policies)
         self.policy = gauge("zimage_denoiser_scheduling_policy", "1 for the active scheduling policy.", ("policy",))
         self.expired = counter("zimage_denoiser_expired", "Jobs dropped because their request's deadline passed.")
+        self.batched_ready = gauge("zimage_denoiser_batched_graphs_ready",
+                                   "1 once the graphs of batches over one image are compiled; until then each "
+                                   "image of a batch runs as its own forward.")
 
     def set_policy(self, active: str) -> None:
         for name in self.policies:

@@ -42,6 +42,11 @@ class ModelSettings(BaseModel):
     vae_compile: bool = False
     warmup_sizes: tuple[str, ...] = ("1024x1024",)
     """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""
+    warm_batches_in_background: bool = True
+    """The Denoiser reports ready once its batch-1 graphs are compiled and compiles the graphs of
+    batches over one image afterwards, between requests, running each image of a batch as its own
+    forward until they are ready: a new replica serves seconds sooner (tracing those graphs took
+    several seconds each even with warm caches). False: all of them before ready, as one warm-up."""
 
     def dit_fp8_kernels(self, device: torch.device) -> str:
         """`fp8_kernels` with `auto` resolved for `device`."""

@@ -139,10 +139,11 @@ class StageBase:
         self.stats_by_method[method].record(size, seconds)
         self.metrics.batch(method, size, seconds)
 
-    def serving(self) -> None:
+    def serving(self, expected_compiles: Callable[[], bool] | None = None) -> None:
         """Called at the end of a stage's constructor: warm-up is over, so a compile from now on is a
-        cold path on the request path, counted in `zimage_compiles_after_ready`."""
-        self.metrics.watch_compiles()
+        cold path on the request path, counted in `zimage_compiles_after_ready` (except while
+        `expected_compiles()` is true: a warm-up the stage runs after it reported ready)."""
+        self.metrics.watch_compiles(expected_compiles)
 
     def stats(self) -> dict[str, Any]:
         import torch

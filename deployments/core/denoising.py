@@ -170,12 +170,18 @@ class DenoiseLoop:
         dtype: torch.dtype,
         transformer_fn: TransformerFn | None = None,
         batch_invariant: bool | None = None,
+        batched_ready: threading.Event | None = None,
     ):
         """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
         job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
-        row count, which a batched forward changes (see the module docstring)."""
+        row count, which a batched forward changes (see the module docstring).
+
+        `batched_ready` (None: always): until it is set, every forward carries one image (a guided
+        job's negative pass too), because only the batch-1 graphs are compiled yet
+        (`deployments.core.batched_warmup`); a batch of 2 or more would compile on the request path."""
         self.transformer = transformer
         self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.batched_ready = batched_ready
         self.channels = transformer.config.in_channels
         self.device = device
         self.dtype = dtype
@@ -215,7 +221,9 @@ class DenoiseLoop:
         states = [s for s in states if not s.done]
         if not states:
             return
-        if self.batch_invariant:  # one model call per job: the call it gets alone
+        if not self.batched_forwards():  # only batch-1 graphs are compiled yet
+            predictions = self._predict(states, one_image_per_forward=True)
+        elif self.batch_invariant:  # one model call per job: the call it gets alone
             predictions = [pair for state in states for pair in self._predict([state])]
         else:
             predictions = self._predict(states)
@@ -231,9 +239,16 @@ class DenoiseLoop:
             if state.job.on_step is not None:
                 state.job.on_step(state, noise_pred)
 
-    def _predict(self, states: Sequence[DenoiseState]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def batched_forwards(self) -> bool:
+        """Whether a forward may carry more than one image (see `batched_ready`)."""
+        return self.batched_ready is None or self.batched_ready.is_set()
+
+    def _predict(
+        self, states: Sequence[DenoiseState], one_image_per_forward: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """One transformer call for `states`: every positive pass, then the guided jobs' negative passes
-        (as diffusers batches a guided image). Returns each state's (positive, negative or None) output."""
+        (as diffusers batches a guided image); with `one_image_per_forward`, one call per pass instead.
+        Returns each state's (positive, negative or None) output."""
         model_latents, model_t, model_caps = [], [], []
         for state in states:
             model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
@@ -246,7 +261,11 @@ class DenoiseLoop:
             model_caps.append(state.negative_caption)
         t = torch.stack(model_t)
         t = (1000 - t) / 1000
-        outputs = self.transformer_fn(model_latents, t, model_caps)
+        if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
+            outputs = [self.transformer_fn([x], t[i : i + 1].clone(), [c])[0]
+                       for i, (x, c) in enumerate(zip(model_latents, model_caps))]
+        else:
+            outputs = self.transformer_fn(model_latents, t, model_caps)
         negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
         return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
 

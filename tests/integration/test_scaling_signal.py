@@ -38,4 +38,17 @@ def test_the_denoiser_reports_waiting_work_and_its_start_phases(served, http):
     stats = served.stats("Denoiser")
     assert stats["pending_work"] == after
     assert stats["start_phases"]["load_s"] > 0
-    assert set(stats["start_phases"]) == {"load_s", "quantize_s", "compile_s", "warmup_s"}
+    assert set(stats["start_phases"]) == {"load_s", "quantize_s", "compile_s", "warmup_s", "warmup_batched_s"}
+    assert stats["batched_graphs_ready"]  # nothing compiles on a CPU, so nothing is left for after ready
+
+
+def test_the_policy_reads_the_denoisers_placed_replicas_and_the_free_resources_from_ray(served):
+    """What the autoscaling policy's cap reads in Serve's controller, read here from the same GCS."""
+    from ray.serve._private.common import DeploymentID
+
+    from deployments.cluster_room import RayClusterView
+
+    class_name = DeploymentID(name="Denoiser", app_name=APP_NAME).to_replica_actor_class_name()
+    snapshot = RayClusterView().snapshot(class_name)
+    assert snapshot.placed == 1  # the one Denoiser replica of the test app
+    assert snapshot.free_per_node and all("CPU" in node for node in snapshot.total_per_node)

@@ -1,5 +1,6 @@
 """The Denoiser's autoscaling signal and policy: waiting work in megapixel-steps, turned into replicas
-by the policy Ray Serve runs from serve_config.yaml (real AutoscalingContext and AutoscalingConfig)."""
+by the policy Ray Serve runs from serve_config.yaml (real AutoscalingContext and AutoscalingConfig),
+never more than the cluster's free resources place."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import torch
 import yaml
 
 from deployments.autoscaling import QueuedWorkPolicy, desired_replicas
+from deployments.cluster_room import ClusterSnapshot, fits_on_node, packing_limit, placeable_replicas
 from deployments.core.contracts import DenoiseJob, LatentPosterior
 from deployments.core.pending_work import job_steps, measure
 from deployments.core.scheduling import ContinuousBatcher
 from tests.deploy.test_shipped_configs import ROOT
 
 
-def context(work_by_replica: dict[str, float], handle_queued: float = 0.0, replicas: int | None = None):
+def context(work_by_replica: dict[str, float], handle_queued: float = 0.0, replicas: int | None = None,
+            target: int | None = None):
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
@@ -25,7 +28,8 @@ def context(work_by_replica: dict[str, float], handle_queued: float = 0.0, repli
     running = list(ids.values()) if replicas is None else [ReplicaID(f"r{i}", deployment) for i in range(replicas)]
     return AutoscalingContext(
         deployment_id=deployment, deployment_name="Denoiser", app_name="zimage",
-        current_num_replicas=len(running), target_num_replicas=len(running), running_replicas=running,
+        current_num_replicas=len(running), target_num_replicas=len(running) if target is None else target,
+        running_replicas=running,
         total_num_requests=lambda: 0.0, total_queued_requests=lambda: handle_queued,
         aggregated_metrics=lambda: {"pending_work": {ids[n]: v for n, v in work_by_replica.items()}},
         raw_metrics=None, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=8, policy_state={},
@@ -95,3 +99,94 @@ def test_continuous_batcher_reports_queued_and_running_work(pipeline):
     assert seen[0] == ([second], [(first, 2)])  # after the first job's first step: 2 of 3 left
     assert seen[-1] == ([], [(second, 0)])
     assert batcher.queued_jobs() == [] and batcher.running_jobs() == []
+
+
+DENOISER = {"GPU": 0.6, "CPU": 2.0}
+
+
+class FakeCluster:
+    """A ClusterView of fixed numbers; records what it was asked."""
+
+    def __init__(self, free: list[dict[str, float]], total: list[dict[str, float]], placed: int):
+        self.value = ClusterSnapshot(tuple(free), tuple(total), placed)
+        self.asked: list[str] = []
+
+    def snapshot(self, replica_class_name: str) -> ClusterSnapshot:
+        self.asked.append(replica_class_name)
+        return self.value
+
+
+def two_gpu_node(free_gpu: float) -> FakeCluster:
+    """One node of 2 GPUs and 32 CPUs holding one Denoiser (and what else took `2 - free_gpu`)."""
+    return FakeCluster([{"GPU": free_gpu, "CPU": 20.0}], [{"GPU": 2.0, "CPU": 32.0}], placed=1)
+
+
+def test_room_is_counted_node_by_node_and_gpu_by_gpu():
+    assert fits_on_node({"GPU": 1.05, "CPU": 20}, DENOISER) == 1
+    assert fits_on_node({"GPU": 1.05, "CPU": 1}, DENOISER) == 0  # the CPUs are the limit
+    assert fits_on_node({"GPU": 4.0, "CPU": 64}, {**DENOISER, "denoiser_node": 1}) == 0  # no such resource here
+    assert fits_on_node({"GPU": 1.8, "CPU": 64}, {"GPU": 0.6}) == 3  # 0.6 x 3 = 1.8 exactly
+    # Two GPUs with a Denoiser each have 0.4 + 0.4 free: the total says one more fits, the GPUs say none.
+    two_full = ClusterSnapshot(({"GPU": 0.8, "CPU": 28},), ({"GPU": 2.0, "CPU": 32},), placed=2)
+    assert packing_limit(two_full.total_per_node, DENOISER) == 2
+    assert placeable_replicas(two_full, DENOISER) == 2
+    assert placeable_replicas(two_full, DENOISER, waiting=1) == 3
+    eight = ({"GPU": 8.0},)
+    assert packing_limit(eight, {"GPU": 0.25}) == 32 and packing_limit(eight, {"GPU": 2}) == 4
+    assert packing_limit(eight, {"CPU": 1}) is None
+
+
+def test_policy_asks_for_no_more_replicas_than_the_cluster_places():
+    """The last round's case: a backlog asked for 7 Denoisers on 2 GPUs. One runs on GPU 0 with a text
+    encoder and a decoder (0.95 taken): GPU 1 holds one more, and that is what the policy asks for."""
+    cluster = two_gpu_node(free_gpu=1.05)
+    policy = QueuedWorkPolicy(target_work_per_replica=32, replica_resources=DENOISER, cluster=cluster)
+    replicas, state = policy(context({"a": 224.0}))
+    assert replicas == 2 and state["wanted_replicas"] == 7 and state["placeable_replicas"] == 2
+    assert cluster.asked == ["ServeReplica:zimage:Denoiser"]  # the replica actors' class in Ray
+    waiting = QueuedWorkPolicy(target_work_per_replica=32, replica_resources=DENOISER, max_waiting_replicas=1,
+                               cluster=cluster)
+    assert waiting(context({"a": 224.0}))[0] == 3  # one more may wait: what asks for another node
+    assert policy(context({"a": 40.0}))[0] == 2  # wanting no more than fits: not capped
+
+
+def test_the_cap_never_takes_back_what_was_asked_and_is_read_only_to_scale_up():
+    full = two_gpu_node(free_gpu=0.05)
+    policy = QueuedWorkPolicy(target_work_per_replica=32, replica_resources=DENOISER, cluster=full)
+    assert policy(context({"a": 224.0}, target=2))[0] == 2  # one starting, nothing free: hold, not 1
+    assert policy(context({"a": 30.0}, target=1))[0] == 1
+    assert policy(context({"a": 0.0}, target=2))[0] == 0  # scaling down is the work signal's alone
+    assert len(full.asked) == 1  # only the tick that wanted more than its target read the cluster
+    assert QueuedWorkPolicy(target_work_per_replica=32)(context({"a": 224.0}))[0] == 7  # no resources: no cap
+
+
+def test_a_cluster_that_cannot_be_read_leaves_the_policy_uncapped():
+    class Broken:
+        def snapshot(self, replica_class_name: str) -> ClusterSnapshot:
+            raise ConnectionError("GCS unavailable")
+
+    policy = QueuedWorkPolicy(target_work_per_replica=32, replica_resources=DENOISER, cluster=Broken())
+    replicas, state = policy(context({"a": 224.0}))
+    assert replicas == 7 and "placeable_replicas" not in state
+    with pytest.raises(ValueError):
+        QueuedWorkPolicy(replica_resources={"GPU": 0})
+    with pytest.raises(ValueError):
+        QueuedWorkPolicy(replica_resources=DENOISER, max_waiting_replicas=-1)
+
+
+def test_the_policys_replica_resources_are_the_denoisers_ray_actor_options():
+    """serve_config.yaml states the Denoiser's resources twice (Serve does not hand them to a policy)."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.config import AutoscalingConfig
+
+    from deployments.denoiser import Denoiser
+
+    app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
+    entry = next(d for d in app["deployments"] if d["name"] == "Denoiser")
+    options = entry["ray_actor_options"]
+    as_resources = {"GPU": options.get("num_gpus", 0), "CPU": options.get("num_cpus", 1),
+                    **options.get("resources", {})}
+    policy = _resolve_policy_callable(AutoscalingConfig(**entry["autoscaling_config"]).policy)
+    assert policy.replica_resources == {k: float(v) for k, v in as_resources.items() if v}
+    defaults = Denoiser.ray_actor_options  # the stage's own default share is the same GPU share
+    assert defaults["num_gpus"] == options["num_gpus"]
