@@ -8,7 +8,8 @@ For each image size (batch 1, a 160-token caption: 1184 / 4256 / 16544 tokens), 
 - `gated_residual` with the next norm fused, against the stock residual then the next norm + cast;
 - `swiglu_quant` against silu * gate then the cast; `gated_residual` alone (end of the block);
 - the attention's inputs (per-head norms + RoPE; with FP8 also the cast) and the attention itself:
-  cuDNN bf16 SDPA against cuDNN FP8 SDPA (`fp8_attention`), with its graph build time.
+  cuDNN bf16 SDPA against cuDNN FP8 SDPA (`fp8_attention`), with its graph build time;
+- for each, the host time per call (Python, dispatch and launch, without waiting for the GPU).
 Median of the timed runs (each 20 calls replayed from one CUDA graph, CUDA events), in microseconds
 per call; the
 "per step" column multiplies by the 34 blocks of a step (2 + 2 refiners, 30 main layers).
@@ -77,6 +78,19 @@ def cast_rows_stock(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (y.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
 
 
+def launch_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call (Python, dispatch, launch), the GPU left to catch up at the end:
+    what a step pays on the CPU for each call, which bounds the step when its kernels are short."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
 def stock_functions():
     compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
 
@@ -131,9 +145,11 @@ def bench_size(size: int, repeats: int, stock) -> list[dict[str, Any]]:
 
     def pair(name: str, stock_fn, fused_fn) -> None:
         stock_us, fused_us = time_us(stock_fn, repeats), time_us(fused_fn, repeats)
-        out.append({"size": size, "kernel": name, "stock_us": stock_us, "fused_us": fused_us})
+        out.append({"size": size, "kernel": name, "stock_us": stock_us, "fused_us": fused_us,
+                    "stock_launch_us": launch_us(stock_fn), "fused_launch_us": launch_us(fused_fn)})
         print(f"  {size:>5} {name:<28} stock {stock_us:9.1f} us   fused {fused_us:9.1f} us   "
-              f"{stock_us / fused_us:5.2f}x   per step -{(stock_us - fused_us) * BLOCKS_PER_STEP / 1000:.2f} ms",
+              f"{stock_us / fused_us:5.2f}x   per step -{(stock_us - fused_us) * BLOCKS_PER_STEP / 1000:.2f} ms   "
+              f"host per call: stock {out[-1]['stock_launch_us']:.1f} us, fused {out[-1]['fused_launch_us']:.1f} us",
               flush=True)
 
     pair("norm_modulate_quant", lambda: norm_quant(x, w, mod),

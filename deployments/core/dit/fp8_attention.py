@@ -166,12 +166,25 @@ def qkv_norm_rope_quant_reference(qkv: torch.Tensor, norm_q_weight: torch.Tensor
     return cast(q, qk_descale[0]), cast(k, qk_descale[1]), cast(v, v_descale)
 
 
+class _Fp8SdpaGraph:
+    """One built cuDNN graph with its tensors' uids and its own scratch (workspace, the amax outputs):
+    a call only fills in device pointers. Calls on a device come from its one model thread, in
+    stream order, so the scratch is never in use twice at once."""
+
+    def __init__(self, graph, tensors: tuple, device: torch.device):
+        self.graph = graph
+        self.uids = [t.get_uid() for t in tensors]
+        self.workspace = torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=device)
+        self.amax = torch.empty(2, dtype=torch.float32, device=device)
+
+
 class _CudnnFp8Sdpa:
     """cuDNN FP8 SDPA graphs, one per (device, batch, sequence, heads, head_dim), built on first use."""
 
     def __init__(self) -> None:
-        self._graphs: dict[tuple[int, ...], tuple] = {}
+        self._graphs: dict[tuple[int, ...], _Fp8SdpaGraph] = {}
         self._handles: dict[int, object] = {}
+        self._streams: dict[int, int] = {}
         self._constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
@@ -183,12 +196,13 @@ class _CudnnFp8Sdpa:
             with torch.cuda.device(index):
                 self._handles[index] = cudnn.create_handle()
                 self._constants[index] = (
-                    torch.full((1, 1, 1, 1), 1.0 / SOFTMAX_SCALE, dtype=torch.float32, device=device),
-                    torch.full((1, 1, 1, 1), SOFTMAX_SCALE, dtype=torch.float32, device=device),
+                    torch.full((1,), 1.0 / SOFTMAX_SCALE, dtype=torch.float32, device=device),
+                    torch.full((1,), SOFTMAX_SCALE, dtype=torch.float32, device=device),
                 )
         return index, self._handles[index]
 
-    def _graph(self, index: int, handle, batch: int, seq: int, heads: int, head_dim: int):
+    def _graph(self, index: int, handle, device: torch.device, batch: int, seq: int, heads: int,
+               head_dim: int) -> _Fp8SdpaGraph:
         key = (index, batch, seq, heads, head_dim)
         if key in self._graphs:
             return self._graphs[key]
@@ -214,7 +228,7 @@ class _CudnnFp8Sdpa:
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
         graph.build_plans()
-        entry = (graph, (q, k, v, *scalars, out, amax_s, amax_o), graph.get_workspace_size())
+        entry = _Fp8SdpaGraph(graph, (q, k, v, *scalars, out, amax_s, amax_o), device)
         self._graphs[key] = entry
         return entry
 
@@ -223,22 +237,21 @@ class _CudnnFp8Sdpa:
         import cudnn
 
         batch, seq, width = q.shape
-        head_dim = width // heads
         with self._lock:
             index, handle = self._handle(q.device)
-            graph, tensors, workspace_size = self._graph(index, handle, batch, seq, heads, head_dim)
+            entry = self._graph(index, handle, q.device, batch, seq, heads, width // heads)
         descale_s, scale_s = self._constants[index]
         out = torch.empty_like(q)
-        amax = torch.empty(2, dtype=torch.float32, device=q.device)
-        workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=q.device)
-        tq, tk, tv, dq, dk, dv, ds, ss, so, to, tas, tao = tensors
-        pack = {
-            tq: q, tk: k, tv: v, dq: descale_q.reshape(1, 1, 1, 1), dk: descale_k.reshape(1, 1, 1, 1),
-            dv: descale_v.reshape(1, 1, 1, 1), ds: descale_s, ss: scale_s,
-            so: (1.0 / descale_v).reshape(1, 1, 1, 1), to: out, tas: amax[0:1], tao: amax[1:2],
-        }
-        cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
-        graph.execute(pack, workspace, handle=handle)
+        scale_o = 1.0 / descale_v
+        pointers = (q, k, v, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, out,
+                    entry.amax[0:1], entry.amax[1:2])
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        if self._streams.get(index) != stream:
+            cudnn.set_stream(handle=handle, stream=stream)
+            self._streams[index] = stream
+        # the pybind call with raw pointers: the Python `execute` wrapper only maps tensors to these
+        entry.graph._execute(dict(zip(entry.uids, (t.data_ptr() for t in pointers))), entry.workspace.data_ptr(),
+                             handle)
         return out
 
 
