@@ -29,7 +29,7 @@ import threading
 import torch
 
 from deployments.core.dit import fused_quant
-from deployments.core.dit.fused_quant import AMAX_FLOOR, FP8_MAX, row_split, triton
+from deployments.core.dit.fused_quant import AMAX_FLOOR, FP8_MAX, register_op, row_split, triton
 
 SOFTMAX_SCALE = FP8_MAX  # P is in [0, 1]: 1 maps to 448
 
@@ -92,7 +92,6 @@ if triton is not None:
         if row == 0:
             tl.store(v_descale_ptr, v_descale)
 
-    @torch.library.custom_op("zimage::qkv_norm_rope_quant", mutates_args=())
     def _qkv_norm_rope_quant_op(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor,
                                 rope: torch.Tensor, qk_descale: torch.Tensor, heads: int, eps_q: float, eps_k: float
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,11 +108,14 @@ if triton is not None:
         )
         return q, k, v, v_descale
 
-    @_qkv_norm_rope_quant_op.register_fake
-    def _(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, heads, eps_q, eps_k):
+    def _qkv_norm_rope_quant_fake(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, heads, eps_q, eps_k):
         rows, width = qkv.shape[0], qkv.shape[1] // 3
         fp8 = tuple(qkv.new_empty((rows, width), dtype=fused_quant.FP8_DTYPE) for _ in range(3))
         return (*fp8, qkv.new_empty(1, dtype=torch.float32))
+
+    register_op("qkv_norm_rope_quant(Tensor qkv, Tensor norm_q_weight, Tensor norm_k_weight, Tensor rope, "
+                "Tensor qk_descale, int heads, float eps_q, float eps_k) -> (Tensor, Tensor, Tensor, Tensor)",
+                _qkv_norm_rope_quant_op, _qkv_norm_rope_quant_fake)
 
 
 def v_descale_of(qkv: torch.Tensor) -> torch.Tensor:
@@ -258,19 +260,22 @@ class _CudnnFp8Sdpa:
 _SDPA = _CudnnFp8Sdpa()
 
 
-@torch.library.custom_op("zimage::sdpa_fp8", mutates_args=())
-def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
-             descale_v: torch.Tensor, heads: int) -> torch.Tensor:
-    """FP8 attention over `[B, S, heads * head_dim]` FP8 q, k, v (no mask); the FP8 output has v's
-    dequantization scale. CUDA only (cuDNN)."""
+def _sdpa_fp8_op(q, k, v, descale_q, descale_k, descale_v, heads):
     if q.device.type != "cuda":
         raise RuntimeError("sdpa_fp8 runs on CUDA GPUs (cuDNN); use the bf16 attention elsewhere")
     return _SDPA(q, k, v, descale_q, descale_k, descale_v, heads)
 
 
-@sdpa_fp8.register_fake
-def _(q, k, v, descale_q, descale_k, descale_v, heads):
-    return torch.empty_like(q)
+register_op("sdpa_fp8(Tensor q, Tensor k, Tensor v, Tensor descale_q, Tensor descale_k, Tensor descale_v, "
+            "int heads) -> Tensor", _sdpa_fp8_op, lambda q, k, v, descale_q, descale_k, descale_v, heads:
+            torch.empty_like(q))
+
+
+def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
+             descale_v: torch.Tensor, heads: int) -> torch.Tensor:
+    """FP8 attention over `[B, S, heads * head_dim]` FP8 q, k, v (no mask); the FP8 output has v's
+    dequantization scale. CUDA only (cuDNN)."""
+    return torch.ops.zimage.sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, heads)
 
 
 def sdpa_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
