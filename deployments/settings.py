@@ -26,11 +26,13 @@ class ModelSettings(BaseModel):
     vae_tile_px: int = Field(1024, ge=256, le=4096)
     vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
-    fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "auto"
-    """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`). `auto`: our fused kernels with cuDNN's FP8
-    attention on a Hopper GPU with `nvidia-cudnn-frontend` installed, else the fused kernels with bf16
-    attention where Triton runs, else torchao + inductor; the choice is logged and in the
-    Denoiser's stats (`fp8_kernels`)."""
+    fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "inductor"
+    """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
+    kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59 against 69 ms a
+    1024x1024 step, but not yet the default: its one HTTP load run answered most concurrent requests
+    with errors, see benchmarks/RESULTS.md), `fused-bf16-attention`, or `auto` (`fused` on a Hopper
+    GPU with `nvidia-cudnn-frontend` installed, else `fused-bf16-attention` where Triton runs, else
+    `inductor`). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
     text_encoder_cuda_graphs: bool = True
     text_encoder_compile: bool = False
     """Compile the text encoder's decoder layers (GPU only; replayed inside the CUDA graphs)."""

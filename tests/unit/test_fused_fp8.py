@@ -201,8 +201,8 @@ def test_fused_blocks_need_fused_projections(tiny_source):
 def test_fp8_kernels_setting_resolves_per_device():
     from deployments.settings import ModelSettings
 
-    assert ModelSettings().fp8_kernels == "auto"
-    assert ModelSettings().dit_fp8_kernels(CPU) == "inductor"  # no Triton kernels for CPU tensors
+    assert ModelSettings().fp8_kernels == "inductor"
+    assert ModelSettings(fp8_kernels="auto").dit_fp8_kernels(CPU) == "inductor"  # no Triton kernels for CPU tensors
     for choice in ("inductor", "fused", "fused-bf16-attention"):
         assert ModelSettings(fp8_kernels=choice).dit_fp8_kernels(CPU) == choice
     with pytest.raises(ValueError):
