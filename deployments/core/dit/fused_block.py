@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import sdpa_kernel
 
 from deployments.core.dit.blocks import iter_blocks
 from deployments.core.dit.fp8_attention import (
@@ -52,8 +53,13 @@ def _attention_bf16(attn: nn.Module, qkv: torch.Tensor, freqs_cis: torch.Tensor,
     cos, sin = rope_cos_sin(freqs_cis)
     query, key = apply_real_rope(query, cos, sin), apply_real_rope(key, cos, sin)
     mask = attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.ndim == 2 else attn_mask
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                         attn_mask=mask)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    backends = getattr(attn.processor, "backends", None)  # the configured SDPA order (`attention`)
+    if backends:
+        with sdpa_kernel(backends, set_priority=True):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)
 
 
