@@ -81,6 +81,10 @@ def test_serve_config_wires_the_policy_for_the_denoiser():
     policy = _resolve_policy_callable(config.policy)
     target = entry["policy"]["policy_kwargs"]["target_work_per_replica"]
     assert policy.target_work_per_replica == target
+    # a node with room for more: the cap must not bind (without this, a Ray instance another test left
+    # running in this process would be read, and its CPU-only node caps the Denoiser at what waits)
+    roomy = {"GPU": 8.0, "CPU": 64.0}
+    policy.cluster = type("Roomy", (), {"snapshot": lambda self, name: ClusterSnapshot((roomy,), (roomy,), 0)})()
     assert policy(context({"a": 3 * target}))[0] == 3
 
 

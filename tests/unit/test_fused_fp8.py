@@ -207,3 +207,47 @@ def test_fp8_kernels_setting_resolves_per_device():
         assert ModelSettings(fp8_kernels=choice).dit_fp8_kernels(CPU) == choice
     with pytest.raises(ValueError):
         ModelSettings(fp8_kernels="fast")
+
+
+def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, monkeypatch):
+    """Fused blocks with the FP8-attention branch inside `DenoiseLoop` batches as serving forms them:
+    ragged captions (masked, bf16 attention), equal buckets (FP8 attention with batch > 1), mixed
+    sizes, eight images. The row kernels' float32 references run (the kernels themselves are checked
+    above); cuDNN's FP8 attention cannot run on a CPU, so a stand-in computes it from the dequantized
+    q, k, v (`sdpa_fp8_reference`)."""
+    from deployments.core.contracts import DenoiseJob
+    from deployments.core.denoising import DenoiseLoop
+    from deployments.core.dit.fp8_linear import Fp8Weight
+
+    def cudnn_stand_in(q, k, v, descale_q, descale_k, descale_v, heads):
+        out = fp8_attention.sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, heads)
+        return (out / descale_v).clamp(-448, 448).to(q.dtype)
+
+    monkeypatch.setattr(fused_block, "sdpa_fp8", cudnn_stand_in)
+    transformer = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    rotary.install_real_rope(transformer)
+    fusion.fuse_projections(transformer)
+    for block in iter_blocks(transformer):  # install_fused_blocks refuses FP8 attention without cuDNN
+        attn, ff = block.attention, block.feed_forward
+        attn.to_qkv, attn.to_out[0] = Fp8Weight.from_linear(attn.to_qkv), Fp8Weight.from_linear(attn.to_out[0])
+        ff.w13, ff.w2 = Fp8Weight.from_linear(ff.w13), Fp8Weight.from_linear(ff.w2)
+        attn.register_buffer("qk_descale", fp8_attention.qk_static_scales(attn.norm_q.weight, attn.norm_k.weight))
+        block.__class__ = fused_block._fused_class(type(block))
+        block.fp8_attention = True
+    taken = {"fp8": 0}
+    monkeypatch.setattr(fused_block, "sdpa_fp8", lambda *args: taken.__setitem__("fp8", taken["fp8"] + 1)
+                        or cudnn_stand_in(*args))
+    loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), CPU, torch.bfloat16, batch_invariant=False)
+
+    def job(tokens, size=128, seed=0):
+        caption = torch.randn(tokens, transformer.config.cap_feat_dim, generator=torch.Generator().manual_seed(seed))
+        return DenoiseJob(caption=caption.to(torch.bfloat16), width=size, height=size, steps=1, seed=seed)
+
+    batches = {"ragged": [job(17), job(70, seed=1), job(100, seed=2)], "equal": [job(150), job(140, seed=1)],
+               "mixed": [job(40), job(40, 256, seed=1)], "eight": [job(20 + 9 * i, seed=i) for i in range(8)]}
+    with torch.inference_mode():
+        for name, jobs in batches.items():
+            results = loop.run(jobs)
+            assert len(results) == len(jobs), name
+            assert all(torch.isfinite(r.latents).all() for r in results), name
+    assert taken["fp8"] > 0  # the equal-bucket batch took the FP8 branch
