@@ -96,12 +96,17 @@ def test_swiglu_quant():
     check_rows("swiglu_quant", q, s, want_q, want_s)
 
 
-def test_qkv_norm_rope_quant():
-    qkv = make(ROWS, 3 * DIM, scale=2)
+def attention_inputs(rows: int):
+    """A fused q/k/v GEMM output, the q/k norm weights, a rotary table and the static q/k scales."""
+    qkv = make(rows, 3 * DIM, scale=2)
     wq, wk = make(DIM // HEADS, seed=1), make(DIM // HEADS, seed=2)
-    angles = torch.rand(ROWS, DIM // HEADS // 2, device=DEVICE) * 2 * math.pi
+    angles = torch.rand(rows, DIM // HEADS // 2, device=DEVICE) * 2 * math.pi
     rope = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
-    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    return qkv, wq, wk, rope, fp8_attention.qk_static_scales(wq, wk)
+
+
+def test_qkv_norm_rope_quant():
+    qkv, wq, wk, rope, qk_descale = attention_inputs(ROWS)
     q, k, v, v_descale = fp8_attention.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, HEADS, 1e-5, 1e-5)
     want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, HEADS, 1e-5, 1e-5)
     for name, got, expected in zip("qkv", (q, k, v), want):
@@ -113,11 +118,7 @@ def test_qkv_norm_rope_quant():
 @pytest.mark.skipif(not fp8_attention.cudnn_fp8_attention_available(DEVICE), reason="needs cuDNN's frontend on sm_90")
 @pytest.mark.parametrize("seq", [1184, 4256])
 def test_cudnn_fp8_attention(seq):
-    qkv = make(seq, 3 * DIM, scale=2)
-    wq, wk = make(DIM // HEADS, seed=1), make(DIM // HEADS, seed=2)
-    angles = torch.rand(seq, DIM // HEADS // 2, device=DEVICE) * 2 * math.pi
-    rope = torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous()
-    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    qkv, wq, wk, rope, qk_descale = attention_inputs(seq)
     q, k, v, v_descale = fp8_attention.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, HEADS, 1e-5, 1e-5)
     shape = (1, seq, DIM)
     out = fp8_attention.sdpa_fp8(q.view(shape), k.view(shape), v.view(shape), qk_descale[0:1], qk_descale[1:2],
