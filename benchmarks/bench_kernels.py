@@ -92,7 +92,7 @@ def launch_us(fn, calls: int = 200) -> float:
 
 
 def stock_functions():
-    compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)  # noqa: E731
+    compile_ = lambda fn: torch.compile(fn, dynamic=False, fullgraph=True)
 
     @compile_
     def norm_quant(x, w, mod):
@@ -131,7 +131,7 @@ def bench_size(size: int, repeats: int, stock) -> list[dict[str, Any]]:
     norm_quant, residual_then_norm_quant, swiglu_cast, residual, attention_inputs = stock
     rows_n = tokens(size)
     g = torch.Generator("cuda").manual_seed(0)
-    make = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    make = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)
     x, y, w, w2 = make(1, rows_n, DIM), make(1, rows_n, DIM), make(DIM), make(DIM)
     mod, gate = make(1, 1, DIM), make(1, 1, DIM)
     h = make(rows_n, 2 * HIDDEN)

@@ -103,12 +103,12 @@ class Denoiser(StageBase):
         from deployments.core.dit.warmup import persist_artifacts, run_call, run_calls, serving_calls
 
         with self.start_phases.phase("quantize"):  # RoPE, fusion, FP8; compile wraps the blocks (and loads its cache)
-            self.fp8_kernels = self.settings.dit_fp8_kernels(self.settings.torch_device())
             if self.settings.precision == "fp8":
+                self.fp8_kernels = self.settings.dit_fp8_kernels(self.settings.torch_device())
                 logger.info("FP8 DiT kernels: %s (setting %r)", self.fp8_kernels, self.settings.fp8_kernels)
             transformer = optimize_transformer(
                 transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
-                attention=self.settings.attention, fp8_kernels=self.fp8_kernels,
+                attention=self.settings.attention, fp8_kernels=self.fp8_kernels or "inductor",
             )
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
@@ -237,5 +237,5 @@ class Denoiser(StageBase):
                     batched_warmup=self.batched_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
-                    fp8_kernels=self.fp8_kernels if self.settings.precision == "fp8" else None)
+                    fp8_kernels=self.fp8_kernels)
         return data

@@ -4,6 +4,7 @@ FLOP count and the floor it implies (2 x linear params x tokens + 4 x S^2 x dim 
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -222,8 +223,6 @@ def section_dit_fp8(bench: Bench, source: Any, state: dict[str, Any]) -> None:
             _dit_fp8_variant(bench, source, state, kernels)
         except Exception as exc:  # noqa: BLE001 - the next variant still gives data
             bench.note(f"fp8 {kernels} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-            import traceback
-
             traceback.print_exc()
 
 

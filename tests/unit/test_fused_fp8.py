@@ -217,26 +217,19 @@ def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, monkeypatch):
     q, k, v (`sdpa_fp8_reference`)."""
     from deployments.core.contracts import DenoiseJob
     from deployments.core.denoising import DenoiseLoop
-    from deployments.core.dit.fp8_linear import Fp8Weight
 
     def cudnn_stand_in(q, k, v, descale_q, descale_k, descale_v, heads):
+        taken["fp8"] += 1
         out = fp8_attention.sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, heads)
         return (out / descale_v).clamp(-448, 448).to(q.dtype)
 
+    taken = {"fp8": 0}
     monkeypatch.setattr(fused_block, "sdpa_fp8", cudnn_stand_in)
+    monkeypatch.setattr(fused_block, "cudnn_fp8_attention_available", lambda device: True)
     transformer = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
     rotary.install_real_rope(transformer)
     fusion.fuse_projections(transformer)
-    for block in iter_blocks(transformer):  # install_fused_blocks refuses FP8 attention without cuDNN
-        attn, ff = block.attention, block.feed_forward
-        attn.to_qkv, attn.to_out[0] = Fp8Weight.from_linear(attn.to_qkv), Fp8Weight.from_linear(attn.to_out[0])
-        ff.w13, ff.w2 = Fp8Weight.from_linear(ff.w13), Fp8Weight.from_linear(ff.w2)
-        attn.register_buffer("qk_descale", fp8_attention.qk_static_scales(attn.norm_q.weight, attn.norm_k.weight))
-        block.__class__ = fused_block._fused_class(type(block))
-        block.fp8_attention = True
-    taken = {"fp8": 0}
-    monkeypatch.setattr(fused_block, "sdpa_fp8", lambda *args: taken.__setitem__("fp8", taken["fp8"] + 1)
-                        or cudnn_stand_in(*args))
+    fused_block.install_fused_blocks(transformer, attention="fp8")
     loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), CPU, torch.bfloat16, batch_invariant=False)
 
     def job(tokens, size=128, seed=0):

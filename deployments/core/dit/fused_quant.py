@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from deployments.core.dit.fp8 import FP8_ROW_AMAX_FLOOR as AMAX_FLOOR  # an all-zero row gets a finite scale
+
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-# The floor under a row's absolute maximum: an all-zero row (padding) gets a finite scale.
-AMAX_FLOOR = 1e-12
+FP8_MAX = 448.0  # e4m3's largest finite value (the kernels write it as a literal, as they do the floor)
 
 try:  # Triton comes with CUDA builds of torch; CPU builds run the references.
     import triton
