@@ -25,9 +25,7 @@ import logging
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import sdpa_kernel
 
 from deployments.core.dit.blocks import iter_blocks
 from deployments.core.dit.fp8_attention import (
@@ -37,30 +35,12 @@ from deployments.core.dit.fp8_attention import (
     sdpa_fp8,
 )
 from deployments.core.dit.fp8_linear import Fp8Weight
+from deployments.core.dit.rotary import RealRopeAttnProcessor
 from deployments.core.dit.fused_quant import gated_residual, norm_modulate_quant, quantize_rows_reference, swiglu_quant
-from deployments.core.dit.rotary import apply_real_rope, rope_cos_sin
 
 logger = logging.getLogger(__name__)
 
 FusedAttention = Literal["fp8", "bf16"]
-
-
-def _attention_bf16(attn: nn.Module, qkv: torch.Tensor, freqs_cis: torch.Tensor,
-                    attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """The stock processor's attention on the fused GEMM's output: per-head norms, RoPE, bf16 SDPA."""
-    query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in qkv.chunk(3, dim=-1))
-    query, key = attn.norm_q(query), attn.norm_k(key)
-    cos, sin = rope_cos_sin(freqs_cis)
-    query, key = apply_real_rope(query, cos, sin), apply_real_rope(key, cos, sin)
-    mask = attn_mask[:, None, None, :] if attn_mask is not None and attn_mask.ndim == 2 else attn_mask
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    backends = getattr(attn.processor, "backends", None)  # the configured SDPA order (`attention`)
-    if backends:
-        with sdpa_kernel(backends, set_priority=True):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.transpose(1, 2).flatten(2)
 
 
 class FusedFp8Block(nn.Module):
@@ -102,7 +82,8 @@ class FusedFp8Block(nn.Module):
                            v_descale, attn.heads)
             attn_out = attn.to_out[0](out.view(rows, dim), v_descale.reshape(1, 1).expand(rows, 1).contiguous())
         else:
-            out = _attention_bf16(attn, qkv.view(batch, seq, -1), freqs_cis, attn_mask)
+            # the stock processor's attention (norms, RoPE, SDPA in its backend order) on our q/k/v
+            out = attn.processor.attend(attn, *qkv.view(batch, seq, -1).chunk(3, dim=-1), attn_mask, freqs_cis)
             oq, os = quantize_rows_reference(out.reshape(rows, dim).float())
             attn_out = attn.to_out[0](oq, os)
 
@@ -148,6 +129,8 @@ def install_fused_blocks(transformer: nn.Module, attention: FusedAttention = "fp
         attn, ff = block.attention, block.feed_forward
         if getattr(attn, "to_qkv", None) is None or not hasattr(ff, "w13"):
             raise ValueError("fused FP8 blocks need fused projections (fuse_projections) first")
+        if not isinstance(attn.processor, RealRopeAttnProcessor):  # its `attend` runs masked calls
+            raise ValueError("fused FP8 blocks need the real-valued RoPE processor (install_real_rope) first")
         if not isinstance(attn.to_qkv, Fp8Weight):
             attn.to_qkv = Fp8Weight.from_linear(attn.to_qkv)
             attn.to_out[0] = Fp8Weight.from_linear(attn.to_out[0])

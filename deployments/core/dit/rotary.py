@@ -114,6 +114,25 @@ class RealRopeAttnProcessor:
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        out = self.attend(attn, query, key, value, attention_mask, freqs_cis)
+
+        output = attn.to_out[0](out)
+        if len(attn.to_out) > 1:  # dropout
+            output = attn.to_out[1](output)
+        return output
+
+    def attend(
+        self,
+        attn: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention on projected `[B, S, heads * head_dim]` q, k, v: per-head norms, RoPE, SDPA;
+        returns `[B, S, heads * head_dim]` in the projections' dtype (the fused FP8 block's masked
+        path calls this too)."""
         query = query.unflatten(-1, (attn.heads, -1))
         key = key.unflatten(-1, (attn.heads, -1))
         value = value.unflatten(-1, (attn.heads, -1))
@@ -136,12 +155,7 @@ class RealRopeAttnProcessor:
         else:
             with sdpa_kernel(self.backends, set_priority=True):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).flatten(2, 3).to(dtype)
-
-        output = attn.to_out[0](out)
-        if len(attn.to_out) > 1:  # dropout
-            output = attn.to_out[1](output)
-        return output
+        return out.transpose(1, 2).flatten(2, 3).to(dtype)
 
 
 def install_real_rope(transformer: nn.Module, attention: AttentionChoice = "auto") -> nn.Module:
