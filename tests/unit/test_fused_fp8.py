@@ -244,3 +244,66 @@ def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, monkeypatch):
             assert len(results) == len(jobs), name
             assert all(torch.isfinite(r.latents).all() for r in results), name
     assert taken["fp8"] > 0  # the equal-bucket batch took the FP8 branch
+
+
+def _gated_residual_on_cpu(x, y, weight, gate, rows_per_item, eps, next_weight, next_mod, next_eps):
+    out, q, s = fused_quant.gated_residual_reference(x, y, weight, gate, rows_per_item, eps, next_weight, next_mod,
+                                                     next_eps)
+    if q is None:  # the op returns empty rows then, as its fake does
+        q, s = x.new_empty((0, x.shape[1]), dtype=fused_quant.FP8_DTYPE), x.new_empty((0, 1), dtype=torch.float32)
+    return out, q, s
+
+
+def _qkv_on_cpu(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, heads, eps_q, eps_k):
+    v_descale = fp8_attention.v_descale_of(qkv)
+    q, k, v = fp8_attention.qkv_norm_rope_quant_reference(qkv, norm_q_weight, norm_k_weight, rope, qk_descale,
+                                                          v_descale, heads, eps_q, eps_k)
+    return q, k, v, v_descale
+
+
+def _sdpa_fp8_on_cpu(q, k, v, descale_q, descale_k, descale_v, heads):
+    out = fp8_attention.sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, heads)
+    return (out / descale_v).clamp(-448, 448).to(q.dtype)
+
+
+@pytest.fixture
+def ops_as_on_a_gpu(monkeypatch):
+    """The fused block calling its `torch.ops.zimage` ops, as it does on a GPU, so that torch.compile
+    traces the same calls; the ops' CPU kernels are the float32 references (and a stand-in for cuDNN's
+    attention), registered for this test only. What this checks is tracing and guards, not kernels."""
+    if fused_quant.triton is None:
+        pytest.skip("Triton is not installed (the ops are defined with the kernels)")
+    library = torch.library.Library("zimage", "IMPL")
+    library.impl("norm_modulate_quant", fused_quant.norm_modulate_quant_reference, "CPU")
+    library.impl("gated_residual", _gated_residual_on_cpu, "CPU")
+    library.impl("swiglu_quant", fused_quant.swiglu_quant_reference, "CPU")
+    library.impl("qkv_norm_rope_quant", _qkv_on_cpu, "CPU")
+    library.impl("sdpa_fp8", _sdpa_fp8_on_cpu, "CPU")
+    monkeypatch.setattr(fused_quant, "triton_available", lambda device: True)
+    monkeypatch.setattr(fused_block, "cudnn_fp8_attention_available", lambda device: True)
+    yield
+    library._destroy()
+
+
+def test_compiled_fused_blocks_serve_every_length_from_the_warmed_graphs(tiny_source, ops_as_on_a_gpu):
+    """After the serving warm-up of one size, other image sizes, caption lengths and batches run
+    without a compile. The sequence length is dynamic in the compiled block; an op argument typed
+    `int` instead of `SymInt` (rows per item) or a reshape tying the RoPE table's sizes to x's made
+    dynamo specialize it, so every new length compiled a graph until the recompile limit failed
+    requests (an HTTP load run on an H200)."""
+    from deployments.core.dit import regional_compile, warmup
+    from deployments.core.dit.warmup import WarmupCall
+
+    torch._dynamo.reset()
+    transformer = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
+    rotary.install_real_rope(transformer)
+    fusion.fuse_projections(transformer)
+    fused_block.install_fused_blocks(transformer, attention="fp8")
+    regional_compile.compile_blocks(transformer, None, backend="eager")
+    single, batched = warmup.serving_calls([64], 2, 32)
+    warmup.run_calls(transformer, single + batched, save=False)
+    later = [(128, 64, (50,)), (64, 128, (7,)), (128, 128, (40, 40)), (64, 64, (90, 12, 33)), (128, 64, (9, 9, 9))]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for i, (width, height, lens) in enumerate(later):
+            warmup.run_call(transformer, WarmupCall(f"later{i}", width, height, lens))
+    torch._dynamo.reset()

@@ -129,7 +129,7 @@ def qkv_norm_rope_quant(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_w
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`qkv` `[rows, 3 * heads * head_dim]` bf16 and `rope` `[rows, head_dim / 2, 2]` float32 (cos, sin)
     -> FP8 q, k, v `[rows, heads * head_dim]` and v's `[1]` dequantization scale."""
-    if triton is None or qkv.device.type != "cuda":
+    if not fused_quant.triton_available(qkv.device):
         v_descale = v_descale_of(qkv)
         q, k, v = qkv_norm_rope_quant_reference(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale,
                                                 heads, eps_q, eps_k)

@@ -73,8 +73,11 @@ class FusedFp8Block(nn.Module):
         xq, xs = norm_modulate_quant(x, self.attention_norm1.weight, scale_msa, self.attention_norm1.eps)
         qkv = attn.to_qkv(xq, xs)
         if attn_mask is None and self.fp8_attention:
+            # `[B, S, D/2, 2]` -> `[B*S, D/2, 2]` by its own dims: a reshape to x's row count would tie
+            # the table's dynamic sizes to x's, and dynamo would specialize the sequence length
+            rope = freqs_cis.flatten(0, 1).contiguous()
             q, k, v, v_descale = qkv_norm_rope_quant(
-                qkv, attn.norm_q.weight, attn.norm_k.weight, freqs_cis.reshape(rows, -1, 2).contiguous(),
+                qkv, attn.norm_q.weight, attn.norm_k.weight, rope,
                 attn.qk_descale, attn.heads, attn.norm_q.eps, attn.norm_k.eps,
             )
             shape = (batch, seq, dim)

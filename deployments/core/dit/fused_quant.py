@@ -193,7 +193,7 @@ if triton is not None:
     def _norm_modulate_quant_fake(x, weight, mod, rows_per_item, eps):
         return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
-    register_op("norm_modulate_quant(Tensor x, Tensor weight, Tensor? mod, int rows_per_item, float eps)"
+    register_op("norm_modulate_quant(Tensor x, Tensor weight, Tensor? mod, SymInt rows_per_item, float eps)"
                 " -> (Tensor, Tensor)", _norm_modulate_quant_op, _norm_modulate_quant_fake)
 
     def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None,
@@ -220,7 +220,7 @@ if triton is not None:
         return (torch.empty_like(x), x.new_empty((rows, x.shape[1]), dtype=FP8_DTYPE),
                 x.new_empty((rows, 1), dtype=torch.float32))
 
-    register_op("gated_residual(Tensor x, Tensor y, Tensor weight, Tensor? gate, int rows_per_item, float eps, "
+    register_op("gated_residual(Tensor x, Tensor y, Tensor weight, Tensor? gate, SymInt rows_per_item, float eps, "
                 "Tensor? next_weight, Tensor? next_mod, float next_eps) -> (Tensor, Tensor, Tensor)",
                 _gated_residual_op, _gated_residual_fake)
 
