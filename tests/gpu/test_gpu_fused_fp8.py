@@ -139,6 +139,31 @@ def test_cudnn_fp8_attention(seq):
     assert vs_bf16 <= ATTENTION_FP8_VS_BF16
 
 
+@pytest.mark.skipif(not fp8_attention.cudnn_fp8_attention_available(DEVICE), reason="needs cuDNN's frontend on sm_90")
+def test_cudnn_fp8_attention_with_padding():
+    """A ragged batch of two (1184 and 700 real tokens of 1184): cuDNN's padding mask against the
+    masked float32 reference on the same FP8 inputs, and item two against itself alone (unpadded)."""
+    seq, real = 1184, (1184, 700)
+    qkv, wq, wk, rope, qk_descale = attention_inputs(2 * seq)
+    q, k, v, v_descale = fp8_attention.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, HEADS, 1e-5, 1e-5)
+    shape = (2, seq, DIM)
+    args = (q.view(shape), k.view(shape), v.view(shape), qk_descale[0:1], qk_descale[1:2], v_descale, HEADS)
+    seq_lens = torch.tensor(real, dtype=torch.int32, device=DEVICE)
+    got = fp8_attention.sdpa_fp8(*args, seq_lens).float() * v_descale
+    want = fp8_attention.sdpa_fp8_reference(*args, seq_lens)
+    vs_f32 = ((got - want).norm() / want.norm()).item()
+    n = real[1]
+    alone = fp8_attention.sdpa_fp8(*(t[1:2, :n].contiguous() for t in args[:3]), *args[3:]).float() * v_descale
+    vs_alone = ((got[1:2, :n] - alone).norm() / alone.norm()).item()
+    record(sdpa_fp8_padded={"rel_err_vs_f32_on_fp8_inputs": vs_f32, "item_vs_alone": vs_alone})
+    assert torch.isfinite(got).all()
+    assert (got[1, n:] == 0).all()  # the padded rows: zeros, never stale memory
+    assert vs_f32 <= ATTENTION_FP8_VS_F32
+    # the same FP8 inputs and scales: what differs is the kernel's tiling over another length, and its
+    # FP8 output's rounding of that
+    assert vs_alone <= 2e-2
+
+
 def small_full_width_dit():
     """The full-size DiT's widths with 2 main layers and 1 refiner layer each (random weights)."""
     from diffusers import ZImageTransformer2DModel
@@ -160,8 +185,9 @@ def dit_inputs(items, seed=0):
 
 @pytest.mark.parametrize("kernels", ["fused", "fused-bf16-attention"])
 def test_fused_dit_single_equal_and_ragged_batches(kernels):
-    """The fused DiT (compiled) against the stock DiT in bf16 eager, alone and in batches: ragged
-    batches take the masked bf16 attention, equal ones the FP8 attention with batch > 1."""
+    """The fused DiT (compiled) against the stock DiT in bf16 eager, alone and in batches: equal
+    batches take the FP8 attention with batch > 1, ragged ones its padding mask (`fused`) or the
+    masked bf16 attention (`fused-bf16-attention`)."""
     if kernels == "fused" and not fp8_attention.cudnn_fp8_attention_available(DEVICE):
         pytest.skip("needs cuDNN's frontend on sm_90")
     from deployments.core.dit.optimize import optimize_transformer

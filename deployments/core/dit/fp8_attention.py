@@ -12,13 +12,15 @@ Q K^T and P V on FP8 tensor cores with one scale per tensor:
   tensor's absolute maximum: a first kernel reduces each row and takes the maximum across rows
   with one atomic per row (inductor's reduction of the same slice to one value took 74 us of a
   1024x1024 block, this one reads the slice once).
-- `sdpa_fp8`: the cuDNN graph, built once per (batch, sequence, heads, head_dim) and cached. Hopper
-  writes the output in FP8; every output row is a convex combination of v's rows, so v's scale
-  bounds it exactly and the output projection takes it as is (`descale_v` per row), with no
+- `sdpa_fp8`: the cuDNN graph, built once per (batch, sequence, heads, head_dim, padded) and cached.
+  Hopper writes the output in FP8; every output row is a convex combination of v's rows, so v's
+  scale bounds it exactly and the output projection takes it as is (`descale_v` per row), with no
   quantization pass in between.
 
-Masks: cuDNN's FP8 path here takes no key-padding mask; masked calls (ragged batches) stay on the
-bf16 path (`fused_block`).
+Ragged batches: each item's real tokens are a prefix of its padded sequence (diffusers pads the
+joint sequence at the end), so the key-padding mask is one length per item: cuDNN's padding mask
+(`seq_lens`). Under load almost every batch is ragged (captions differ), so this is the common case
+of a busy replica, not a corner.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def qkv_norm_rope_quant_reference(qkv: torch.Tensor, norm_q_weight: torch.Tensor
 
 class _Fp8SdpaGraph:
     """One built cuDNN graph with its tensors' uids and its own scratch (workspace, the amax outputs):
-    a call only fills in device pointers. Calls on a device come from its one model thread, in
+    a call only fills in device pointers (the sequence lengths twice, for queries and keys, when padded). Calls on a device come from its one model thread, in
     stream order, so the scratch is never in use twice at once."""
 
     def __init__(self, graph, tensors: tuple, device: torch.device):
@@ -181,7 +183,7 @@ class _Fp8SdpaGraph:
 
 
 class _CudnnFp8Sdpa:
-    """cuDNN FP8 SDPA graphs, one per (device, batch, sequence, heads, head_dim), built on first use."""
+    """cuDNN FP8 SDPA graphs, one per (device, batch, sequence, heads, head_dim, padded), built on first use."""
 
     def __init__(self) -> None:
         self._graphs: dict[tuple[int, ...], _Fp8SdpaGraph] = {}
@@ -204,8 +206,8 @@ class _CudnnFp8Sdpa:
         return index, self._handles[index]
 
     def _graph(self, index: int, handle, device: torch.device, batch: int, seq: int, heads: int,
-               head_dim: int) -> _Fp8SdpaGraph:
-        key = (index, batch, seq, heads, head_dim)
+               head_dim: int, padded: bool) -> _Fp8SdpaGraph:
+        key = (index, batch, seq, heads, head_dim, padded)
         if key in self._graphs:
             return self._graphs[key]
         import cudnn
@@ -217,10 +219,16 @@ class _CudnnFp8Sdpa:
         q, k, v = (graph.tensor(name=n, dim=dims, stride=strides, data_type=fp8) for n in ("q", "k", "v"))
         scalars = [graph.tensor(name=n, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=fp32)
                    for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")]
+        lengths = ()
+        if padded:  # [B, 1, 1, 1] int32: the real tokens of each item, for queries and for keys
+            lengths = tuple(graph.tensor(name=n, dim=[batch, 1, 1, 1], stride=[1, 1, 1, 1],
+                                         data_type=cudnn.data_type.INT32) for n in ("seq_len_q", "seq_len_kv"))
+        masking = dict(use_padding_mask=True, seq_len_q=lengths[0], seq_len_kv=lengths[1]) if padded else {}
         out, _, amax_s, amax_o = graph.sdpa_fp8(
             q=q, k=k, v=v, descale_q=scalars[0], descale_k=scalars[1], descale_v=scalars[2],
             descale_s=scalars[3], scale_s=scalars[4], scale_o=scalars[5],
             generate_stats=False, attn_scale=1.0 / math.sqrt(head_dim), use_causal_mask=False, name="sdpa_fp8",
+            **masking,
         )
         out.set_output(True).set_dim(dims).set_stride(strides).set_data_type(fp8)
         for amax in (amax_s, amax_o):
@@ -230,23 +238,30 @@ class _CudnnFp8Sdpa:
         graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
         graph.check_support()
         graph.build_plans()
-        entry = _Fp8SdpaGraph(graph, (q, k, v, *scalars, out, amax_s, amax_o), device)
+        entry = _Fp8SdpaGraph(graph, (q, k, v, *scalars, out, amax_s, amax_o, *lengths), device)
         self._graphs[key] = entry
         return entry
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
-                 descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int) -> torch.Tensor:
+                 descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int,
+                 seq_lens: torch.Tensor | None = None) -> torch.Tensor:
         import cudnn
 
         batch, seq, width = q.shape
+        padded = seq_lens is not None
         with self._lock:
             index, handle = self._handle(q.device)
-            entry = self._graph(index, handle, q.device, batch, seq, heads, width // heads)
+            entry = self._graph(index, handle, q.device, batch, seq, heads, width // heads, padded)
         descale_s, scale_s = self._constants[index]
-        out = torch.empty_like(q)
+        # padded query rows are not written: zeros keep them finite (an FP8 NaN there would reach
+        # the next block's v scale through its amax, which reads every row)
+        out = torch.zeros_like(q) if padded else torch.empty_like(q)
         scale_o = 1.0 / descale_v
         pointers = (q, k, v, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, out,
                     entry.amax[0:1], entry.amax[1:2])
+        if padded:
+            seq_lens = seq_lens.to(torch.int32).contiguous()
+            pointers += (seq_lens, seq_lens)
         stream = torch.cuda.current_stream(q.device).cuda_stream
         if self._streams.get(index) != stream:
             cudnn.set_stream(handle=handle, stream=stream)
@@ -260,34 +275,47 @@ class _CudnnFp8Sdpa:
 _SDPA = _CudnnFp8Sdpa()
 
 
-def _sdpa_fp8_op(q, k, v, descale_q, descale_k, descale_v, heads):
+def _sdpa_fp8_op(q, k, v, descale_q, descale_k, descale_v, heads, seq_lens=None):
     if q.device.type != "cuda":
         raise RuntimeError("sdpa_fp8 runs on CUDA GPUs (cuDNN); use the bf16 attention elsewhere")
-    return _SDPA(q, k, v, descale_q, descale_k, descale_v, heads)
+    return _SDPA(q, k, v, descale_q, descale_k, descale_v, heads, seq_lens)
 
 
 register_op("sdpa_fp8(Tensor q, Tensor k, Tensor v, Tensor descale_q, Tensor descale_k, Tensor descale_v, "
-            "int heads) -> Tensor", _sdpa_fp8_op, lambda q, k, v, descale_q, descale_k, descale_v, heads:
-            torch.empty_like(q))
+            "int heads, Tensor? seq_lens=None) -> Tensor", _sdpa_fp8_op,
+            lambda q, k, v, descale_q, descale_k, descale_v, heads, seq_lens=None: torch.empty_like(q))
 
 
 def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
-             descale_v: torch.Tensor, heads: int) -> torch.Tensor:
-    """FP8 attention over `[B, S, heads * head_dim]` FP8 q, k, v (no mask); the FP8 output has v's
-    dequantization scale. CUDA only (cuDNN)."""
-    return torch.ops.zimage.sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, heads)
+             descale_v: torch.Tensor, heads: int, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 attention over `[B, S, heads * head_dim]` FP8 q, k, v; the FP8 output has v's
+    dequantization scale. `seq_lens` `[B]`: item b attends over its first `seq_lens[b]` tokens and its
+    rows past them are zeros (a key-padding mask whose real tokens are a prefix). CUDA only (cuDNN)."""
+    return torch.ops.zimage.sdpa_fp8(q, k, v, descale_q, descale_k, descale_v, heads, seq_lens)
+
+
+def prefix_lengths(attn_mask: torch.Tensor) -> torch.Tensor:
+    """`[B]` int32 real tokens per item, from a `[B, S]` key-padding mask (True = real) whose real
+    tokens are a prefix, as diffusers' Z-Image builds it."""
+    return attn_mask.sum(dim=1, dtype=torch.int32)
 
 
 def sdpa_fp8_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
-                       descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int) -> torch.Tensor:
-    """The dequantized attention in float32, `[B, S, heads * head_dim]` (the tests' reference)."""
+                       descale_k: torch.Tensor, descale_v: torch.Tensor, heads: int,
+                       seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """The dequantized attention in float32, `[B, S, heads * head_dim]` (the tests' reference); with
+    `seq_lens`, keys past each item's length are masked and its rows past it are zeros."""
     def heads_first(x: torch.Tensor, descale: torch.Tensor) -> torch.Tensor:
         return (x.float() * descale.float()).unflatten(-1, (heads, -1)).transpose(1, 2)
 
+    mask = None
+    if seq_lens is not None:
+        real = torch.arange(q.shape[1], device=q.device)[None, :] < seq_lens.to(q.device)[:, None]  # [B, S]
+        mask = real[:, None, None, :]
     out = torch.nn.functional.scaled_dot_product_attention(
-        heads_first(q, descale_q), heads_first(k, descale_k), heads_first(v, descale_v)
-    )
-    return out.transpose(1, 2).flatten(2)
+        heads_first(q, descale_q), heads_first(k, descale_k), heads_first(v, descale_v), attn_mask=mask
+    ).transpose(1, 2).flatten(2)
+    return out if seq_lens is None else out * real[..., None]
 
 
 def cudnn_fp8_attention_available(device: torch.device) -> bool:

@@ -9,9 +9,9 @@ One block, per token row (the kernels are in `fused_quant`, `fp8_attention` and 
     gated_residual(x, ffn)            -> x
 
 against inductor's kernels for the same block, which read each row twice for a norm or an amax and
-quantize in separate passes. Attention runs in FP8 where cuDNN's FP8 SDPA is available and the
-call has no mask (`attention="fp8"`); a masked call (ragged batch) or `attention="bf16"` runs
-torch's SDPA in bf16 and quantizes its output rows in torch. The block stays compiled regionally
+quantize in separate passes. Attention runs in FP8 where cuDNN's FP8 SDPA is available
+(`attention="fp8"`), ragged batches too (the mask becomes one length per item, see `fp8_attention`);
+`attention="bf16"` runs the stock processor's bf16 attention and quantizes its output rows in torch. The block stays compiled regionally
 (`regional_compile`): the Triton kernels and cuDNN's attention are custom ops inside the graph,
 and inductor fuses the small modulation arithmetic around them.
 
@@ -30,6 +30,7 @@ from torch import nn
 from deployments.core.dit.blocks import iter_blocks
 from deployments.core.dit.fp8_attention import (
     cudnn_fp8_attention_available,
+    prefix_lengths,
     qk_static_scales,
     qkv_norm_rope_quant,
     sdpa_fp8,
@@ -72,7 +73,7 @@ class FusedFp8Block(nn.Module):
         x = x.contiguous()
         xq, xs = norm_modulate_quant(x, self.attention_norm1.weight, scale_msa, self.attention_norm1.eps)
         qkv = attn.to_qkv(xq, xs)
-        if attn_mask is None and self.fp8_attention:
+        if self.fp8_attention:
             # `[B, S, D/2, 2]` -> `[B*S, D/2, 2]` by its own dims: a reshape to x's row count would tie
             # the table's dynamic sizes to x's, and dynamo would specialize the sequence length
             rope = freqs_cis.flatten(0, 1).contiguous()
@@ -81,8 +82,9 @@ class FusedFp8Block(nn.Module):
                 attn.qk_descale, attn.heads, attn.norm_q.eps, attn.norm_k.eps,
             )
             shape = (batch, seq, dim)
+            seq_lens = None if attn_mask is None else prefix_lengths(attn_mask)
             out = sdpa_fp8(q.view(shape), k.view(shape), v.view(shape), attn.qk_descale[0:1], attn.qk_descale[1:2],
-                           v_descale, attn.heads)
+                           v_descale, attn.heads, seq_lens)
             attn_out = attn.to_out[0](out.view(rows, dim), v_descale.reshape(1, 1).expand(rows, 1).contiguous())
         else:
             # the stock processor's attention (norms, RoPE, SDPA in its backend order) on our q/k/v
