@@ -185,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="FP8 variants to run, comma separated: inductor (torchao + inductor), fused (our Triton "
                         "kernels + cuDNN FP8 attention), fused-bf16-attention")
     p.add_argument("--fp8-tune", action="store_true", help="let torchao turn on coordinate-descent tuning")
+    p.add_argument("--dit-cuda-graphs", action="store_true",
+                   help="also time each FP8 variant's step and 8 steps replayed from CUDA graphs (dit_cuda_graphs)")
     p.add_argument("--compile-backend", default=None, help="default inductor on CUDA, eager on the CPU smoke run")
     p.add_argument("--cache-dir", default=None, help="compile cache directory (default: a fresh one, so cold)")
     p.add_argument("--budget-s", type=float, default=540.0, help="skip later sections past this many seconds")

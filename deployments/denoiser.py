@@ -22,7 +22,8 @@ from deployments.core.contracts import (
     Latents,
 )
 from deployments.core.deadlines import DeadlineExceeded
-from deployments.core.denoising import DenoiseLoop, DenoiseState, clean_estimate, preview_steps
+from deployments.core.denoising import DenoiseLoop, DenoiseState, clean_estimate, diffusers_transformer_fn, preview_steps
+from deployments.core.dit.step_graphs import GraphedTransformerFn
 from deployments.core.pending_work import PendingWork, measure
 from deployments.core.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.metrics import DenoiserMetrics
@@ -67,9 +68,14 @@ class Denoiser(StageBase):
             logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
                            self.settings.precision, self.settings.compile)
         self.batched_warmup = BatchedWarmup(self.gpu_lane, self._after_ready, on_ready=self._batched_graphs_ready)
+        self.step_graphs: GraphedTransformerFn | None = None
+        if self.settings.dit_cuda_graphs and device.type == "cuda":
+            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(transformer), device)
+        elif self.settings.dit_cuda_graphs:
+            logger.warning("dit_cuda_graphs applies on CUDA only; the DiT runs without graphs on %s", device)
         self.loop = DenoiseLoop(
-            transformer, loading.load_scheduler(source), device, dtype, batch_invariant=self.settings.batch_invariant,
-            batched_ready=self.batched_warmup.ready,
+            transformer, loading.load_scheduler(source), device, dtype, transformer_fn=self.step_graphs,
+            batch_invariant=self.settings.batch_invariant, batched_ready=self.batched_warmup.ready,
         )
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
         self.denoiser_metrics.set_policy(self.config.scheduling)
@@ -237,5 +243,7 @@ class Denoiser(StageBase):
                     batched_warmup=self.batched_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
-                    fp8_kernels=self.fp8_kernels)
+                    fp8_kernels=self.fp8_kernels,
+                    step_graphs=None if self.step_graphs is None
+                    else {**self.step_graphs.stats, "graphs": self.step_graphs.graph_count()})
         return data

@@ -33,6 +33,10 @@ class ModelSettings(BaseModel):
     with errors, see benchmarks/RESULTS.md), `fused-bf16-attention`, or `auto` (`fused` on a Hopper
     GPU with `nvidia-cudnn-frontend` installed, else `fused-bf16-attention` where Triton runs, else
     `inductor`). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
+    dit_cuda_graphs: bool = False
+    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption length), captured on a
+    shape's second forward (`dit.step_graphs`; GPU only). For host-bound steps: small images on
+    the fused FP8 path."""
     text_encoder_cuda_graphs: bool = True
     text_encoder_compile: bool = False
     """Compile the text encoder's decoder layers (GPU only; replayed inside the CUDA graphs)."""

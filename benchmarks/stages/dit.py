@@ -12,8 +12,9 @@ import torch
 from benchmarks.harness import Bench, rel_err
 from deployments.core import loading
 from deployments.core.contracts import DenoiseJob
-from deployments.core.denoising import DenoiseLoop, image_tokens, latent_shape
+from deployments.core.denoising import DenoiseLoop, diffusers_transformer_fn, image_tokens, latent_shape
 from deployments.core.dit import fp8, optimize, regional_compile, warmup
+from deployments.core.dit.step_graphs import GraphedTransformerFn
 
 BF16_PEAK = 790e12  # measured bf16 GEMM ceiling on one H200 (shared/gpu/MEASURED.md)
 FP8_PEAK = 1580e12  # nominal FP8 dense
@@ -161,6 +162,41 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
         if ref is not None:
             bench.results["accuracy"][f"dit_8steps/{size}/{variant}"] = rel_err(loop.run([job])[0].latents, ref)
         bench.write()
+    if getattr(bench.args, "dit_cuda_graphs", False) and bench.cuda:
+        _graphed_dit(bench, state, transformer, scheduler, f"{variant}+graphs")
+
+
+def _graphed_dit(bench: Bench, state: dict[str, Any], transformer: Any, scheduler: Any, variant: str) -> None:
+    """The same step and 8 steps through `GraphedTransformerFn`, as the Denoiser runs them with
+    `dit_cuda_graphs`: timed replays, and the first 8 steps at a new shape (one plain forward, one
+    capture, six replays), which a request with an unseen caption length pays."""
+    cfg = transformer.config
+    graphed = GraphedTransformerFn.on(diffusers_transformer_fn(transformer), bench.device)
+    for size in bench.args.dit_sizes:
+        latents, t, captions = bench_step_inputs(bench, cfg, size)
+
+        @torch.inference_mode()
+        def step(latents=latents, t=t, captions=captions) -> Any:
+            return graphed(latents, t, captions)
+
+        bench.row("dit_step", size, variant, bench.measure(step, warmups=3))
+        ref = state.get("step_ref", {}).get(size)
+        if ref is not None:
+            bench.results["accuracy"][f"dit_step/{size}/{variant}"] = rel_err(step()[0], ref)
+        bench.write()
+    loop = DenoiseLoop(transformer, scheduler, bench.device, bench.dtype, transformer_fn=graphed)
+    for size in bench.args.full_sizes:
+        job = denoise_job(bench, cfg, size)
+        unseen = DenoiseJob(caption=job.caption[:-1], width=size, height=size, steps=job.steps, seed=job.seed)
+        bench.row("dit_8steps_new_shape", size, variant, bench.measure(lambda: loop.run([unseen]), repeats=1,
+                                                                        warmups=0))
+        timing = bench.measure(lambda job=job: loop.run([job]), repeats=max(2, bench.repeats - 2), warmups=1)
+        bench.row("dit_8steps", size, variant, timing)
+        ref = state.get("full_ref", {}).get(size)
+        if ref is not None:
+            bench.results["accuracy"][f"dit_8steps/{size}/{variant}"] = rel_err(loop.run([job])[0].latents, ref)
+        bench.write()
+    bench.results.setdefault("step_graphs", {})[variant] = {**graphed.stats, "graphs": graphed.graph_count()}
 
 
 def _optimize(bench: Bench, transformer: Any, precision: str, fp8_kernels: str = "inductor") -> None:

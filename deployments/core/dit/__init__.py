@@ -10,7 +10,8 @@ and keeps its call signature, so `DenoiseLoop` (and diffusers' own pipeline) cal
 - `warmup`: compiling and planning every graph a request needs before a replica is ready;
 - `fused_quant`, `fp8_attention`, `fp8_linear`, `fused_block`: the fused FP8 path (single-pass
   Triton row kernels, cuDNN's FP8 attention, pre-quantized FP8 GEMMs), `fp8_kernels="fused"`;
-- `optimize`: the composition, in the order the pieces need.
+- `optimize`: the composition, in the order the pieces need;
+- `step_graphs`: batch-1 forwards replayed from CUDA graphs, one per shape (`dit_cuda_graphs`).
 
 Measured effects (one H200, 1024x1024) are in benchmarks/RESULTS.md and shared/gpu/MEASURED.md.
 """

@@ -1,0 +1,97 @@
+"""deployments.core.dit.step_graphs on the CPU: which forwards are captured, replayed or run plain.
+
+A CUDA graph cannot be captured without a GPU, so the capture here is a stand-in with a graph's
+contract: it records the forward on the static inputs it is given, and a replay recomputes it on
+whatever those inputs hold then, writing into the same output tensors. The real capture and its
+results against plain forwards are checked on the GPU (tests/gpu/test_gpu_step_graphs.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.core.dit.step_graphs import GraphedTransformerFn
+
+
+def forward(latents, t, captions):
+    """A transformer's contract: one output per image, depending on its latents, t and caption."""
+    return [x * t[i] + c.float().mean() for i, (x, c) in enumerate(zip(latents, captions))]
+
+
+def stand_in_capture(log):
+    def capture(fn):
+        outputs = fn()
+        log.append("capture")
+
+        def replay():
+            for out, fresh in zip(outputs, fn()):
+                out.copy_(fresh)
+
+        return replay, outputs
+
+    return capture
+
+
+def inputs(size=4, tokens=5, value=1.0, batch=1):
+    latents = [torch.full((2, 1, size, size), value + i) for i in range(batch)]
+    captions = [torch.full((tokens + i, 3), value) for i in range(batch)]
+    return latents, torch.full((batch,), 0.5 * value), captions
+
+
+def test_a_shape_runs_plain_then_captures_then_replays_with_new_values():
+    log = []
+    graphed = GraphedTransformerFn(forward, stand_in_capture(log))
+    for value in (1.0, 2.0, 3.0, 4.0):
+        got = graphed(*inputs(value=value))
+        want = forward(*inputs(value=value))
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert graphed.stats == {"plain": 1, "captures": 1, "replays": 3, "evicted": 0, "capture_failures": 0}
+    assert log == ["capture"]
+
+
+def test_replayed_outputs_are_copies():
+    graphed = GraphedTransformerFn(forward, stand_in_capture([]))
+    graphed(*inputs(value=1.0))
+    first = graphed(*inputs(value=2.0))[0]
+    kept = first.clone()
+    graphed(*inputs(value=3.0))  # a later replay writes the graph's outputs again
+    assert torch.equal(first, kept)
+
+
+def test_each_caption_length_and_size_is_its_own_graph_and_batches_run_plain():
+    graphed = GraphedTransformerFn(forward, stand_in_capture([]), max_batch=1)
+    for shape in [(4, 5), (4, 6), (8, 5)] * 3:
+        graphed(*inputs(*shape))
+    for _ in range(3):
+        graphed(*inputs(batch=2))
+    assert graphed.graph_count() == 3
+    assert graphed.stats["captures"] == 3 and graphed.stats["replays"] == 6  # a capture replays too
+    assert graphed.stats["plain"] == 3 + 3  # each shape's first sight, and the batches of two
+
+
+def test_least_recently_used_graph_is_dropped():
+    graphed = GraphedTransformerFn(forward, stand_in_capture([]), max_graphs=2)
+    for tokens in (5, 6, 7):
+        graphed(*inputs(tokens=tokens))
+        graphed(*inputs(tokens=tokens))
+    assert graphed.graph_count() == 2 and graphed.stats["evicted"] == 1
+    graphed(*inputs(tokens=5))  # dropped: seen again, so captured again on this call
+    assert graphed.stats["captures"] == 4
+
+
+def test_a_failed_capture_is_counted_and_the_shape_runs_plain(caplog):
+    def failing(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphed = GraphedTransformerFn(forward, failing)
+    for value in (1.0, 2.0, 3.0):
+        got = graphed(*inputs(value=value))
+        assert torch.equal(got[0], forward(*inputs(value=value))[0])
+    assert graphed.stats["capture_failures"] == 1 and graphed.stats["plain"] == 3
+    assert "CUDA graph capture failed" in caplog.text
+
+
+def test_graphs_need_a_cuda_device():
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedTransformerFn.on(forward, torch.device("cpu"))
