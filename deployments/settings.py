@@ -28,11 +28,11 @@ class ModelSettings(BaseModel):
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
     fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "inductor"
     """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
-    kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59 against 69 ms a
-    1024x1024 step, but not yet the default: its one HTTP load run answered most concurrent requests
-    with errors, see benchmarks/RESULTS.md), `fused-bf16-attention`, or `auto` (`fused` on a Hopper
-    GPU with `nvidia-cudnn-frontend` installed, else `fused-bf16-attention` where Triton runs, else
-    `inductor`). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
+    kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 57.5 against 68.5 ms
+    a 1024x1024 step, 2.06 against 1.6 img/s with 20 clients, benchmarks/RESULTS.md),
+    `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
+    installed, else `fused-bf16-attention` where Triton runs, else `inductor`; what serve_config.yaml
+    ships). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
     dit_cuda_graphs: bool = False
     """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption length), captured on a
     shape's second forward (`dit.step_graphs`; GPU only). For host-bound steps: small images on
