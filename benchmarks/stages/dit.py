@@ -155,13 +155,7 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
         bench.write()
     loop = DenoiseLoop(transformer, scheduler, bench.device, bench.dtype)
     for size in bench.args.full_sizes:
-        job = denoise_job(bench, cfg, size)
-        timing = bench.measure(lambda job=job: loop.run([job]), repeats=max(2, bench.repeats - 2), warmups=1)
-        bench.row("dit_8steps", size, variant, timing)
-        ref = state.get("full_ref", {}).get(size)
-        if ref is not None:
-            bench.results["accuracy"][f"dit_8steps/{size}/{variant}"] = rel_err(loop.run([job])[0].latents, ref)
-        bench.write()
+        _time_8steps(bench, state, loop, denoise_job(bench, cfg, size), variant)
     if getattr(bench.args, "dit_cuda_graphs", False) and bench.cuda:
         _graphed_dit(bench, state, transformer, scheduler, f"{variant}+graphs")
 
@@ -190,13 +184,18 @@ def _graphed_dit(bench: Bench, state: dict[str, Any], transformer: Any, schedule
         unseen = DenoiseJob(caption=job.caption[:-1], width=size, height=size, steps=job.steps, seed=job.seed)
         bench.row("dit_8steps_new_shape", size, variant, bench.measure(lambda: loop.run([unseen]), repeats=1,
                                                                         warmups=0))
-        timing = bench.measure(lambda job=job: loop.run([job]), repeats=max(2, bench.repeats - 2), warmups=1)
-        bench.row("dit_8steps", size, variant, timing)
-        ref = state.get("full_ref", {}).get(size)
-        if ref is not None:
-            bench.results["accuracy"][f"dit_8steps/{size}/{variant}"] = rel_err(loop.run([job])[0].latents, ref)
-        bench.write()
+        _time_8steps(bench, state, loop, job, variant)
     bench.results.setdefault("step_graphs", {})[variant] = {**graphed.stats, "graphs": graphed.graph_count()}
+
+
+def _time_8steps(bench: Bench, state: dict[str, Any], loop: DenoiseLoop, job: DenoiseJob, variant: str) -> None:
+    """The loop's time for `job`, and its error against the plain pipeline's latents when known."""
+    timing = bench.measure(lambda: loop.run([job]), repeats=max(2, bench.repeats - 2), warmups=1)
+    bench.row("dit_8steps", job.width, variant, timing)
+    ref = state.get("full_ref", {}).get(job.width)
+    if ref is not None:
+        bench.results["accuracy"][f"dit_8steps/{job.width}/{variant}"] = rel_err(loop.run([job])[0].latents, ref)
+    bench.write()
 
 
 def _optimize(bench: Bench, transformer: Any, precision: str, fp8_kernels: str = "inductor") -> None:
