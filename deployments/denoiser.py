@@ -22,7 +22,13 @@ from deployments.core.contracts import (
     Latents,
 )
 from deployments.core.deadlines import DeadlineExceeded
-from deployments.core.denoising import DenoiseLoop, DenoiseState, clean_estimate, diffusers_transformer_fn, preview_steps
+from deployments.core.denoising import (
+    DenoiseLoop,
+    DenoiseState,
+    clean_estimate,
+    diffusers_transformer_fn,
+    preview_steps,
+)
 from deployments.core.dit.step_graphs import GraphedTransformerFn
 from deployments.core.pending_work import PendingWork, measure
 from deployments.core.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped

@@ -172,8 +172,9 @@ def qkv_norm_rope_quant_reference(qkv: torch.Tensor, norm_q_weight: torch.Tensor
 
 class _Fp8SdpaGraph:
     """One built cuDNN graph with its tensors' uids and its own scratch (workspace, the amax outputs):
-    a call only fills in device pointers (the sequence lengths twice, for queries and keys, when padded). Calls on a device come from its one model thread, in
-    stream order, so the scratch is never in use twice at once."""
+    a call only fills in device pointers (the sequence lengths twice, for queries and keys, when
+    padded). Calls on a device come from its one model thread, in stream order, so the scratch is
+    never in use twice at once."""
 
     def __init__(self, graph, tensors: tuple, device: torch.device):
         self.graph = graph

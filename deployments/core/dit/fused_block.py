@@ -11,9 +11,10 @@ One block, per token row (the kernels are in `fused_quant`, `fp8_attention` and 
 against inductor's kernels for the same block, which read each row twice for a norm or an amax and
 quantize in separate passes. Attention runs in FP8 where cuDNN's FP8 SDPA is available
 (`attention="fp8"`), ragged batches too (the mask becomes one length per item, see `fp8_attention`);
-`attention="bf16"` runs the stock processor's bf16 attention and quantizes its output rows in torch. The block stays compiled regionally
-(`regional_compile`): the Triton kernels and cuDNN's attention are custom ops inside the graph,
-and inductor fuses the small modulation arithmetic around them.
+`attention="bf16"` runs the stock processor's bf16 attention and quantizes its output rows in
+torch. The block stays compiled regionally (`regional_compile`): the Triton kernels and cuDNN's
+attention are custom ops inside the graph, and inductor fuses the small modulation arithmetic
+around them.
 
 `install_fused_blocks` swaps each block's class and replaces its linears with `Fp8Weight`s; it
 needs fused projections (`fusion`) and the real-valued RoPE tables (`rotary`) in place first.

@@ -95,7 +95,8 @@ class GraphedTransformerFn:
     def shape_key(latents: list[torch.Tensor], captions: list[torch.Tensor]) -> ShapeKey:
         return tuple(tuple(x.shape) for x in latents), tuple(tuple(c.shape) for c in captions)
 
-    def __call__(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, latents: list[torch.Tensor], t: torch.Tensor,
+                 captions: list[torch.Tensor]) -> list[torch.Tensor]:
         key = self.shape_key(latents, captions)
         if len(latents) > self.max_batch or key in self._failed:
             return self._plain(latents, t, captions)
