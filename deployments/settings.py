@@ -28,8 +28,8 @@ class ModelSettings(BaseModel):
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
     fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "inductor"
     """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
-    kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 57.5 against 68.5 ms
-    a 1024x1024 step, 2.06 against 1.6 img/s with 20 clients, benchmarks/RESULTS.md),
+    kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59.2 against 68.5 ms
+    a 1024x1024 step in one run; with 20 clients 2.79x the plain server's throughput; RESULTS.md),
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
     installed, else `fused-bf16-attention` where Triton runs, else `inductor`; what serve_config.yaml
     ships). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
