@@ -250,6 +250,5 @@ class Denoiser(StageBase):
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
                     fp8_kernels=self.fp8_kernels,
-                    step_graphs=None if self.step_graphs is None
-                    else {**self.step_graphs.stats, "graphs": self.step_graphs.graph_count()})
+                    step_graphs=None if self.step_graphs is None else self.step_graphs.as_dict())
         return data

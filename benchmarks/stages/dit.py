@@ -156,7 +156,7 @@ def _ours_dit(bench: Bench, source: Any, scheduler: Any, state: dict[str, Any], 
     loop = DenoiseLoop(transformer, scheduler, bench.device, bench.dtype)
     for size in bench.args.full_sizes:
         _time_8steps(bench, state, loop, denoise_job(bench, cfg, size), variant)
-    if getattr(bench.args, "dit_cuda_graphs", False) and bench.cuda:
+    if bench.args.dit_cuda_graphs and bench.cuda:
         _graphed_dit(bench, state, transformer, scheduler, f"{variant}+graphs")
 
 
@@ -185,7 +185,7 @@ def _graphed_dit(bench: Bench, state: dict[str, Any], transformer: Any, schedule
         bench.row("dit_8steps_new_shape", size, variant, bench.measure(lambda: loop.run([unseen]), repeats=1,
                                                                         warmups=0))
         _time_8steps(bench, state, loop, job, variant)
-    bench.results.setdefault("step_graphs", {})[variant] = {**graphed.stats, "graphs": graphed.graph_count()}
+    bench.results.setdefault("step_graphs", {})[variant] = graphed.as_dict()
 
 
 def _time_8steps(bench: Bench, state: dict[str, Any], loop: DenoiseLoop, job: DenoiseJob, variant: str) -> None:

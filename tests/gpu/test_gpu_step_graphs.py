@@ -1,13 +1,10 @@
 """CUDA-graph replays of the DiT forward (deployments.core.dit.step_graphs) against plain forwards.
 
-With `ZIMAGE_GPU_REPORT=path.json` the measured differences are written there (merged with the
-other GPU tests' figures when they share the path).
+With `ZIMAGE_GPU_REPORT=path.json` the measured differences are written there, with the fused
+path's GPU figures (its `record`).
 """
 
 from __future__ import annotations
-
-import json
-import os
 
 import pytest
 import torch
@@ -15,21 +12,12 @@ import torch
 from deployments.core.denoising import diffusers_transformer_fn
 from deployments.core.dit import fp8_attention
 from deployments.core.dit.step_graphs import GraphedTransformerFn
-from tests.gpu.test_gpu_fused_fp8 import dit_inputs, small_full_width_dit
+from tests.gpu.test_gpu_fused_fp8 import dit_inputs, record, small_full_width_dit
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-
-def record(key: str, value) -> None:
-    path = os.environ.get("ZIMAGE_GPU_REPORT")
-    if path:
-        data = json.load(open(path)) if os.path.exists(path) else {}
-        data[key] = value
-        with open(path, "w") as f:
-            json.dump(data, f, indent=2)
 
 
 @pytest.mark.parametrize("kernels", ["fused", "inductor"])
@@ -53,6 +41,6 @@ def test_replays_compute_what_plain_forwards_compute(kernels):
                 got = graphed(*inputs)[0].float()
                 want = plain(*inputs)[0].float()
                 worst = max(worst, ((got - want).norm() / want.norm()).item())
-    record(f"step_graphs_{kernels}", {"max_rel_diff_vs_plain": worst, **graphed.stats})
+    record(**{f"step_graphs_{kernels}": {"max_rel_diff_vs_plain": worst, **graphed.as_dict()}})
     assert graphed.stats["captures"] == 2 and graphed.stats["replays"] == 6 and graphed.stats["capture_failures"] == 0
     assert worst <= 1e-6  # the same kernels on the same inputs

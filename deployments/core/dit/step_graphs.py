@@ -118,6 +118,10 @@ class GraphedTransformerFn:
     def graph_count(self) -> int:
         return len(self._graphs)
 
+    def as_dict(self) -> dict[str, int]:
+        """The counters and the graphs held now (the Denoiser's stats, the benchmark's JSON)."""
+        return {**self.stats, "graphs": self.graph_count()}
+
     def _plain(self, latents, t, captions) -> list[torch.Tensor]:
         self.stats["plain"] += 1
         return self.fn(latents, t, captions)
