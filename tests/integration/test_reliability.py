@@ -105,21 +105,27 @@ def test_readiness_answers_fast_and_true_under_a_full_queue(served):
               "user_config": served.args["denoiser"]["user_config"]}
     try:
         served.deploy([limits])
-        timings: list[float] = []
-        statuses: list[int] = []
+        for attempt in range(3):
+            # the new limits reach the proxy's router a moment after the deploy reports RUNNING (a
+            # live update, no new replica): a load that starts before them fills no queue, so try again
+            timings: list[float] = []
+            statuses: list[int] = []
 
-        def probe() -> None:
-            wait_for_denoising(served)
-            for _ in range(10):
-                start = time.perf_counter()
-                response = httpx.get(f"{served.url}/health/ready", timeout=10)
-                timings.append(time.perf_counter() - start)
-                statuses.append(response.status_code)
-                time.sleep(0.05)
+            def probe() -> None:
+                wait_for_denoising(served)
+                for _ in range(10):
+                    start = time.perf_counter()
+                    response = httpx.get(f"{served.url}/health/ready", timeout=10)
+                    timings.append(time.perf_counter() - start)
+                    statuses.append(response.status_code)
+                    time.sleep(0.05)
 
-        responses = under_load(served, probe, seeds=list(range(500, 506)), body={**LOAD, "num_inference_steps": 8})
-        overloaded = sum(r.status_code == 503 for r in responses.values())
-        assert overloaded > 0, "the queue never filled: the test proves nothing"
+            seeds = list(range(500 + 10 * attempt, 506 + 10 * attempt))
+            responses = under_load(served, probe, seeds=seeds, body={**LOAD, "num_inference_steps": 8})
+            overloaded = sum(r.status_code == 503 for r in responses.values())
+            if overloaded:
+                break
+        assert overloaded > 0, "the queue never filled in three loads: the test proves nothing"
         assert statuses == [200] * 10, statuses
         timings.sort()
         assert timings[len(timings) // 2] < 0.1, f"readiness median {timings[5]:.3f}s under load"
