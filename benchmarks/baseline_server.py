@@ -25,9 +25,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from deployments.core import loading
-from deployments.core.image_sizes import size_problem
-from deployments.core.model_source import RANDOM, ModelSource, resolve_model_source
+from deployments.weights import loading
+from deployments.geometry import parse_size, size_problem
+from deployments.weights.model_source import RANDOM, ModelSource, resolve_model_source
 
 logger = logging.getLogger("baseline_server")
 
@@ -92,10 +92,10 @@ def parse_request(body: Any) -> dict[str, Any]:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise RequestError(f"n must be an integer in 1..{MAX_N}", "n")
     size = body.get("size") or DEFAULT_SIZE
-    parts = size.lower().split("x") if isinstance(size, str) else []
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise RequestError(f"size must be 'WIDTHxHEIGHT', got {size!r}", "size")
-    width, height = int(parts[0]), int(parts[1])
+    try:
+        width, height = parse_size(size if isinstance(size, str) else "")
+    except ValueError:
+        raise RequestError(f"size must be 'WIDTHxHEIGHT', got {size!r}", "size") from None
     problem = size_problem(width, height, MAX_PIXELS)
     if problem:
         raise RequestError(f"size {size!r} is not supported: {problem}", "size")

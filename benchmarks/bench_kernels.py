@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from benchmarks.harness import cuda_time_ms
 from benchmarks.run_info import commit
-from deployments.core.dit import fp8_attention, fused_quant
+from deployments.denoiser.dit import fp8_attention, fused_quant
 
 DIM, HIDDEN, HEADS, HEAD_DIM, CAPTION = 3840, 10240, 30, 128, 160
 BLOCKS_PER_STEP = 34

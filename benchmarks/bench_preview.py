@@ -23,10 +23,11 @@ import torch
 
 from benchmarks.harness import cuda_time_ms
 from benchmarks.run_info import commit
-from deployments.core import loading
-from deployments.core.contracts import DenoiseJob, Latents
-from deployments.core.denoising import DenoiseState, Schedule, clean_estimate, latent_shape
-from deployments.core.vae_codec import VaeCodec
+from deployments.weights import loading
+from deployments.contracts import DenoiseJob, Latents
+from deployments.denoiser.loop import DenoiseState, Schedule, clean_estimate
+from deployments.geometry import latent_shape, parse_size
+from deployments.vae.codec import VaeCodec
 from deployments.settings import ModelSettings
 from serve_app.image_io import encode_output
 
@@ -56,7 +57,7 @@ def main() -> None:
     settings = ModelSettings(model=args.model, device=args.device)
     device, dtype = settings.torch_device(), settings.dtype()
     on_gpu = device.type == "cuda"
-    width, height = (int(v) for v in args.size.split("x"))
+    width, height = parse_size(args.size)
     codec = VaeCodec(loading.load_vae(settings.source(), device, dtype), device, dtype)
 
     shape = latent_shape(16, width, height)

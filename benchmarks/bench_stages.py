@@ -55,9 +55,9 @@ from benchmarks.stages.dit import (
 )
 from benchmarks.stages.text_encoder import section_text
 from benchmarks.stages.vae import section_vae, section_vae_compiled
-from deployments.core import loading
-from deployments.core.dit import rotary
-from deployments.core.model_source import resolve_model_source
+from deployments.weights import loading
+from deployments.denoiser.dit import rotary
+from deployments.weights.model_source import resolve_model_source
 
 # --------------------------------------------------------------------------------------------------
 # Summary
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ZImageTransformer2DModel.load_config(source.location, subfolder="transformer") if not source.is_random \
         else None
     if cfg is None:
-        from deployments.core.random_model import FULL_TRANSFORMER_CONFIG
+        from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
 
         cfg = dict(FULL_TRANSFORMER_CONFIG)
     dit_cfg = argparse.Namespace(**{k: v for k, v in dict(cfg).items() if not k.startswith("_")})

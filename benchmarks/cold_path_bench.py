@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_info import commit  # noqa: E402
 from benchmarks.serve_bench import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
-from deployments.core.image_sizes import SIZE_PRESETS  # noqa: E402
+from deployments.geometry import SIZE_PRESETS  # noqa: E402
 
 TARGET_RATIO = 1.5
 

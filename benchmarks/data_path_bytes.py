@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.core.contracts import CaptionEmbedding, DecodedImage, LatentPosterior, Latents  # noqa: E402
-from deployments.core.denoising import latent_shape  # noqa: E402
+from deployments.contracts import CaptionEmbedding, DecodedImage, LatentPosterior, Latents  # noqa: E402
+from deployments.geometry import latent_shape  # noqa: E402
 from serve_app.image_io import encode_output  # noqa: E402
 
 WIDTH = HEIGHT = 1024

@@ -48,10 +48,13 @@ from benchmarks.harness import cuda_time_ms, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 from benchmarks.stages.dit import dit_step_inputs  # noqa: E402
 from benchmarks.stages.text_encoder import make_prompt  # noqa: E402
-from deployments.core import compile_cache, text_encoder_compile, vae_compile, loading  # noqa: E402
-from deployments.core.dit import optimize  # noqa: E402
-from deployments.core.denoising import latent_shape  # noqa: E402
-from deployments.core.model_source import resolve_model_source  # noqa: E402
+import deployments.text_encoder.compile as text_encoder_compile  # noqa: E402
+import deployments.vae.compile as vae_compile  # noqa: E402
+from deployments.runtime import compile_cache  # noqa: E402
+from deployments.weights import loading  # noqa: E402
+from deployments.denoiser.dit import optimize  # noqa: E402
+from deployments.geometry import latent_shape  # noqa: E402
+from deployments.weights.model_source import resolve_model_source  # noqa: E402
 
 CATEGORIES = (  # first match wins; generated kernels are named after every op they fused
     ("fused_triton", ("norm_modulate_quant", "gated_residual", "swiglu_quant", "qkv_norm_rope_quant")),
@@ -239,8 +242,8 @@ class Run:
     # ---- VAE
 
     def vae(self) -> None:
-        from deployments.core.contracts import Latents
-        from deployments.core.vae_codec import VaeCodec
+        from deployments.contracts import Latents
+        from deployments.vae.codec import VaeCodec
 
         size = self.args.size
         z = torch.randn(latent_shape(16, size, size), generator=torch.Generator("cpu").manual_seed(1))
@@ -275,7 +278,7 @@ class Run:
 
     def text(self) -> None:
         """The TextEncoder's paths: eager, CUDA graphs, compiled layers inside CUDA graphs."""
-        from deployments.core.text_encoding import PromptEncoder
+        from deployments.text_encoder.encoding import PromptEncoder
 
         tokenizer = loading.load_tokenizer(self.source)
         model = loading.load_text_encoder(self.source, self.device, self.dtype)

@@ -30,11 +30,11 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.core import loading  # noqa: E402
-from deployments.core.dit import optimize, warmup  # noqa: E402
-from deployments.core.contracts import DenoiseJob  # noqa: E402
-from deployments.core.denoising import DenoiseLoop  # noqa: E402
-from deployments.core.model_source import resolve_model_source  # noqa: E402
+from deployments.weights import loading  # noqa: E402
+from deployments.denoiser.dit import optimize, warmup  # noqa: E402
+from deployments.contracts import DenoiseJob  # noqa: E402
+from deployments.denoiser.loop import DenoiseLoop  # noqa: E402
+from deployments.weights.model_source import resolve_model_source  # noqa: E402
 
 
 def timed_step(loop: DenoiseLoop, jobs: list[DenoiseJob]) -> tuple[float, int]:

@@ -4,11 +4,11 @@ Ray Serve's default policy divides ongoing requests by `target_ongoing_requests`
 request is one image, but images differ a lot in cost (steps, size) and a replica's ongoing count is
 capped by `max_ongoing_requests`, so the backlog piles up unseen at the callers' handles. This policy
 reads what each replica reports through `Denoiser.record_autoscaling_stats()` (`pending_work`:
-megapixel-steps of queued and running images, see deployments/core/pending_work.py), adds the
+megapixel-steps of queued and running images, see deployments/denoiser/pending_work.py), adds the
 requests queued at handles that no replica has taken yet, and asks for enough replicas that each
 holds `target_work_per_replica`, but never more than the cluster can place: with
 `replica_resources` (the deployment's `ray_actor_options` as Ray resources) the count is capped at
-the replicas placed now plus as many more as the free resources hold (deployments/cluster_room.py),
+the replicas placed now plus as many more as the free resources hold (deployments/runtime/cluster_room.py),
 plus `max_waiting_replicas` that may wait for a place.
 Without the cap a backlog asked for 7 Denoisers on 2 GPUs, and 5 stayed pending for good, each
 counted by Serve as coming.
@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from deployments.cluster_room import ClusterView, RayClusterView, placeable_replicas
+from deployments.runtime.cluster_room import ClusterView, RayClusterView, placeable_replicas
 
 logger = logging.getLogger("ray.serve")
 

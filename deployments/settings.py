@@ -8,8 +8,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.core.loading import resolve_device
-from deployments.core.model_source import ModelSource, default_cache_dir, resolve_model_source
+from deployments.geometry import parse_size
+from deployments.weights.loading import resolve_device
+from deployments.weights.model_source import ModelSource, default_cache_dir, resolve_model_source
 
 
 class ModelSettings(BaseModel):
@@ -58,8 +59,8 @@ class ModelSettings(BaseModel):
         """`fp8_kernels` with `auto` resolved for `device`."""
         if self.fp8_kernels != "auto":
             return self.fp8_kernels
-        from deployments.core.dit.fp8_attention import cudnn_fp8_attention_available
-        from deployments.core.dit.fused_quant import triton_available
+        from deployments.denoiser.dit.fp8_attention import cudnn_fp8_attention_available
+        from deployments.denoiser.dit.fused_quant import triton_available
 
         if cudnn_fp8_attention_available(device):
             return "fused"
@@ -87,4 +88,4 @@ class ModelSettings(BaseModel):
         return str(root / "compile")
 
     def warmup_pixels(self) -> list[tuple[int, int]]:
-        return [tuple(int(v) for v in size.lower().split("x")) for size in self.warmup_sizes]
+        return [parse_size(size) for size in self.warmup_sizes]

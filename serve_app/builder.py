@@ -15,11 +15,11 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from deployments.denoiser import Denoiser
-from deployments.prompt_styler import PromptStyler
-from deployments.stage_base import deep_merge
-from deployments.text_encoder import TextEncoder
-from deployments.vae import VaeDecoder
+from deployments.denoiser.deployment import Denoiser
+from deployments.style.deployment import PromptStyler
+from deployments.runtime.stage import deep_merge
+from deployments.text_encoder.deployment import TextEncoder
+from deployments.vae.deployment import VaeDecoder
 from serve_app.config import AppArgs
 from serve_app.ingress import Ingress
 

@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE
-from deployments.core.scheduling import SchedulingPolicy
-from deployments.core.styles import DEFAULT_STYLES, merge_styles
+from deployments.geometry import MAX_SIDE, MIN_SIDE
+from deployments.denoiser.scheduling import SchedulingPolicy
+from deployments.style.presets import DEFAULT_STYLES, merge_styles
 from deployments.settings import ModelSettings
-from deployments.stage_base import deep_merge
+from deployments.runtime.stage import deep_merge
 
 API_KEYS_ENV = "ZIMAGE_API_KEYS"
 API_KEYS_FILE_ENV = "ZIMAGE_API_KEYS_FILE"  # a file on the node: one key per line

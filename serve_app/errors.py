@@ -7,9 +7,9 @@ import logging
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from deployments.core.deadlines import DeadlineExceeded
-from deployments.core.model_source import ModelSourceError
-from deployments.core.styles import UnknownStyleError
+from deployments.runtime.deadlines import DeadlineExceeded
+from deployments.weights.model_source import ModelSourceError
+from deployments.style.presets import UnknownStyleError
 from serve_app.access_log import current_request_id
 from serve_app.protocol import ErrorInfo, ErrorResponse
 from serve_app.retry import is_replica_failure

@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.staticfiles import StaticFiles
 
-from deployments.core.image_sizes import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
-from deployments.stage_base import deep_merge
+from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
+from deployments.runtime.stage import deep_merge
 from serve_app import access_log, request_io
 from serve_app.access_log import AccessRecord
 from serve_app.config import ApiLimits
@@ -128,7 +128,7 @@ class Ingress:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
     def reconfigure(self, user_config: dict) -> None:
-        """`user_config` over the bound `base_config` (see deployments.stage_base): an override of
+        """`user_config` over the bound `base_config` (see deployments.runtime.stage): an override of
         one limit keeps the others and the key digests that `args` gave."""
         config = IngressConfig.model_validate(deep_merge(self.base_config, user_config))
         self.limits = config.api.with_env_keys()

@@ -1,4 +1,4 @@
-"""The Ingress's Prometheus metrics, through Ray Serve's metrics API (see deployments/metrics.py).
+"""The Ingress's Prometheus metrics, through Ray Serve's metrics API (see deployments/runtime/metrics.py).
 
 Recorded once per request from its `AccessRecord`; a streamed response also records its time to
 first byte (the first step's event, sent before anything else) when its headers go out.
@@ -6,7 +6,7 @@ first byte (the first step's event, sent before anything else) when its headers 
 
 from __future__ import annotations
 
-from deployments.metrics import SECONDS_BOUNDARIES, counter, gauge, histogram
+from deployments.runtime.metrics import SECONDS_BOUNDARIES, counter, gauge, histogram
 from serve_app.access_log import AccessRecord
 
 # Upper bounds of the size classes, in pixels, named by the square side with that many pixels.

@@ -28,8 +28,8 @@ from typing import Any
 
 from PIL import Image
 
-from deployments.core.contracts import DecodedImage, DenoiseRequest, Latents, StyledPrompt
-from deployments.core.image_sizes import fit_upload, fitted_size, size_problem
+from deployments.contracts import DecodedImage, DenoiseRequest, Latents, StyledPrompt
+from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
@@ -79,7 +79,7 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     if req.size in (None, "auto"):
         width, height = fitted_size(*init.size) if init is not None else DEFAULT_SIZE
     else:
-        width, height = (int(v) for v in req.size.split("x"))
+        width, height = parse_size(req.size)
     problem = size_problem(width, height, limits.max_pixels)
     if problem:
         raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")

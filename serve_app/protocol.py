@@ -5,15 +5,15 @@ the image object, the response, then errors.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from deployments.geometry import parse_size
+
 MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1024  # image i of a request uses seed + i
-SIZE_PATTERN = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 
@@ -55,8 +55,7 @@ class ImageOptions(BaseModel):
     def _size_shape(cls, value: str | None) -> str | None:
         if value is None or value == "auto":
             return value
-        if not SIZE_PATTERN.match(value):
-            raise ValueError("size must look like 'WIDTHxHEIGHT', e.g. '1024x1024'")
+        parse_size(value)  # the shape only; the server's limits are checked when the request is planned
         return value
 
 

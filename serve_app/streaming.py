@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from deployments.core.denoising import image_tokens
+from deployments.geometry import image_tokens
 from serve_app.errors import api_error_for, error_info
 from serve_app.pipeline import RequestPlan
 from serve_app.protocol import (

@@ -13,8 +13,8 @@ if not torch.cuda.is_available():
     # (tests/unit/test_fused_fp8.py); the choice is made when a kernel is defined, so before imports.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from deployments.core.local_pipeline import LocalPipeline
-from deployments.core.model_source import resolve_model_source
+from deployments.local_pipeline import LocalPipeline
+from deployments.weights.model_source import resolve_model_source
 
 CPU = torch.device("cpu")
 F32 = torch.float32

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployments import geometry
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_PATH = "/v1/images/generations"
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "prompts.txt"
@@ -25,10 +27,7 @@ class SizeWeight:
 
 def parse_size(text: str) -> tuple[int, int]:
     """`"1024x768"` -> (1024, 768)."""
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"size {text!r} is not WxH (e.g. 1024x1024)")
-    width, height = int(parts[0]), int(parts[1])
+    width, height = geometry.parse_size(text)
     if width <= 0 or height <= 0:
         raise ValueError(f"size {text!r} has a zero side")
     return width, height

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.harness import Bench
 from benchmarks.stages.dit import pad_seq
-from deployments.core.denoising import image_tokens
+from deployments.geometry import image_tokens
 
 
 def section_attention(bench: Bench, cfg: Any) -> None:

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Bench, rel_err
-from deployments.core import loading
-from deployments.core.contracts import DenoiseJob
-from deployments.core.denoising import DenoiseLoop, diffusers_transformer_fn, image_tokens, latent_shape
-from deployments.core.dit import fp8, optimize, regional_compile, warmup
-from deployments.core.dit.step_graphs import GraphedTransformerFn
+from deployments.weights import loading
+from deployments.contracts import DenoiseJob
+from deployments.denoiser.loop import DenoiseLoop, diffusers_transformer_fn
+from deployments.geometry import image_tokens, latent_shape
+from deployments.denoiser.dit import fp8, optimize, regional_compile, warmup
+from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 
 BF16_PEAK = 790e12  # measured bf16 GEMM ceiling on one H200 (shared/gpu/MEASURED.md)
 FP8_PEAK = 1580e12  # nominal FP8 dense

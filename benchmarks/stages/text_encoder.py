@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Bench, rel_err
-from deployments.core import compile_cache, loading, text_encoder_compile
+import deployments.text_encoder.compile as text_encoder_compile
+from deployments.runtime import compile_cache
+from deployments.weights import loading
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts.txt"
 
@@ -29,7 +31,7 @@ def make_prompt(encoder: Any, tokens: int) -> str:
 
 
 def section_text(bench: Bench, source: Any) -> None:
-    from deployments.core.text_encoding import PromptEncoder
+    from deployments.text_encoder.encoding import PromptEncoder
 
     tokenizer = loading.load_tokenizer(source)
     model = loading.load_text_encoder(source, bench.device, bench.dtype, penultimate_only=False)

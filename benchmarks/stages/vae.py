@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Bench
-from deployments.core import vae_compile
-from deployments.core.denoising import latent_shape
+import deployments.vae.compile as vae_compile
+from deployments.geometry import latent_shape
 
 
 def _vae_inputs(bench: Bench, vae: Any) -> tuple[Any, dict[int, torch.Tensor]]:
-    from deployments.core.vae_codec import VaeCodec
+    from deployments.vae.codec import VaeCodec
 
     codec = VaeCodec(vae, bench.device, bench.dtype, tile_px=bench.args.vae_tile_px,
                      tile_overlap=bench.args.vae_tile_overlap)

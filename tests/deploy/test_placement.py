@@ -17,9 +17,9 @@ def shipped_shares() -> dict[str, float]:
 
 
 def declared_shares() -> dict[str, float]:
-    from deployments.denoiser import Denoiser
-    from deployments.text_encoder import TextEncoder
-    from deployments.vae import VaeDecoder
+    from deployments.denoiser.deployment import Denoiser
+    from deployments.text_encoder.deployment import TextEncoder
+    from deployments.vae.deployment import VaeDecoder
 
     return {d.name: d.ray_actor_options["num_gpus"] for d in (TextEncoder, Denoiser, VaeDecoder)}
 

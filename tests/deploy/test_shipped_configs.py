@@ -61,7 +61,7 @@ def test_serve_config_args_validate_and_gpu_shares_fit_one_h200():
 def test_each_stage_declares_its_own_defaults_and_gets_no_gpu_without_one():
     """The builder lays `args` over what each stage declares next to its code; with no GPU in use
     every stage gets 0 GPUs, and every stage is bound to a complete live config."""
-    from deployments.denoiser import Denoiser
+    from deployments.denoiser.deployment import Denoiser
     from serve_app.builder import stage_options
     from serve_app.config import AppArgs
 

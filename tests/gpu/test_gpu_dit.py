@@ -63,21 +63,21 @@ def free_gpu() -> None:
 
 @pytest.fixture(scope="module")
 def source():
-    from deployments.core.model_source import resolve_model_source
+    from deployments.weights.model_source import resolve_model_source
 
     return resolve_model_source("random")
 
 
 @pytest.fixture(scope="module")
 def job():
-    from deployments.core.contracts import DenoiseJob
+    from deployments.contracts import DenoiseJob
 
     caption = torch.randn(CAPTION_TOKENS, 2560, generator=torch.Generator("cpu").manual_seed(SEED))
     return DenoiseJob(caption=caption, width=SIZE, height=SIZE, steps=STEPS, seed=SEED)
 
 
 def load(source):
-    from deployments.core.loading import load_transformer
+    from deployments.weights.loading import load_transformer
 
     return load_transformer(source, torch.device("cuda"), torch.bfloat16)
 
@@ -88,8 +88,8 @@ def fingerprint(transformer) -> float:
 
 
 def run_job(transformer, source, job) -> tuple[torch.Tensor, float]:
-    from deployments.core.denoising import DenoiseLoop
-    from deployments.core.loading import load_scheduler
+    from deployments.denoiser.loop import DenoiseLoop
+    from deployments.weights.loading import load_scheduler
 
     loop = DenoiseLoop(transformer, load_scheduler(source), torch.device("cuda"), torch.bfloat16)
     torch.cuda.synchronize()
@@ -115,8 +115,8 @@ def reference(source, job):
 
 
 def test_bf16_compiled_matches_eager(source, job, reference, tmp_path_factory):
-    from deployments.core.dit.optimize import optimize_transformer
-    from deployments.core.dit.warmup import warmup
+    from deployments.denoiser.dit.optimize import optimize_transformer
+    from deployments.denoiser.dit.warmup import warmup
 
     ref, ref_print = reference
     transformer = load(source)
@@ -138,9 +138,9 @@ def test_bf16_compiled_matches_eager(source, job, reference, tmp_path_factory):
 
 
 def test_fp8_error_is_measured(source, job, reference, tmp_path_factory):
-    from deployments.core.dit.fp8 import FP8_MIN_CAPABILITY
-    from deployments.core.dit.optimize import optimize_transformer
-    from deployments.core.dit.warmup import warmup
+    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
+    from deployments.denoiser.dit.optimize import optimize_transformer
+    from deployments.denoiser.dit.warmup import warmup
 
     if torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
         pytest.skip("FP8 needs compute capability 8.9+")
@@ -168,11 +168,11 @@ def test_fp8_error_is_measured(source, job, reference, tmp_path_factory):
 def test_batch_invariance_within_bf16_noise(source, precision, tmp_path_factory):
     """A job made alone and the same job inside a ragged batch (other caption lengths and seeds,
     same resolution, as the continuous batcher forms them) agree within bf16 noise."""
-    from deployments.core.contracts import DenoiseJob
-    from deployments.core.denoising import DenoiseLoop
-    from deployments.core.dit.fp8 import FP8_MIN_CAPABILITY
-    from deployments.core.dit.optimize import optimize_transformer
-    from deployments.core.loading import load_scheduler
+    from deployments.contracts import DenoiseJob
+    from deployments.denoiser.loop import DenoiseLoop
+    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
+    from deployments.denoiser.dit.optimize import optimize_transformer
+    from deployments.weights.loading import load_scheduler
 
     if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
         pytest.skip("FP8 needs compute capability 8.9+")

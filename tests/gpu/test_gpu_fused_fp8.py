@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from deployments.core.dit import fp8_attention, fused_quant
+from deployments.denoiser.dit import fp8_attention, fused_quant
 
 pytestmark = [
     pytest.mark.gpu,
@@ -168,7 +168,7 @@ def small_full_width_dit():
     """The full-size DiT's widths with 2 main layers and 1 refiner layer each (random weights)."""
     from diffusers import ZImageTransformer2DModel
 
-    from deployments.core.random_model import FULL_TRANSFORMER_CONFIG
+    from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
 
     torch.manual_seed(0)
     cfg = dict(FULL_TRANSFORMER_CONFIG, n_layers=2, n_refiner_layers=1)
@@ -190,7 +190,7 @@ def test_fused_dit_single_equal_and_ragged_batches(kernels):
     masked bf16 attention (`fused-bf16-attention`)."""
     if kernels == "fused" and not fp8_attention.cudnn_fp8_attention_available(DEVICE):
         pytest.skip("needs cuDNN's frontend on sm_90")
-    from deployments.core.dit.optimize import optimize_transformer
+    from deployments.denoiser.dit.optimize import optimize_transformer
 
     reference = small_full_width_dit()
     ours = small_full_width_dit()

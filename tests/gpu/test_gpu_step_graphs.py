@@ -1,4 +1,4 @@
-"""CUDA-graph replays of the DiT forward (deployments.core.dit.step_graphs) against plain forwards.
+"""CUDA-graph replays of the DiT forward (deployments.denoiser.dit.step_graphs) against plain forwards.
 
 With `ZIMAGE_GPU_REPORT=path.json` the measured differences are written there, with the fused
 path's GPU figures (its `record`).
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.core.denoising import diffusers_transformer_fn
-from deployments.core.dit import fp8_attention
-from deployments.core.dit.step_graphs import GraphedTransformerFn
+from deployments.denoiser.loop import diffusers_transformer_fn
+from deployments.denoiser.dit import fp8_attention
+from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from tests.gpu.test_gpu_fused_fp8 import dit_inputs, record, small_full_width_dit
 
 pytestmark = [
@@ -27,7 +27,7 @@ def test_replays_compute_what_plain_forwards_compute(kernels):
     so a replay follows another graph's replay in the shared memory pool."""
     if kernels == "fused" and not fp8_attention.cudnn_fp8_attention_available(torch.device("cuda")):
         pytest.skip("needs cuDNN's frontend on sm_90")
-    from deployments.core.dit.optimize import optimize_transformer
+    from deployments.denoiser.dit.optimize import optimize_transformer
 
     transformer = small_full_width_dit()
     optimize_transformer(transformer, "fp8", compile=True, attention="cudnn", fp8_kernels=kernels)

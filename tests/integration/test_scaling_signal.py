@@ -46,7 +46,7 @@ def test_the_policy_reads_the_denoisers_placed_replicas_and_the_free_resources_f
     """What the autoscaling policy's cap reads in Serve's controller, read here from the same GCS."""
     from ray.serve._private.common import DeploymentID
 
-    from deployments.cluster_room import RayClusterView
+    from deployments.runtime.cluster_room import RayClusterView
 
     class_name = DeploymentID(name="Denoiser", app_name=APP_NAME).to_replica_actor_class_name()
     snapshot = RayClusterView().snapshot(class_name)

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from deployments.autoscaling import QueuedWorkPolicy, desired_replicas
-from deployments.cluster_room import ClusterSnapshot, fits_on_node, packing_limit, placeable_replicas
-from deployments.core.contracts import DenoiseJob, LatentPosterior
-from deployments.core.pending_work import job_steps, measure
-from deployments.core.scheduling import ContinuousBatcher
+from deployments.runtime.cluster_room import ClusterSnapshot, fits_on_node, packing_limit, placeable_replicas
+from deployments.contracts import DenoiseJob, LatentPosterior
+from deployments.denoiser.pending_work import job_steps, measure
+from deployments.denoiser.scheduling import ContinuousBatcher
 from tests.deploy.test_shipped_configs import ROOT
 
 
@@ -183,7 +183,7 @@ def test_the_policys_replica_resources_are_the_denoisers_ray_actor_options():
     from ray.serve._private.autoscaling_state import _resolve_policy_callable
     from ray.serve.config import AutoscalingConfig
 
-    from deployments.denoiser import Denoiser
+    from deployments.denoiser.deployment import Denoiser
 
     app = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]
     entry = next(d for d in app["deployments"] if d["name"] == "Denoiser")

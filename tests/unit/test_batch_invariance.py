@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from deployments.core import loading
-from deployments.core.contracts import DenoiseJob, Latents
-from deployments.core.denoising import DenoiseLoop
-from deployments.core.scheduling import ContinuousBatcher, run_grouped
-from deployments.core.text_encoding import PromptEncoder
+from deployments.weights import loading
+from deployments.contracts import DenoiseJob, Latents
+from deployments.denoiser.loop import DenoiseLoop
+from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
+from deployments.text_encoder.encoding import PromptEncoder
 from deployments.settings import ModelSettings
 
 CPU = torch.device("cpu")
@@ -185,8 +185,8 @@ def test_the_batched_forward_stays_within_the_old_tolerance(pipeline, scheduler,
 
 
 def test_the_setting_flows_from_app_args_to_the_stages(cache_dir):
-    from deployments.denoiser import Denoiser
-    from deployments.text_encoder import TextEncoder
+    from deployments.denoiser.deployment import Denoiser
+    from deployments.text_encoder.deployment import TextEncoder
     from serve_app.config import AppArgs
 
     assert ModelSettings().batch_invariant is None

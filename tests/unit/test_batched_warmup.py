@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.core.batched_warmup import BatchedWarmup
-from deployments.core.contracts import DenoiseJob
-from deployments.core.denoising import DenoiseLoop
-from deployments.core.dit import warmup
-from deployments.core.gpu_lane import GpuLane
-from deployments.core.scheduling import ContinuousBatcher, run_grouped
+from deployments.denoiser.batched_warmup import BatchedWarmup
+from deployments.contracts import DenoiseJob
+from deployments.denoiser.loop import DenoiseLoop
+from deployments.denoiser.dit import warmup
+from deployments.runtime.gpu_lane import GpuLane
+from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -178,7 +178,7 @@ def test_the_serving_warm_up_splits_into_batch_one_and_batched_calls():
 
 
 def test_the_denoiser_on_a_cpu_has_nothing_to_warm_later(cache_dir):
-    from deployments.denoiser import Denoiser
+    from deployments.denoiser.deployment import Denoiser
 
     settings = {"model": "tiny", "device": "cpu", "cache_dir": str(cache_dir)}
     denoiser = Denoiser.func_or_class(settings)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from deployments.core.cli import main
+from deployments.cli import main
 
 
 def test_generate_writes_one_png(cache_dir, tmp_path, capsys):

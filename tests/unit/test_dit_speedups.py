@@ -1,4 +1,4 @@
-"""The DiT speed-ups (deployments.core.dit) compute what diffusers' Z-Image transformer computes (tiny checkpoint, float32, CPU).
+"""The DiT speed-ups (deployments.denoiser.dit) compute what diffusers' Z-Image transformer computes (tiny checkpoint, float32, CPU).
 
 Reference: a second copy of the same checkpoint with diffusers' own complex-RoPE processor, run in
 the same process. GPU-only parts (FP8 numerics, inductor speed) are in tests/gpu/test_gpu_dit.py.
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.core import vae_compile, loading
-from deployments.core.dit import blocks, fp8, fusion, optimize, regional_compile, rotary, warmup
-from deployments.core.contracts import DenoiseJob
-from deployments.core.denoising import DenoiseLoop
-from deployments.core.vae_codec import VaeCodec
+import deployments.vae.compile as vae_compile
+from deployments.weights import loading
+from deployments.denoiser.dit import blocks, fp8, fusion, optimize, regional_compile, rotary, warmup
+from deployments.contracts import DenoiseJob
+from deployments.denoiser.loop import DenoiseLoop
+from deployments.vae.codec import VaeCodec
 
 CPU = torch.device("cpu")
 F32 = torch.float32

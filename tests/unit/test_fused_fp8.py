@@ -1,4 +1,4 @@
-"""The fused FP8 path (deployments.core.dit.fused_quant, fp8_attention, fp8_linear, fused_block) on the CPU.
+"""The fused FP8 path (deployments.denoiser.dit.fused_quant, fp8_attention, fp8_linear, fused_block) on the CPU.
 
 The Triton kernels run in Triton's interpreter (`TRITON_INTERPRET=1`, CPU tensors) against their
 float32 references. The interpreter's own float-to-FP8 cast truncates (it is not the GPU's
@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.core import loading
-from deployments.core.dit import fp8_attention, fused_block, fused_quant, fusion, rotary
-from deployments.core.dit.blocks import iter_blocks
+from deployments.weights import loading
+from deployments.denoiser.dit import fp8_attention, fused_block, fused_quant, fusion, rotary
+from deployments.denoiser.dit.blocks import iter_blocks
 
 CPU = torch.device("cpu")
 
@@ -242,8 +242,8 @@ def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, cpu_fp8_attenti
     sizes, eight images. The row kernels' float32 references run (the kernels themselves are checked
     above); cuDNN's FP8 attention cannot run on a CPU, so a stand-in computes it from the dequantized
     q, k, v (`sdpa_fp8_reference`)."""
-    from deployments.core.contracts import DenoiseJob
-    from deployments.core.denoising import DenoiseLoop
+    from deployments.contracts import DenoiseJob
+    from deployments.denoiser.loop import DenoiseLoop
 
     transformer = loading.load_transformer(tiny_source, CPU, torch.bfloat16)
     rotary.install_real_rope(transformer)
@@ -305,8 +305,8 @@ def test_compiled_fused_blocks_serve_every_length_from_the_warmed_graphs(tiny_so
     `int` instead of `SymInt` (rows per item) or a reshape tying the RoPE table's sizes to x's made
     dynamo specialize it, so every new length compiled a graph until the recompile limit failed
     requests (an HTTP load run on an H200)."""
-    from deployments.core.dit import regional_compile, warmup
-    from deployments.core.dit.warmup import WarmupCall
+    from deployments.denoiser.dit import regional_compile, warmup
+    from deployments.denoiser.dit.warmup import WarmupCall
 
     torch._dynamo.reset()
     transformer = loading.load_transformer(tiny_source, CPU, torch.bfloat16)

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from deployments.core.gpu_lane import GpuLane
+from deployments.runtime.gpu_lane import GpuLane
 
 
 async def exclusive(lane: GpuLane, fn):

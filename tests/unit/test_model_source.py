@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deployments.core import loading
-from deployments.core.model_source import ModelSourceError, resolve_model_source
-from deployments.core.tiny_checkpoint import ensure_tiny_checkpoint
+from deployments.weights import loading
+from deployments.weights.model_source import ModelSourceError, resolve_model_source
+from deployments.weights.tiny_checkpoint import ensure_tiny_checkpoint
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.core.local_pipeline import GenerationSpec
+from deployments.local_pipeline import GenerationSpec
 
 MAX_PIXEL_DIFF = 1
 

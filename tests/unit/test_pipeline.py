@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.core.local_pipeline import GenerationSpec
-from deployments.denoiser import Denoiser
-from deployments.prompt_styler import PromptStyler
-from deployments.text_encoder import TextEncoder
-from deployments.vae import VaeDecoder
+from deployments.local_pipeline import GenerationSpec
+from deployments.denoiser.deployment import Denoiser
+from deployments.style.deployment import PromptStyler
+from deployments.text_encoder.deployment import TextEncoder
+from deployments.vae.deployment import VaeDecoder
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError
 from serve_app.pipeline import ImagePipeline, plan_request

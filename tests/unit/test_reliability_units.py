@@ -13,10 +13,10 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import RayServeException
 
-from deployments.core.contracts import DenoiseJob
-from deployments.core.deadlines import DeadlineExceeded
-from deployments.core.gpu_lane import GpuLane
-from deployments.core.scheduling import ContinuousBatcher, run_grouped
+from deployments.contracts import DenoiseJob
+from deployments.runtime.deadlines import DeadlineExceeded
+from deployments.runtime.gpu_lane import GpuLane
+from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
 from serve_app.config import AppArgs, ApiLimits
 from serve_app.errors import ApiError, api_error_for
 from serve_app.retry import RetryPolicy, is_replica_failure

@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from deployments.core.batching import DynamicBatcher
-from deployments.core.contracts import DenoiseJob
-from deployments.core.scheduling import ContinuousBatcher, run_grouped
+from deployments.runtime.batching import DynamicBatcher
+from deployments.contracts import DenoiseJob
+from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
 
 
 def run(coro):

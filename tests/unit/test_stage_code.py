@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments.core.contracts import DenoiseJob
-from deployments.core.denoising import first_step_index, latent_shape
-from deployments.core.image_sizes import SIZE_PRESETS, fit_upload, fitted_size, size_problem
+from deployments.contracts import DenoiseJob
+from deployments.denoiser.loop import first_step_index
+from deployments.geometry import latent_shape
+from deployments.geometry import SIZE_PRESETS, fit_upload, fitted_size, size_problem
 
 
 def test_long_prompt_truncation_is_reported_not_silent(pipeline):
@@ -35,7 +36,7 @@ def test_strength_picks_the_first_step_as_diffusers_does():
 
 
 def test_strength_that_leaves_no_step_is_an_error(pipeline):
-    from deployments.core.contracts import LatentPosterior
+    from deployments.contracts import LatentPosterior
 
     posterior = LatentPosterior(torch.zeros(latent_shape(16, 512, 512)), torch.ones(latent_shape(16, 512, 512)), 0.1, 0.3)
     job = DenoiseJob(caption=torch.zeros(4, 64), width=512, height=512, steps=2, seed=0, init_posterior=posterior, strength=0.0)

@@ -1,4 +1,4 @@
-"""deployments.core.dit.step_graphs on the CPU: which forwards are captured, replayed or run plain.
+"""deployments.denoiser.dit.step_graphs on the CPU: which forwards are captured, replayed or run plain.
 
 A CUDA graph cannot be captured without a GPU, so the capture here is a stand-in with a graph's
 contract: it records the forward on the static inputs it is given, and a replay recomputes it on
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.core.dit.step_graphs import GraphedTransformerFn
+from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 
 
 def forward(latents, t, captions):

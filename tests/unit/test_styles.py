@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.core.styles import DEFAULT_STYLES, PromptStyler, UnknownStyleError, merge_styles
+from deployments.style.presets import DEFAULT_STYLES, StyleTable, UnknownStyleError, merge_styles
 
 ORIGINAL_APP_PRESETS = [
     "None", "Photorealistic", "Cinematic", "Anime", "Digital Art",
@@ -12,7 +12,7 @@ ORIGINAL_APP_PRESETS = [
 
 def test_the_ten_presets_exist_and_wrap_the_prompt():
     assert list(DEFAULT_STYLES) == ORIGINAL_APP_PRESETS
-    styler = PromptStyler()
+    styler = StyleTable()
     assert styler.apply("a cat").text == "a cat"
     for name in ORIGINAL_APP_PRESETS[1:]:
         styled = styler.apply("a cat", name)
@@ -21,12 +21,12 @@ def test_the_ten_presets_exist_and_wrap_the_prompt():
 
 
 def test_lookup_ignores_case_and_reports_the_preset_name():
-    assert PromptStyler().apply("x", "sci-fi").style == "Sci-Fi"
+    assert StyleTable().apply("x", "sci-fi").style == "Sci-Fi"
 
 
 def test_unknown_style_lists_the_known_ones():
     with pytest.raises(UnknownStyleError) as info:
-        PromptStyler().apply("a cat", "Baroque")
+        StyleTable().apply("a cat", "Baroque")
     assert "Baroque" in str(info.value)
     for name in ORIGINAL_APP_PRESETS:
         assert name in str(info.value)
@@ -37,7 +37,7 @@ def test_config_extends_or_replaces_presets():
     assert len(extended) == 11 and extended["Noir"].startswith("{prompt}")
     replaced = merge_styles(DEFAULT_STYLES, {"None": "{prompt}", "Pixel": "pixel art of {prompt}"}, replace=True)
     assert list(replaced) == ["None", "Pixel"]
-    assert PromptStyler(replaced).apply("a cat", "pixel").text == "pixel art of a cat"
+    assert StyleTable(replaced).apply("a cat", "pixel").text == "pixel art of a cat"
 
 
 @pytest.mark.parametrize("template", ["no slot", "{prompt} and {prompt}", ""])
@@ -48,4 +48,4 @@ def test_bad_templates_are_rejected(template):
 
 def test_default_style_must_exist():
     with pytest.raises(ValueError, match="default style"):
-        PromptStyler(DEFAULT_STYLES, default_style="Missing")
+        StyleTable(DEFAULT_STYLES, default_style="Missing")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch._dynamo.utils import counters
 
-from deployments.core import loading, vae_compile
+import deployments.vae.compile as vae_compile
+from deployments.weights import loading
 
 CPU, F32 = torch.device("cpu"), torch.float32
 

@@ -1,0 +1,265 @@
+"""The denoise loop: FlowMatch Euler over Z-Image's sigmas, for a batch of independent jobs.
+
+Computes what diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` compute, cut so that a batch may
+mix jobs of different sizes, caption lengths, step counts, seeds, guidance and start points: each
+job carries its own schedule and step index (`DenoiseState`), and one `step()` advances any set of
+states by one step each. That is what both same-shape batching and step-level continuous batching
+build on.
+
+Batch invariance: a job's latents should not depend on which other jobs share its steps. On the CPU
+a GEMM's rounding depends on its row count (PyTorch's kernels sum in another order for one or a few
+rows than for many), and a batched forward changes the row counts: the timestep MLP and the adaLN
+projections have one row per image. So with `batch_invariant` the model runs once per job (a guided
+job's negative pass together with its positive, as alone), exactly the call the job gets alone,
+while admission, scheduling and stepping stay batched. That is the default on the CPU; on the GPU
+batched GEMMs are the point, and there a job agrees with its run alone within bf16 noise.
+
+Seeds: initial noise is drawn with `torch.Generator("cpu").manual_seed(seed)` in the shape diffusers
+draws (for image-to-image, after the generator has sampled the VAE posterior, as diffusers does), so
+a seed means the same image on any device.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deployments.contracts import DenoiseJob, Latents
+from deployments.geometry import image_tokens, latent_shape
+
+def default_sigmas(steps: int) -> list[float]:
+    """Z-Image's sigma ramp, before the scheduler's shift."""
+    return torch.linspace(1.0, 1 / steps, steps).tolist()
+
+
+def first_step_index(steps: int, strength: float) -> int:
+    """Image-to-image skips the noisiest steps: as diffusers' `get_timesteps`."""
+    init_timestep = min(steps * strength, steps)
+    return int(max(steps - init_timestep, 0))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    timesteps: torch.Tensor  # [n] float32, the steps this job runs
+    sigmas: torch.Tensor  # [n + 1] float32, the last is 0
+
+
+class ScheduleTable:
+    """Per-job schedules from the checkpoint's scheduler config, computed once per shape and cached."""
+
+    def __init__(self, scheduler):
+        self._scheduler = copy.deepcopy(scheduler)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, int], Schedule] = {}
+
+    def _mu(self, seq_len: int) -> float:
+        cfg = self._scheduler.config
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        return seq_len * m + (base_shift - m * base_len)
+
+    def full(self, steps: int, seq_len: int) -> Schedule:
+        key = (steps, seq_len)
+        with self._lock:
+            if key not in self._cache:
+                self._scheduler.set_timesteps(sigmas=default_sigmas(steps), mu=self._mu(seq_len))
+                self._cache[key] = Schedule(
+                    timesteps=self._scheduler.timesteps.clone(), sigmas=self._scheduler.sigmas.clone()
+                )
+            return self._cache[key]
+
+    def for_job(self, job: DenoiseJob) -> Schedule:
+        full = self.full(job.steps, image_tokens(job.width, job.height))
+        if not job.is_image_to_image:
+            return full
+        start = first_step_index(job.steps, job.strength)
+        if start >= job.steps:
+            raise ValueError(f"strength {job.strength} leaves no denoising step out of {job.steps}")
+        return Schedule(timesteps=full.timesteps[start:], sigmas=full.sigmas[start:])
+
+
+class NonFiniteLatentsError(RuntimeError):
+    """The model produced NaN or infinity for a job."""
+
+
+@dataclass
+class DenoiseState:
+    """One job in flight: its latents, its own schedule and how far it has got."""
+
+    job: DenoiseJob
+    latents: torch.Tensor  # [1, C, h, w] float32 on the compute device
+    schedule: Schedule
+    caption: torch.Tensor  # on the compute device, in the model's dtype
+    negative_caption: torch.Tensor | None
+    step_index: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.schedule.timesteps)
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.job.guidance_scale > 0 and self.negative_caption is not None
+
+    def result(self) -> Latents:
+        """The finished latents; non-finite values fail the job rather than ship a broken image."""
+        if not torch.isfinite(self.latents).all():
+            raise NonFiniteLatentsError(f"job with seed {self.job.seed} produced non-finite latents")
+        return Latents(
+            latents=self.latents.to("cpu"), width=self.job.width, height=self.job.height, steps_run=self.step_index
+        )
+
+
+def clean_estimate(state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tensor:
+    """The model's current estimate of the clean latents after a step, as float32 on the CPU.
+
+    The step moved `latents += (sigma_next - sigma_t) * noise_pred`, so
+    `latents - sigma_next * noise_pred` equals `x0_hat = latents_t - sigma_t * noise_pred`: the point
+    the flow-matching velocity heads for. After the last step (sigma 0) it is the result itself.
+    """
+    sigma = state.schedule.sigmas[state.step_index]
+    return (state.latents - sigma * noise_pred.to(torch.float32)).to("cpu")
+
+
+def preview_steps(total_steps: int, count: int) -> frozenset[int]:
+    """The steps (1-based, counted after the step) after which a stream sends one of `count` previews:
+    spread evenly, never the last (the finished image follows it); fewer when the steps are fewer."""
+    return frozenset(s for i in range(count) if 0 < (s := round(total_steps * (i + 1) / (count + 1))) < total_steps)
+
+
+# A transformer call over ragged lists: (latents [C,1,h,w] list, t [B], captions list) -> outputs list.
+TransformerFn = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]], list[torch.Tensor]]
+
+
+def diffusers_transformer_fn(transformer) -> TransformerFn:
+    def call(latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> list[torch.Tensor]:
+        return transformer(latents, t, captions, return_dict=False)[0]
+
+    return call
+
+
+class DenoiseLoop:
+    """Starts jobs and advances any mix of them one step at a time."""
+
+    def __init__(
+        self,
+        transformer,
+        scheduler,
+        device: torch.device,
+        dtype: torch.dtype,
+        transformer_fn: TransformerFn | None = None,
+        batch_invariant: bool | None = None,
+        batched_ready: threading.Event | None = None,
+    ):
+        """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
+        job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
+        row count, which a batched forward changes (see the module docstring).
+
+        `batched_ready` (None: always): until it is set, every forward carries one image (a guided
+        job's negative pass too), because only the batch-1 graphs are compiled yet
+        (`deployments.denoiser.batched_warmup`); a batch of 2 or more would compile on the request path."""
+        self.transformer = transformer
+        self.batch_invariant = device.type == "cpu" if batch_invariant is None else batch_invariant
+        self.batched_ready = batched_ready
+        self.channels = transformer.config.in_channels
+        self.device = device
+        self.dtype = dtype
+        self.schedules = ScheduleTable(scheduler)
+        self.transformer_fn = transformer_fn or diffusers_transformer_fn(transformer)
+
+    def initial_latents(self, job: DenoiseJob, schedule: Schedule) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        shape = latent_shape(self.channels, job.width, job.height)
+        if not job.is_image_to_image:
+            return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+        image_latents = job.init_posterior.sample(generator)  # consumes the generator first, as diffusers
+        if tuple(image_latents.shape) != shape:
+            raise ValueError(f"init latents have shape {tuple(image_latents.shape)}, expected {shape}")
+        noise = torch.randn(shape, generator=generator, device="cpu", dtype=image_latents.dtype)
+        sigma = schedule.sigmas[0]
+        return (sigma * noise + (1.0 - sigma) * image_latents).to(self.device, torch.float32)
+
+    def start(self, job: DenoiseJob) -> DenoiseState:
+        schedule = self.schedules.for_job(job)
+        negative = None
+        if job.guidance_scale > 0:
+            if job.negative_caption is None:
+                raise ValueError("guidance_scale > 0 needs a negative caption embedding")
+            negative = job.negative_caption.to(self.device, self.dtype)
+        return DenoiseState(
+            job=job,
+            latents=self.initial_latents(job, schedule),
+            schedule=Schedule(schedule.timesteps.to(self.device), schedule.sigmas.to(self.device)),
+            caption=job.caption.to(self.device, self.dtype),
+            negative_caption=negative,
+        )
+
+    @torch.inference_mode()
+    def step(self, states: Sequence[DenoiseState]) -> None:
+        """One Euler step for each state (each at its own timestep); guided jobs add a negative pass."""
+        states = [s for s in states if not s.done]
+        if not states:
+            return
+        if not self.batched_forwards():  # only batch-1 graphs are compiled yet
+            predictions = self._predict(states, one_image_per_forward=True)
+        elif self.batch_invariant:  # one model call per job: the call it gets alone
+            predictions = [pair for state in states for pair in self._predict([state])]
+        else:
+            predictions = self._predict(states)
+        for state, (pred, neg) in zip(states, predictions):
+            pred = pred.float()
+            if neg is not None:
+                pred = pred + state.job.guidance_scale * (pred - neg.float())
+            noise_pred = -pred.squeeze(1).unsqueeze(0)
+            sigmas = state.schedule.sigmas
+            dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
+            state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
+            state.step_index += 1
+            if state.job.on_step is not None:
+                state.job.on_step(state, noise_pred)
+
+    def batched_forwards(self) -> bool:
+        """Whether a forward may carry more than one image (see `batched_ready`)."""
+        return self.batched_ready is None or self.batched_ready.is_set()
+
+    def _predict(
+        self, states: Sequence[DenoiseState], one_image_per_forward: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One transformer call for `states`: every positive pass, then the guided jobs' negative passes
+        (as diffusers batches a guided image); with `one_image_per_forward`, one call per pass instead.
+        Returns each state's (positive, negative or None) output."""
+        model_latents, model_t, model_caps = [], [], []
+        for state in states:
+            model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
+            model_t.append(state.schedule.timesteps[state.step_index])
+            model_caps.append(state.caption)
+        guided = [s for s in states if s.uses_guidance]
+        for state in guided:
+            model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
+            model_t.append(state.schedule.timesteps[state.step_index])
+            model_caps.append(state.negative_caption)
+        t = torch.stack(model_t)
+        t = (1000 - t) / 1000
+        if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
+            outputs = [self.transformer_fn([x], t[i : i + 1].clone(), [c])[0]
+                       for i, (x, c) in enumerate(zip(model_latents, model_caps))]
+        else:
+            outputs = self.transformer_fn(model_latents, t, model_caps)
+        negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
+        return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
+
+    def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:
+        """Runs a batch of jobs to completion together."""
+        states = [self.start(job) for job in jobs]
+        while not all(s.done for s in states):
+            self.step(states)
+        return [s.result() for s in states]

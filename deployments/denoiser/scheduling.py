@@ -1,0 +1,235 @@
+"""How the Denoiser turns concurrent requests into DiT calls. Plain asyncio, no Ray.
+
+Three policies, chosen in config (`denoiser_scheduling`):
+- `single`: one request at a time, start to finish;
+- `batch`: requests that arrive together run as one batch to completion, grouped by resolution;
+- `continuous`: step-level continuous batching. Requests join the running batch between steps and
+  leave it as soon as their own last step is done, each at its own timestep; running work is
+  bucketed by resolution and buckets take turns step by step. A request whose caller went away is
+  dropped at the next step boundary.
+Under every policy a job past its deadline (`DenoiseJob.deadline`) is dropped before it starts or
+at the next step boundary, and its caller gets `DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from deployments.runtime.batching import BatchObserver
+from deployments.contracts import DenoiseJob, Latents
+from deployments.runtime.deadlines import DeadlineExceeded, past
+from deployments.denoiser.loop import DenoiseLoop, DenoiseState
+from deployments.runtime.gpu_lane import GpuLane
+from deployments.denoiser.pending_work import job_steps
+from deployments.denoiser.step_timer import StepRecorder, StepTimer
+
+logger = logging.getLogger(__name__)
+
+SchedulingPolicy = Literal["single", "batch", "continuous"]
+POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
+
+# A StepRecorder hears each batched step's image count and device seconds (with
+# `DenoiseLoop.batch_invariant`, the CPU default, a step makes one DiT call per job; see denoising.py).
+
+
+def group_by_resolution(jobs: Sequence[DenoiseJob]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, job in enumerate(jobs):
+        groups.setdefault((job.width, job.height), []).append(index)
+    return groups
+
+
+def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecorder) -> list[Latents | Exception]:
+    """The `batch` policy's body: each resolution group runs to completion as one batch; a job
+    whose deadline passes leaves it (before its first step, or between steps)."""
+    results: list[Latents | Exception] = [ValueError("not run")] * len(jobs)
+    timer = StepTimer(record)
+
+    def expired(i: int, state: DenoiseState | None = None) -> bool:
+        if (state is None or not state.done) and past(jobs[i].deadline):
+            results[i] = DeadlineExceeded()
+            return True
+        return False
+
+    for indices in group_by_resolution(jobs).values():
+        states: list[tuple[int, DenoiseState]] = []
+        for i in indices:
+            if expired(i):
+                continue
+            try:
+                states.append((i, loop.start(jobs[i])))
+            except Exception as exc:  # a bad job fails alone
+                results[i] = exc
+        while True:
+            states = [(i, s) for i, s in states if not expired(i, s)]
+            active = [s for _, s in states if not s.done]
+            if not active:
+                break
+            timer.step(loop, active)
+        for i, state in states:
+            try:
+                results[i] = state.result()
+            except Exception as exc:
+                results[i] = exc
+    timer.flush()
+    return results
+
+
+@dataclass
+class _Entry:
+    job: DenoiseJob
+    future: asyncio.Future
+    enqueued: float
+    admitted: float = 0.0
+    state: DenoiseState | None = None
+
+
+class ContinuousBatcher:
+    """Step-level continuous batching over one DenoiseLoop, driven by a single background task."""
+
+    def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: GpuLane | None = None,
+                 observer: BatchObserver | None = None):
+        self.loop = loop
+        self.max_batch_size = max_batch_size
+        self.timer = StepTimer(record)
+        self.lane = lane or GpuLane("denoise")
+        self.observer = observer or BatchObserver()
+        self.waiting: collections.deque[_Entry] = collections.deque()
+        self.running: dict[tuple[int, int], list[_Entry]] = {}
+        self._turns: collections.deque[tuple[int, int]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.cancelled = 0
+
+    async def submit(self, job: DenoiseJob) -> Latents:
+        return (await self.submit_timed(job))[0]
+
+    async def submit_timed(self, job: DenoiseJob) -> tuple[Latents, float]:
+        """(latents, seconds the job waited before it joined the running batch)."""
+        future = asyncio.get_running_loop().create_future()
+        entry = _Entry(job, future, time.perf_counter())
+        self.waiting.append(entry)
+        self.observer.waiting(len(self.waiting))
+        self._wake.set()
+        if self._task is None or self._task.done():  # its own context: no caller's request ID in its logs
+            self._task = asyncio.create_task(self._drive(), context=contextvars.Context())
+        latents = await future  # cancelling this await drops the job at the next step boundary
+        return latents, entry.admitted - entry.enqueued
+
+    def queued_jobs(self) -> list[DenoiseJob]:
+        """Jobs waiting to join the running batch (their callers still there)."""
+        return [e.job for e in list(self.waiting) if not e.future.done()]  # list(): one step, safe from a thread
+
+    def running_jobs(self) -> list[tuple[DenoiseJob, int]]:
+        """(job, steps it has left) for each job in the running batch."""
+        return [(e.job, job_steps(e.job) if e.state is None else e.state.total_steps - e.state.step_index)
+                for entries in list(self.running.values()) for e in list(entries) if not e.future.done()]
+
+    def _admit(self) -> list[_Entry]:
+        admitted, kept = [], collections.deque()
+        while self.waiting:
+            entry = self.waiting.popleft()
+            if entry.future.done():  # the caller went away while waiting
+                self._cancel(1)
+                continue
+            if self._expire(entry):
+                continue
+            bucket = (entry.job.width, entry.job.height)
+            if len(self.running.get(bucket, [])) < self.max_batch_size:
+                self.running.setdefault(bucket, []).append(entry)
+                if bucket not in self._turns:
+                    self._turns.append(bucket)
+                admitted.append(entry)
+            else:
+                kept.append(entry)
+        self.waiting = kept
+        now = time.perf_counter()
+        for entry in admitted:
+            entry.admitted = now
+        self.observer.waiting(len(kept))
+        self.observer.admitted([now - entry.enqueued for entry in admitted])
+        self.observer.running(sum(len(entries) for entries in self.running.values()))
+        return admitted
+
+    def _expire(self, entry: _Entry) -> bool:
+        """Fails a job whose deadline passed (waiting, or running between steps); True if it did."""
+        if entry.future.done() or not past(entry.job.deadline):
+            return False
+        _fail(entry.future, DeadlineExceeded())
+        return True
+
+    def _cancel(self, count: int) -> None:
+        self.cancelled += count
+        self.observer.cancelled(count)
+
+    def _next_bucket(self) -> tuple[int, int] | None:
+        while self._turns:
+            bucket = self._turns[0]
+            self._turns.rotate(-1)
+            if self.running.get(bucket):
+                return bucket
+            self._turns.remove(bucket)
+            self.running.pop(bucket, None)
+        return None
+
+    def _start_states(self, entries: list[_Entry]) -> None:
+        for entry in entries:
+            try:
+                entry.state = self.loop.start(entry.job)
+            except Exception as exc:
+                self.observer.failed(1)
+                if not entry.future.done():
+                    entry.future.get_loop().call_soon_threadsafe(_fail, entry.future, exc)
+
+    async def _drive(self) -> None:
+        while True:
+            if not self.waiting and not any(self.running.values()):
+                self._wake.clear()
+                await self._wake.wait()
+            admitted = self._admit()
+            bucket = self._next_bucket()
+            if bucket is None:
+                continue
+            entries = [e for e in self.running[bucket] if not self._expire(e)]
+            try:
+                async with self.lane.lock:
+                    if admitted:
+                        await self.lane.run(self._start_states, admitted)
+                    live = [e for e in entries if e.state is not None and not e.future.done()]
+                    if live:
+                        await self.lane.run(self.timer.step, self.loop, [e.state for e in live])
+            except Exception as exc:  # a failed step fails that bucket's requests, not the server
+                logger.exception("denoise step failed for bucket %s", bucket)
+                self.observer.failed(sum(not entry.future.done() for entry in entries))
+                for entry in entries:
+                    _fail(entry.future, exc)
+            remaining = []
+            for entry in entries:
+                if entry.future.done():
+                    if entry.future.cancelled():
+                        self._cancel(1)
+                    continue
+                if entry.state is not None and entry.state.done:
+                    try:
+                        entry.future.set_result(entry.state.result())
+                    except Exception as exc:
+                        self.observer.failed(1)
+                        entry.future.set_exception(exc)
+                    continue
+                remaining.append(entry)
+            self.running[bucket] = remaining
+            if not self.waiting and not any(self.running.values()):
+                self.observer.running(0)
+                await self.lane.run(self.timer.flush)  # idle: the last steps' device times
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,1 @@
+"""The PromptStyler stage: style presets (`presets`) and its Serve shell (`deployment`)."""

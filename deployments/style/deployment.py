@@ -1,0 +1,61 @@
+"""PromptStyler deployment (CPU): expands a prompt with a style preset. Presets are live config."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+from ray import serve
+
+from deployments.contracts import StyledPrompt
+from deployments.style.presets import DEFAULT_STYLES, StyleTable, merge_styles
+from deployments.runtime.stage import StageBase, StageConfig
+
+
+class PromptStylerConfig(StageConfig):
+    """Live config: batching plus the style table (`styles` extend the presets, or replace them)."""
+
+    max_batch_size: int = Field(32, ge=1, le=256)
+    styles: dict[str, str] = Field(default_factory=dict)
+    replace_styles: bool = False
+    default_style: str = "None"
+
+    def table(self) -> dict[str, str]:
+        return merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
+
+    @model_validator(mode="after")
+    def _default_is_a_style(self):
+        table = self.table()
+        if self.default_style.casefold() not in {name.casefold() for name in table}:
+            raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+        return self
+
+
+@serve.deployment(name="PromptStyler", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+class PromptStyler(StageBase):
+    config_model = PromptStylerConfig
+
+    def __init__(self, base_config: dict | None = None) -> None:
+        self._init_stage("PromptStyler", base_config)
+        self.table = StyleTable()
+        self.styling = self.add_batcher("style", self._style_many, on_gpu=False)
+        self.apply_config(self.config)
+
+    def apply_config(self, config: PromptStylerConfig) -> None:
+        self.table.set_styles(config.table(), config.default_style)
+
+    async def style(self, prompt: str, style: str | None = None) -> StyledPrompt:
+        return await self.styling.submit((prompt, style))
+
+    def _style_many(self, requests: list[tuple[str, str | None]]) -> list[StyledPrompt | Exception]:
+        results: list[StyledPrompt | Exception] = []
+        for prompt, style in requests:
+            try:
+                results.append(self.table.apply(prompt, style))
+            except ValueError as exc:  # an unknown style fails its own request only
+                results.append(exc)
+        return results
+
+    async def list_styles(self) -> dict[str, str]:
+        return self.table.styles
+
+    async def default_style(self) -> str:
+        return self.table.default_style

@@ -1,0 +1,151 @@
+"""Loads one stage's components from a resolved model source.
+
+Each function loads only what its stage needs, so a Denoiser replica never touches the text
+encoder's weights and vice versa. `random` builds the full-size architecture on the target device
+with random weights (no download is possible there); everything else goes through `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from deployments.weights.model_source import (
+    ModelSource,
+    ModelSourceError,
+    check_component,
+    ensure_instance,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present; asking for CUDA without it is a start-up error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("device 'cuda' was asked for but no CUDA device is visible")
+    return dev
+
+
+@contextlib.contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _warn_random(component: str, source: ModelSource) -> None:
+    if source.random_weights:
+        logger.warning("%s of model %r has RANDOM weights: images carry no meaning", component, source.name)
+
+
+def load_transformer(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    from diffusers import ZImageTransformer2DModel
+
+    _warn_random("transformer", source)
+    if source.is_random:
+        from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
+
+        torch.manual_seed(0)
+        with _building_on(device, dtype):
+            model = ZImageTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
+        return model.eval().requires_grad_(False)
+    check_component(source, "transformer")
+    model = ZImageTransformer2DModel.from_pretrained(source.location, subfolder="transformer", torch_dtype=dtype)
+    ensure_instance(model, "transformer", (ZImageTransformer2DModel,), source)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler(source: ModelSource):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if source.is_random:
+        from deployments.weights.random_model import FULL_SCHEDULER_CONFIG
+
+        return FlowMatchEulerDiscreteScheduler(**FULL_SCHEDULER_CONFIG)
+    check_component(source, "scheduler")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(source.location, subfolder="scheduler")
+    ensure_instance(scheduler, "scheduler", (FlowMatchEulerDiscreteScheduler,), source)
+    return scheduler
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+    if source.is_random:
+        # No full-size tokenizer can be downloaded here; the tiny checkpoint's real BPE stands in,
+        # its ids all fall inside the full-size vocabulary.
+        from deployments.weights.model_source import default_cache_dir
+        from deployments.weights.tiny_checkpoint import ensure_tiny_checkpoint
+
+        location, subfolder = str(ensure_tiny_checkpoint(default_cache_dir())), "tokenizer"
+    else:
+        check_component(source, "tokenizer")
+        location, subfolder = source.location, "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(location, subfolder=subfolder)
+    ensure_instance(tokenizer, "tokenizer", (PreTrainedTokenizerBase,), source)
+    if tokenizer.chat_template is None:
+        raise ModelSourceError(f"{source.name}: the tokenizer has no chat template")
+    return tokenizer
+
+
+def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dtype, penultimate_only: bool = True):
+    """Qwen3 encoder cut after the layer whose output Z-Image uses (`hidden_states[-2]`).
+
+    The last decoder layer and the final norm only feed `hidden_states[-1]`, which Z-Image never
+    reads: dropping them saves a layer of compute and memory and gives the wanted states directly.
+    `penultimate_only=False` keeps the whole model, as diffusers' own pipeline runs it.
+    """
+    from transformers import Qwen3Config, Qwen3Model
+
+    _warn_random("text_encoder", source)
+    if source.is_random:
+        from deployments.weights.random_model import FULL_TEXT_ENCODER_CONFIG
+
+        torch.manual_seed(0)
+        with _building_on(device, dtype):
+            model = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG))
+    else:
+        check_component(source, "text_encoder")
+        model = Qwen3Model.from_pretrained(source.location, subfolder="text_encoder", dtype=dtype)
+        ensure_instance(model, "text_encoder", (Qwen3Model,), source)
+        model = model.to(device)
+    if penultimate_only:
+        model = truncate_to_penultimate(model)
+    return model.eval().requires_grad_(False)
+
+
+def truncate_to_penultimate(model):
+    model.layers = model.layers[:-1]
+    model.norm = torch.nn.Identity()
+    model.config.num_hidden_layers = len(model.layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[: len(model.layers)]
+    return model
+
+
+def load_vae(source: ModelSource, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    _warn_random("vae", source)
+    if source.is_random:
+        from deployments.weights.random_model import FULL_VAE_CONFIG
+
+        torch.manual_seed(0)
+        with _building_on(device, dtype):
+            vae = AutoencoderKL(**FULL_VAE_CONFIG)
+        return vae.eval().requires_grad_(False)
+    check_component(source, "vae")
+    vae = AutoencoderKL.from_pretrained(source.location, subfolder="vae", torch_dtype=dtype)
+    ensure_instance(vae, "vae", (AutoencoderKL,), source)
+    return vae.to(device).eval().requires_grad_(False)
+
