@@ -1,0 +1,233 @@
+"""A new user's first run on a GPU, timed as the user meets it: `serve run` as the README writes it,
+then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:8000.
+
+    python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
+
+For each start: seconds from `serve run` to `/health/ready` answering 200 (the first start with a fresh
+ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, and the
+1-client p50/p90 at 512x512 and 1024x1024 (a repeating prompt set, as loadgen sends it). On the first
+start also:
+  unseen     prompts of token lengths the replica has not seen, each sent twice: first against repeat,
+             p50 and p90 (target: first at most 1.1x the repeat), 30 lengths at 512x512, 15 at 1024x1024;
+  presets    the first request at each of the 18 presets and an edit, against the same again (target 1.3x).
+Last, the two starts' p50s side by side (target: within 3%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
+from benchmarks.run_info import commit  # noqa: E402
+from deployments.geometry import SIZE_PRESETS, format_size  # noqa: E402
+
+URL = "http://127.0.0.1:8000"
+WORDS = ("lighthouse harbour granite tide lantern gull cliff storm amber dusk quiet shore pine meadow river "
+         "copper glass velvet ember frost orchard tower bridge market canal lantern willow falcon cedar").split()
+
+
+def serve_run(command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
+    """`serve run ...` in its own process group, its output to a log file."""
+    log = open(log_path, "w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(process: subprocess.Popen, timeout_s: float) -> float:
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve run exited with {process.returncode}")
+        try:
+            if httpx.get(f"{URL}/health/ready", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError("not ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, as a user stops `serve run`; then make sure no Ray instance is left for the next start."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def stages_info(app: str) -> dict:
+    """Each stage's start phases and resolved speed settings, read through Ray as an operator would."""
+    code = (
+        "import json, ray; from ray import serve; ray.init(address='auto', logging_level='ERROR'); out = {}\n"
+        "for name in ('TextEncoder', 'Denoiser', 'VaeDecoder'):\n"
+        f"    s = serve.get_deployment_handle(name, {app!r}).stats.remote().result(timeout_s=60)\n"
+        "    out[name] = {k: s.get(k) for k in ('start_phases', 'speed', 'fp8_kernels', 'step_graphs')}\n"
+        "print('STAGES ' + json.dumps(out, default=str))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("STAGES ")]
+    return json.loads(lines[-1].removeprefix("STAGES ")) if lines else {"error": out.stderr[-2000:]}
+
+
+def p50_p90(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def single_client(size: str, requests: int, prompts: list[str]) -> dict:
+    config = LoadConfig(url=URL, concurrency=1, requests=requests, warmup=2, size_mix=parse_size_mix(size),
+                        steps=8, prompts=prompts, label=f"c1 {size}", timeout_s=300)
+    report = asyncio.run(run_load(config)).to_dict()
+    return {"p50_ms": round(report["latency"]["p50_ms"], 1), "p90_ms": round(report["latency"]["p90_ms"], 1),
+            "errors": report["failed"]}
+
+
+def timed(client: httpx.Client, path: str, **kwargs) -> float:
+    start = time.perf_counter()
+    response = client.post(path, **kwargs)
+    elapsed = (time.perf_counter() - start) * 1000
+    response.raise_for_status()
+    return elapsed
+
+
+def unseen_lengths(client: httpx.Client, size: str, count: int, offset: int) -> dict:
+    """`count` prompts of distinct word counts (so distinct token lengths), each new to the server, sent
+    twice in a row: the first pays whatever a new caption length costs, the second is the repeat."""
+    first, repeat = [], []
+    for i in range(count):
+        words = 3 + 4 * i + offset  # 3..120 words
+        prompt = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words)) + f" number {offset}-{i}"
+        body = {"prompt": prompt, "size": size, "seed": i, "num_inference_steps": 8}
+        first.append(timed(client, "/v1/images/generations", json=body))
+        repeat.append(timed(client, "/v1/images/generations", json=body))
+    (f50, f90), (r50, r90) = p50_p90(first), p50_p90(repeat)
+    return {"size": size, "count": count, "first_p50_ms": round(f50, 1), "first_p90_ms": round(f90, 1),
+            "repeat_p50_ms": round(r50, 1), "repeat_p90_ms": round(r90, 1),
+            "ratio_p50": round(f50 / r50, 3), "ratio_p90": round(f90 / r90, 3)}
+
+
+def presets_first_and_warm(client: httpx.Client) -> list[dict]:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((1024, 1024)).convert("RGB").save(buffer, format="PNG")
+    upload = buffer.getvalue()
+
+    def one_pass() -> dict[str, float]:
+        times = {}
+        for width, height in SIZE_PRESETS:
+            body = {"prompt": "a lighthouse on a rocky coast at dusk", "size": format_size(width, height), "seed": 1}
+            times[format_size(width, height)] = timed(client, "/v1/images/generations", json=body)
+        edit = {"prompt": "the same lighthouse as an oil painting", "seed": "1", "strength": "0.6"}
+        times["edit 1024x1024"] = timed(client, "/v1/images/edits", data=edit,
+                                        files={"image": ("in.png", upload, "image/png")})
+        return times
+
+    first, warm = one_pass(), one_pass()
+    return [{"size": k, "first_ms": round(first[k], 1), "warm_ms": round(warm[k], 1),
+             "ratio": round(first[k] / warm[k], 3)} for k in first]
+
+
+def served_config(model: str, device: str) -> Path:
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["applications"][0]["args"].update(model=model, device=device)
+    config["http_options"]["host"] = "127.0.0.1"
+    path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random")
+    parser.add_argument("--device", default="cuda", help="the README's command's device (cpu for a smoke run)")
+    parser.add_argument("--requests", type=int, default=20, help="1-client requests per size")
+    parser.add_argument("--unseen", default="30,15", help="unseen lengths at 512x512 and 1024x1024")
+    parser.add_argument("--ready-timeout", type=float, default=400)
+    parser.add_argument("--starts", default="readme,serve_config", help="which starts, in order")
+    parser.add_argument("--json", default="first_run.json")
+    args = parser.parse_args()
+    out = Path(args.json)
+    logs = out.parent
+    data: dict = {"meta": {"commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "model": args.model}}
+
+    def save() -> None:
+        out.write_text(json.dumps(data, indent=2))
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
+    env["ZIMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="zimage-first-run-")
+    prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
+    unseen_512, unseen_1024 = (int(v) for v in args.unseen.split(","))
+    starts = [
+        ("readme", ["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"], "default"),
+        ("serve_config", ["serve", "run", str(served_config(args.model, args.device))], "zimage"),
+    ]
+    starts = [start for start in starts if start[0] in args.starts.split(",")]
+    for index, (label, command, app) in enumerate(starts):
+        process = serve_run(command, logs / f"first_run_{label}.log", env)
+        try:
+            ready_s = wait_ready(process, args.ready_timeout)
+            result = {"command": " ".join(command), "cache": "cold" if index == 0 else "warm",
+                      "ready_s": round(ready_s, 1), "stages": stages_info(app)}
+            print(f"{label}: ready after {ready_s:.1f} s ({result['cache']} cache)", flush=True)
+            data[label] = result
+            save()
+            for size in ("512x512", "1024x1024"):
+                result[f"c1 {size}"] = single_client(size, args.requests, prompts)
+                print(f"  c1 {size}: {result[f'c1 {size}']}", flush=True)
+                save()
+            if index == 0:
+                with httpx.Client(base_url=URL, timeout=600) as client:
+                    result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),
+                                        unseen_lengths(client, "1024x1024", unseen_1024, 1)]
+                    for row in result["unseen"]:
+                        print(f"  unseen {row}", flush=True)
+                    save()
+                    result["presets"] = presets_first_and_warm(client)
+                    worst = max(result["presets"], key=lambda r: r["ratio"])
+                    print(f"  presets: worst first/warm {worst}", flush=True)
+                    save()
+        finally:
+            stop(process)
+    if "readme" in data and "serve_config" in data:
+        data["readme_vs_serve_config"] = {
+            size: round(data["readme"][f"c1 {size}"]["p50_ms"] / data["serve_config"][f"c1 {size}"]["p50_ms"], 3)
+            for size in ("512x512", "1024x1024")
+        }
+    save()
+    print("\nsummary")
+    for label in ("readme", "serve_config"):
+        if label in data:
+            row = data[label]
+            print(f"  {label:<13} ready {row['ready_s']:6.1f} s ({row['cache']})  c1 512 p50 "
+                  f"{row.get('c1 512x512', {}).get('p50_ms')}  c1 1024 p50 {row.get('c1 1024x1024', {}).get('p50_ms')}")
+    for row in data.get("readme", {}).get("unseen", []):
+        print(f"  unseen {row['size']}: first/repeat p50 {row['ratio_p50']}, p90 {row['ratio_p90']}")
+    presets = data.get("readme", {}).get("presets", [])
+    if presets:
+        print("  presets over 1.3x:", [r for r in presets if r["ratio"] > 1.3] or "none")
+    print("  readme / serve_config p50:", data.get("readme_vs_serve_config"))
+
+
+if __name__ == "__main__":
+    main()
