@@ -67,6 +67,9 @@ class DenoiseRequest:
     seed: int
     guidance_scale: float = 0.0
     strength: float = 1.0
+    mask: torch.Tensor | None = None
+    """Inpainting (with an upload): `[1, 1, H/8, W/8]` of 1 (edit) and 0 (keep), from
+    `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
     deadline: float | None = None
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
 
@@ -84,6 +87,7 @@ class DenoiseJob:
     negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
     init_posterior: LatentPosterior | None = None  # image-to-image when set
     strength: float = 1.0
+    mask: torch.Tensor | None = None  # inpainting: see DenoiseRequest.mask; needs init_posterior
     deadline: float | None = None  # wall-clock; a job past it is dropped (deployments.runtime.deadlines)
     on_step: Callable[[Any, torch.Tensor], None] | None = None
     """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's

@@ -86,11 +86,12 @@ def fitted_size(width: int, height: int) -> tuple[int, int]:
     return _round_side(width * scale), _round_side(height * scale)
 
 
-def fit_upload(image: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
-    """Resizes (and, for extreme ratios, centre-crops) an RGB upload to the generation size."""
+def fit_upload(image: Image.Image, size: tuple[int, int] | None = None, mode: str = "RGB") -> Image.Image:
+    """Resizes (and, for extreme ratios, centre-crops) an upload to the generation size, in `mode`
+    (an inpainting mask goes through the same crop and resize as its image, in greyscale)."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = image.convert(mode)
     target_w, target_h = size or fitted_size(*image.size)
     src_w, src_h = image.size
     target_ratio, src_ratio = target_w / target_h, src_w / src_h

@@ -12,6 +12,7 @@ from PIL import Image
 
 from deployments.weights import loading
 from deployments.contracts import DecodedImage, DenoiseJob
+from deployments.denoiser.inpaint import default_strength, latent_mask
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.weights.model_source import ModelSource
 from deployments.style.presets import StyleTable
@@ -30,7 +31,8 @@ class GenerationSpec:
     guidance_scale: float = 0.0
     negative_prompt: str = ""
     init_image: Image.Image | None = None  # already fitted to width x height
-    strength: float = 0.6
+    strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
+    mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
 
 
 class LocalPipeline:
@@ -63,7 +65,9 @@ class LocalPipeline:
                     guidance_scale=spec.guidance_scale,
                     negative_caption=next(negatives).embedding if spec.guidance_scale > 0 else None,
                     init_posterior=next(posteriors) if spec.init_image is not None else None,
-                    strength=spec.strength if spec.init_image is not None else 1.0,
+                    strength=(default_strength(spec.strength, spec.mask is not None)
+                              if spec.init_image is not None else 1.0),
+                    mask=latent_mask(spec.mask) if spec.mask is not None else None,
                 )
             )
         return self.codec.decode(self.loop.run(jobs))

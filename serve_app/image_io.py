@@ -165,7 +165,12 @@ def json_with_base64_images(payload: dict, images: list[bytes]) -> bytes:
 
 
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:
-    """Validates an uploaded image and returns it as RGB.
+    """Validates an uploaded image and returns it as RGB (see `open_upload`)."""
+    return open_upload(data, max_bytes, max_pixels, param).convert("RGB")
+
+
+def open_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:
+    """Validates an uploaded image and returns it decoded, in its own mode (a mask's alpha is kept).
 
     The format and the pixel count are read from the header before decoding, so a decompression
     bomb is refused without allocating its pixels; a truncated or corrupt file is a 400.
@@ -191,7 +196,7 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "im
                     param=param, code="image_too_large",
                 )
             image.load()
-            return image.convert("RGB")
+            return image
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -36,6 +36,7 @@ from serve_app.errors import (
     from_validation_error,
 )
 from serve_app.image_io import decode_upload, json_with_base64_images
+from serve_app.masks import decode_mask
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
 from serve_app.readiness import ReadinessProbe
@@ -101,6 +102,7 @@ def _json_schema_body(model) -> dict:
 def _multipart_schema_body() -> dict:
     schema = ImageEditRequest.model_json_schema()
     schema["properties"]["image"] = {"type": "string", "format": "binary"}
+    schema["properties"]["mask"] = {"type": "string", "format": "binary"}  # inpainting (serve_app.masks)
     schema["required"] = ["image", "prompt"]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
@@ -149,9 +151,13 @@ class Ingress:
 
     async def _generate(self, request: ImageRequest, record: AccessRecord) -> ImageResult:
         timeout_s = self._timeout_s(request.timeout_s, "timeout_s")
-        init = None
+        init = mask = None
         if request.init_image is not None:
             init = decode_upload(request.init_image, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
+        if request.mask is not None:
+            if init is None:
+                raise bad_request("A mask needs init_image, the image to edit.", param="mask", code="invalid_mask")
+            mask = decode_mask(request.mask, init.size, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
         options = ImageEditRequest if init is not None else ImageGenerationRequest
         size = f"{request.width}x{request.height}" if request.width and request.height else None
         fields = dict(
@@ -165,7 +171,8 @@ class Ingress:
             parsed = options.model_validate(fields)
         except ValidationError as exc:
             raise from_validation_error(exc) from None
-        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name), timeout_s, record)
+        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name, mask), timeout_s,
+                                         record)
 
     # ---- HTTP routes ---------------------------------------------------------------------------
 
@@ -194,11 +201,12 @@ class Ingress:
         try:
             self._authorize(request)
             timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
-            fields, image_bytes = await request_io.read_edit_form(request, self.limits.max_body_bytes,
-                                                                  self.limits.max_upload_bytes)
-            parsed = ImageEditRequest.model_validate(fields)
-            init = decode_upload(image_bytes, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            plan = plan_request(parsed, init, self.limits, self.model_name)
+            form = await request_io.read_edit_form(request, self.limits.max_body_bytes, self.limits.max_upload_bytes)
+            parsed = ImageEditRequest.model_validate(form.fields)
+            init = decode_upload(form.image, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
+            mask = None if form.mask is None else decode_mask(form.mask, init.size, self.limits.max_upload_bytes,
+                                                              self.limits.max_upload_pixels)
+            plan = plan_request(parsed, init, self.limits, self.model_name, mask)
             if parsed.stream:
                 return await self._stream(plan, parsed, "image_edit", timeout_s, record)
             result = await self._admit_and_run(plan, timeout_s, record)

@@ -26,13 +26,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from PIL import Image
 
 from deployments.contracts import DecodedImage, DenoiseRequest, Latents, StyledPrompt
+from deployments.denoiser.inpaint import default_strength
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
+from serve_app.masks import plan_mask
 from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, PartialImage, StepDone, Timings
 from serve_app.retry import RetryPolicy
 
@@ -56,10 +59,13 @@ class RequestPlan:
     output_compression: int | None
     init_image: Image.Image | None = None
     strength: float = 1.0
+    mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
 
 
-def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str) -> RequestPlan:
-    """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`."""
+def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,
+                 mask: Image.Image | None = None) -> RequestPlan:
+    """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`.
+    `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it."""
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
@@ -84,12 +90,15 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     if problem:
         raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
+    if mask is not None and init is None:
+        raise bad_request("A mask needs an image to edit.", param="mask", code="invalid_mask")
     return RequestPlan(
         prompt=req.prompt, n=n, width=width, height=height, steps=steps, seed=seed, style=req.style,
         guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt or "",
         output_format=req.output_format or "png", output_compression=req.output_compression,
         init_image=fit_upload(init, (width, height)) if init is not None else None,
-        strength=getattr(req, "strength", 1.0),
+        strength=default_strength(getattr(req, "strength", None), mask is not None) if init is not None else 1.0,
+        mask=plan_mask(mask, width, height) if mask is not None else None,
     )
 
 
@@ -211,7 +220,7 @@ class ImagePipeline:
         return DenoiseRequest(
             width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
             guidance_scale=plan.guidance_scale, strength=plan.strength if cond.posterior is not None else 1.0,
-            deadline=deadline,
+            mask=plan.mask, deadline=deadline,
         )
 
     @staticmethod

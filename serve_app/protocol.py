@@ -64,9 +64,10 @@ class ImageGenerationRequest(ImageOptions):
 
 
 class ImageEditRequest(ImageOptions):
-    """`POST /v1/images/edits` (multipart); the `image` file travels beside these fields."""
+    """`POST /v1/images/edits` (multipart); the `image` file, and the optional `mask` file, travel
+    beside these fields. `strength` defaults to 0.6, or to 1.0 with a mask (as diffusers' inpainting)."""
 
-    strength: float = Field(0.6, ge=0.1, le=1.0)
+    strength: float | None = Field(None, ge=0.1, le=1.0)
 
 
 class ImageObject(BaseModel):
@@ -187,7 +188,9 @@ class StreamErrorEvent(ErrorResponse):
 class ImageRequest:
     """What another Ray application passes to `handle.generate.remote(...)`.
 
-    `init_image` (encoded PNG/JPEG/WebP bytes) turns the request into an edit with `strength`.
+    `init_image` (encoded PNG/JPEG/WebP bytes) turns the request into an edit with `strength`;
+    `mask` (bytes of an image of the same size: fully transparent, or without alpha white = edit)
+    makes it an inpainting edit. `strength` None: 0.6, or 1.0 with a mask.
     """
 
     prompt: str
@@ -202,7 +205,8 @@ class ImageRequest:
     output_format: OutputFormat = "png"
     output_compression: int | None = None
     init_image: bytes | None = None
-    strength: float = 0.6
+    strength: float | None = None
+    mask: bytes | None = None
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 

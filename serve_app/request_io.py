@@ -7,6 +7,7 @@ that does not parse), raised before anything is decoded past the cap.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -53,25 +54,31 @@ async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
     return data
 
 
-async def read_edit_form(request: Request, max_field_bytes: int, max_upload_bytes: int) -> tuple[dict, bytes]:
-    """(the text fields, the one image file's bytes) of an edit's multipart body."""
+@dataclass(frozen=True)
+class EditForm:
+    fields: dict
+    image: bytes
+    mask: bytes | None  # inpainting (serve_app.masks)
+
+
+async def read_edit_form(request: Request, max_field_bytes: int, max_upload_bytes: int) -> EditForm:
+    """The text fields, the image file's bytes and the optional mask file's bytes of an edit's multipart body."""
     require_content_type(request, "multipart/form-data")
-    check_declared_length(request, max_upload_bytes + max_field_bytes)
+    check_declared_length(request, 2 * max_upload_bytes + max_field_bytes)  # the image and its mask
     try:
-        form = await request.form(max_files=2, max_fields=64, max_part_size=max_field_bytes)
+        form = await request.form(max_files=3, max_fields=64, max_part_size=max_field_bytes)
     except ApiError:
         raise
     except Exception as exc:
         raise bad_request(f"The multipart body could not be parsed: {exc}", code="invalid_multipart") from None
     try:
         fields: dict = {}
-        images = []
+        images, masks = [], []
         for key, value in form.multi_items():
             if key in ("image", "image[]"):
                 images.append(value)
             elif key == "mask":
-                raise bad_request("Masks are not supported; the whole image is edited.", param="mask",
-                                  code="unsupported_parameter")
+                masks.append(value)
             elif hasattr(value, "read"):
                 raise bad_request(f"Unexpected file field '{key}'.", param=key, code="unknown_parameter")
             else:
@@ -81,6 +88,9 @@ async def read_edit_form(request: Request, max_field_bytes: int, max_upload_byte
                            code="missing_required_parameter")
         if len(images) > 1 or not hasattr(images[0], "read"):
             raise bad_request("Send exactly one image file.", param="image", code="invalid_image")
-        return fields, await images[0].read(max_upload_bytes + 1)
+        if len(masks) > 1 or (masks and not hasattr(masks[0], "read")):
+            raise bad_request("Send the mask as one image file.", param="mask", code="invalid_mask")
+        mask = await masks[0].read(max_upload_bytes + 1) if masks else None
+        return EditForm(fields, await images[0].read(max_upload_bytes + 1), mask)
     finally:
         await form.close()

@@ -198,7 +198,7 @@ class Denoiser(StageBase):
             seed=request.seed, guidance_scale=request.guidance_scale,
             negative_caption=negative.embedding if negative is not None else None,
             init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
-            deadline=request.deadline, on_step=on_step,
+            mask=request.mask, deadline=request.deadline, on_step=on_step,
         )
 
     @staticmethod

@@ -1,6 +1,7 @@
 """The denoise loop: FlowMatch Euler over Z-Image's sigmas, for a batch of independent jobs.
 
-Computes what diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` compute, cut so that a batch may
+Computes what diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline` compute
+(the inpainting blend: deployments.denoiser.inpaint), cut so that a batch may
 mix jobs of different sizes, caption lengths, step counts, seeds, guidance and start points: each
 job carries its own schedule and step index (`DenoiseState`), and one `step()` advances any set of
 states by one step each. That is what both same-shape batching and step-level continuous batching
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from deployments.contracts import DenoiseJob, Latents
+from deployments.denoiser.inpaint import InpaintState
 from deployments.geometry import image_tokens, latent_shape
 
 def default_sigmas(steps: int) -> list[float]:
@@ -97,6 +99,7 @@ class DenoiseState:
     caption: torch.Tensor  # on the compute device, in the model's dtype
     negative_caption: torch.Tensor | None
     step_index: int = 0
+    inpaint: InpaintState | None = None  # set for a job with a mask (deployments.denoiser.inpaint)
 
     @property
     def total_steps(self) -> int:
@@ -127,7 +130,10 @@ def clean_estimate(state: DenoiseState, noise_pred: torch.Tensor) -> torch.Tenso
     the flow-matching velocity heads for. After the last step (sigma 0) it is the result itself.
     """
     sigma = state.schedule.sigmas[state.step_index]
-    return (state.latents - sigma * noise_pred.to(torch.float32)).to("cpu")
+    estimate = state.latents - sigma * noise_pred.to(torch.float32)
+    if state.inpaint is not None:
+        estimate = state.inpaint.clean_estimate(estimate)
+    return estimate.to("cpu")
 
 
 def preview_steps(total_steps: int, count: int) -> frozenset[int]:
@@ -177,16 +183,26 @@ class DenoiseLoop:
         self.transformer_fn = transformer_fn or diffusers_transformer_fn(transformer)
 
     def initial_latents(self, job: DenoiseJob, schedule: Schedule) -> torch.Tensor:
+        return self._start_point(job, schedule)[0]
+
+    def _start_point(self, job: DenoiseJob, schedule: Schedule) -> tuple[torch.Tensor, InpaintState | None]:
+        """The job's first latents, and for a masked job what its blend keeps (the sampled upload
+        latents and the noise drawn after them, as diffusers' inpaint pipeline draws them)."""
         generator = torch.Generator("cpu").manual_seed(job.seed)
         shape = latent_shape(self.channels, job.width, job.height)
         if not job.is_image_to_image:
-            return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device)
+            if job.mask is not None:
+                raise ValueError("a mask needs an init image")
+            return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(self.device), None
         image_latents = job.init_posterior.sample(generator)  # consumes the generator first, as diffusers
         if tuple(image_latents.shape) != shape:
             raise ValueError(f"init latents have shape {tuple(image_latents.shape)}, expected {shape}")
         noise = torch.randn(shape, generator=generator, device="cpu", dtype=image_latents.dtype)
         sigma = schedule.sigmas[0]
-        return (sigma * noise + (1.0 - sigma) * image_latents).to(self.device, torch.float32)
+        latents = (sigma * noise + (1.0 - sigma) * image_latents).to(self.device, torch.float32)
+        if job.mask is None:
+            return latents, None
+        return latents, InpaintState.create(job.mask, image_latents, noise, self.device)
 
     def start(self, job: DenoiseJob) -> DenoiseState:
         schedule = self.schedules.for_job(job)
@@ -195,12 +211,14 @@ class DenoiseLoop:
             if job.negative_caption is None:
                 raise ValueError("guidance_scale > 0 needs a negative caption embedding")
             negative = job.negative_caption.to(self.device, self.dtype)
+        latents, inpaint = self._start_point(job, schedule)
         return DenoiseState(
             job=job,
-            latents=self.initial_latents(job, schedule),
+            latents=latents,
             schedule=Schedule(schedule.timesteps.to(self.device), schedule.sigmas.to(self.device)),
             caption=job.caption.to(self.device, self.dtype),
             negative_caption=negative,
+            inpaint=inpaint,
         )
 
     @torch.inference_mode()
@@ -224,6 +242,9 @@ class DenoiseLoop:
             dt = sigmas[state.step_index + 1] - sigmas[state.step_index]
             state.latents = (state.latents.to(torch.float32) + dt * noise_pred.to(torch.float32)).to(torch.float32)
             state.step_index += 1
+            if state.inpaint is not None:  # outside the mask, back to the upload at the next sigma
+                sigma_next = None if state.done else sigmas[state.step_index]
+                state.latents = state.inpaint.blend(state.latents, sigma_next)
             if state.job.on_step is not None:
                 state.job.on_step(state, noise_pred)
 
