@@ -233,7 +233,7 @@ class Ingress:
     async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
         record.describe(plan)
         result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
-        record.images, record.timings = len(result.images), result.timings.model_dump()
+        record.images, record.timings = len(result.images), result.timings
         return result
 
     async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord) -> Response:
