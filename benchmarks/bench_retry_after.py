@@ -9,7 +9,8 @@ its own backoff when a 503 says nothing, or the server's `retry-after-ms` / `Ret
 Two runs on one server, in one process: `ignored` (a client-side hook drops the two headers, as
 before the server sent them: the client backs off 0.5 s then 1 s) and `honoured` (the client waits
 as told). Reported per run: requests, the share that finally succeeded, HTTP attempts, retries, the
-wasted retries (retries answered 503 again), images/s and the successes' p50 latency.
+wasted retries (retries answered 503 again), images/s, the successes' p50 latency (waits included)
+and the p50 of the waits the server told.
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ async def run(url: str, args, honour: bool) -> dict:
     """`2 x admit` closed-loop clients (args.clients), `args.requests` requests each, default retries."""
     import openai
 
+    told: list[float] = []
+
     async def on_response(response) -> None:
         attempts_of_request.get().append(response.status_code)
+        if response.status_code == 503 and "retry-after-ms" in response.headers:
+            told.append(int(response.headers["retry-after-ms"]) / 1000)
         if not honour:
             for name in RETRY_HEADERS:
                 response.headers.pop(name, None)
@@ -108,12 +113,13 @@ async def run(url: str, args, honour: bool) -> dict:
         "other_errors": sum(s not in (200, 503) for o in outcomes for s in o["statuses"]),
         "images_per_s": round(succeeded / wall, 3), "wall_s": round(wall, 1),
         "success_p50_s": round(percentile([o["seconds"] for o in outcomes if o["ok"]], 50), 2),
+        "told_p50_s": round(percentile(told, 50), 2) if told else None, "told_max_s": max(told, default=None),
     }
 
 
 def table(rows: list[dict]) -> str:
     cols = ["retry_after", "requests", "succeeded", "success_share", "attempts", "retries", "wasted_retries",
-            "images_per_s", "success_p50_s"]
+            "images_per_s", "success_p50_s", "told_p50_s"]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     lines += [" | ".join(str(row[c]) for c in cols) for row in rows]
     return "\n".join(lines)
