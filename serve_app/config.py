@@ -18,6 +18,7 @@ from deployments.denoiser.scheduling import SchedulingPolicy
 from deployments.style.presets import DEFAULT_STYLES, merge_styles
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
+from serve_app.image_store.config import ImageStoreConfig, ingress_replicas_problem
 
 API_KEYS_ENV = "ZIMAGE_API_KEYS"
 API_KEYS_FILE_ENV = "ZIMAGE_API_KEYS_FILE"  # a file on the node: one key per line
@@ -121,6 +122,8 @@ class AppArgs(ModelSettings):
     replace_styles: bool = False
     default_style: str = "None"
     denoiser_scheduling: SchedulingPolicy = "continuous"
+    image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    """Where `response_format: "url"` images go (serve_app.image_store): a local directory or a bucket."""
 
     prompt_styler: StageOptions = Field(default_factory=StageOptions)
     text_encoder: StageOptions = Field(default_factory=StageOptions)
@@ -151,6 +154,14 @@ class AppArgs(ModelSettings):
         table = merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
         if self.default_style not in table:
             raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+        return self
+
+    @model_validator(mode="after")
+    def _every_ingress_serves_its_urls(self):
+        problem = ingress_replicas_problem(self.image_store, self.ingress.num_replicas,
+                                           self.ingress.autoscaling_config)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @classmethod
