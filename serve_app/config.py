@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE
 from deployments.denoiser.scheduling import SchedulingPolicy
-from deployments.style.presets import DEFAULT_STYLES, merge_styles
+from deployments.style.presets import DEFAULT_STYLE, configured_table
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
 from serve_app.image_store.config import ImageStoreConfig, ingress_replicas_problem
@@ -120,7 +120,7 @@ class AppArgs(ModelSettings):
     api: ApiLimits = Field(default_factory=ApiLimits)
     styles: dict[str, str] | None = None
     replace_styles: bool = False
-    default_style: str = "None"
+    default_style: str = DEFAULT_STYLE
     denoiser_scheduling: SchedulingPolicy = "continuous"
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
     """Where `response_format: "url"` images go (serve_app.image_store): a local directory or a bucket."""
@@ -151,9 +151,7 @@ class AppArgs(ModelSettings):
 
     @model_validator(mode="after")
     def _styles_are_valid(self):
-        table = merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
-        if self.default_style not in table:
-            raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+        configured_table(self.styles, self.replace_styles, self.default_style)
         return self
 
     @model_validator(mode="after")

@@ -54,7 +54,7 @@ def deadline_exceeded(timeout_s: float | None = None) -> ApiError:
     return ApiError(504, f"The request did not finish{within}; its work was stopped.", code="deadline_exceeded")
 
 
-def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+def from_validation_error(exc: ValidationError) -> ApiError:
     """Pydantic's first problem as a 400 that names the parameter."""
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__") or None
