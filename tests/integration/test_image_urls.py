@@ -210,3 +210,12 @@ def test_an_unreachable_bucket_is_a_prompt_503(s3_app):
     assert time.monotonic() - start < 60
     inline = httpx.post(f"{app.url}/v1/images/generations", json={**body, "response_format": "b64_json"}, timeout=120)
     assert inline.status_code == 200
+
+
+def test_an_ingress_scaled_out_by_the_config_file_refuses_a_local_store(served):
+    """A config file's `deployments` entry applies after the builder: the replica itself refuses."""
+    try:
+        with pytest.raises(RuntimeError, match="would not be found on another"):
+            served.deploy([{"name": "Ingress", "num_replicas": 2}], timeout_s=300)
+    finally:
+        served.deploy()
