@@ -57,6 +57,14 @@ class LatentPosterior:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a request asks for: the operator's name for it and its scale."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class DenoiseRequest:
     """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
     upload posterior) travel beside it as separate arguments, so a request's images share one copy."""
@@ -72,6 +80,8 @@ class DenoiseRequest:
     `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
     deadline: float | None = None
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
+    loras: tuple[LoraRef, ...] = ()
+    """LoRA adapters by the operator's names, with their scales (deployments.denoiser.lora)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,9 @@ class DenoiseJob:
     strength: float = 1.0
     mask: torch.Tensor | None = None  # inpainting: see DenoiseRequest.mask; needs init_posterior
     deadline: float | None = None  # wall-clock; a job past it is dropped (deployments.runtime.deadlines)
+    loras: tuple[tuple[Any, float], ...] = ()
+    """Resolved adapters (`lora.adapter.LaidOutAdapter`, scale) on the Denoiser's device; never crosses a
+    deployment boundary (requests carry `LoraRef`s)."""
     on_step: Callable[[Any, torch.Tensor], None] | None = None
     """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""

@@ -33,6 +33,7 @@ class GenerationSpec:
     init_image: Image.Image | None = None  # already fitted to width x height
     strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
+    loras: tuple = ()  # (lora.adapter.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
 
 
 class LocalPipeline:
@@ -68,6 +69,7 @@ class LocalPipeline:
                     strength=(default_strength(spec.strength, spec.mask is not None)
                               if spec.init_image is not None else 1.0),
                     mask=latent_mask(spec.mask) if spec.mask is not None else None,
+                    loras=spec.loras,
                 )
             )
         return self.codec.decode(self.loop.run(jobs))
