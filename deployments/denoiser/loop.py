@@ -218,6 +218,8 @@ class DenoiseLoop:
     def start(self, job: DenoiseJob) -> DenoiseState:
         if job.loras and self.lora_slots is None:
             raise LoraUnsupportedError("this replica's DiT kernels do not apply LoRA adapters")
+        if len(job.adapters) != len(job.loras):
+            raise ValueError(f"the job asks for {len(job.loras)} LoRA adapters and carries {len(job.adapters)}")
         schedule = self.schedules.for_job(job)
         negative = None
         if job.guidance_scale > 0:
@@ -283,7 +285,7 @@ class DenoiseLoop:
             model_caps.append(state.negative_caption)
         t = torch.stack(model_t)
         t = (1000 - t) / 1000
-        adapters = [s.job.loras for s in states] + [s.job.loras for s in guided]
+        adapters = [s.job.adapters for s in states] + [s.job.adapters for s in guided]
         if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
             outputs = [self._forward([x], t[i : i + 1].clone(), [c], adapters[i : i + 1])[0]
                        for i, (x, c) in enumerate(zip(model_latents, model_caps))]
