@@ -55,6 +55,21 @@ class ModelSettings(BaseModel):
     forward until they are ready: a new replica serves seconds sooner (tracing those graphs took
     several seconds each even with warm caches). False: all of them before ready, as one warm-up."""
 
+    lora_dir: str | None = None
+    """The operator's LoRA adapters, one `.safetensors` file per adapter, named by its stem
+    (deployments.denoiser.lora.library); None: `loras/` under `cache_dir` (ZIMAGE_CACHE_DIR). On a cluster, a shared
+    filesystem mounted at this path on every node."""
+    lora_max_file_bytes: int = Field(1 << 30, ge=1)
+    lora_max_rank: int = Field(256, ge=1)
+    lora_max_files: int = Field(1000, ge=1)
+
+    def lora_settings(self):
+        from deployments.denoiser.lora.library import LoraSettings
+
+        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
+        return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
+                            max_rank=self.lora_max_rank, max_files=self.lora_max_files)
+
     def dit_fp8_kernels(self, device: torch.device) -> str:
         """`fp8_kernels` with `auto` resolved for `device`."""
         if self.fp8_kernels != "auto":

@@ -36,6 +36,7 @@ from serve_app.errors import (
     from_validation_error,
 )
 from serve_app.image_io import decode_upload, json_with_base64_images
+from serve_app.loras import LoraCatalog
 from serve_app.masks import decode_mask
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
@@ -115,8 +116,9 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None):
+                 base_config: dict | None = None, lora_settings: dict | None = None):
         self.styler = styler
+        self.loras = LoraCatalog(lora_settings)
         self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
                                         ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
         self.pipeline = ImagePipeline(styler, text_encoder, denoiser, vae, random_weights)
@@ -167,6 +169,8 @@ class Ingress:
         )
         if init is not None:
             fields["strength"] = request.strength
+        if request.loras:
+            fields["loras"] = [lora if isinstance(lora, dict) else lora.model_dump() for lora in request.loras]
         try:
             parsed = options.model_validate(fields)
         except ValidationError as exc:
@@ -226,6 +230,14 @@ class Ingress:
         entry = {"id": self.limits.served_model_name, "object": "model", "created": 0, "owned_by": "zimage-serve",
                  "root": self.model_name, "random_weights": self.random_weights}
         return JSONResponse({"object": "list", "data": [entry]})
+
+    @app.get("/v1/loras")
+    async def list_loras(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            return JSONResponse(await self.loras.listing())
+        except Exception as exc:
+            return error_response(api_error_for(exc))
 
     @app.get("/v1/styles")
     async def styles(self, request: Request) -> JSONResponse:
@@ -334,6 +346,7 @@ class Ingress:
     async def _admit_and_run(self, plan: RequestPlan, timeout_s: float, record: AccessRecord) -> ImageResult:
         """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
         record.describe(plan)
+        await self.loras.check_plan(plan)
         with self._admitted():
             try:
                 result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
@@ -364,6 +377,7 @@ class Ingress:
         """Server-sent events (serve_app.streaming). The first step is awaited before the headers go
         out, so a request that cannot start still gets a JSON error with its status."""
         record.describe(plan)
+        await self.loras.check_plan(plan)
         items = self._admit_and_stream(plan, req.partial_images or 0, timeout_s)
         first = await anext(items)
         self.metrics.streamed(record)
@@ -407,7 +421,8 @@ class Ingress:
         first = result.images[0]
         body = ImagesResponse(
             created=int(time.time()),
-            data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
+            data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed,
+                              loras=list(img.loras) or None) for img in result.images],
             model=self.limits.served_model_name,
             size=f"{first.width}x{first.height}",
             output_format=first.format,

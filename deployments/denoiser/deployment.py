@@ -10,6 +10,7 @@ from dataclasses import replace
 from itertools import chain
 
 import torch
+from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
@@ -34,6 +35,8 @@ from deployments.denoiser.loop import (
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.denoiser.lora.cache import AdapterCache
+from deployments.denoiser.lora.library import LoraLibrary
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import StageBase, StageConfig
@@ -45,6 +48,8 @@ class DenoiserConfig(StageConfig):
     """Live config: batching and the scheduling policy (requests already running finish under the old one)."""
 
     scheduling: SchedulingPolicy = "continuous"
+    lora_cache_bytes: int = Field(8 << 30, ge=0)
+    """Bytes of LoRA factors a replica keeps on its device (least recently used go first)."""
 
 
 @serve.deployment(
@@ -84,7 +89,10 @@ class Denoiser(StageBase):
         self.loop = DenoiseLoop(
             transformer, loading.load_scheduler(source), device, dtype, transformer_fn=self.step_graphs,
             batch_invariant=self.settings.batch_invariant, batched_ready=self.batched_warmup.ready,
+            lora=self.fp8_kernels in (None, "inductor"),
         )
+        self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
+                                       self.config.lora_cache_bytes)
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
         self.denoiser_metrics.set_policy(self.config.scheduling)
         self.denoiser_metrics.batched_ready.set(float(self.batched_warmup.ready.is_set()))
@@ -127,7 +135,8 @@ class Denoiser(StageBase):
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.settings.compile and self.settings.warmup_sizes:
             single, batched = serving_calls(
-                self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens
+                self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens,
+                lora=getattr(transformer, "_lora_slots", None) is not None,
             )
             if not self.settings.warm_batches_in_background:
                 single, batched = single + batched, []
@@ -144,6 +153,8 @@ class Denoiser(StageBase):
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
         self.denoiser_metrics.set_policy(config.scheduling)
+        if hasattr(self, "lora_cache"):
+            self.lora_cache.capacity_bytes = config.lora_cache_bytes
 
     async def denoise(
         self,
@@ -156,7 +167,9 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior))
+        adapters = await self.lora_cache.resolve_async(request.loras)
+        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior,
+                                                                    adapters=adapters))
         return self._finished(latents, queued_s, caption, posterior, start)
 
     async def denoise_stream(
@@ -181,7 +194,9 @@ class Denoiser(StageBase):
             update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        task = asyncio.ensure_future(self._run(DenoiseJob.from_request(request, caption, negative, posterior, on_step)))
+        adapters = await self.lora_cache.resolve_async(request.loras)
+        job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters)
+        task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
         try:
             while (update := await updates.get()) is not None:
@@ -238,6 +253,6 @@ class Denoiser(StageBase):
                     batched_warmup=self.batched_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
-                    fp8_kernels=self.fp8_kernels,
+                    fp8_kernels=self.fp8_kernels, loras=self.lora_cache.stats(),
                     step_graphs=None if self.step_graphs is None else self.step_graphs.as_dict())
         return data

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.denoiser.lora.adapter import LoraAdapter, LoraFitError
-from deployments.denoiser.lora.convert import LoraFormatError, metadata_scaling, read_safetensors, to_diffusers_keys
+from deployments.denoiser.lora.adapter import LoraAdapter
+from deployments.denoiser.lora.convert import metadata_scaling, read_safetensors, to_diffusers_keys
+from deployments.denoiser.lora.errors import LoraFitError, LoraFormatError, UnknownLoraError
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +47,6 @@ class LoraSettings(BaseModel):
         from deployments.weights.model_source import default_cache_dir
 
         return default_cache_dir() / "loras"
-
-
-class UnknownLoraError(KeyError):
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
 
 
 @dataclass(frozen=True)
