@@ -31,6 +31,7 @@ from PIL import Image
 
 from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
 from deployments.denoiser.inpaint import default_strength
+from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
@@ -174,7 +175,7 @@ class ImagePipeline:
         started = time.perf_counter()
         cond = await self._condition(plan, deadline)
         request = plan.denoise_request(0, deadline)
-        updates = self.denoiser.options(stream=True).denoise_stream.remote(
+        updates = self._denoiser_for(request).options(stream=True).denoise_stream.remote(
             request, cond.caption, cond.negative, cond.posterior, partial_images
         )
         latents: Latents | None = None
@@ -217,9 +218,16 @@ class ImagePipeline:
             style_ms=style_ms,
         )
 
+    def _denoiser_for(self, request: DenoiseRequest) -> Any:
+        """A request with LoRA adapters goes preferably to a Denoiser replica that holds its adapter set
+        (Ray Serve's model multiplexing; the ID: `lora.library.adapter_set_id`)."""
+        if not request.loras:
+            return self.denoiser
+        return self.denoiser.options(multiplexed_model_id=adapter_set_id(lora.name for lora in request.loras))
+
     async def _image(self, request: DenoiseRequest, cond: Conditioning) -> DecodedImage:
         """One image's denoise and decode; a failure or cancellation cancels both calls."""
-        latents = self.denoiser.denoise.remote(request, cond.caption, cond.negative, cond.posterior)
+        latents = self._denoiser_for(request).denoise.remote(request, cond.caption, cond.negative, cond.posterior)
         decoded = self.vae.decode.remote(latents)
         try:
             return await decoded

@@ -156,6 +156,17 @@ class Denoiser(StageBase):
         if hasattr(self, "lora_cache"):
             self.lora_cache.capacity_bytes = config.lora_cache_bytes
 
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def adapter_set(self, model_id: str) -> str:
+        """Registers a request's adapter set (its multiplexed model ID) as held here, so that Serve routes
+        requests with that set to this replica; the adapters themselves live in `lora_cache`."""
+        return model_id
+
+    async def _adapters(self, request: DenoiseRequest) -> tuple:
+        if request.loras and serve.get_multiplexed_model_id():
+            await self.adapter_set(serve.get_multiplexed_model_id())
+        return await self.lora_cache.resolve_async(request.loras)
+
     async def denoise(
         self,
         request: DenoiseRequest,
@@ -167,7 +178,7 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        adapters = await self.lora_cache.resolve_async(request.loras)
+        adapters = await self._adapters(request)
         latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior,
                                                                     adapters=adapters))
         return self._finished(latents, queued_s, caption, posterior, start)
@@ -194,7 +205,7 @@ class Denoiser(StageBase):
             update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        adapters = await self.lora_cache.resolve_async(request.loras)
+        adapters = await self._adapters(request)
         job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters)
         task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first

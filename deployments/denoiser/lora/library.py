@@ -30,6 +30,13 @@ logger = logging.getLogger(__name__)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
+def adapter_set_id(names) -> str:
+    """The Ray Serve multiplexed model ID of a request's adapters: their sorted, de-duplicated names
+    joined by "+" (scales change no weights, so they are not part of it). Requests with the same set go
+    to replicas that have loaded it (`Denoiser.adapter_set`)."""
+    return "+".join(sorted(set(names)))
+
+
 class LoraSettings(BaseModel):
     """Where the adapters are and the caps on them (the builder's `lora_dir`, `lora_max_*` args)."""
 
