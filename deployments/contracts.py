@@ -33,6 +33,8 @@ class CaptionEmbedding:
     dropped_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     """Milliseconds this caption spent in the text encoder, by name (see `Latents.timings`)."""
+    speed: dict[str, str] = field(default_factory=dict)
+    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Latents:
     timings: dict[str, float] = field(default_factory=dict)
     """Milliseconds per stage so far (text encoder, Denoiser): each stage adds its own and passes them on."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -134,4 +137,5 @@ class DecodedImage:
     timings: dict[str, float] = field(default_factory=dict)
     """The upstream stages' milliseconds (from `Latents`) plus the decoder's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 

@@ -413,6 +413,7 @@ class Ingress:
             output_format=first.format,
             timings=result.timings,
             random_weights=result.random_weights,
+            speed=result.speed,
         )
         content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
         headers = {"X-Random-Weights": "true"} if result.random_weights else None

@@ -78,7 +78,7 @@ class StreamEvents:
         return sse(ImageCompletedEvent(
             type=f"{self.kind}.completed", b64_json=_b64(image.data), created_at=created,
             usage=self.usage(item.prompt_tokens), seed=image.seed, revised_prompt=image.revised_prompt,
-            timings=item.timings, random_weights=item.random_weights, **self.settings,
+            timings=item.timings, random_weights=item.random_weights, speed=item.speed, **self.settings,
         ))
 
     def usage(self, text_tokens: int) -> StreamUsage:
