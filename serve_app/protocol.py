@@ -5,7 +5,7 @@ the image object, the response, then errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -107,6 +107,9 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
+    """What ran in each stage for this request's first image, e.g. `{"denoiser": "fp8 fused, compiled,
+    CUDA graphs on NVIDIA H200 (sm90)"}`: FP8 and bf16 give different pixels for one seed."""
 
 
 # ---- streaming (`stream: true`): server-sent events, fields as the openai client's event types ----
@@ -156,6 +159,7 @@ class ImageCompletedEvent(ImageStreamEvent):
     revised_prompt: str
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
 
 
 class ProgressEvent(BaseModel):
@@ -234,6 +238,7 @@ class ImageResult:
     random_weights: bool = False
     prompt_truncated: bool = False
     prompt_tokens: int = 0  # known on the streamed path only
+    speed: dict[str, str] = field(default_factory=dict)  # what ran, by stage (`ImagesResponse.speed`)
 
 
 @dataclass(frozen=True)

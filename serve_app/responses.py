@@ -36,6 +36,7 @@ async def images_response(result: ImageResult, served_model_name: str) -> Respon
         output_format=first.format,
         timings=result.timings,
         random_weights=result.random_weights,
+        speed=result.speed,
     )
     content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
     return Response(content, media_type="application/json",
