@@ -10,7 +10,9 @@ import base64
 import concurrent.futures
 import io
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,8 +127,13 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
 
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # the metrics agent exports each second
     metrics_port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+    # A Ray instance of its own whatever else runs on the machine (a `serve run` of the quick start, another
+    # test session): address "local" starts one rather than joining the one RAY_ADDRESS or Ray's address
+    # file names; the GCS takes a port the system gives, the dashboard is off, each port these tests use is
+    # picked free, and its session folder is its own (/tmp/ray/session_latest stays the other instance's).
+    ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _metrics_export_port=metrics_port, _temp_dir=ray_tmp)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port, metrics_port=metrics_port)
@@ -136,6 +143,7 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture()
