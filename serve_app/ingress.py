@@ -339,7 +339,7 @@ class Ingress:
                 result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
             except asyncio.TimeoutError:
                 raise deadline_exceeded(timeout_s) from None
-        record.images, record.timings = len(result.images), result.timings.model_dump()
+        record.took(result)
         return result
 
     async def _admit_and_stream(self, plan: RequestPlan, partial_images: int, timeout_s: float
@@ -364,7 +364,7 @@ class Ingress:
         """Server-sent events (serve_app.streaming). The first step is awaited before the headers go
         out, so a request that cannot start still gets a JSON error with its status."""
         record.describe(plan)
-        items = self._admit_and_stream(plan, req.partial_images or 0, timeout_s)
+        items = access_log.noting(self._admit_and_stream(plan, req.partial_images or 0, timeout_s), record)
         first = await anext(items)
         self.metrics.streamed(record)
         headers = {**SSE_HEADERS, **({"X-Random-Weights": "true"} if self.random_weights else {})}

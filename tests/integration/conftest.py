@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import glob
 import io
 import os
 import shutil
@@ -112,6 +113,16 @@ class ServedApp:
         import ray
 
         return ray._private.worker.global_worker.node.get_logs_dir_path()
+
+    def access_lines(self, request_id: str, timeout_s: float = 30) -> list[str]:
+        """The Ingress's access-log lines of one request (written when its response, or stream, ends)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for path in glob.glob(f"{self.logs_dir()}/serve/replica_{APP_NAME}_Ingress_*.log")
+                     for line in open(path, errors="replace") if f" {request_id} " in line and " access " in line]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.5)
 
     def reset_stats(self) -> None:
         from ray import serve
