@@ -260,8 +260,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
-        snapshot = self.readiness.current
+        """From the control plane (serve_app.readiness): answers at once, even under full load."""
+        snapshot = await self.readiness.check()
         ok = snapshot.ready(self.readiness.stale_s)
         return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
                             status_code=200 if ok else 503)
