@@ -62,7 +62,7 @@ class AccessRecord:
 
     def took(self, result: ImageResult) -> None:
         """What came back: the images and the stages' timings."""
-        self.images, self.timings = len(result.images), result.timings.model_dump()
+        self.images, self.timings = len(result.images), result.timings
 
     @property
     def seconds(self) -> float:
