@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE
 from deployments.denoiser.scheduling import SchedulingPolicy
-from deployments.style.presets import DEFAULT_STYLES, merge_styles
+from deployments.style.presets import DEFAULT_STYLE, configured_table
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
 
@@ -119,7 +119,7 @@ class AppArgs(ModelSettings):
     api: ApiLimits = Field(default_factory=ApiLimits)
     styles: dict[str, str] | None = None
     replace_styles: bool = False
-    default_style: str = "None"
+    default_style: str = DEFAULT_STYLE
     denoiser_scheduling: SchedulingPolicy = "continuous"
 
     prompt_styler: StageOptions = Field(default_factory=StageOptions)
@@ -148,9 +148,7 @@ class AppArgs(ModelSettings):
 
     @model_validator(mode="after")
     def _styles_are_valid(self):
-        table = merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
-        if self.default_style not in table:
-            raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+        configured_table(self.styles, self.replace_styles, self.default_style)
         return self
 
     @classmethod

@@ -339,7 +339,7 @@ class Ingress:
                 result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
             except asyncio.TimeoutError:
                 raise deadline_exceeded(timeout_s) from None
-        record.images, record.timings = len(result.images), result.timings.model_dump()
+        record.images, record.timings = len(result.images), result.timings
         return result
 
     async def _admit_and_stream(self, plan: RequestPlan, partial_images: int, timeout_s: float

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from itertools import chain
 
 import torch
@@ -20,6 +21,7 @@ from deployments.contracts import (
     DenoiseRequest,
     LatentPosterior,
     Latents,
+    StageTime,
 )
 from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.denoiser.loop import (
@@ -154,7 +156,7 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        latents, queued_s = await self._run(self._job(request, caption, negative, posterior))
+        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior))
         return self._finished(latents, queued_s, caption, posterior, start)
 
     async def denoise_stream(
@@ -179,7 +181,7 @@ class Denoiser(StageBase):
             update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        task = asyncio.ensure_future(self._run(self._job(request, caption, negative, posterior, on_step)))
+        task = asyncio.ensure_future(self._run(DenoiseJob.from_request(request, caption, negative, posterior, on_step)))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
         try:
             while (update := await updates.get()) is not None:
@@ -191,24 +193,11 @@ class Denoiser(StageBase):
             task.cancel()
 
     @staticmethod
-    def _job(request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None,
-             posterior: LatentPosterior | None, on_step=None) -> DenoiseJob:
-        return DenoiseJob(
-            caption=caption.embedding, width=request.width, height=request.height, steps=request.steps,
-            seed=request.seed, guidance_scale=request.guidance_scale,
-            negative_caption=negative.embedding if negative is not None else None,
-            init_posterior=posterior, strength=request.strength if posterior is not None else 1.0,
-            mask=request.mask, deadline=request.deadline, on_step=on_step,
-        )
-
-    @staticmethod
     def _finished(latents: Latents, queued_s: float, caption: CaptionEmbedding, posterior: LatentPosterior | None,
                   start: float) -> Latents:
-        upstream = {**caption.timings, **(posterior.timings if posterior is not None else {})}
-        timings = {**upstream, "denoise_ms": round((time.perf_counter() - start) * 1000, 2),
-                   "denoise_queue_ms": round(queued_s * 1000, 2)}
-        return Latents(latents=latents.latents, width=latents.width, height=latents.height,
-                       steps_run=latents.steps_run, timings=timings, prompt_truncated=caption.truncated)
+        upstream = caption.trace if posterior is None else caption.trace.joined(posterior.trace)
+        trace = replace(upstream, denoise=StageTime.since(start, queued_s))
+        return replace(latents, trace=trace, prompt_truncated=caption.truncated)
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
         """(latents, seconds the job waited before its first step), under the live scheduling policy."""

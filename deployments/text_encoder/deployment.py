@@ -10,7 +10,7 @@ from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
-from deployments.contracts import CaptionEmbedding
+from deployments.contracts import CaptionEmbedding, ImageTrace, StageTime
 from deployments.text_encoder.encoding import PromptEncoder
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import StageBase, StageConfig
@@ -66,5 +66,4 @@ class TextEncoder(StageBase):
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()
         caption, queued_s = await self.encoding.submit_timed(prompt)
-        return replace(caption, timings={"encode_ms": round((time.perf_counter() - start) * 1000, 2),
-                                         "encode_queue_ms": round(queued_s * 1000, 2)})
+        return replace(caption, trace=ImageTrace(encode=StageTime.since(start, queued_s)))

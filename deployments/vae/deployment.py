@@ -11,7 +11,7 @@ from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
-from deployments.contracts import DecodedImage, LatentPosterior, Latents
+from deployments.contracts import DecodedImage, ImageTrace, LatentPosterior, Latents, StageTime
 from deployments.vae.codec import VaeCodec
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import StageBase, StageConfig
@@ -99,9 +99,8 @@ class VaeDecoder(StageBase):
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""
         start = time.perf_counter()
         decoded, queued_s = await self.decoding.submit_timed(latents)
-        timings = {**latents.timings, "decode_ms": round((time.perf_counter() - start) * 1000, 2),
-                   "decode_queue_ms": round(queued_s * 1000, 2)}
-        return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, timings=timings,
+        trace = replace(latents.trace, decode=StageTime.since(start, queued_s))
+        return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, trace=trace,
                             prompt_truncated=latents.prompt_truncated)
 
     async def preview(self, latents: Latents) -> DecodedImage:
@@ -112,5 +111,4 @@ class VaeDecoder(StageBase):
         """`image` is RGB with sides that are multiples of 16 (the ingress fits uploads first)."""
         start = time.perf_counter()
         posterior, queued_s = await self.encoding.submit_timed(image)
-        return replace(posterior, timings={"image_encode_ms": round((time.perf_counter() - start) * 1000, 2),
-                                           "image_encode_queue_ms": round(queued_s * 1000, 2)})
+        return replace(posterior, trace=ImageTrace(image_encode=StageTime.since(start, queued_s)))
