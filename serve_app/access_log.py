@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from serve_app.protocol import ImageResult
 
+from serve_app.protocol import Timings
+
 logger = logging.getLogger("ray.serve")
 Item = TypeVar("Item")
 
@@ -50,7 +52,7 @@ class AccessRecord:
     style: str | None = None
     prompt: str | None = None
     images: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings | None = None  # a finished request's, as its response carries them
     bytes_out: int = 0
 
     def describe(self, plan: Any) -> None:
@@ -60,7 +62,7 @@ class AccessRecord:
 
     def took(self, result: ImageResult) -> None:
         """What came back: the images and the stages' timings."""
-        self.images, self.timings = len(result.images), result.timings.model_dump()
+        self.images, self.timings = len(result.images), result.timings
 
     @property
     def seconds(self) -> float:
@@ -74,7 +76,8 @@ class AccessRecord:
         data = {
             "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
             "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "images": self.images,
-            "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out, **self.timings,
+            "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,
+            **(self.timings.model_dump() if self.timings is not None else {}),
         }
         if log_prompts():
             data["prompt"] = self.prompt
