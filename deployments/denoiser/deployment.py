@@ -29,6 +29,7 @@ from deployments.denoiser.loop import (
     diffusers_transformer_fn,
     preview_steps,
 )
+from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
@@ -76,9 +77,13 @@ class Denoiser(StageBase):
         self.batched_warmup = BatchedWarmup(self.gpu_lane, self._after_ready, on_ready=self._batched_graphs_ready)
         self.step_graphs: GraphedTransformerFn | None = None
         if self.settings.dit_cuda_graphs and device.type == "cuda":
-            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(transformer), device)
+            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(transformer), device,
+                                                       padded=padded_transformer_fn(transformer))
         elif self.settings.dit_cuda_graphs:
             logger.warning("dit_cuda_graphs applies on CUDA only; the DiT runs without graphs on %s", device)
+        # after ready: a graph per caption bucket at the warm-up sizes, a first forward at the presets
+        self.shape_warmup = BatchedWarmup(self.gpu_lane, self._shape_warmup_steps(transformer, device),
+                                          on_ready=lambda w: self.start_phases.add("warmup_shapes", w.lane_seconds))
         self.loop = DenoiseLoop(
             transformer, loading.load_scheduler(source), device, dtype, transformer_fn=self.step_graphs,
             batch_invariant=self.settings.batch_invariant, batched_ready=self.batched_warmup.ready,
@@ -97,12 +102,25 @@ class Denoiser(StageBase):
             self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
             self.loop.batch_invariant,
         )
-        self.serving(expected_compiles=lambda: self.batched_warmup.running)
+        self.serving(expected_compiles=lambda: self.batched_warmup.running or self.shape_warmup.running)
         self.batched_warmup.start()  # nothing to do when every graph was warmed above
+        self.shape_warmup.start()
 
     def _batched_graphs_ready(self, warmup: BatchedWarmup) -> None:
         self.start_phases.add("warmup_batched", warmup.lane_seconds)
         self.denoiser_metrics.batched_ready.set(1.0)
+
+    def _shape_warmup_steps(self, transformer, device: torch.device) -> list[WarmupStep]:
+        """`dit.size_warmup`: on a GPU, where plans and graphs are made per shape (none on the CPU)."""
+        from deployments.denoiser.dit.size_warmup import after_ready_steps
+        from deployments.geometry import SIZE_PRESETS
+
+        if device.type != "cuda":
+            return []
+        warm_sizes = self.settings.warmup_pixels()
+        covered = warm_sizes if self.settings.compile else []  # `_optimize` ran them at every bucket
+        return after_ready_steps(transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
+                                 self.settings.max_prompt_tokens)
 
     def _optimize(self, transformer):
         """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
@@ -247,6 +265,7 @@ class Denoiser(StageBase):
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
                     batched_graphs_ready=self.batched_warmup.ready.is_set(),
                     batched_warmup=self.batched_warmup.as_dict(),
+                    shape_warmup=self.shape_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
                     fp8_kernels=self.fp8_kernels,

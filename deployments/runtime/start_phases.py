@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 
 PHASES = ("load", "quantize", "compile", "warmup")
-AFTER_READY = ("warmup_batched",)
+AFTER_READY = ("warmup_batched", "warmup_shapes")
 
 
 def compile_seconds() -> float:
