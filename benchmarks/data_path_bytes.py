@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_info import commit  # noqa: E402
-from deployments.contracts import CaptionEmbedding, DecodedImage, LatentPosterior, Latents  # noqa: E402
+from deployments.contracts import (  # noqa: E402
+    CaptionEmbedding, DecodedImage, ImageTrace, LatentPosterior, Latents, StageTime,
+)
 from deployments.geometry import latent_shape  # noqa: E402
 from serve_app.image_io import encode_output  # noqa: E402
 
@@ -47,7 +49,8 @@ def objects(caption_dtype: torch.dtype) -> dict[str, object]:
     shape = latent_shape(LATENT_CHANNELS, WIDTH, HEIGHT)
     return {
         "caption": CaptionEmbedding(embedding=torch.randn(CAPTION_TOKENS, HIDDEN).to(caption_dtype),
-                                    num_tokens=CAPTION_TOKENS, truncated=False, timings={"encode_ms": 6.0}),
+                                    num_tokens=CAPTION_TOKENS, truncated=False,
+                                    trace=ImageTrace(encode=StageTime(6.0, 0.5))),
         "latents": Latents(latents=torch.randn(shape), width=WIDTH, height=HEIGHT, steps_run=8),
         "pixels": DecodedImage(pixels=torch.randint(0, 256, (HEIGHT, WIDTH, 3), dtype=torch.uint8), width=WIDTH,
                                height=HEIGHT),

@@ -6,11 +6,56 @@ Keeping them in one module lets a reader see the whole request path's data at a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """One model stage's part of an image's time, in milliseconds: `ms` from the call's arrival to its
+    result, of which `queue_ms` waiting before its batch started (the Denoiser: before its first step)."""
+
+    ms: float = 0.0
+    queue_ms: float = 0.0
+
+    @classmethod
+    def since(cls, start: float, queued_s: float) -> StageTime:
+        """From the call's `time.perf_counter()` at arrival and the seconds it waited in the queue."""
+        return cls(round((time.perf_counter() - start) * 1000, 2), round(queued_s * 1000, 2))
+
+    def __add__(self, other: StageTime) -> StageTime:
+        return StageTime(round(self.ms + other.ms, 2), round(self.queue_ms + other.queue_ms, 2))
+
+
+@dataclass(frozen=True)
+class ImageTrace:
+    """Where one image's time went in the model stages. It rides on each stage's result (caption,
+    posterior, latents, decoded image): a stage sets its own entry and passes the others on, and the
+    Ingress reads the decoded image's trace into the response's `timings` (serve_app.protocol.Timings,
+    whose `<stage>_ms` and `<stage>_queue_ms` fields `as_ms` names)."""
+
+    encode: StageTime = StageTime()  # the text encoder (the prompt; once per request)
+    image_encode: StageTime = StageTime()  # the VAE's encoder (the upload of an edit; once per request)
+    denoise: StageTime = StageTime()
+    decode: StageTime = StageTime()
+
+    def joined(self, other: ImageTrace) -> ImageTrace:
+        """This trace's entries with `other`'s where `other` has timed a stage."""
+        empty = StageTime()
+        return ImageTrace(**{f.name: getattr(other, f.name) if getattr(other, f.name) != empty
+                             else getattr(self, f.name) for f in fields(self)})
+
+    def as_ms(self) -> dict[str, float]:
+        """`{"encode_ms": ..., "encode_queue_ms": ..., ...}`: the response's field names."""
+        out: dict[str, float] = {}
+        for f in fields(self):
+            stage: StageTime = getattr(self, f.name)
+            out[f"{f.name}_ms"], out[f"{f.name}_queue_ms"] = stage.ms, stage.queue_ms
+        return out
 
 
 @dataclass(frozen=True)
@@ -31,8 +76,10 @@ class CaptionEmbedding:
     truncated: bool
     """True when the prompt was longer than the token cap and its tail was dropped."""
     dropped_tokens: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    """Milliseconds this caption spent in the text encoder, by name (see `Latents.timings`)."""
+    trace: ImageTrace = ImageTrace()
+    """Its time in the text encoder (`trace.encode`)."""
+    speed: dict[str, str] = field(default_factory=dict)
+    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +94,8 @@ class LatentPosterior:
     std: torch.Tensor  # [1, C, h, w]
     shift_factor: float
     scaling_factor: float
-    timings: dict[str, float] = field(default_factory=dict)
-    """Milliseconds the upload spent in the VAE encoder."""
+    trace: ImageTrace = ImageTrace()
+    """The upload's time in the VAE encoder (`trace.image_encode`)."""
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         eps = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
@@ -59,7 +106,10 @@ class LatentPosterior:
 @dataclass(frozen=True)
 class DenoiseRequest:
     """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
-    upload posterior) travel beside it as separate arguments, so a request's images share one copy."""
+    upload posterior) travel beside it as separate arguments, so a request's images share one copy.
+
+    A field added here reaches the Denoiser's job (`DenoiseJob` extends this class, and
+    `DenoiseJob.from_request` copies every field) with no other change."""
 
     width: int
     height: int
@@ -67,6 +117,7 @@ class DenoiseRequest:
     seed: int
     guidance_scale: float = 0.0
     strength: float = 1.0
+    """Image-to-image only: a job without an upload always runs every step (`DenoiseJob.from_request`)."""
     mask: torch.Tensor | None = None
     """Inpainting (with an upload): `[1, 1, H/8, W/8]` of 1 (edit) and 0 (keep), from
     `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
@@ -74,24 +125,29 @@ class DenoiseRequest:
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
 
 
-@dataclass(frozen=True)
-class DenoiseJob:
-    """One image to denoise: conditioning, geometry, schedule and randomness."""
+@dataclass(frozen=True, kw_only=True)
+class DenoiseJob(DenoiseRequest):
+    """One image to denoise: the request's geometry, schedule and randomness, with its conditioning
+    tensors. Built from a request by `from_request` (the Denoiser and the local pipeline); tests and
+    benchmarks may construct one directly."""
 
     caption: torch.Tensor  # [L, hidden]
-    width: int
-    height: int
-    steps: int
-    seed: int
-    guidance_scale: float = 0.0
     negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
     init_posterior: LatentPosterior | None = None  # image-to-image when set
-    strength: float = 1.0
-    mask: torch.Tensor | None = None  # inpainting: see DenoiseRequest.mask; needs init_posterior
-    deadline: float | None = None  # wall-clock; a job past it is dropped (deployments.runtime.deadlines)
     on_step: Callable[[Any, torch.Tensor], None] | None = None
     """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
+
+    @classmethod
+    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None = None,
+                     posterior: LatentPosterior | None = None, on_step: Callable[[Any, torch.Tensor], None] | None = None
+                     ) -> DenoiseJob:
+        """The job for `request` with its conditioning: the one place a request becomes a job."""
+        asked = {f.name: getattr(request, f.name) for f in fields(DenoiseRequest)}
+        if posterior is None:
+            asked["strength"] = 1.0  # strength skips steps of an image-to-image schedule only
+        return cls(**asked, caption=caption.embedding, negative_caption=None if negative is None else negative.embedding,
+                   init_posterior=posterior, on_step=on_step)
 
     @property
     def is_image_to_image(self) -> bool:
@@ -106,9 +162,10 @@ class Latents:
     width: int
     height: int
     steps_run: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    """Milliseconds per stage so far (text encoder, Denoiser): each stage adds its own and passes them on."""
+    trace: ImageTrace = ImageTrace()
+    """The stages so far: the caption's and the upload's, and the Denoiser's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,7 +188,8 @@ class DecodedImage:
     pixels: torch.Tensor
     width: int
     height: int
-    timings: dict[str, float] = field(default_factory=dict)
-    """The upstream stages' milliseconds (from `Latents`) plus the decoder's own."""
+    trace: ImageTrace = ImageTrace()
+    """The upstream stages' (from `Latents`) and the decoder's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 

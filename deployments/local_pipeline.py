@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deployments.weights import loading
-from deployments.contracts import DecodedImage, DenoiseJob
+from deployments.contracts import DecodedImage, DenoiseJob, DenoiseRequest
 from deployments.denoiser.inpaint import default_strength, latent_mask
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.weights.model_source import ModelSource
@@ -34,6 +34,14 @@ class GenerationSpec:
     strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
 
+    def request(self) -> DenoiseRequest:
+        """What the Ingress would ask the Denoiser for this image."""
+        return DenoiseRequest(
+            width=self.width, height=self.height, steps=self.steps, seed=self.seed, guidance_scale=self.guidance_scale,
+            strength=default_strength(self.strength, self.mask is not None),
+            mask=latent_mask(self.mask) if self.mask is not None else None,
+        )
+
 
 class LocalPipeline:
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype):
@@ -53,21 +61,13 @@ class LocalPipeline:
         negatives = iter(self.encoder.encode([s.negative_prompt for s in guided]))
         init_images = [s.init_image for s in specs if s.init_image is not None]
         posteriors = iter(self.codec.encode(init_images))
-        jobs = []
-        for spec, caption in zip(specs, captions):
-            jobs.append(
-                DenoiseJob(
-                    caption=caption.embedding,
-                    width=spec.width,
-                    height=spec.height,
-                    steps=spec.steps,
-                    seed=spec.seed,
-                    guidance_scale=spec.guidance_scale,
-                    negative_caption=next(negatives).embedding if spec.guidance_scale > 0 else None,
-                    init_posterior=next(posteriors) if spec.init_image is not None else None,
-                    strength=(default_strength(spec.strength, spec.mask is not None)
-                              if spec.init_image is not None else 1.0),
-                    mask=latent_mask(spec.mask) if spec.mask is not None else None,
-                )
+        jobs = [
+            DenoiseJob.from_request(
+                spec.request(),
+                caption,
+                negative=next(negatives) if spec.guidance_scale > 0 else None,
+                posterior=next(posteriors) if spec.init_image is not None else None,
             )
+            for spec, caption in zip(specs, captions)
+        ]
         return self.codec.decode(self.loop.run(jobs))

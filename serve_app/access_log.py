@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.protocol import Timings
+
 logger = logging.getLogger("ray.serve")
 
 LOG_PROMPTS_ENV = "ZIMAGE_LOG_PROMPTS"
@@ -46,7 +48,7 @@ class AccessRecord:
     style: str | None = None
     prompt: str | None = None
     images: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: Timings | None = None  # a finished request's, as its response carries them
     bytes_out: int = 0
 
     def describe(self, plan: Any) -> None:
@@ -66,7 +68,8 @@ class AccessRecord:
         data = {
             "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
             "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "images": self.images,
-            "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out, **self.timings,
+            "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,
+            **(self.timings.model_dump() if self.timings is not None else {}),
         }
         if log_prompts():
             data["prompt"] = self.prompt

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.contracts import DecodedImage, DenoiseRequest, Latents, StyledPrompt
+from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, StageTime, StyledPrompt
 from deployments.denoiser.inpaint import default_strength
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
@@ -60,6 +60,12 @@ class RequestPlan:
     init_image: Image.Image | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
+
+    def denoise_request(self, index: int, deadline: float | None) -> DenoiseRequest:
+        """What the Denoiser is asked for image `index` (seed + index) of this request."""
+        return DenoiseRequest(width=self.width, height=self.height, steps=self.steps, seed=self.seed + index,
+                              guidance_scale=self.guidance_scale, strength=self.strength, mask=self.mask,
+                              deadline=deadline)
 
 
 def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,
@@ -130,7 +136,7 @@ class ImagePipeline:
         cond = await self._condition(plan, deadline)
 
         async def one_image(index: int) -> tuple[GeneratedImage, DecodedImage, float]:
-            request = self._denoise_request(plan, index, cond, deadline)
+            request = plan.denoise_request(index, deadline)
 
             def attempt(number: int):  # a retry re-runs the chain from the text encoder
                 return self._image(request, cond if number == 0 else self._encodings(plan, cond.styled, cond.style_ms))
@@ -160,7 +166,7 @@ class ImagePipeline:
         not retried after a replica dies: its events have already reached the client."""
         started = time.perf_counter()
         cond = await self._condition(plan, deadline)
-        request = self._denoise_request(plan, 0, cond, deadline)
+        request = plan.denoise_request(0, deadline)
         updates = self.denoiser.options(stream=True).denoise_stream.remote(
             request, cond.caption, cond.negative, cond.posterior, partial_images
         )
@@ -216,14 +222,6 @@ class ImagePipeline:
             raise
 
     @staticmethod
-    def _denoise_request(plan: RequestPlan, index: int, cond: Conditioning, deadline: float | None) -> DenoiseRequest:
-        return DenoiseRequest(
-            width=plan.width, height=plan.height, steps=plan.steps, seed=plan.seed + index,
-            guidance_scale=plan.guidance_scale, strength=plan.strength if cond.posterior is not None else 1.0,
-            mask=plan.mask, deadline=deadline,
-        )
-
-    @staticmethod
     async def _encode(plan: RequestPlan, seed: int, cond: Conditioning, decoded: DecodedImage
                       ) -> tuple[GeneratedImage, DecodedImage, float]:
         start = time.perf_counter()
@@ -234,25 +232,18 @@ class ImagePipeline:
 
     def _result(self, outcomes: list[tuple[GeneratedImage, DecodedImage, float]], cond: Conditioning,
                 started: float) -> ImageResult:
-        stage_ms = [decoded.timings for _, decoded, _ in outcomes]
-
-        def per_image(name: str) -> float:
-            return round(sum(t.get(name, 0.0) for t in stage_ms), 2)
-
+        traces = [decoded.trace for _, decoded, _ in outcomes]
+        stages = ImageTrace(  # the caption and the upload are encoded once; every image is denoised and decoded
+            encode=traces[0].encode, image_encode=traces[0].image_encode,
+            denoise=sum((t.denoise for t in traces), StageTime()), decode=sum((t.decode for t in traces), StageTime()),
+        )
         timings = Timings(
             total_ms=round((time.perf_counter() - started) * 1000, 2),
             style_ms=round(cond.style_ms, 2),
-            encode_ms=stage_ms[0].get("encode_ms", 0.0),
-            encode_queue_ms=stage_ms[0].get("encode_queue_ms", 0.0),
-            image_encode_ms=stage_ms[0].get("image_encode_ms", 0.0),
-            image_encode_queue_ms=stage_ms[0].get("image_encode_queue_ms", 0.0),
-            denoise_ms=per_image("denoise_ms"),
-            denoise_queue_ms=per_image("denoise_queue_ms"),
-            decode_ms=per_image("decode_ms"),
-            decode_queue_ms=per_image("decode_queue_ms"),
             output_encode_ms=round(sum(o[2] for o in outcomes), 2),
+            **stages.as_ms(),
         )
         return ImageResult(
             images=[image for image, _, _ in outcomes], timings=timings, random_weights=self.random_weights,
-            prompt_truncated=outcomes[0][1].prompt_truncated,
+            prompt_truncated=outcomes[0][1].prompt_truncated, speed=dict(outcomes[0][1].speed),
         )

@@ -6,7 +6,7 @@ from pydantic import Field, model_validator
 from ray import serve
 
 from deployments.contracts import StyledPrompt
-from deployments.style.presets import DEFAULT_STYLES, StyleTable, merge_styles
+from deployments.style.presets import DEFAULT_STYLE, StyleTable, configured_table
 from deployments.runtime.stage import StageBase, StageConfig
 
 
@@ -16,16 +16,14 @@ class PromptStylerConfig(StageConfig):
     max_batch_size: int = Field(32, ge=1, le=256)
     styles: dict[str, str] = Field(default_factory=dict)
     replace_styles: bool = False
-    default_style: str = "None"
+    default_style: str = DEFAULT_STYLE
 
-    def table(self) -> dict[str, str]:
-        return merge_styles(DEFAULT_STYLES, self.styles, replace=self.replace_styles)
+    def table(self) -> StyleTable:
+        return configured_table(self.styles, self.replace_styles, self.default_style)
 
     @model_validator(mode="after")
-    def _default_is_a_style(self):
-        table = self.table()
-        if self.default_style.casefold() not in {name.casefold() for name in table}:
-            raise ValueError(f"default_style {self.default_style!r} is not among the styles: {', '.join(table)}")
+    def _table_is_valid(self):
+        self.table()
         return self
 
 
@@ -35,12 +33,15 @@ class PromptStyler(StageBase):
 
     def __init__(self, base_config: dict | None = None) -> None:
         self._init_stage("PromptStyler", base_config)
-        self.table = StyleTable()
         self.styling = self.add_batcher("style", self._style_many, on_gpu=False)
         self.apply_config(self.config)
+        self.start()  # nothing to load or warm: ready at once, through the same lifecycle as the model stages
+
+    def ready_line(self) -> str:
+        return f"{len(self.table.styles)} styles, default {self.table.default_style!r}"
 
     def apply_config(self, config: PromptStylerConfig) -> None:
-        self.table.set_styles(config.table(), config.default_style)
+        self.table = config.table()
 
     async def style(self, prompt: str, style: str | None = None) -> StyledPrompt:
         return await self.styling.submit((prompt, style))

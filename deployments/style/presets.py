@@ -1,7 +1,9 @@
 """Prompt style expansion: a preset wraps the user's prompt in a style's wording.
 
 Presets are data: `DEFAULT_STYLES` is the built-in set, and a config may replace or extend it
-(serve_config.yaml's `styles`). A template must contain `{prompt}` exactly once.
+(serve_config.yaml's `styles`). A template must contain `{prompt}` exactly once. `configured_table`
+is the one place a config's styles and default style are checked (the app's args and the
+PromptStyler's live config both call it); names match case-insensitively everywhere.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Mapping
 from deployments.contracts import StyledPrompt
 
 PROMPT_SLOT = "{prompt}"
+DEFAULT_STYLE = "None"  # what a request without `style` gets unless the config names another preset
 
 DEFAULT_STYLES: dict[str, str] = {
     "None": "{prompt}",
@@ -89,16 +92,12 @@ def merge_styles(base: Mapping[str, str], extra: Mapping[str, str] | None, repla
 class StyleTable:
     """Applies named presets to prompts. Lookup is case-insensitive; the preset's own name is reported."""
 
-    def __init__(self, styles: Mapping[str, str] | None = None, default_style: str = "None"):
-        self.set_styles(styles if styles is not None else DEFAULT_STYLES, default_style)
-
-    def set_styles(self, styles: Mapping[str, str], default_style: str = "None") -> None:
-        checked = validate_styles(styles)
-        lookup = {name.casefold(): name for name in checked}
-        if default_style.casefold() not in lookup:
-            raise ValueError(f"default style {default_style!r} is not among the styles: {', '.join(checked)}")
-        self._styles, self._lookup = checked, lookup
-        self.default_style = lookup[default_style.casefold()]
+    def __init__(self, styles: Mapping[str, str] | None = None, default_style: str = DEFAULT_STYLE):
+        checked = validate_styles(styles if styles is not None else DEFAULT_STYLES)
+        self._styles, self._lookup = checked, {name.casefold(): name for name in checked}
+        if default_style.strip().casefold() not in self._lookup:
+            raise ValueError(f"default_style {default_style!r} is not among the styles: {', '.join(checked)}")
+        self.default_style = self.resolve(default_style)
 
     @property
     def styles(self) -> dict[str, str]:
@@ -116,3 +115,10 @@ class StyleTable:
         name = self.resolve(style)
         text = self._styles[name].replace(PROMPT_SLOT, prompt.strip())
         return StyledPrompt(text=text, style=name, original=prompt)
+
+
+def configured_table(styles: Mapping[str, str] | None, replace: bool = False,
+                     default_style: str = DEFAULT_STYLE) -> StyleTable:
+    """The table a config describes: `styles` extend the presets (or replace them), and
+    `default_style` names one of the result; a ValueError names what is wrong."""
+    return StyleTable(merge_styles(DEFAULT_STYLES, styles, replace=replace), default_style)

@@ -9,6 +9,7 @@ from ray._common.formatters import JSONFormatter
 
 from serve_app.access_log import LOG_PROMPTS_ENV, AccessRecord
 from serve_app.metrics import size_class
+from serve_app.protocol import Timings
 
 
 def _json_line(record: AccessRecord) -> dict:
@@ -20,11 +21,14 @@ def _json_line(record: AccessRecord) -> dict:
 def test_json_encoding_makes_each_field_a_key_and_leaves_prompts_out(monkeypatch):
     monkeypatch.delenv(LOG_PROMPTS_ENV, raising=False)
     record = AccessRecord("/v1/images/generations", status=400, code="invalid_value", width=512, height=768, n=2,
-                          steps=4, style="Watercolor", prompt="a private prompt", timings={"denoise_queue_ms": 1.5})
+                          steps=4, style="Watercolor", prompt="a private prompt",
+                          timings=Timings(total_ms=9.0, style_ms=0.1, encode_ms=2.0, denoise_ms=5.0, denoise_queue_ms=1.5,
+                                          decode_ms=1.0, output_encode_ms=0.5))
     line = _json_line(record)
     assert (line["route"], line["status"], line["code"], line["size"]) == ("/v1/images/generations", 400,
                                                                            "invalid_value", "512x768")
     assert (line["n"], line["steps"], line["style"], line["denoise_queue_ms"]) == (2, 4, "Watercolor", 1.5)
+    assert (line["total_ms"], line["image_encode_ms"]) == (9.0, 0.0)  # every field of the response's timings
     assert "prompt" not in line and "a private prompt" not in json.dumps(line)
     monkeypatch.setenv(LOG_PROMPTS_ENV, "1")
     assert _json_line(record)["prompt"] == "a private prompt"

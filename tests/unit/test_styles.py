@@ -47,5 +47,22 @@ def test_bad_templates_are_rejected(template):
 
 
 def test_default_style_must_exist():
-    with pytest.raises(ValueError, match="default style"):
+    with pytest.raises(ValueError, match="default_style 'Missing' is not among the styles"):
         StyleTable(DEFAULT_STYLES, default_style="Missing")
+
+
+def test_the_app_and_the_styler_decide_the_default_style_alike():
+    """The app's args and the PromptStyler's live config run one check: a name in any case is the
+    preset it names, and a name of no preset fails both with the same message."""
+    from serve_app.config import AppArgs
+    from deployments.style.deployment import PromptStylerConfig
+
+    noir = {"Noir": "{prompt}, film noir"}
+    assert AppArgs(default_style="  watercolor").default_style == "  watercolor"  # accepted as the styler takes it
+    assert PromptStylerConfig(default_style="  watercolor").table().default_style == "Watercolor"
+    assert PromptStylerConfig(styles=noir, default_style="NOIR").table().apply("a cat").text == "a cat, film noir"
+    for config in (AppArgs, PromptStylerConfig):
+        with pytest.raises(ValueError, match="default_style 'Noir' is not among the styles: None, Photorealistic"):
+            config(default_style="Noir")
+        with pytest.raises(ValueError, match="default_style 'None' is not among the styles: Noir "):
+            config(styles=noir, replace_styles=True)
