@@ -94,9 +94,18 @@ class VaeDecoder(StageBase):
         untiled sizes at the extremes of the API's range, then on a ladder of tile shapes
         (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts. Before this moved
         after ready it was most of the replica's start (82.1 s of compile cold on an H200,
-        benchmarks/RESULTS.md, 2026-11-30)."""
-        if not self.compiled:
-            return []
+        benchmarks/RESULTS.md, 2026-11-30). Then, on a GPU, every preset and warm-up size decoded,
+        previewed and encoded once (`vae.size_warmup`): their convolution plans are made per shape."""
+        from deployments.geometry import SIZE_PRESETS
+        from deployments.vae.size_warmup import size_steps
+
+        steps = self._dynamic_steps() if self.compiled else []
+        if self.device.type == "cuda":
+            static = self.settings.warmup_pixels() if self.compiled else []  # `warm_up`'s static graphs
+            steps += size_steps(self.codec, SIZE_PRESETS, static)
+        return steps
+
+    def _dynamic_steps(self) -> list[WarmupStep]:
         from deployments.geometry import MAX_SIDE, MIN_SIDE
         from deployments.vae.compile import dynamic_warmup_shapes
 
