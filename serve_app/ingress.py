@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
+from serve_app import access_log
 from serve_app.access_log import AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, timeout_s
 from serve_app.auth import authorize, if_authorized
@@ -181,8 +182,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
-        snapshot = self.readiness.current
+        """From the control plane (serve_app.readiness): answers at once, even under full load."""
+        snapshot = await self.readiness.check()
         ok = snapshot.ready(self.readiness.stale_s)
         return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
                             status_code=200 if ok else 503)
@@ -233,15 +234,15 @@ class Ingress:
     async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
         record.describe(plan)
         result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
-        record.images, record.timings = len(result.images), result.timings
+        record.took(result)
         return result
 
     async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord) -> Response:
         """The first step is awaited before the headers go out, so a request that cannot start still
         gets a JSON error with its status."""
         record.describe(planned.plan)
-        items = self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0, timeout,
-                                      self.limits.max_inflight_requests)
+        items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
+                                                        timeout, self.limits.max_inflight_requests), record)
         first = await anext(items)
         events = StreamEvents(planned.kind, planned.options, planned.plan)
         return self.responder.stream(first, items, events, record, self.random_weights)
