@@ -40,8 +40,9 @@ class ModelSettings(BaseModel):
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
     installed, `fused-bf16-attention` on a Hopper without it, else `inductor`)."""
     dit_cuda_graphs: bool | Literal["auto"] = "auto"
-    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption length), captured on a
-    shape's second forward (`dit.step_graphs`; `auto`: on, GPU only). For host-bound steps: small
+    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption bucket of 32 tokens),
+    captured for every bucket at the warm-up sizes after ready and for other sizes on a shape's
+    second forward (`dit.step_graphs`, `dit.size_warmup`; `auto`: on, GPU only). For host-bound steps: small
     images on the fused FP8 path."""
     text_encoder_cuda_graphs: bool = True
     text_encoder_compile: bool | Literal["auto"] = "auto"

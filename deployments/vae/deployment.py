@@ -92,7 +92,17 @@ class VaeDecoder(StageBase):
                 step()
 
     def warm_up_after_ready(self) -> list[WarmupStep]:
-        return self._dynamic_steps() if self.settings.vae_dynamic_in_background else []
+        """The dynamic graph (unless `vae_dynamic_in_background` is off) and then, on a GPU, every
+        preset and warm-up size decoded, previewed and encoded once (`vae.size_warmup`): their
+        convolution plans are made per shape."""
+        from deployments.geometry import SIZE_PRESETS
+        from deployments.vae.size_warmup import size_steps
+
+        steps = self._dynamic_steps() if self.settings.vae_dynamic_in_background else []
+        if self.device.type == "cuda":
+            static = self.settings.warmup_pixels() if self.compiled else []  # `warm_up`'s static graphs
+            steps += size_steps(self.codec, SIZE_PRESETS, static)
+        return steps
 
     def _dynamic_steps(self) -> list[WarmupStep]:
         """The dynamic graph that every other size uses (by default compiled after ready, one call at
