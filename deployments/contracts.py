@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -78,6 +78,8 @@ class CaptionEmbedding:
     dropped_tokens: int = 0
     trace: ImageTrace = ImageTrace()
     """Its time in the text encoder (`trace.encode`)."""
+    speed: dict[str, str] = field(default_factory=dict)
+    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ class Latents:
     trace: ImageTrace = ImageTrace()
     """The stages so far: the caption's and the upload's, and the Denoiser's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -201,4 +204,5 @@ class DecodedImage:
     trace: ImageTrace = ImageTrace()
     """The upstream stages' (from `Latents`) and the decoder's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from serve_app.protocol import ImageResult
 
 from serve_app.protocol import Timings
 
 logger = logging.getLogger("ray.serve")
+Item = TypeVar("Item")
 
 LOG_PROMPTS_ENV = "ZIMAGE_LOG_PROMPTS"
 
@@ -58,6 +62,10 @@ class AccessRecord:
         self.style, self.prompt = plan.style, plan.prompt
         self.loras = ",".join(f"{lora.name}:{lora.scale:g}" for lora in plan.loras) or None
 
+    def took(self, result: ImageResult) -> None:
+        """What came back: the images and the stages' timings."""
+        self.images, self.timings = len(result.images), result.timings
+
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -77,6 +85,15 @@ class AccessRecord:
         if log_prompts():
             data["prompt"] = self.prompt
         return data
+
+
+async def noting(items: AsyncIterator[Item], record: AccessRecord) -> AsyncIterator[Item]:
+    """A streamed run's items, passed on; its result is noted in `record` on the way, so that the
+    line of a streamed request counts its image and has its timings as an unstreamed one does."""
+    async for item in items:
+        if isinstance(item, ImageResult):
+            record.took(item)
+        yield item
 
 
 def write(record: AccessRecord) -> None:

@@ -77,9 +77,6 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
-    if req.response_format == "url":
-        raise bad_request("response_format 'url' is not supported; use 'b64_json'.", param="response_format",
-                          code="unsupported_value")
     n = req.n or 1
     if n > limits.max_images_per_request:
         raise bad_request(f"n must be at most {limits.max_images_per_request}.", param="n")
@@ -260,5 +257,5 @@ class ImagePipeline:
         )
         return ImageResult(
             images=[image for image, _, _ in outcomes], timings=timings, random_weights=self.random_weights,
-            prompt_truncated=outcomes[0][1].prompt_truncated,
+            prompt_truncated=outcomes[0][1].prompt_truncated, speed=dict(outcomes[0][1].speed),
         )

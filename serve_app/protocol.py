@@ -5,10 +5,10 @@ the image object, the response, then errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from deployments.geometry import parse_size
 
@@ -54,12 +54,22 @@ class ImageOptions(BaseModel):
     loras: list[LoraSpec] | None = Field(None, max_length=16)
     """LoRA adapters with their scales (at most `api.max_loras_per_request`); an extension field, which
     the official client sends in `extra_body`."""
+    stream_progress: bool | None = None
+    """With `stream: true`, also send a `zimage.progress` event after every denoising step; without
+    it a stream carries exactly OpenAI's event types, so typed clients need not know ours."""
 
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must contain text")
+        return value
+
+    @field_validator("stream_progress")
+    @classmethod
+    def _progress_needs_a_stream(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and not info.data.get("stream"):
+            raise ValueError("stream_progress needs stream: true")
         return value
 
     @field_validator("size")
@@ -83,7 +93,10 @@ class ImageEditRequest(ImageOptions):
 
 
 class ImageObject(BaseModel):
-    b64_json: str
+    """One image: `b64_json`, or with `response_format: "url"` a `url` that expires (serve_app.image_store)."""
+
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str
     seed: int
     loras: list[LoraSpec] | None = None  # the adapters this image was made with
@@ -117,6 +130,9 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
+    """What ran in each stage for this request's first image, e.g. `{"denoiser": "fp8 fused, compiled,
+    CUDA graphs on NVIDIA H200 (sm90)"}`: FP8 and bf16 give different pixels for one seed."""
 
 
 # ---- streaming (`stream: true`): server-sent events, fields as the openai client's event types ----
@@ -137,9 +153,11 @@ class StreamUsage(BaseModel):
 
 class ImageStreamEvent(BaseModel):
     """What every image event carries: the request's settings (`size` is the requested image's, also
-    on a partial image, which is smaller: see `VaeCodec.preview`)."""
+    on a partial image, which is smaller: see `VaeCodec.preview`). The image is `b64_json`; only a
+    completed event of a `response_format: "url"` request carries `url` instead."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     created_at: int
     size: str
     quality: Literal["low", "medium", "high", "auto"]
@@ -165,6 +183,7 @@ class ImageCompletedEvent(ImageStreamEvent):
     timings: Timings
     random_weights: bool = False
     loras: list[LoraSpec] | None = None
+    speed: dict[str, str] = Field(default_factory=dict)
 
 
 class ProgressEvent(BaseModel):
@@ -222,18 +241,20 @@ class ImageRequest:
     strength: float | None = None
     mask: bytes | None = None
     loras: tuple[LoraSpec | dict, ...] = ()  # LoraSpec(name=..., scale=...) or {"name": ..., "scale": ...}
+    response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    data: bytes  # encoded in `format`
+    data: bytes  # encoded in `format`; empty when the image went to the image store (`url`)
     format: OutputFormat
     seed: int
     width: int
     height: int
     revised_prompt: str
     loras: tuple[LoraSpec, ...] = ()  # the adapters this image was made with
+    url: str | None = None  # response_format "url": where the image is, until it expires
 
 
 @dataclass(frozen=True)
@@ -243,6 +264,7 @@ class ImageResult:
     random_weights: bool = False
     prompt_truncated: bool = False
     prompt_tokens: int = 0  # known on the streamed path only
+    speed: dict[str, str] = field(default_factory=dict)  # what ran, by stage (`ImagesResponse.speed`)
 
 
 @dataclass(frozen=True)
