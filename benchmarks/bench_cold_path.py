@@ -114,7 +114,7 @@ def wait_for_batched_graphs(timeout_s: float = 600) -> dict:
             break
         time.sleep(1.0)
     result = {"ready": bool(stats.get("batched_graphs_ready")), "waited_s": round(time.perf_counter() - started, 1),
-              "warmup_batched_s": (stats.get("start_phases") or {}).get("warmup_batched_s"), **warmup}
+              "warmup_after_ready_s": (stats.get("start_phases") or {}).get("warmup_after_ready_s"), **warmup}
     print(f"  Denoiser batched graphs: ready={result['ready']} after {result['waited_s']} s more "
           f"(model thread {result.get('lane_s')} s, {result.get('calls_done')}/{result.get('calls')} calls, "
           f"wall {result.get('wall_s')} s, error {result.get('error')})")

@@ -9,6 +9,8 @@ Sections (each appends to the JSON as it finishes, so a timeout still leaves dat
   single      one request at a time at 1024x1024: first request, then warm p50
   load        20 concurrent clients at 512, 1024 and a mixed size load, for each scheduling policy
   baseline    the same single-client and concurrent loads against benchmarks/baseline_server.py
+With --fresh-prompts, each of our loads runs again with a prompt never sent before per request
+(`single/fresh`, `load/<policy>/<load>/fresh`), beside the repeating set of prompts.txt.
 """
 
 from __future__ import annotations
@@ -104,11 +106,12 @@ def reset_stats() -> None:
 
 
 def load(url: str, label: str, sizes: str, concurrency: int, steps: int, prompts: list[str], *,
-         duration_s: float | None = None, requests: int | None = None, warmup: int = 0) -> dict:
+         duration_s: float | None = None, requests: int | None = None, warmup: int = 0,
+         fresh_prompts: bool = False) -> dict:
     config = LoadConfig(
         url=url, concurrency=concurrency, duration_s=duration_s, requests=requests, warmup=warmup,
         size_mix=parse_size_mix(sizes), steps=steps, prompts=prompts, label=label, timeout_s=300,
-        slo_ms=None,
+        slo_ms=None, fresh_prompts=fresh_prompts,
     )
     report = asyncio.run(run_load(config))
     print(report.format_table(), flush=True)
@@ -173,6 +176,9 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
                         for name in STAGES}
         recorder.put("single", {"first_request_s": round(first_s, 3), "first_timings": first.json()["timings"],
                                 "warm": single, "stages": batch_summary(), "stage_memory_after": memory_after})
+        if args.fresh_prompts:  # the same requests, each with a prompt (and often a length) never sent before
+            recorder.put("single/fresh", load(url, "ours c1 1024 fresh", "1024x1024", 1, args.steps, prompts,
+                                              requests=args.single_requests, fresh_prompts=True))
 
         for policy in args.policies:
             deploy(config, {"scheduling": policy})
@@ -182,6 +188,13 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
                               args.steps, prompts, duration_s=args.duration, warmup=2)
                 result["batches"] = batch_summary()
                 recorder.put(f"load/{policy}/{name}", result)
+                if args.fresh_prompts:
+                    reset_stats()
+                    result = load(url, f"ours {policy} c{args.concurrency} {name} fresh", LOADS[name],
+                                  args.concurrency, args.steps, prompts, duration_s=args.duration,
+                                  fresh_prompts=True)
+                    result["batches"] = batch_summary()
+                    recorder.put(f"load/{policy}/{name}/fresh", result)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -263,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single-requests", type=int, default=10)
     parser.add_argument("--policies", default="continuous", help="comma separated: continuous,batch,single")
     parser.add_argument("--loads", default="512,1024,mixed")
+    parser.add_argument("--fresh-prompts", action="store_true",
+                        help="after each of our loads, the same load with a prompt never sent before per request")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from serve_app.protocol import Timings
+from serve_app.protocol import ImageResult, Timings
 
 logger = logging.getLogger("ray.serve")
+Item = TypeVar("Item")
 
 LOG_PROMPTS_ENV = "ZIMAGE_LOG_PROMPTS"
 
@@ -56,6 +58,10 @@ class AccessRecord:
         self.width, self.height, self.n, self.steps = plan.width, plan.height, plan.n, plan.steps
         self.style, self.prompt = plan.style, plan.prompt
 
+    def took(self, result: ImageResult) -> None:
+        """What came back: the images and the stages' timings."""
+        self.images, self.timings = len(result.images), result.timings
+
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
@@ -74,6 +80,15 @@ class AccessRecord:
         if log_prompts():
             data["prompt"] = self.prompt
         return data
+
+
+async def noting(items: AsyncIterator[Item], record: AccessRecord) -> AsyncIterator[Item]:
+    """A streamed run's items, passed on; its result is noted in `record` on the way, so that the
+    line of a streamed request counts its image and has its timings as an unstreamed one does."""
+    async for item in items:
+        if isinstance(item, ImageResult):
+            record.took(item)
+        yield item
 
 
 def write(record: AccessRecord) -> None:

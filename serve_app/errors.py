@@ -11,6 +11,7 @@ from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.weights.model_source import ModelSourceError
 from deployments.style.presets import UnknownStyleError
 from serve_app.access_log import current_request_id
+from serve_app.image_store.base import StoreError
 from serve_app.protocol import ErrorInfo, ErrorResponse
 from serve_app.retry import is_replica_failure
 
@@ -53,7 +54,7 @@ def deadline_exceeded(timeout_s: float | None = None) -> ApiError:
     return ApiError(504, f"The request did not finish{within}; its work was stopped.", code="deadline_exceeded")
 
 
-def from_validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
+def from_validation_error(exc: ValidationError) -> ApiError:
     """Pydantic's first problem as a 400 that names the parameter."""
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__") or None
@@ -76,6 +77,10 @@ def api_error_for(exc: BaseException) -> ApiError:
         return bad_request(str(exc), param="style")
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded()
+    if isinstance(exc, StoreError):  # the detail (a path, a bucket's answer) goes to the log only
+        logger.error("image store: %s", exc)
+        return ApiError(503, "The image store could not keep the images; nothing was stored. Retry shortly, "
+                             "or ask for response_format 'b64_json'.", param="response_format", code=exc.code)
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc:
         return api_error_for(cause)

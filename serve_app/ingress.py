@@ -1,59 +1,41 @@
 """The Ingress deployment: HTTP routes (OpenAI's images API) and the Python handle API.
 
-It authenticates, parses and validates; the request's plan and its run through the stages are
-`serve_app.pipeline`'s. Every failure leaves as one error shape.
+The routes only wire the parts together: keys (serve_app.auth), each entry point's request to a plan
+(serve_app.planning), admission and deadlines (serve_app.admission), the run through the stages
+(serve_app.pipeline), and the response with its access-log line (serve_app.responses). Every
+failure leaves as one error shape.
 """
 
 import asyncio
-import contextlib
-import hashlib
-import hmac
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
-from serve_app import access_log, request_io
+from serve_app import access_log
 from serve_app.access_log import AccessRecord
+from serve_app.admission import TIMEOUT_HEADER, Admission, timeout_s
+from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
-from serve_app.errors import (
-    ApiError,
-    api_error_for,
-    bad_request,
-    deadline_exceeded,
-    error_response,
-    from_validation_error,
-)
-from serve_app.image_io import decode_upload, json_with_base64_images
-from serve_app.masks import decode_mask
+from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.metrics import IngressMetrics
-from serve_app.pipeline import ImagePipeline, RequestPlan, plan_request
+from serve_app.pipeline import ImagePipeline, RequestPlan
+from serve_app.planning import PlannedRequest, plan_edit, plan_generation, plan_handle_request
+from serve_app.protocol import ImageEditRequest, ImageGenerationRequest, ImageRequest, ImageResult, ImagesResponse
 from serve_app.readiness import ReadinessProbe
-from serve_app.protocol import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImageObject,
-    ImageOptions,
-    ImageRequest,
-    ImageResult,
-    ImagesResponse,
-)
-from serve_app.streaming import SSE_HEADERS, StreamEvents, StreamItem, StreamKind, sse_body
+from serve_app.responses import Responder, images_response
+from serve_app.streaming import StreamEvents
 
 logger = logging.getLogger("ray.serve")
-
-TIMEOUT_HEADER = "x-request-timeout"
 
 WEB_DIR = Path(__file__).parent / "web"  # the page: static files, no build step, nothing from the network
 
@@ -73,13 +55,6 @@ app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     messages = {404: f"No route {request.url.path}.", 405: f"Method {request.method} is not allowed here."}
     return error_response(ApiError(exc.status_code, messages.get(exc.status_code, str(exc.detail))))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query")) or None
-    return error_response(bad_request(f"Invalid value for '{param}': {first.get('msg', 'invalid')}", param=param))
 
 
 @app.exception_handler(Exception)
@@ -124,8 +99,9 @@ class Ingress:
         self.reconfigure({})
         self.model_name = model_name
         self.random_weights = random_weights
-        self.inflight = 0
         self.metrics = IngressMetrics()
+        self.admission = Admission(self.metrics.in_flight)
+        self.responder = Responder(self.metrics)
         if random_weights:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
@@ -141,86 +117,32 @@ class Ingress:
         """For other Ray applications: `await serve.get_app_handle(name).generate.remote(ImageRequest(...))`."""
         record = AccessRecord("handle:generate")
         try:
-            result = await self._generate(request, record)
+            timeout = timeout_s(request.timeout_s, self.limits.request_timeout_s, "timeout_s")
+            result = await self._run(plan_handle_request(request, self.limits, self.model_name), timeout, record)
         except Exception as exc:
             error = api_error_for(exc)
-            self._finish(record, error.status, error.code)
+            self.responder.finish(record, error.status, error.code)
             raise
-        self._finish(record, 200)
+        self.responder.finish(record, 200)
         return result
-
-    async def _generate(self, request: ImageRequest, record: AccessRecord) -> ImageResult:
-        timeout_s = self._timeout_s(request.timeout_s, "timeout_s")
-        init = mask = None
-        if request.init_image is not None:
-            init = decode_upload(request.init_image, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-        if request.mask is not None:
-            if init is None:
-                raise bad_request("A mask needs init_image, the image to edit.", param="mask", code="invalid_mask")
-            mask = decode_mask(request.mask, init.size, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-        options = ImageEditRequest if init is not None else ImageGenerationRequest
-        size = f"{request.width}x{request.height}" if request.width and request.height else None
-        fields = dict(
-            prompt=request.prompt, n=request.n, size=size, seed=request.seed, num_inference_steps=request.steps,
-            style=request.style, guidance_scale=request.guidance_scale, negative_prompt=request.negative_prompt,
-            output_format=request.output_format, output_compression=request.output_compression,
-        )
-        if init is not None:
-            fields["strength"] = request.strength
-        try:
-            parsed = options.model_validate(fields)
-        except ValidationError as exc:
-            raise from_validation_error(exc) from None
-        return await self._admit_and_run(plan_request(parsed, init, self.limits, self.model_name, mask), timeout_s,
-                                         record)
 
     # ---- HTTP routes ---------------------------------------------------------------------------
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse, openapi_extra=_json_schema_body(ImageGenerationRequest))
-    async def generations(self, request: Request) -> JSONResponse:
-        record = AccessRecord("/v1/images/generations")
-        try:
-            self._authorize(request)
-            timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
-            data = await request_io.read_json_object(request, self.limits.max_body_bytes)
-            parsed = ImageGenerationRequest.model_validate(data)
-            plan = plan_request(parsed, None, self.limits, self.model_name)
-            if parsed.stream:
-                return await self._stream(plan, parsed, "image_generation", timeout_s, record)
-            result = await self._admit_and_run(plan, timeout_s, record)
-            return self._answered(record, await self._respond(result, parsed))
-        except asyncio.CancelledError:
-            self._finish(record, 499, "client_closed_request")
-            raise
-        except Exception as exc:
-            return self._failed(record, api_error_for(exc))
+    @app.post("/v1/images/generations", response_model=ImagesResponse,
+              openapi_extra=_json_schema_body(ImageGenerationRequest))
+    async def generations(self, request: Request) -> Response:
+        return await self._images(request, "/v1/images/generations", plan_generation)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_multipart_schema_body())
-    async def edits(self, request: Request) -> JSONResponse:
-        record = AccessRecord("/v1/images/edits")
-        try:
-            self._authorize(request)
-            timeout_s = self._timeout_s(request.headers.get(TIMEOUT_HEADER))
-            form = await request_io.read_edit_form(request, self.limits.max_body_bytes, self.limits.max_upload_bytes)
-            parsed = ImageEditRequest.model_validate(form.fields)
-            init = decode_upload(form.image, self.limits.max_upload_bytes, self.limits.max_upload_pixels)
-            mask = None if form.mask is None else decode_mask(form.mask, init.size, self.limits.max_upload_bytes,
-                                                              self.limits.max_upload_pixels)
-            plan = plan_request(parsed, init, self.limits, self.model_name, mask)
-            if parsed.stream:
-                return await self._stream(plan, parsed, "image_edit", timeout_s, record)
-            result = await self._admit_and_run(plan, timeout_s, record)
-            return self._answered(record, await self._respond(result, parsed))
-        except asyncio.CancelledError:
-            self._finish(record, 499, "client_closed_request")
-            raise
-        except Exception as exc:
-            return self._failed(record, api_error_for(exc))
+    async def edits(self, request: Request) -> Response:
+        return await self._images(request, "/v1/images/edits", plan_edit)
+
+    # The image store's download route (`response_format: "url"`) belongs beside the image routes.
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self._authorize(request)
+            authorize(request.headers, self.limits.api_key_sha256)
         except ApiError as exc:
             return error_response(exc)
         entry = {"id": self.limits.served_model_name, "object": "model", "created": 0, "owned_by": "zimage-serve",
@@ -230,7 +152,7 @@ class Ingress:
     @app.get("/v1/styles")
     async def styles(self, request: Request) -> JSONResponse:
         try:
-            self._authorize(request)
+            authorize(request.headers, self.limits.api_key_sha256)
             table = await self.styler.list_styles.remote()
             default = await self.styler.default_style.remote()
         except Exception as exc:
@@ -260,8 +182,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
-        snapshot = self.readiness.current
+        """From the control plane (serve_app.readiness): answers at once, even under full load."""
+        snapshot = await self.readiness.check()
         ok = snapshot.ready(self.readiness.stale_s)
         return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
                             status_code=200 if ok else 503)
@@ -282,138 +204,45 @@ class Ingress:
 
     # ---- request handling ----------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if not self.limits.api_key_sha256:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise ApiError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest().encode()
-        if not any(hmac.compare_digest(digest, known.encode()) for known in self.limits.api_key_sha256):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-
-    def _if_authorized(self, request: Request, page) -> Response:
-        """The API docs follow the key setting like every other non-health route."""
-        try:
-            self._authorize(request)
-        except ApiError as exc:
-            return error_response(exc)
-        return page()
+    def _if_authorized(self, request: Request, page: Callable[[], Response]) -> Response:
+        return if_authorized(request.headers, self.limits.api_key_sha256, page)
 
     @staticmethod
     def _route_prefix(request: Request) -> str:
         return request.scope.get("root_path", "").rstrip("/")
 
-    def _timeout_s(self, asked: str | float | None, param: str = "X-Request-Timeout") -> float:
-        """The request's time budget: the client's (X-Request-Timeout, or the handle API's
-        `timeout_s`), capped by the server's `api.request_timeout_s`."""
-        cap = self.limits.request_timeout_s
-        if asked is None:
-            return cap
-        try:
-            value = float(asked)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not 0 < value < float("inf"):
-            raise bad_request(f"{param} must be a positive number of seconds.", param=param, code="invalid_timeout")
-        return min(value, cap)
+    # ---- the images routes' one path -----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _admitted(self):
-        if self.inflight >= self.limits.max_inflight_requests:
-            raise ApiError(503, "The server is at capacity; retry shortly.", code="overloaded")
-        self.inflight += 1
-        self.metrics.in_flight.set(self.inflight)
+    async def _images(self, request: Request, route: str,
+                      plan_route: Callable[[Request, ApiLimits, str], Awaitable[PlannedRequest]]) -> Response:
+        """Both image routes: key, deadline, body to plan, then a JSON answer or a stream."""
+        record = AccessRecord(route)
         try:
-            yield
-        finally:
-            self.inflight -= 1
-            self.metrics.in_flight.set(self.inflight)
+            authorize(request.headers, self.limits.api_key_sha256)
+            timeout = timeout_s(request.headers.get(TIMEOUT_HEADER), self.limits.request_timeout_s)
+            planned = await plan_route(request, self.limits, self.model_name)
+            if planned.options.stream:
+                return await self._stream(planned, timeout, record)
+            result = await self._run(planned.plan, timeout, record)
+            return self.responder.answered(record, await images_response(result, self.limits.served_model_name))
+        except asyncio.CancelledError:
+            self.responder.finish(record, 499, "client_closed_request")
+            raise
+        except Exception as exc:
+            return self.responder.failed(record, api_error_for(exc))
 
-    async def _admit_and_run(self, plan: RequestPlan, timeout_s: float, record: AccessRecord) -> ImageResult:
-        """Runs the plan within `timeout_s`; the deadline travels with it, so the stages drop its work."""
+    async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
         record.describe(plan)
-        with self._admitted():
-            try:
-                result = await asyncio.wait_for(self.pipeline.run(plan, time.time() + timeout_s), timeout=timeout_s)
-            except asyncio.TimeoutError:
-                raise deadline_exceeded(timeout_s) from None
-        record.images, record.timings = len(result.images), result.timings
+        result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
+        record.took(result)
         return result
 
-    async def _admit_and_stream(self, plan: RequestPlan, partial_images: int, timeout_s: float
-                                ) -> AsyncIterator[StreamItem]:
-        """`pipeline.stream` under admission and the request's deadline (which travels with it too)."""
-        with self._admitted():
-            deadline = time.monotonic() + timeout_s
-            items = self.pipeline.stream(plan, partial_images, time.time() + timeout_s)
-            try:
-                while True:
-                    try:
-                        yield await asyncio.wait_for(anext(items), timeout=deadline - time.monotonic())
-                    except StopAsyncIteration:
-                        return
-                    except asyncio.TimeoutError:
-                        raise deadline_exceeded(timeout_s) from None
-            finally:
-                await items.aclose()
-
-    async def _stream(self, plan: RequestPlan, req: ImageOptions, kind: StreamKind, timeout_s: float,
-                      record: AccessRecord) -> StreamingResponse:
-        """Server-sent events (serve_app.streaming). The first step is awaited before the headers go
-        out, so a request that cannot start still gets a JSON error with its status."""
-        record.describe(plan)
-        items = self._admit_and_stream(plan, req.partial_images or 0, timeout_s)
+    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord) -> Response:
+        """The first step is awaited before the headers go out, so a request that cannot start still
+        gets a JSON error with its status."""
+        record.describe(planned.plan)
+        items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
+                                                        timeout, self.limits.max_inflight_requests), record)
         first = await anext(items)
-        self.metrics.streamed(record)
-        headers = {**SSE_HEADERS, **({"X-Random-Weights": "true"} if self.random_weights else {})}
-        body = sse_body(first, items, StreamEvents(kind, req, plan))
-        return StreamingResponse(self._logged(body, record), media_type="text/event-stream", headers=headers)
-
-    async def _logged(self, body: AsyncIterator[bytes], record: AccessRecord) -> AsyncIterator[bytes]:
-        """A stream's body, counted; its access-log line is written when it ends (an error after the
-        stream started travels as an event, so the status stays 200)."""
-        status, code = 200, None
-        try:
-            async for chunk in body:
-                record.bytes_out += len(chunk)
-                yield chunk
-        except asyncio.CancelledError:
-            status, code = 499, "client_closed_request"
-            raise
-        finally:
-            self._finish(record, status, code)
-
-    def _answered(self, record: AccessRecord, response: Response) -> Response:
-        record.bytes_out = len(response.body)
-        self._finish(record, response.status_code)
-        return response
-
-    def _failed(self, record: AccessRecord, error: ApiError) -> Response:
-        response = error_response(error)
-        record.bytes_out = len(response.body)
-        self._finish(record, error.status, error.code)
-        return response
-
-    def _finish(self, record: AccessRecord, status: int, code: str | None = None) -> None:
-        """The request's access-log line and metrics, once, however it ended."""
-        record.status, record.code = status, code
-        access_log.write(record)
-        self.metrics.record(record)
-
-    async def _respond(self, result: ImageResult, req: ImageOptions) -> Response:
-        """The OpenAI images response; base64 and JSON encoding (megabytes) run off the event loop."""
-        first = result.images[0]
-        body = ImagesResponse(
-            created=int(time.time()),
-            data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
-            model=self.limits.served_model_name,
-            size=f"{first.width}x{first.height}",
-            output_format=first.format,
-            timings=result.timings,
-            random_weights=result.random_weights,
-        )
-        content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
-        headers = {"X-Random-Weights": "true"} if result.random_weights else None
-        return Response(content, media_type="application/json", headers=headers)
+        events = StreamEvents(planned.kind, planned.options, planned.plan)
+        return self.responder.stream(first, items, events, record, self.random_weights)

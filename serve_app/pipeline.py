@@ -245,5 +245,5 @@ class ImagePipeline:
         )
         return ImageResult(
             images=[image for image, _, _ in outcomes], timings=timings, random_weights=self.random_weights,
-            prompt_truncated=outcomes[0][1].prompt_truncated,
+            prompt_truncated=outcomes[0][1].prompt_truncated, speed=dict(outcomes[0][1].speed),
         )

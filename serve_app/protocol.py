@@ -5,7 +5,7 @@ the image object, the response, then errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -71,7 +71,10 @@ class ImageEditRequest(ImageOptions):
 
 
 class ImageObject(BaseModel):
-    b64_json: str
+    """One image: `b64_json`, or with `response_format: "url"` a `url` that expires (serve_app.image_store)."""
+
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str
     seed: int
 
@@ -104,6 +107,9 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
+    """What ran in each stage for this request's first image, e.g. `{"denoiser": "fp8 fused, compiled,
+    CUDA graphs on NVIDIA H200 (sm90)"}`: FP8 and bf16 give different pixels for one seed."""
 
 
 # ---- streaming (`stream: true`): server-sent events, fields as the openai client's event types ----
@@ -124,9 +130,11 @@ class StreamUsage(BaseModel):
 
 class ImageStreamEvent(BaseModel):
     """What every image event carries: the request's settings (`size` is the requested image's, also
-    on a partial image, which is smaller: see `VaeCodec.preview`)."""
+    on a partial image, which is smaller: see `VaeCodec.preview`). The image is `b64_json`; only a
+    completed event of a `response_format: "url"` request carries `url` instead."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     created_at: int
     size: str
     quality: Literal["low", "medium", "high", "auto"]
@@ -151,6 +159,7 @@ class ImageCompletedEvent(ImageStreamEvent):
     revised_prompt: str
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
 
 
 class ProgressEvent(BaseModel):
@@ -207,17 +216,19 @@ class ImageRequest:
     init_image: bytes | None = None
     strength: float | None = None
     mask: bytes | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    data: bytes  # encoded in `format`
+    data: bytes  # encoded in `format`; empty when the image went to the image store (`url`)
     format: OutputFormat
     seed: int
     width: int
     height: int
     revised_prompt: str
+    url: str | None = None  # response_format "url": where the image is, until it expires
 
 
 @dataclass(frozen=True)
@@ -227,6 +238,7 @@ class ImageResult:
     random_weights: bool = False
     prompt_truncated: bool = False
     prompt_tokens: int = 0  # known on the streamed path only
+    speed: dict[str, str] = field(default_factory=dict)  # what ran, by stage (`ImagesResponse.speed`)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ Two load shapes:
   an arrival that finds the cap reached is dropped and counted, so overload shows instead of hiding
   in a client-side queue.
 
+Prompts come from a file (`--prompts`, one a line), or with `--fresh-prompts` every request gets one
+never sent before, with the length of one drawn from the file (fresh.py): real traffic rarely repeats
+a prompt, and a server may cache by prompt or by its length.
+
 Every 200 is checked (JSON shape, image count, base64 that decodes to PNG/JPEG/WebP bytes); a
 malformed 200 counts as an error. Warm-up requests run first, as their own phase, and are left out
 of every figure. When a response carries our server's non-standard `timings` object (milliseconds

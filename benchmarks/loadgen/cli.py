@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-base", type=int, default=0, help="request i uses seed SEED_BASE + i*n")
     p.add_argument("--no-seed", action="store_true", help="send no seed: the server picks one")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="prompt file, one per line")
+    p.add_argument("--fresh-prompts", action="store_true",
+                   help="every request a new prompt, each a drawn prompt's length in words with other words of the set")
     p.add_argument("--shuffle-seed", type=int, default=0, help="drives prompt/size choice and arrivals")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--slo-ms", type=float, default=None, help="latency objective for goodput")
@@ -67,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         n=args.n,
         seed_base=None if args.no_seed else args.seed_base,
         prompts=load_prompts(args.prompts),
+        fresh_prompts=args.fresh_prompts,
         timeout_s=args.timeout,
         slo_ms=args.slo_ms,
         label=args.label,

@@ -18,6 +18,7 @@ import aiohttp
 from tqdm import tqdm
 
 from benchmarks.loadgen.config import DEFAULT_PROMPTS, LoadConfig, load_prompts
+from benchmarks.loadgen.fresh import FreshPrompts
 from benchmarks.loadgen.report import LoadReport, RequestRecord, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -113,6 +114,7 @@ class _Runner:
         if config.api_key:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.prompts = config.prompts
+        self.fresh = FreshPrompts(config.prompts, config.shuffle_seed) if config.fresh_prompts else None
         self.in_flight = 0
         self.max_seen_in_flight = 0
         self.cut_records: list[RequestRecord] = []
@@ -127,9 +129,12 @@ class _Runner:
         progress.update(done)
 
     def request_body(self, index: int) -> tuple[dict[str, Any], str, int | None]:
-        """Prompt and size depend only on the request's index, so runs are comparable."""
+        """Prompt and size depend only on the request's index, so runs are comparable; with fresh
+        prompts the sizes and seeds are those of the same run on the repeating set."""
         rng = random.Random(self.config.shuffle_seed * 1_000_003 + index)
         prompt = self.prompts[rng.randrange(len(self.prompts))]
+        if self.fresh is not None:
+            prompt = self.fresh.prompt(index)
         choice = rng.choices(self.config.size_mix, weights=[s.weight for s in self.config.size_mix])[0]
         seed = None if self.config.seed_base is None else self.config.seed_base + index * self.config.n
         body: dict[str, Any] = {

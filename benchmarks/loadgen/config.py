@@ -85,6 +85,7 @@ class LoadConfig:
     n: int = 1
     seed_base: int | None = 0  # request i gets seed seed_base + i * n; None sends no seed
     prompts: list[str] = field(default_factory=list)  # empty: read DEFAULT_PROMPTS
+    fresh_prompts: bool = False  # every request a prompt never sent before, shaped like `prompts` (fresh.py)
     timeout_s: float = 300.0
     slo_ms: float | None = None
     label: str = ""

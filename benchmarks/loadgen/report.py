@@ -119,6 +119,8 @@ class LoadReport:
             title += f", concurrency {self.config['concurrency']}"
         else:
             title += f", rate {self.config['rate']}/s (cap {self.config['max_in_flight']} in flight)"
+        if self.config.get("fresh_prompts"):
+            title += ", fresh prompts"
         lines = [title, ""]
         summary = [
             ("wall time", f"{self.wall_s:.2f} s"),

@@ -354,9 +354,11 @@ async function onTransform(event) {
     prompt: $("t-prompt").value, style: $("t-style").value, steps: Number($("t-steps").value),
     strength: Number($("t-strength").value),
   };
+  const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
   await runAll(event.target, () => {
     const body = new FormData();
     body.append("image", file);
+    if (mask) body.append("mask", mask, "mask.png");
     body.append("prompt", settings.prompt);
     body.append("style", settings.style);
     body.append("strength", String(settings.strength));

@@ -44,12 +44,23 @@ def test_serve_config_validates_against_serves_own_schema():
 
 
 def test_serve_config_args_validate_and_gpu_shares_fit_one_h200():
+    from deployments.speed import SPEED_FIELDS
     from serve_app.config import AppArgs
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     args = AppArgs.from_args(app["args"])
-    assert (args.model, args.precision) == ("Tongyi-MAI/Z-Image-Turbo", "fp8")
+    assert args.model == "Tongyi-MAI/Z-Image-Turbo"
+    from deployments.speed import Hardware, resolve_speed
+
+    # The speed settings are the defaults (`auto`): on an H200 they resolve to the fused FP8 path.
+    assert {name: getattr(args, name) for name in SPEED_FIELDS} == dict.fromkeys(SPEED_FIELDS, "auto")
+    h200 = Hardware("cuda", "NVIDIA H200", (9, 0), triton=True, cudnn_frontend=True)
+    speed = resolve_speed(h200, **{name: getattr(args, name) for name in SPEED_FIELDS})
+    assert {k: c.value for k, c in speed.choices().items()} == {
+        "dtype": "bf16", "precision": "fp8", "fp8_kernels": "fused", "compile": True, "dit_cuda_graphs": True,
+        "text_encoder_compile": True, "vae_compile": True}
+    assert args.warmup_pixels() == [(512, 512), (1024, 1024)]
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"}
     fractions = [deployments[name]["ray_actor_options"]["num_gpus"] for name in ("TextEncoder", "Denoiser", "VaeDecoder")]

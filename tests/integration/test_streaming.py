@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -44,8 +45,10 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(decode_png(b64))
 
 
-def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(http):
-    with http.stream("POST", "/v1/images/generations", json={**FOX, "stream": True, "partial_images": 2}) as response:
+def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(served, http):
+    request_id = f"stream-{uuid.uuid4().hex[:12]}"
+    with http.stream("POST", "/v1/images/generations", json={**FOX, "stream": True, "partial_images": 2},
+                     headers={"X-Request-ID": request_id}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
@@ -69,6 +72,14 @@ def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gi
 
     unstreamed = http.post("/v1/images/generations", json=FOX).json()["data"][0]["b64_json"]
     assert np.array_equal(pixels(completed.b64_json), pixels(unstreamed))
+
+    # The stream's access line counts its image and has the stages' timings, as an unstreamed one does.
+    [line] = served.access_lines(request_id)
+    fields = dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split() if "=" in part)
+    assert (fields["status"], fields["images"], fields["size"], fields["steps"]) == ("200", "1", "512x512", "4")
+    sent = events[-1][1]["timings"]
+    for name in ("total_ms", "encode_ms", "denoise_ms", "denoise_queue_ms", "decode_ms", "output_encode_ms"):
+        assert float(fields[name]) == pytest.approx(sent[name], abs=0.01), name
 
 
 def _png(width: int, height: int) -> bytes:

@@ -351,7 +351,7 @@ def test_cli_writes_json(tmp_path, capsys):
     assert data["server_timings_count"] == 0 and data["server_timings_p50_ms"] == {}
     assert data["outside_server_p50_ms"] is None
     printed = capsys.readouterr().out
-    assert "images/s" in printed and "server timings" not in printed
+    assert "images/s" in printed and "server timings" not in printed and "fresh prompts" not in printed
 
 
 @pytest.mark.parametrize("how", [["-m", "benchmarks.loadgen"], ["benchmarks/loadgen"]])
@@ -373,3 +373,72 @@ def test_package_modules_and_re_exports():
     assert loadgen.load_prompts is modules["config"].load_prompts
     assert loadgen.parse_size_mix is modules["config"].parse_size_mix
     assert loadgen.run_load is modules["client"].run_load
+
+
+# ---------------------------------------------------------------------------------- fresh prompts
+
+
+def test_fresh_prompts_are_new_and_follow_the_sets_lengths():
+    """4000 fresh prompts from the shipped set: all distinct, none of the set, their lengths in words
+    (CJK characters) distributed as the set's, characters close to it too; the same seed the same prompts."""
+    from collections import Counter
+
+    from benchmarks.loadgen.config import DEFAULT_PROMPTS, load_prompts
+    from benchmarks.loadgen.fresh import FreshPrompts, units
+
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    fresh = [FreshPrompts(prompts, seed=3).prompt(i) for i in range(4000)]
+    assert len(set(fresh)) == len(fresh) and not set(fresh) & set(prompts)
+    assert fresh[:50] == [FreshPrompts(prompts, seed=3).prompt(i) for i in range(50)]
+    assert fresh[:50] != [FreshPrompts(prompts, seed=4).prompt(i) for i in range(50)]
+
+    def shares(lengths: list[int]) -> dict[int, float]:
+        return {k: v / len(lengths) for k, v in Counter(lengths).items()}
+
+    want, got = shares([len(units(p)) for p in prompts]), shares([len(units(p)) for p in fresh])
+    total_variation = sum(abs(want.get(k, 0) - got.get(k, 0)) for k in set(want) | set(got)) / 2
+    assert total_variation < 0.05, (want, got)
+    assert max(len(units(p)) for p in fresh) == max(len(units(p)) for p in prompts)
+    cjk = [p for p in fresh if "\u4e00" <= p[0] <= "\u9fff"]
+    assert cjk and all(" " not in p for p in cjk)  # CJK prompts stay CJK, without spaces
+
+    def quantiles(texts: list[str]) -> list[int]:
+        lengths = sorted(len(t) for t in texts)
+        return [lengths[int(q * (len(lengths) - 1))] for q in (0.1, 0.5, 0.9)]
+
+    for set_chars, fresh_chars in zip(quantiles(prompts), quantiles(fresh)):
+        assert abs(fresh_chars - set_chars) <= 0.2 * set_chars, (quantiles(prompts), quantiles(fresh))
+
+
+def test_fresh_prompts_over_http_keep_the_sizes_and_seeds_of_the_repeating_set(tmp_path, capsys):
+    """The same run with and without `--fresh-prompts`: the same sizes and seeds; the fresh run's
+    prompts all new, the repeating run's all from the set; the report says which mode it ran."""
+    sent: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent.append(await request.json())
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64()}]})
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS + ["a lighthouse at dawn over a calm sea"]) + "\n", encoding="utf-8")
+
+    def run(*extra: str) -> tuple[list[dict], dict]:
+        sent.clear()
+        out = tmp_path / f"run{len(extra)}.json"
+        argv = ["--concurrency", "3", "--requests", "40", "--warmup", "2", "--size-mix", "1024x1024,512x512",
+                "--prompts", str(prompts), "--json", str(out), "--no-progress", *extra]
+        code = asyncio.run(with_fake_server(handler, lambda url: asyncio.to_thread(main, ["--url", url, *argv])))
+        assert code == 0
+        return sorted(sent, key=lambda b: b["seed"]), json.loads(out.read_text())
+
+    repeating, repeating_report = run()
+    assert "fresh prompts" not in capsys.readouterr().out
+    fresh, fresh_report = run("--fresh-prompts")
+    assert "fresh prompts" in capsys.readouterr().out
+    assert len(fresh) == len(repeating) == 42
+    assert [(b["seed"], b["size"]) for b in fresh] == [(b["seed"], b["size"]) for b in repeating]
+    set_prompts = set(prompts.read_text(encoding="utf-8").splitlines())
+    assert {b["prompt"] for b in repeating} <= set_prompts
+    fresh_prompts = [b["prompt"] for b in fresh]
+    assert len(set(fresh_prompts)) == 42 and not set(fresh_prompts) & set_prompts
+    assert fresh_report["config"]["fresh_prompts"] is True and repeating_report["config"]["fresh_prompts"] is False

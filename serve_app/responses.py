@@ -1,0 +1,90 @@
+"""How a request leaves the Ingress: its response encoded, and its end recorded once.
+
+Images go out as OpenAI's images response (base64 in JSON, encoded off the event loop: megabytes)
+or as server-sent events (serve_app.streaming); errors in the one error shape (serve_app.errors).
+However a request ends, one access-log line and its metrics are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from starlette.responses import Response, StreamingResponse
+
+from serve_app import access_log
+from serve_app.access_log import AccessRecord
+from serve_app.errors import ApiError, error_response
+from serve_app.image_io import json_with_base64_images
+from serve_app.metrics import IngressMetrics
+from serve_app.protocol import ImageObject, ImageResult, ImagesResponse
+from serve_app.streaming import SSE_HEADERS, StreamEvents, StreamItem, sse_body
+
+RANDOM_WEIGHTS_HEADER = {"X-Random-Weights": "true"}
+
+
+async def images_response(result: ImageResult, served_model_name: str) -> Response:
+    """The OpenAI images response; base64 and JSON encoding run on a thread. (`response_format: "url"`
+    belongs here too: the image store writes each image and its object carries the URL instead.)"""
+    first = result.images[0]
+    body = ImagesResponse(
+        created=int(time.time()),
+        data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
+        model=served_model_name,
+        size=f"{first.width}x{first.height}",
+        output_format=first.format,
+        timings=result.timings,
+        random_weights=result.random_weights,
+        speed=result.speed,
+    )
+    content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
+    return Response(content, media_type="application/json",
+                    headers=RANDOM_WEIGHTS_HEADER if result.random_weights else None)
+
+
+class Responder:
+    """Ends requests: records each one's outcome (access log, metrics) exactly once."""
+
+    def __init__(self, metrics: IngressMetrics) -> None:
+        self.metrics = metrics
+
+    def finish(self, record: AccessRecord, status: int, code: str | None = None) -> None:
+        """The request's access-log line and metrics, once, however it ended."""
+        record.status, record.code = status, code
+        access_log.write(record)
+        self.metrics.record(record)
+
+    def answered(self, record: AccessRecord, response: Response) -> Response:
+        record.bytes_out = len(response.body)
+        self.finish(record, response.status_code)
+        return response
+
+    def failed(self, record: AccessRecord, error: ApiError) -> Response:
+        response = error_response(error)
+        record.bytes_out = len(response.body)
+        self.finish(record, error.status, error.code)
+        return response
+
+    def stream(self, first: StreamItem, rest: AsyncIterator[StreamItem], events: StreamEvents,
+               record: AccessRecord, random_weights: bool) -> StreamingResponse:
+        """Server-sent events; `first` was awaited before the headers go out, so a request that could
+        not start got a JSON error with its status instead."""
+        self.metrics.streamed(record)
+        headers = {**SSE_HEADERS, **(RANDOM_WEIGHTS_HEADER if random_weights else {})}
+        body = self._logged(sse_body(first, rest, events), record)
+        return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+    async def _logged(self, body: AsyncIterator[bytes], record: AccessRecord) -> AsyncIterator[bytes]:
+        """A stream's body, counted; its access-log line is written when it ends (an error after the
+        stream started travels as an event, so the status stays 200)."""
+        status, code = 200, None
+        try:
+            async for chunk in body:
+                record.bytes_out += len(chunk)
+                yield chunk
+        except asyncio.CancelledError:
+            status, code = 499, "client_closed_request"
+            raise
+        finally:
+            self.finish(record, status, code)
