@@ -69,6 +69,11 @@ class S3ImageStore(ImageStore):
             raise StoreError(f"the image bucket {self.bucket!r} failed: {_reason(exc)}") from exc
         return StoredImage(name.name, url, name.expires_at)
 
+    @property
+    def sweep_interval_s(self) -> float:
+        """Listing a bucket costs requests, and every Ingress replica sweeps: at most every 15 minutes."""
+        return max(60.0, min(900.0, self.ttl_s / 4))
+
     async def delete(self, name: str) -> None:
         import obstore
 
