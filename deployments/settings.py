@@ -40,8 +40,9 @@ class ModelSettings(BaseModel):
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
     installed, `fused-bf16-attention` on a Hopper without it, else `inductor`)."""
     dit_cuda_graphs: bool | Literal["auto"] = "auto"
-    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption length), captured on a
-    shape's second forward (`dit.step_graphs`; `auto`: on, GPU only). For host-bound steps: small
+    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption bucket of 32 tokens),
+    captured for every bucket at the warm-up sizes after ready and for other sizes on a shape's
+    second forward (`dit.step_graphs`, `dit.size_warmup`; `auto`: on, GPU only). For host-bound steps: small
     images on the fused FP8 path."""
     text_encoder_cuda_graphs: bool = True
     text_encoder_compile: bool | Literal["auto"] = "auto"
@@ -63,6 +64,11 @@ class ModelSettings(BaseModel):
     batches over one image afterwards, between requests, running each image of a batch as its own
     forward until they are ready: a new replica serves seconds sooner (tracing those graphs took
     several seconds each even with warm caches). False: all of them before ready, as one warm-up."""
+    vae_dynamic_in_background: bool = True
+    """With `vae_compile`, the VAE decoder reports ready once its static graphs for `warmup_sizes`
+    are compiled and compiles its dynamic graph (every other size) afterwards, one call at a time
+    between requests, decoding other sizes eagerly until then: most of its cold start was that
+    graph. A request to the replica may wait for one such call meanwhile. False: all before ready."""
 
     def resolve_speed(self, device: torch.device) -> Speed:
         """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""

@@ -31,6 +31,7 @@ from deployments.denoiser.loop import (
     diffusers_transformer_fn,
     preview_steps,
 )
+from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
@@ -74,7 +75,11 @@ class Denoiser(StageBase):
         self.expired = 0  # jobs dropped because their request's deadline passed
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
         self.denoiser_metrics.set_policy(self.config.scheduling)
+        # a second warm-up after ready, beside the batched graphs' (which gate batching): a graph per
+        # caption bucket at the warm-up sizes and first forwards at the presets (`dit.size_warmup`)
+        self.shape_warmup = BackgroundWarmup(self.gpu_lane, None, self._shapes_ready, name="Denoiser shapes")
         self.start()
+        self.shape_warmup.start()
         self.load_seconds = self.start_phases.seconds["ready"]
         self.denoiser_metrics.batched_ready.set(float(self.after_ready.ready.is_set()))
 
@@ -95,7 +100,8 @@ class Denoiser(StageBase):
             )
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         if self.speed.dit_cuda_graphs.value:
-            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(self.transformer), self.device)
+            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(self.transformer), self.device,
+                                                       padded=padded_transformer_fn(self.transformer))
         self.loop = DenoiseLoop(
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
@@ -132,9 +138,29 @@ class Denoiser(StageBase):
         own forward (`DenoiseLoop.batched_ready`), so nothing compiles on the request path."""
         from deployments.denoiser.dit.warmup import persist_artifacts, run_call
 
+        self.shape_warmup.plan(self._shape_steps())
         _, batched = self._serving_calls()
         steps: list[WarmupStep] = [(call.key, partial(run_call, self.transformer, call)) for call in batched]
         return steps + [("save_artifacts", partial(persist_artifacts, self.transformer))] if steps else []
+
+    def _shape_steps(self) -> list[WarmupStep]:
+        """`dit.size_warmup`, on a GPU (where plans and graphs are made per shape; none on the CPU)."""
+        from deployments.denoiser.dit.size_warmup import after_ready_steps
+        from deployments.geometry import SIZE_PRESETS
+
+        if self.device.type != "cuda":
+            return []
+        warm_sizes = self.settings.warmup_pixels()
+        covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
+        return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
+                                 self.settings.max_prompt_tokens)
+
+    def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
+        self.start_phases.add("warmup_shapes", warmup.lane_seconds)
+
+    def serving(self, expected_compiles=None) -> None:
+        """Compiles are expected while either warm-up after ready runs a call."""
+        super().serving(lambda: self.after_ready.running or self.shape_warmup.running)
 
     def on_warm_after_ready(self, warmup: BackgroundWarmup) -> None:
         self.denoiser_metrics.batched_ready.set(1.0)
@@ -241,6 +267,7 @@ class Denoiser(StageBase):
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
                     batched_graphs_ready=self.after_ready.ready.is_set(),
                     batched_warmup=self.after_ready.as_dict(),
+                    shape_warmup=self.shape_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
                     fp8_kernels=self.fp8_kernels,

@@ -11,7 +11,8 @@ process-wide counters, so that each figure says what it costs:
 
 `warmup_after_ready` is what a stage warms after it reported ready (`runtime.background_warmup`):
 its model-thread seconds, compile included, so the phases before it add up to the start and it adds
-the time until every path is warm. `ready` is the stage's start from its constructor to ready, and
+the time until every path is warm. `warmup_shapes` likewise, for the Denoiser's second one: a CUDA
+graph per caption bucket and first forwards at the preset sizes (`denoiser.dit.size_warmup`). `ready` is the stage's start from its constructor to ready, and
 `process` from the replica process's start (Ray's worker, imports) to ready: the difference is what
 no phase of ours covers.
 """
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 
 PHASES = ("load", "random_init", "optimize", "compile", "warmup")
-AFTER_READY = ("warmup_after_ready",)
+AFTER_READY = ("warmup_after_ready", "warmup_shapes")
 TOTALS = ("ready", "process")
 
 

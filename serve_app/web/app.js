@@ -335,7 +335,7 @@ async function onGenerate(event) {
       headers: headers({ "Content-Type": "application/json" }),
       body: JSON.stringify({
         prompt: settings.prompt, size: generateSize(), style: settings.style, seed: seed + i,
-        num_inference_steps: settings.steps, stream: true, partial_images: PARTIAL_IMAGES,
+        num_inference_steps: settings.steps, stream: true, partial_images: PARTIAL_IMAGES, stream_progress: true,
       }),
     },
   }), n);
@@ -371,6 +371,7 @@ async function onTransform(event) {
     body.append("num_inference_steps", String(settings.steps));
     body.append("seed", String(seed + i));
     body.append("stream", "true");
+    body.append("stream_progress", "true");
     body.append("partial_images", String(PARTIAL_IMAGES));
     return { path: "/v1/images/edits", settings, init: { method: "POST", headers: headers(), body } };
   }, imageCount("t"));

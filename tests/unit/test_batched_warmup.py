@@ -186,3 +186,4 @@ def test_the_denoiser_on_a_cpu_has_nothing_to_warm_later(cache_dir):
     assert stats["batched_graphs_ready"] and denoiser.loop.batched_forwards()
     assert stats["start_phases"]["warmup_after_ready_s"] == 0.0 and stats["state"] == "ready"
     assert stats["batched_warmup"]["calls"] == 0
+    assert stats["shape_warmup"]["calls"] == 0 and stats["shape_warmup"]["ready"]  # plans and graphs: GPU only

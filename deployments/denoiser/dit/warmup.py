@@ -59,10 +59,9 @@ def warmup_calls(
     return calls
 
 
-@torch.inference_mode()
-def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None) -> float:
-    """One warm-up forward on random inputs; returns its seconds (device-synchronized). Runs under
-    `inference_mode`, as the denoise loop does (a different grad mode would be a different graph)."""
+def call_inputs(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None
+                ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """Random (latents, t, captions) of `call`'s shapes, on the model's device and in its dtype."""
     from deployments.geometry import latent_shape
 
     device, dtype = model_device_dtype(transformer)
@@ -71,7 +70,15 @@ def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generato
     latents = [torch.randn(shape, generator=generator).to(device, dtype).unsqueeze(2)[0] for _ in call.caption_lens]
     captions = [torch.randn(n, transformer.config.cap_feat_dim, generator=generator).to(device, dtype)
                 for n in call.caption_lens]
-    t = torch.full((call.batch,), 0.5, device=device)
+    return latents, torch.full((call.batch,), 0.5, device=device), captions
+
+
+@torch.inference_mode()
+def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None) -> float:
+    """One warm-up forward on random inputs; returns its seconds (device-synchronized). Runs under
+    `inference_mode`, as the denoise loop does (a different grad mode would be a different graph)."""
+    device, _ = model_device_dtype(transformer)
+    latents, t, captions = call_inputs(transformer, call, generator)
     _sync(device)
     start = time.perf_counter()
     transformer(latents, t, captions, return_dict=False)
