@@ -18,3 +18,7 @@ and the plain PyTorch code it wraps, which imports and tests without Ray. Beside
     local_pipeline  the four stages in one process, without Serve (the CLI and tests use it)
     cli             `zimage-generate`: one image from the command line
 """
+
+from deployments.runtime.quiet import quiet_known_warnings
+
+quiet_known_warnings()  # before any stage imports torchao or diffusers

@@ -64,6 +64,11 @@ class ModelSettings(BaseModel):
     batches over one image afterwards, between requests, running each image of a batch as its own
     forward until they are ready: a new replica serves seconds sooner (tracing those graphs took
     several seconds each even with warm caches). False: all of them before ready, as one warm-up."""
+    vae_dynamic_in_background: bool = True
+    """With `vae_compile`, the VAE decoder reports ready once its static graphs for `warmup_sizes`
+    are compiled and compiles its dynamic graph (every other size) afterwards, one call at a time
+    between requests, decoding other sizes eagerly until then: most of its cold start was that
+    graph. A request to the replica may wait for one such call meanwhile. False: all before ready."""
 
     def resolve_speed(self, device: torch.device) -> Speed:
         """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""

@@ -27,6 +27,8 @@ from serve_app.admission import TIMEOUT_HEADER, Admission, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, error_response
+from serve_app.image_store import FILES_ROUTE
+from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan
 from serve_app.planning import PlannedRequest, plan_edit, plan_generation, plan_handle_request
@@ -90,8 +92,9 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None):
+                 base_config: dict | None = None, image_store: dict | None = None):
         self.styler = styler
+        self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
         self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
                                         ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
         self.pipeline = ImagePipeline(styler, text_encoder, denoiser, vae, random_weights)
@@ -119,6 +122,7 @@ class Ingress:
         try:
             timeout = timeout_s(request.timeout_s, self.limits.request_timeout_s, "timeout_s")
             result = await self._run(plan_handle_request(request, self.limits, self.model_name), timeout, record)
+            result = await stored(result, self.images, request.response_format, None)
         except Exception as exc:
             error = api_error_for(exc)
             self.responder.finish(record, error.status, error.code)
@@ -137,7 +141,11 @@ class Ingress:
     async def edits(self, request: Request) -> Response:
         return await self._images(request, "/v1/images/edits", plan_edit)
 
-    # The image store's download route (`response_format: "url"`) belongs beside the image routes.
+    @app.get(FILES_ROUTE + "{name}", include_in_schema=False)
+    async def image_file(self, name: str) -> Response:
+        """A `response_format: "url"` image in the local store. No key: the URL is the capability
+        (unguessable, expiring), so a browser or another service can fetch it as it is."""
+        return await file_response(self.images, name)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -222,8 +230,9 @@ class Ingress:
             timeout = timeout_s(request.headers.get(TIMEOUT_HEADER), self.limits.request_timeout_s)
             planned = await plan_route(request, self.limits, self.model_name)
             if planned.options.stream:
-                return await self._stream(planned, timeout, record)
+                return await self._stream(planned, timeout, record, request_base_url(request))
             result = await self._run(planned.plan, timeout, record)
+            result = await stored(result, self.images, planned.options.response_format, request_base_url(request))
             return self.responder.answered(record, await images_response(result, self.limits.served_model_name))
         except asyncio.CancelledError:
             self.responder.finish(record, 499, "client_closed_request")
@@ -237,12 +246,14 @@ class Ingress:
         record.took(result)
         return result
 
-    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord) -> Response:
+    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, base_url: str) -> Response:
         """The first step is awaited before the headers go out, so a request that cannot start still
-        gets a JSON error with its status."""
+        gets a JSON error with its status. With `response_format: "url"` the final image is stored
+        before its event goes out (a store failure is an `error` event)."""
         record.describe(planned.plan)
         items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
                                                         timeout, self.limits.max_inflight_requests), record)
+        items = stored_stream(items, self.images, planned.options.response_format, base_url)
         first = await anext(items)
         events = StreamEvents(planned.kind, planned.options, planned.plan)
         return self.responder.stream(first, items, events, record, self.random_weights)

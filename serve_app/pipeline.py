@@ -75,9 +75,6 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
-    if req.response_format == "url":
-        raise bad_request("response_format 'url' is not supported; use 'b64_json'.", param="response_format",
-                          code="unsupported_value")
     n = req.n or 1
     if n > limits.max_images_per_request:
         raise bad_request(f"n must be at most {limits.max_images_per_request}.", param="n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from deployments.geometry import parse_size
 
@@ -42,12 +42,22 @@ class ImageOptions(BaseModel):
     guidance_scale: float = Field(0.0, ge=0.0, le=20.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     style: str | None = Field(None, max_length=64)
+    stream_progress: bool | None = None
+    """With `stream: true`, also send a `zimage.progress` event after every denoising step; without
+    it a stream carries exactly OpenAI's event types, so typed clients need not know ours."""
 
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt must contain text")
+        return value
+
+    @field_validator("stream_progress")
+    @classmethod
+    def _progress_needs_a_stream(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and not info.data.get("stream"):
+            raise ValueError("stream_progress needs stream: true")
         return value
 
     @field_validator("size")

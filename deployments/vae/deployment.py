@@ -87,25 +87,32 @@ class VaeDecoder(StageBase):
         with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
             for width, height in self.settings.warmup_pixels():
                 self._decode(width, height)
+        if not self.settings.vae_dynamic_in_background:
+            for _, step in self._dynamic_steps():
+                step()
 
     def warm_up_after_ready(self) -> list[WarmupStep]:
-        """The dynamic graph that every other size uses, compiled after ready, one call at a time
-        between requests (such sizes decode eagerly until then, compiling nothing on a request): on
-        untiled sizes at the extremes of the API's range, then on a ladder of tile shapes
-        (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts. Before this moved
-        after ready it was most of the replica's start (82.1 s of compile cold on an H200,
-        benchmarks/RESULTS.md, 2026-11-30). Then, on a GPU, every preset and warm-up size decoded,
-        previewed and encoded once (`vae.size_warmup`): their convolution plans are made per shape."""
+        """The dynamic graph (unless `vae_dynamic_in_background` is off) and then, on a GPU, every
+        preset and warm-up size decoded, previewed and encoded once (`vae.size_warmup`): their
+        convolution plans are made per shape."""
         from deployments.geometry import SIZE_PRESETS
         from deployments.vae.size_warmup import size_steps
 
-        steps = self._dynamic_steps() if self.compiled else []
+        steps = self._dynamic_steps() if self.settings.vae_dynamic_in_background else []
         if self.device.type == "cuda":
             static = self.settings.warmup_pixels() if self.compiled else []  # `warm_up`'s static graphs
             steps += size_steps(self.codec, SIZE_PRESETS, static)
         return steps
 
     def _dynamic_steps(self) -> list[WarmupStep]:
+        """The dynamic graph that every other size uses (by default compiled after ready, one call at
+        a time between requests; such sizes decode eagerly until then, compiling nothing on a
+        request): on untiled sizes at the extremes of the API's range, then on a ladder of tile
+        shapes (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts. Before ready,
+        the VAE's whole compile, this graph's included, took 60.0 s (commit 44fa306) and 82.1 s
+        (2026-11-30) of a cold start on an H200 (benchmarks/RESULTS.md)."""
+        if not self.compiled:
+            return []
         from deployments.geometry import MAX_SIDE, MIN_SIDE
         from deployments.vae.compile import dynamic_warmup_shapes
 

@@ -102,7 +102,10 @@ def load_tokenizer(source: ModelSource):
         from deployments.weights.model_source import default_cache_dir
         from deployments.weights.tiny_checkpoint import ensure_tiny_checkpoint
 
+        global _random_init_s
+        start = time.perf_counter()  # on a cold cache the tiny checkpoint is built first: random's own cost
         location, subfolder = str(ensure_tiny_checkpoint(default_cache_dir())), "tokenizer"
+        _random_init_s += time.perf_counter() - start
     else:
         check_component(source, "tokenizer")
         location, subfolder = source.location, "tokenizer"

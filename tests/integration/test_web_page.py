@@ -275,3 +275,42 @@ def test_the_brush_paints_a_mask_that_the_transform_sends(served, browser, http,
     assert direct.status_code == 200, direct.text
     expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(direct.json()["data"][0]["b64_json"]))))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(shown)))), expected)
+
+
+def test_transform_makes_the_number_of_images_asked_for(served, browser, http, tmp_path):
+    """"Number of images" on the Transform tab: capped by the server's limit, and 3 asked for give 3
+    results, seeds s, s+1, s+2, each pixel for pixel the image the API's n=3 edit gives at that index."""
+    import base64
+    import io
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-transform")
+    assert page.get_attribute("#t-n", "max") == str(served.args["api"]["max_images_per_request"])
+    upload = upload_png(tmp_path)
+    page.set_input_files("#t-file", str(upload))
+    page.wait_for_selector("#t-preview", state="visible")
+    page.fill("#t-prompt", "three gradients at dusk")
+    set_range(page, "#t-steps", 4)
+    page.fill("#t-seed", "11")
+    page.fill("#t-n", "3")
+    page.click("#panel-transform button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#cards .meta:not([hidden])').length === 3",
+                           timeout=120_000)
+    assert page.is_hidden("#error")
+    assert page.locator("#cards .seed").all_inner_texts() == ["11", "12", "13"]
+    shown = [src.split(",", 1)[1] for src in page.eval_on_selector_all("#cards .frame img", "els => els.map(e => e.src)")]
+    page.screenshot(path=str(ARTIFACTS / "page-transform-n.png"), full_page=True)
+
+    fields = {"prompt": "three gradients at dusk", "style": page.input_value("#t-style"), "strength": "0.6",
+              "num_inference_steps": "4", "seed": "11", "n": "3"}
+    direct = http.post("/v1/images/edits", data=fields, files={"image": ("upload.png", upload.read_bytes(), "image/png")})
+    assert direct.status_code == 200, direct.text
+    expected = [item["b64_json"] for item in direct.json()["data"]]
+    assert len(expected) == len(shown) == 3
+    for got, want in zip(shown, expected):
+        got_pixels, want_pixels = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in (got, want))
+        assert got_pixels.shape == (640, 512, 3) and np.array_equal(got_pixels, want_pixels)
+    assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in shown[:2]))

@@ -252,3 +252,18 @@ def test_by_reference_swaps_bytes_for_urls_and_stream_events_carry_the_url(store
     assert f'"url":"{result.images[0].url}"' in text and "b64_json" not in text
     plain = events.encode(ImageResult([image], timings)).decode()
     assert '"b64_json":"' in plain and '"url"' not in plain
+
+
+def test_build_app_refuses_a_local_store_behind_several_ingress_replicas(cache_dir, tiny_source):
+    from serve_app.builder import build_app
+
+    base = {"model": "tiny", "device": "cpu", "cache_dir": str(cache_dir)}
+    with pytest.raises(ValidationError, match="would not be found on another") as info:
+        build_app({**base, "ingress.autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    assert "shared_directory" in str(info.value)
+    with pytest.raises(ValidationError, match="may run 2 replicas"):
+        build_app({**base, "ingress": {"num_replicas": 2}})
+    for store in ({"kind": "s3", "s3": {"bucket": "images"}},
+                  {"directory": str(cache_dir / "shared-images"), "shared_directory": True}):
+        app = build_app({**base, "ingress": {"num_replicas": 2}, "image_store": store})
+        assert app is not None
