@@ -166,6 +166,10 @@ class Denoiser(StageBase):
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
+        if self.step_graphs is not None:
+            graphs = self.step_graphs.as_dict()
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket), %s MiB of graph memory",
+                        graphs["graphs"], graphs["graph_pool_mib"])
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""
