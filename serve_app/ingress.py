@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
+from serve_app import access_log
 from serve_app.access_log import AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, timeout_s
 from serve_app.auth import authorize, if_authorized
@@ -28,6 +29,7 @@ from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
+from serve_app.loras import LoraCatalog
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan
 from serve_app.planning import PlannedRequest, plan_edit, plan_generation, plan_handle_request
@@ -91,8 +93,9 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None, image_store: dict | None = None):
+                 base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None):
         self.styler = styler
+        self.loras = LoraCatalog(lora_settings)  # the adapters requests may name (serve_app.loras)
         self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
         self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
                                         ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
@@ -156,6 +159,14 @@ class Ingress:
                  "root": self.model_name, "random_weights": self.random_weights}
         return JSONResponse({"object": "list", "data": [entry]})
 
+    @app.get("/v1/loras")
+    async def list_loras(self, request: Request) -> JSONResponse:
+        try:
+            authorize(request.headers, self.limits.api_key_sha256)
+            return JSONResponse(await self.loras.listing())
+        except Exception as exc:
+            return error_response(api_error_for(exc))
+
     @app.get("/v1/styles")
     async def styles(self, request: Request) -> JSONResponse:
         try:
@@ -189,8 +200,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
-        snapshot = self.readiness.current
+        """From the control plane (serve_app.readiness): answers at once, even under full load."""
+        snapshot = await self.readiness.check()
         ok = snapshot.ready(self.readiness.stale_s)
         return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
                             status_code=200 if ok else 503)
@@ -241,8 +252,9 @@ class Ingress:
 
     async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
         record.describe(plan)
+        await self.loras.check_plan(plan)
         result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
-        record.images, record.timings = len(result.images), result.timings
+        record.took(result)
         return result
 
     async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, base_url: str) -> Response:
@@ -250,8 +262,9 @@ class Ingress:
         gets a JSON error with its status. With `response_format: "url"` the final image is stored
         before its event goes out (a store failure is an `error` event)."""
         record.describe(planned.plan)
-        items = self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0, timeout,
-                                      self.limits.max_inflight_requests)
+        await self.loras.check_plan(planned.plan)
+        items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
+                                                        timeout, self.limits.max_inflight_requests), record)
         items = stored_stream(items, self.images, planned.options.response_format, base_url)
         first = await anext(items)
         events = StreamEvents(planned.kind, planned.options, planned.plan)

@@ -2,13 +2,15 @@
 
 A streamed request sends `event: <type>` / `data: <json>` pairs:
 
-    zimage.progress                (after every denoising step: step, steps, elapsed; an extension)
     <kind>.partial_image           (`partial_images` of them, 0..3, spread over the steps)
     <kind>.completed               (the image, pixel for pixel what the same request gives unstreamed)
+    zimage.progress                (only when the request sets `stream_progress`: after every
+                                    denoising step, with step, steps, elapsed)
 
-where <kind> is `image_generation` or `image_edit`. The openai client parses each `data:` line into
-its event types by `type`; an unknown type (our `zimage.progress`) still parses, as an object whose
-`type` is `zimage.progress`, so a client that switches on `type` passes over it.
+where <kind> is `image_generation` or `image_edit`. By default a stream carries exactly OpenAI's
+event types, so a typed client that matches them exhaustively meets nothing else; our extension
+event comes only when asked for. (The Python client passes an unknown type through, as an object
+whose `type` is `zimage.progress`.)
 
 Images travel as `b64_json`. With `response_format: "url"` the partial images still do (previews,
 small, shown as they come and never fetched again, as OpenAI's stream sends them), and the completed
@@ -65,6 +67,7 @@ class StreamEvents:
     def __init__(self, kind: StreamKind, req: ImageOptions, plan: RequestPlan):
         self.kind = kind
         self.plan = plan
+        self.progress = bool(req.stream_progress)
         self.settings = dict(
             size=f"{plan.width}x{plan.height}",
             quality=req.quality if req.quality in ("low", "medium", "high") else "auto",
@@ -73,7 +76,10 @@ class StreamEvents:
         )
 
     def encode(self, item: StreamItem) -> bytes:
+        """The item's event; a step is an empty chunk unless the request asked for progress."""
         if isinstance(item, StepDone):
+            if not self.progress:
+                return b""
             return sse(ProgressEvent(step=item.step, steps=item.steps, elapsed=round(item.elapsed_s, 3)))
         created = int(time.time())
         if isinstance(item, PartialImage):
@@ -85,7 +91,8 @@ class StreamEvents:
         return sse(ImageCompletedEvent(
             type=f"{self.kind}.completed", created_at=created, **reference,
             usage=self.usage(item.prompt_tokens), seed=image.seed, revised_prompt=image.revised_prompt,
-            timings=item.timings, random_weights=item.random_weights, **self.settings,
+            timings=item.timings, random_weights=item.random_weights, speed=item.speed,
+            loras=list(image.loras) or None, **self.settings,
         ), exclude={"b64_json"} if image.url else {"url"})
 
     def usage(self, text_tokens: int) -> StreamUsage:
@@ -99,10 +106,13 @@ class StreamEvents:
 
 async def sse_body(first: StreamItem, rest: AsyncIterator[StreamItem], events: StreamEvents) -> AsyncIterator[bytes]:
     """The response body: `first` (already received, so that earlier failures were plain JSON errors),
-    then the rest; a failure becomes an `error` event and ends the stream."""
-    yield events.encode(first)
+    then the rest; a failure becomes an `error` event and ends the stream. Empty chunks are not sent."""
+    if chunk := events.encode(first):
+        yield chunk
     try:
         async for item in rest:
-            yield events.encode(item) if isinstance(item, StepDone) else await asyncio.to_thread(events.encode, item)
+            chunk = events.encode(item) if isinstance(item, StepDone) else await asyncio.to_thread(events.encode, item)
+            if chunk:
+                yield chunk
     except Exception as exc:
         yield sse(StreamErrorEvent(error=error_info(api_error_for(exc))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 
@@ -32,15 +33,29 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+_random_init_s = 0.0
+
+
+def random_init_seconds() -> float:
+    """Seconds this process has spent building random-weight models (a start phase of their own:
+    real weights do not pay it)."""
+    return _random_init_s
+
+
 @contextlib.contextmanager
 def _building_on(device: torch.device, dtype: torch.dtype):
-    previous = torch.get_default_dtype()
+    """Builds a random-weight model on `device` in `dtype`; its seconds go to `random_init_seconds`."""
+    global _random_init_s
+    previous, start = torch.get_default_dtype(), time.perf_counter()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
             yield
     finally:
         torch.set_default_dtype(previous)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the initialisers' kernels, not only their launches
+        _random_init_s += time.perf_counter() - start
 
 
 def _warn_random(component: str, source: ModelSource) -> None:
@@ -87,7 +102,10 @@ def load_tokenizer(source: ModelSource):
         from deployments.weights.model_source import default_cache_dir
         from deployments.weights.tiny_checkpoint import ensure_tiny_checkpoint
 
+        global _random_init_s
+        start = time.perf_counter()  # on a cold cache the tiny checkpoint is built first: random's own cost
         location, subfolder = str(ensure_tiny_checkpoint(default_cache_dir())), "tokenizer"
+        _random_init_s += time.perf_counter() - start
     else:
         check_component(source, "tokenizer")
         location, subfolder = source.location, "tokenizer"

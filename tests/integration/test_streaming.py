@@ -1,11 +1,13 @@
-"""`stream: true` end to end: raw server-sent events, the official openai client on both routes, a
-client that goes away mid-stream, and requests that cannot start."""
+"""`stream: true` end to end: raw server-sent events, the official openai client on both routes (by
+default exactly OpenAI's event types; `zimage.progress` when asked for), a client that goes away
+mid-stream, and requests that cannot start."""
 
 from __future__ import annotations
 
 import io
 import json
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -44,8 +46,11 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(decode_png(b64))
 
 
-def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(http):
-    with http.stream("POST", "/v1/images/generations", json={**FOX, "stream": True, "partial_images": 2}) as response:
+def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(served, http):
+    request_id = f"stream-{uuid.uuid4().hex[:12]}"
+    body = {**FOX, "stream": True, "partial_images": 2, "stream_progress": True}
+    with http.stream("POST", "/v1/images/generations", json=body,
+                     headers={"X-Request-ID": request_id}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
@@ -70,6 +75,14 @@ def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gi
     unstreamed = http.post("/v1/images/generations", json=FOX).json()["data"][0]["b64_json"]
     assert np.array_equal(pixels(completed.b64_json), pixels(unstreamed))
 
+    # The stream's access line counts its image and has the stages' timings, as an unstreamed one does.
+    [line] = served.access_lines(request_id)
+    fields = dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split() if "=" in part)
+    assert (fields["status"], fields["images"], fields["size"], fields["steps"]) == ("200", "1", "512x512", "4")
+    sent = events[-1][1]["timings"]
+    for name in ("total_ms", "encode_ms", "denoise_ms", "denoise_queue_ms", "decode_ms", "output_encode_ms"):
+        assert float(fields[name]) == pytest.approx(sent[name], abs=0.01), name
+
 
 def _png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
@@ -83,17 +96,17 @@ def test_the_official_client_streams_generations_and_edits(served):
     extra = {"seed": 5, "num_inference_steps": 3}
     stream = client.images.generate(prompt="a koi pond", size="512x512", stream=True, partial_images=2,
                                     extra_body=extra)
-    events = list(stream)
-    progress = [e for e in events if e.type == "zimage.progress"]  # parsed, with the type kept
-    assert [e.model_extra["step"] for e in progress] == [1, 2, 3]
-    partials = [e for e in events if isinstance(e, ImageGenPartialImageEvent) and e.type.endswith("partial_image")]
-    assert [e.partial_image_index for e in partials] == [0, 1]
-    assert isinstance(events[-1], ImageGenCompletedEvent) and events[-1].type == "image_generation.completed"
+    events = list(stream)  # the default: OpenAI's event types and nothing else
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [type(e) for e in events] == [ImageGenPartialImageEvent] * 2 + [ImageGenCompletedEvent]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
 
     upload = _png(640, 512)
     stream = client.images.edit(image=("in.png", upload, "image/png"), prompt="the same, at night", stream=True,
-                                partial_images=1, extra_body={**extra, "strength": 1.0})
+                                partial_images=1, extra_body={**extra, "strength": 1.0, "stream_progress": True})
     events = list(stream)
+    progress = [e for e in events if e.type == "zimage.progress"]  # asked for: parsed, with the type kept
+    assert [e.model_extra["step"] for e in progress] == [1, 2, 3]
     partials = [e for e in events if e.type == "image_edit.partial_image"]
     assert len(partials) == 1 and isinstance(partials[0], ImageEditPartialImageEvent)
     completed = events[-1]
@@ -107,7 +120,7 @@ def test_the_official_client_streams_generations_and_edits(served):
 @pytest.mark.parametrize(
     ("fields", "param"),
     [({"size": "500x500"}, "size"), ({"n": 2}, "n"), ({"partial_images": 4}, "partial_images"),
-     ({"style": "no such style"}, "style")],
+     ({"style": "no such style"}, "style"), ({"stream": False, "stream_progress": True}, "stream_progress")],
 )
 def test_a_stream_that_cannot_start_gets_a_json_error(http, fields, param):
     response = http.post("/v1/images/generations", json={**FOX, "stream": True, **fields})
@@ -122,7 +135,8 @@ def _image_steps(stats: dict) -> int:
 
 def test_a_client_that_leaves_a_stream_has_its_job_dropped_at_the_next_step(served, http):
     before = served.stats("Denoiser")
-    body = {"prompt": "a lighthouse in a storm", "size": "1024x1024", "num_inference_steps": 16, "stream": True}
+    body = {"prompt": "a lighthouse in a storm", "size": "1024x1024", "num_inference_steps": 16, "stream": True,
+            "stream_progress": True}
     with http.stream("POST", "/v1/images/generations", json=body) as response:
         assert response.status_code == 200
         first = next(response.iter_lines())

@@ -1,4 +1,5 @@
-"""The SSE body of a streamed request: a failure after the stream started is one `error` event, last."""
+"""The SSE body of a streamed request: exactly OpenAI's event types unless progress is asked for; a
+failure after the stream started is one `error` event, last."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ def _events(body: bytes) -> list[tuple[str, dict]]:
     return events
 
 
-def _run(failure: Exception) -> list[tuple[str, dict]]:
-    req = ImageGenerationRequest(prompt="a fox", stream=True)
+def _run(failure: Exception, progress: bool = True) -> list[tuple[str, dict]]:
+    req = ImageGenerationRequest(prompt="a fox", stream=True, stream_progress=progress)
     plan = RequestPlan(prompt="a fox", n=1, width=512, height=512, steps=4, seed=1, style=None, guidance_scale=0.0,
                        negative_prompt="", output_format="png", output_compression=None)
 
@@ -47,3 +48,8 @@ def test_an_internal_failure_mid_stream_says_nothing_internal():
     events = _run(RuntimeError("CUDA error: secret detail"))
     assert events[-1][1]["error"]["code"] == "internal_error"
     assert "secret" not in json.dumps(events[-1][1])
+
+
+def test_steps_send_nothing_unless_the_request_asks_for_progress():
+    events = _run(ApiError(503, "The request did not finish in time; retry shortly.", code="timeout"), progress=False)
+    assert [name for name, _ in events] == ["error"]

@@ -1,7 +1,7 @@
 """Image store speed: obstore (what the S3 store uses) against boto3, and the local directory store,
 on one machine in one run, against a real S3-compatible server process (moto's, on 127.0.0.1).
 
-    PYTHONPATH=$PWD python benchmarks/image_store_bench.py [--mb 1.5] [--repeats 30]
+    PYTHONPATH=$PWD python benchmarks/bench_image_store.py [--mb 1.5] [--repeats 30]
 
 Prints each library's import and client-setup time (fresh interpreters), the median put of one
 image, the median presign, and 8 images put concurrently (obstore's async calls; boto3 on 8 threads,
