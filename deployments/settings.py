@@ -71,6 +71,21 @@ class ModelSettings(BaseModel):
     between requests, decoding other sizes eagerly until then: most of its cold start was that
     graph. A request to the replica may wait for one such call meanwhile. False: all before ready."""
 
+    lora_dir: str | None = None
+    """The operator's LoRA adapters, one `.safetensors` file per adapter, named by its stem
+    (deployments.denoiser.lora.library); None: `loras/` under `cache_dir` (ZIMAGE_CACHE_DIR). On a cluster, a shared
+    filesystem mounted at this path on every node."""
+    lora_max_file_bytes: int = Field(1 << 30, ge=1)
+    lora_max_rank: int = Field(256, ge=1)
+    lora_max_files: int = Field(1000, ge=1)
+
+    def lora_settings(self):
+        from deployments.denoiser.lora.library import LoraSettings
+
+        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
+        return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
+                            max_rank=self.lora_max_rank, max_files=self.lora_max_files)
+
     def resolve_speed(self, device: torch.device) -> Speed:
         """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""
         return resolve_speed(Hardware.probe(device), **{name: getattr(self, name) for name in SPEED_FIELDS})
