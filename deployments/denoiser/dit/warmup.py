@@ -141,10 +141,10 @@ def serving_calls(
     that runs its batches one image per forward until the second list has run can report ready
     after the first.
     """
-    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+    from deployments.denoiser.dit.caption_buckets import SEQ_MULTI_OF, caption_bucket
 
     batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
-    buckets = range(SEQ_MULTI_OF, max_caption_tokens + 1, SEQ_MULTI_OF)
+    buckets = range(SEQ_MULTI_OF, caption_bucket(max_caption_tokens) + 1, SEQ_MULTI_OF)  # 500 tokens: up to 512
     calls = warmup_calls(sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
     return [c for c in calls if c.batch == 1], [c for c in calls if c.batch > 1]
 
