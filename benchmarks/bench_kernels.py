@@ -48,7 +48,7 @@ def tokens(size: int) -> int:
 
 def time_us(fn, repeats: int) -> float:
     """GPU microseconds per call: `CALLS` calls captured in one CUDA graph and replayed, so that the
-    figure is the kernels' time and not Python's launch overhead (which hides sub-100 us kernels)."""
+    figure is the kernels' time and not Python's launch overhead (which hides the shortest kernels)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
