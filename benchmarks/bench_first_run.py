@@ -4,7 +4,9 @@ then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:80
     python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
 
 For each start: seconds from `serve run` to `/health/ready` answering 200 (the first start with a fresh
-ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, and the
+ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, the
+seconds after that until every warm-up after ready is done (the measurements below start then;
+`--no-wait-warm` starts them at ready, while those warm-ups still take turns on the GPU), and the
 1-client p50/p90 at 512x512 and 1024x1024 (a repeating prompt set, as loadgen sends it). On the first
 start also:
   unseen     prompts of token lengths the replica has not seen, each sent twice: first against repeat,
@@ -80,12 +82,32 @@ def stages_info(app: str) -> dict:
         "import json, ray; from ray import serve; ray.init(address='auto', logging_level='ERROR'); out = {}\n"
         "for name in ('TextEncoder', 'Denoiser', 'VaeDecoder'):\n"
         f"    s = serve.get_deployment_handle(name, {app!r}).stats.remote().result(timeout_s=60)\n"
-        "    out[name] = {k: s.get(k) for k in ('start_phases', 'speed', 'fp8_kernels', 'step_graphs')}\n"
+        "    out[name] = {k: s.get(k) for k in ('start_phases', 'speed', 'fp8_kernels', 'step_graphs',\n"
+        "                                        'warm_after_ready', 'shape_warmup')}\n"
         "print('STAGES ' + json.dumps(out, default=str))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("STAGES ")]
     return json.loads(lines[-1].removeprefix("STAGES ")) if lines else {"error": out.stderr[-2000:]}
+
+
+def wait_warm(app: str, timeout_s: float) -> float:
+    """Seconds until every stage's warm-up after ready is done (the batched graphs, the VAE's dynamic
+    graph, the Denoiser's caption-bucket graphs and preset forwards), polled through Ray."""
+    code = (
+        "import time, ray; from ray import serve; ray.init(address='auto', logging_level='ERROR')\n"
+        "start = time.perf_counter()\n"
+        f"while time.perf_counter() - start < {timeout_s}:\n"
+        "    stats = [serve.get_deployment_handle(n, %r).stats.remote().result(timeout_s=60)\n"
+        "             for n in ('TextEncoder', 'Denoiser', 'VaeDecoder')]\n"
+        "    if all((s.get(k) or {'ready': True})['ready'] for s in stats for k in ('warm_after_ready', 'shape_warmup')):\n"
+        "        break\n"
+        "    time.sleep(1)\n"
+        "print('WARM', time.perf_counter() - start)\n" % app
+    )
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120, cwd=ROOT)
+    return time.perf_counter() - started
 
 
 def p50_p90(values: list[float]) -> tuple[float, float]:
@@ -165,6 +187,8 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=400)
     parser.add_argument("--starts", default="readme,serve_config", help="which starts, in order")
     parser.add_argument("--json", default="first_run.json")
+    parser.add_argument("--no-wait-warm", action="store_true",
+                        help="measure right after ready, while the warm-ups after ready still run")
     args = parser.parse_args()
     out = Path(args.json)
     logs = out.parent
@@ -190,6 +214,10 @@ def main() -> None:
             result = {"command": " ".join(command), "cache": "cold" if index == 0 else "warm",
                       "ready_s": round(ready_s, 1), "stages": stages_info(app)}
             print(f"{label}: ready after {ready_s:.1f} s ({result['cache']} cache)", flush=True)
+            if not args.no_wait_warm:  # measured with every warm-up after ready done, the time it took said
+                result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout), 1)
+                result["stages_warm"] = stages_info(app)
+                print(f"  every warm-up after ready done {result['warm_after_ready_s']} s later", flush=True)
             data[label] = result
             save()
             for size in ("512x512", "1024x1024"):

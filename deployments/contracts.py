@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -78,6 +78,8 @@ class CaptionEmbedding:
     dropped_tokens: int = 0
     trace: ImageTrace = ImageTrace()
     """Its time in the text encoder (`trace.encode`)."""
+    speed: dict[str, str] = field(default_factory=dict)
+    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,14 @@ class LatentPosterior:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a request asks for: the operator's name for it and its scale."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class DenoiseRequest:
     """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
     upload posterior) travel beside it as separate arguments, so a request's images share one copy.
@@ -121,6 +131,8 @@ class DenoiseRequest:
     `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
     deadline: float | None = None
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
+    loras: tuple[LoraRef, ...] = ()
+    """LoRA adapters by the operator's names, with their scales (deployments.denoiser.lora)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,20 +144,25 @@ class DenoiseJob(DenoiseRequest):
     caption: torch.Tensor  # [L, hidden]
     negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
     init_posterior: LatentPosterior | None = None  # image-to-image when set
+    adapters: tuple[tuple[Any, float], ...] = ()
+    """`loras` resolved: (`lora.adapter.LaidOutAdapter`, scale) on the Denoiser's device, one per ref;
+    never crosses a deployment boundary."""
     on_step: Callable[[Any, torch.Tensor], None] | None = None
     """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
 
     @classmethod
-    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None = None,
-                     posterior: LatentPosterior | None = None, on_step: Callable[[Any, torch.Tensor], None] | None = None
-                     ) -> DenoiseJob:
+    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding,
+                     negative: CaptionEmbedding | None = None, posterior: LatentPosterior | None = None,
+                     on_step: Callable[[Any, torch.Tensor], None] | None = None,
+                     adapters: tuple[tuple[Any, float], ...] = ()) -> DenoiseJob:
         """The job for `request` with its conditioning: the one place a request becomes a job."""
         asked = {f.name: getattr(request, f.name) for f in fields(DenoiseRequest)}
         if posterior is None:
             asked["strength"] = 1.0  # strength skips steps of an image-to-image schedule only
-        return cls(**asked, caption=caption.embedding, negative_caption=None if negative is None else negative.embedding,
-                   init_posterior=posterior, on_step=on_step)
+        return cls(**asked, caption=caption.embedding,
+                   negative_caption=None if negative is None else negative.embedding,
+                   init_posterior=posterior, on_step=on_step, adapters=adapters)
 
     @property
     def is_image_to_image(self) -> bool:
@@ -163,6 +180,7 @@ class Latents:
     trace: ImageTrace = ImageTrace()
     """The stages so far: the caption's and the upload's, and the Denoiser's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,4 +206,5 @@ class DecodedImage:
     trace: ImageTrace = ImageTrace()
     """The upstream stages' (from `Latents`) and the decoder's own."""
     prompt_truncated: bool = False
+    speed: dict[str, str] = field(default_factory=dict)
 

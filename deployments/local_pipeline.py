@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from deployments.weights import loading
-from deployments.contracts import DecodedImage, DenoiseJob, DenoiseRequest
+from deployments.contracts import DecodedImage, DenoiseJob, DenoiseRequest, LoraRef
 from deployments.denoiser.inpaint import default_strength, latent_mask
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.weights.model_source import ModelSource
@@ -33,6 +33,7 @@ class GenerationSpec:
     init_image: Image.Image | None = None  # already fitted to width x height
     strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
+    loras: tuple = ()  # (lora.adapter.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
 
     def request(self) -> DenoiseRequest:
         """What the Ingress would ask the Denoiser for this image."""
@@ -40,6 +41,7 @@ class GenerationSpec:
             width=self.width, height=self.height, steps=self.steps, seed=self.seed, guidance_scale=self.guidance_scale,
             strength=default_strength(self.strength, self.mask is not None),
             mask=latent_mask(self.mask) if self.mask is not None else None,
+            loras=tuple(LoraRef(adapter.name, scale) for adapter, scale in self.loras),
         )
 
 
@@ -67,6 +69,7 @@ class LocalPipeline:
                 caption,
                 negative=next(negatives) if spec.guidance_scale > 0 else None,
                 posterior=next(posteriors) if spec.init_image is not None else None,
+                adapters=spec.loras,
             )
             for spec, caption in zip(specs, captions)
         ]

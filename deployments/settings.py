@@ -9,6 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.geometry import parse_size
+from deployments.speed import SPEED_FIELDS, Hardware, Speed, resolve_speed
 from deployments.weights.loading import resolve_device
 from deployments.weights.model_source import ModelSource, default_cache_dir, resolve_model_source
 
@@ -18,8 +19,13 @@ class ModelSettings(BaseModel):
 
     model: str = "tiny"
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    precision: Literal["bf16", "fp8"] = "bf16"
-    compile: bool = False
+    precision: Literal["auto", "bf16", "fp8"] = "auto"
+    """The DiT's linears: `fp8` (torchao or our fused kernels) or `bf16`; `auto`: fp8 on GPUs with FP8
+    tensor cores (sm89 and up), else bf16; the CPU runs float32 whatever is set. The speed settings
+    marked `auto` resolve on each replica's own device (`deployments.speed`), logged with their
+    reasons and reported in `stats()["speed"]` and each response's `speed`."""
+    compile: bool | Literal["auto"] = "auto"
+    """Regional compile of the DiT blocks, cached on disk (`auto`: on where Triton runs; GPU only)."""
     cache_dir: str | None = None
     max_prompt_tokens: int = Field(512, ge=16, le=4096)
     vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
@@ -27,44 +33,62 @@ class ModelSettings(BaseModel):
     vae_tile_px: int = Field(1024, ge=256, le=4096)
     vae_tile_overlap: float = Field(0.25, ge=0.0, le=0.5)
     attention: Literal["auto", "cudnn", "flash", "efficient", "math"] = "cudnn"
-    fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "inductor"
+    fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "auto"
     """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
     kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59.2 against 68.5 ms
-    a 1024x1024 step in one run; with 20 clients 2.79x the plain server's throughput; RESULTS.md),
+    a 1024x1024 step in one run, RESULTS.md round of 2026-12-01; with 20 clients 2.79x the plain
+    server's throughput, its second round, `serve_shipped.json`),
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
-    installed, else `fused-bf16-attention` where Triton runs, else `inductor`; what serve_config.yaml
-    ships). The choice is logged and in the Denoiser's stats (`fp8_kernels`)."""
-    dit_cuda_graphs: bool = False
-    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption length), captured on a
-    shape's second forward (`dit.step_graphs`; GPU only). For host-bound steps: small images on
-    the fused FP8 path."""
+    installed, `fused-bf16-attention` on a Hopper without it, else `inductor`)."""
+    dit_cuda_graphs: bool | Literal["auto"] = "auto"
+    """Replay batch-1 DiT forwards from CUDA graphs, one per (size, caption bucket of 32 tokens),
+    captured for every bucket at the warm-up sizes after ready and for other sizes on a shape's
+    second forward (`dit.step_graphs`, `dit.size_warmup`; `auto`: on, GPU only). For host-bound steps: small
+    images on the fused FP8 path."""
     text_encoder_cuda_graphs: bool = True
-    text_encoder_compile: bool = False
-    """Compile the text encoder's decoder layers (GPU only; replayed inside the CUDA graphs)."""
+    text_encoder_compile: bool | Literal["auto"] = "auto"
+    """Compile the text encoder's decoder layers (`auto`: on where Triton runs; GPU only; replayed
+    inside the CUDA graphs)."""
     batch_invariant: bool | None = None
     """Run the DiT once per job and the text encoder once per prompt, so that a request's result is
     bitwise the same alone or in any batch (CPU GEMM rounding depends on the row count, which batching
     changes), while scheduling stays batched. None: on for the CPU, off on the GPU, where batched
     GEMMs are the point and results agree within bf16 noise."""
-    vae_compile: bool = False
-    warmup_sizes: tuple[str, ...] = ("1024x1024",)
-    """Sizes ("WxH") the Denoiser compiles for before it reports ready, so no request pays for it."""
+    vae_compile: bool | Literal["auto"] = "auto"
+    """Compile the VAE decoder (`auto`: on where Triton runs; GPU only): static graphs for
+    `warmup_sizes` before ready, one dynamic graph for other sizes after ready."""
+    warmup_sizes: tuple[str, ...] = ("512x512", "1024x1024")
+    """Sizes ("WxH") the Denoiser and the VAE decoder compile for before they report ready, so no
+    request pays for it (with compile; other sizes: the DiT's dynamic graph, the VAE's after ready)."""
     warm_batches_in_background: bool = True
     """The Denoiser reports ready once its batch-1 graphs are compiled and compiles the graphs of
     batches over one image afterwards, between requests, running each image of a batch as its own
     forward until they are ready: a new replica serves seconds sooner (tracing those graphs took
     several seconds each even with warm caches). False: all of them before ready, as one warm-up."""
+    vae_dynamic_in_background: bool = True
+    """With `vae_compile`, the VAE decoder reports ready once its static graphs for `warmup_sizes`
+    are compiled and compiles its dynamic graph (every other size) afterwards, one call at a time
+    between requests, decoding other sizes eagerly until then: most of its cold start was that
+    graph. A request to the replica may wait for one such call meanwhile. False: all before ready."""
 
-    def dit_fp8_kernels(self, device: torch.device) -> str:
-        """`fp8_kernels` with `auto` resolved for `device`."""
-        if self.fp8_kernels != "auto":
-            return self.fp8_kernels
-        from deployments.denoiser.dit.fp8_attention import cudnn_fp8_attention_available
-        from deployments.denoiser.dit.fused_quant import triton_available
+    lora_dir: str | None = None
+    """The operator's LoRA adapters, one `.safetensors` file per adapter, named by its stem
+    (deployments.denoiser.lora.library); None: `loras/` under `cache_dir` (ZIMAGE_CACHE_DIR). On a cluster, a shared
+    filesystem mounted at this path on every node."""
+    lora_max_file_bytes: int = Field(1 << 30, ge=1)
+    lora_max_rank: int = Field(256, ge=1)
+    lora_max_files: int = Field(1000, ge=1)
 
-        if cudnn_fp8_attention_available(device):
-            return "fused"
-        return "fused-bf16-attention" if triton_available(device) else "inductor"
+    def lora_settings(self):
+        from deployments.denoiser.lora.library import LoraSettings
+
+        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
+        return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
+                            max_rank=self.lora_max_rank, max_files=self.lora_max_files)
+
+    def resolve_speed(self, device: torch.device) -> Speed:
+        """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""
+        return resolve_speed(Hardware.probe(device), **{name: getattr(self, name) for name in SPEED_FIELDS})
 
     @field_validator("warmup_sizes", mode="before")
     @classmethod

@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from serve_app.protocol import Timings
+from serve_app.protocol import ImageResult, Timings
 
 logger = logging.getLogger("ray.serve")
+Item = TypeVar("Item")
 
 LOG_PROMPTS_ENV = "ZIMAGE_LOG_PROMPTS"
 
@@ -47,6 +49,7 @@ class AccessRecord:
     steps: int | None = None
     style: str | None = None
     prompt: str | None = None
+    loras: str | None = None  # "name:scale,..." of the request's LoRA adapters
     images: int = 0
     timings: Timings | None = None  # a finished request's, as its response carries them
     bytes_out: int = 0
@@ -55,6 +58,11 @@ class AccessRecord:
         """What was asked for, from the request's plan (serve_app.pipeline.RequestPlan)."""
         self.width, self.height, self.n, self.steps = plan.width, plan.height, plan.n, plan.steps
         self.style, self.prompt = plan.style, plan.prompt
+        self.loras = ",".join(f"{lora.name}:{lora.scale:g}" for lora in plan.loras) or None
+
+    def took(self, result: ImageResult) -> None:
+        """What came back: the images and the stages' timings."""
+        self.images, self.timings = len(result.images), result.timings
 
     @property
     def seconds(self) -> float:
@@ -67,13 +75,23 @@ class AccessRecord:
     def fields(self) -> dict[str, Any]:
         data = {
             "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
-            "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "images": self.images,
+            "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "loras": self.loras,
+            "images": self.images,
             "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,
             **(self.timings.model_dump() if self.timings is not None else {}),
         }
         if log_prompts():
             data["prompt"] = self.prompt
         return data
+
+
+async def noting(items: AsyncIterator[Item], record: AccessRecord) -> AsyncIterator[Item]:
+    """A streamed run's items, passed on; its result is noted in `record` on the way, so that the
+    line of a streamed request counts its image and has its timings as an unstreamed one does."""
+    async for item in items:
+        if isinstance(item, ImageResult):
+            record.took(item)
+        yield item
 
 
 def write(record: AccessRecord) -> None:

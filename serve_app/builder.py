@@ -22,6 +22,7 @@ from deployments.text_encoder.deployment import TextEncoder
 from deployments.vae.deployment import VaeDecoder
 from serve_app.config import AppArgs
 from serve_app.ingress import Ingress
+from serve_app.sigterm import stop_on_sigterm_as_on_ctrl_c
 
 
 def stage_options(deployment: Deployment, args: AppArgs, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -38,6 +39,7 @@ def stage_options(deployment: Deployment, args: AppArgs, stage: str) -> tuple[di
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Validates `args` once (serve_config.yaml's `args`, or `serve run ... key=value`) and binds the graph."""
     config = AppArgs.from_args(args)
+    stop_on_sigterm_as_on_ctrl_c()  # `serve run`'s driver: SIGTERM stops it as Ctrl-C does
     source = config.model_settings().source()  # fails here, before any replica starts, on a bad model
     settings = config.model_settings().model_dump()
 
@@ -50,4 +52,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     denoiser = bind(Denoiser, "denoiser", settings)
     vae = bind(VaeDecoder, "vae", settings)
     return bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
-                model_name=source.name, random_weights=source.random_weights)
+                model_name=source.name, random_weights=source.random_weights,
+                image_store=config.image_store.model_dump(mode="json"),
+                lora_settings=config.model_settings().lora_settings().model_dump())

@@ -18,6 +18,7 @@ from deployments.denoiser.scheduling import SchedulingPolicy
 from deployments.style.presets import DEFAULT_STYLE, configured_table
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
+from serve_app.image_store.config import ImageStoreConfig, ingress_replicas_problem
 
 API_KEYS_ENV = "ZIMAGE_API_KEYS"
 API_KEYS_FILE_ENV = "ZIMAGE_API_KEYS_FILE"  # a file on the node: one key per line
@@ -79,6 +80,7 @@ class ApiLimits(BaseModel):
     max_upload_pixels: int = Field(64 << 20, ge=MIN_SIDE * MIN_SIDE)
     max_inflight_requests: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    max_loras_per_request: int = Field(4, ge=0, le=16)
 
     @model_validator(mode="after")
     def _steps_in_range(self):
@@ -121,6 +123,8 @@ class AppArgs(ModelSettings):
     replace_styles: bool = False
     default_style: str = DEFAULT_STYLE
     denoiser_scheduling: SchedulingPolicy = "continuous"
+    image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    """Where `response_format: "url"` images go (serve_app.image_store): a local directory or a bucket."""
 
     prompt_styler: StageOptions = Field(default_factory=StageOptions)
     text_encoder: StageOptions = Field(default_factory=StageOptions)
@@ -149,6 +153,14 @@ class AppArgs(ModelSettings):
     @model_validator(mode="after")
     def _styles_are_valid(self):
         configured_table(self.styles, self.replace_styles, self.default_style)
+        return self
+
+    @model_validator(mode="after")
+    def _every_ingress_serves_its_urls(self):
+        problem = ingress_replicas_problem(self.image_store, self.ingress.num_replicas,
+                                           self.ingress.autoscaling_config)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @classmethod

@@ -8,10 +8,12 @@ import math
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from deployments.denoiser.lora.errors import LoraRequestError
 from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.weights.model_source import ModelSourceError
 from deployments.style.presets import UnknownStyleError
 from serve_app.access_log import current_request_id
+from serve_app.image_store.base import StoreError
 from serve_app.protocol import ErrorInfo, ErrorResponse
 from serve_app.retry import is_replica_failure
 
@@ -76,8 +78,14 @@ def api_error_for(exc: BaseException) -> ApiError:
         return from_validation_error(exc)
     if isinstance(exc, UnknownStyleError):
         return bad_request(str(exc), param="style")
+    if isinstance(exc, LoraRequestError):  # from the Denoiser: a file that does not fit, a replica without LoRA
+        return bad_request(f"Invalid value for 'loras': {exc}", param="loras", code="invalid_lora")
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded()
+    if isinstance(exc, StoreError):  # the detail (a path, a bucket's answer) goes to the log only
+        logger.error("image store: %s", exc)
+        return ApiError(503, "The image store could not keep the images; nothing was stored. Retry shortly, "
+                             "or ask for response_format 'b64_json'.", param="response_format", code=exc.code)
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException) and cause is not exc:
         return api_error_for(cause)

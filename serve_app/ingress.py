@@ -22,11 +22,15 @@ from starlette.staticfiles import StaticFiles
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
+from serve_app import access_log
 from serve_app.access_log import AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, error_response
+from serve_app.image_store import FILES_ROUTE
+from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
+from serve_app.loras import LoraCatalog
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan
 from serve_app.planning import PlannedRequest, plan_edit, plan_generation, plan_handle_request
@@ -90,8 +94,10 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None):
+                 base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None):
         self.styler = styler
+        self.loras = LoraCatalog(lora_settings)  # the adapters requests may name (serve_app.loras)
+        self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
         self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
                                         ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
         self.pipeline = ImagePipeline(styler, text_encoder, denoiser, vae, random_weights)
@@ -121,6 +127,7 @@ class Ingress:
             with self._admitted() as ticket:
                 plan = plan_handle_request(request, self.limits, self.model_name)
                 result = await self._run(plan, timeout, record, ticket)
+                result = await stored(result, self.images, request.response_format, None)
         except Exception as exc:
             error = self.responder.with_retry_after(api_error_for(exc))
             self.responder.finish(record, error.status, error.code)
@@ -139,7 +146,11 @@ class Ingress:
     async def edits(self, request: Request) -> Response:
         return await self._images(request, "/v1/images/edits", plan_edit)
 
-    # The image store's download route (`response_format: "url"`) belongs beside the image routes.
+    @app.get(FILES_ROUTE + "{name}", include_in_schema=False)
+    async def image_file(self, name: str) -> Response:
+        """A `response_format: "url"` image in the local store. No key: the URL is the capability
+        (unguessable, expiring), so a browser or another service can fetch it as it is."""
+        return await file_response(self.images, name)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -150,6 +161,14 @@ class Ingress:
         entry = {"id": self.limits.served_model_name, "object": "model", "created": 0, "owned_by": "zimage-serve",
                  "root": self.model_name, "random_weights": self.random_weights}
         return JSONResponse({"object": "list", "data": [entry]})
+
+    @app.get("/v1/loras")
+    async def list_loras(self, request: Request) -> JSONResponse:
+        try:
+            authorize(request.headers, self.limits.api_key_sha256)
+            return JSONResponse(await self.loras.listing())
+        except Exception as exc:
+            return error_response(api_error_for(exc))
 
     @app.get("/v1/styles")
     async def styles(self, request: Request) -> JSONResponse:
@@ -184,8 +203,8 @@ class Ingress:
 
     @app.get("/health/ready")
     async def ready(self) -> JSONResponse:
-        """From the control plane's last snapshot (serve_app.readiness): answers at once, even under full load."""
-        snapshot = self.readiness.current
+        """From the control plane (serve_app.readiness): answers at once, even under full load."""
+        snapshot = await self.readiness.check()
         ok = snapshot.ready(self.readiness.stale_s)
         return JSONResponse({"status": "ready" if ok else "not_ready", "stages": snapshot.stages},
                             status_code=200 if ok else 503)
@@ -225,8 +244,10 @@ class Ingress:
             with self._admitted() as ticket:  # before the body is read: a refusal costs next to nothing
                 planned = await plan_route(request, self.limits, self.model_name)
                 if planned.options.stream:
-                    return await self._stream(planned, timeout, record, ticket)
+                    return await self._stream(planned, timeout, record, request_base_url(request), ticket)
                 result = await self._run(planned.plan, timeout, record, ticket)
+                result = await stored(result, self.images, planned.options.response_format,
+                                      request_base_url(request))
             return self.responder.answered(record, await images_response(result, self.limits.served_model_name))
         except asyncio.CancelledError:
             self.responder.finish(record, 499, "client_closed_request")
@@ -236,7 +257,7 @@ class Ingress:
 
     @contextlib.contextmanager
     def _admitted(self) -> Iterator[Ticket]:
-        """A place among the admitted requests for the block; a stream takes its ticket over."""
+        """A place among the admitted requests for the block; a started stream takes its ticket over."""
         ticket = self.admission.enter(self.limits.max_inflight_requests)
         try:
             yield ticket
@@ -246,18 +267,22 @@ class Ingress:
 
     async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord, ticket: Ticket) -> ImageResult:
         record.describe(plan)
+        await self.loras.check_plan(plan)
         result = await self.admission.run(self.pipeline, plan, timeout, ticket)
-        record.images, record.timings = len(result.images), result.timings
+        record.took(result)
         return result
 
-    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, ticket: Ticket
-                      ) -> Response:
+    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, base_url: str,
+                      ticket: Ticket) -> Response:
         """The first step is awaited before the headers go out, so a request that cannot start still
-        gets a JSON error with its status."""
+        gets a JSON error with its status. With `response_format: "url"` the final image is stored
+        before its event goes out (a store failure is an `error` event)."""
         record.describe(planned.plan)
-        items = self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0, timeout,
-                                      ticket)
+        await self.loras.check_plan(planned.plan)
+        items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
+                                                        timeout, ticket), record)
+        items = stored_stream(items, self.images, planned.options.response_format, base_url)
         first = await anext(items)
-        ticket.streaming = True  # from here the stream's generator releases the ticket
+        ticket.streaming = True  # from here the stream's generators release the ticket
         events = StreamEvents(planned.kind, planned.options, planned.plan)
         return self.responder.stream(first, items, events, record, self.random_weights)

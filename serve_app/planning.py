@@ -60,9 +60,12 @@ def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: st
         prompt=request.prompt, n=request.n, size=size, seed=request.seed, num_inference_steps=request.steps,
         style=request.style, guidance_scale=request.guidance_scale, negative_prompt=request.negative_prompt,
         output_format=request.output_format, output_compression=request.output_compression,
+        response_format=request.response_format,
     )
     if init is not None:
         fields["strength"] = request.strength
+    if request.loras:
+        fields["loras"] = [lora if isinstance(lora, dict) else lora.model_dump() for lora in request.loras]
     try:
         parsed = options.model_validate(fields)
     except ValidationError as exc:

@@ -5,7 +5,7 @@ the image object, the response, then errors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -16,6 +16,15 @@ MAX_PROMPT_CHARS = 32000
 MAX_SEED = 2**63 - 1024  # image i of a request uses seed + i
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class LoraSpec(BaseModel):
+    """One LoRA adapter for a request: the operator's name for it (`GET /v1/loras`) and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-2.0, le=2.0)
 
 
 class ImageOptions(BaseModel):
@@ -42,6 +51,9 @@ class ImageOptions(BaseModel):
     guidance_scale: float = Field(0.0, ge=0.0, le=20.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     style: str | None = Field(None, max_length=64)
+    loras: list[LoraSpec] | None = Field(None, max_length=16)
+    """LoRA adapters with their scales (at most `api.max_loras_per_request`); an extension field, which
+    the official client sends in `extra_body`."""
     stream_progress: bool | None = None
     """With `stream: true`, also send a `zimage.progress` event after every denoising step; without
     it a stream carries exactly OpenAI's event types, so typed clients need not know ours."""
@@ -81,9 +93,13 @@ class ImageEditRequest(ImageOptions):
 
 
 class ImageObject(BaseModel):
-    b64_json: str
+    """One image: `b64_json`, or with `response_format: "url"` a `url` that expires (serve_app.image_store)."""
+
+    b64_json: str | None = None
+    url: str | None = None
     revised_prompt: str
     seed: int
+    loras: list[LoraSpec] | None = None  # the adapters this image was made with
 
 
 class Timings(BaseModel):
@@ -114,6 +130,9 @@ class ImagesResponse(BaseModel):
     output_format: OutputFormat
     timings: Timings
     random_weights: bool = False
+    speed: dict[str, str] = Field(default_factory=dict)
+    """What ran in each stage for this request's first image, e.g. `{"denoiser": "fp8 fused, compiled,
+    CUDA graphs on NVIDIA H200 (sm90)"}`: FP8 and bf16 give different pixels for one seed."""
 
 
 # ---- streaming (`stream: true`): server-sent events, fields as the openai client's event types ----
@@ -134,9 +153,11 @@ class StreamUsage(BaseModel):
 
 class ImageStreamEvent(BaseModel):
     """What every image event carries: the request's settings (`size` is the requested image's, also
-    on a partial image, which is smaller: see `VaeCodec.preview`)."""
+    on a partial image, which is smaller: see `VaeCodec.preview`). The image is `b64_json`; only a
+    completed event of a `response_format: "url"` request carries `url` instead."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     created_at: int
     size: str
     quality: Literal["low", "medium", "high", "auto"]
@@ -161,6 +182,8 @@ class ImageCompletedEvent(ImageStreamEvent):
     revised_prompt: str
     timings: Timings
     random_weights: bool = False
+    loras: list[LoraSpec] | None = None
+    speed: dict[str, str] = Field(default_factory=dict)
 
 
 class ProgressEvent(BaseModel):
@@ -217,17 +240,21 @@ class ImageRequest:
     init_image: bytes | None = None
     strength: float | None = None
     mask: bytes | None = None
+    loras: tuple[LoraSpec | dict, ...] = ()  # LoraSpec(name=..., scale=...) or {"name": ..., "scale": ...}
+    response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    data: bytes  # encoded in `format`
+    data: bytes  # encoded in `format`; empty when the image went to the image store (`url`)
     format: OutputFormat
     seed: int
     width: int
     height: int
     revised_prompt: str
+    loras: tuple[LoraSpec, ...] = ()  # the adapters this image was made with
+    url: str | None = None  # response_format "url": where the image is, until it expires
 
 
 @dataclass(frozen=True)
@@ -237,6 +264,7 @@ class ImageResult:
     random_weights: bool = False
     prompt_truncated: bool = False
     prompt_tokens: int = 0  # known on the streamed path only
+    speed: dict[str, str] = field(default_factory=dict)  # what ran, by stage (`ImagesResponse.speed`)
 
 
 @dataclass(frozen=True)

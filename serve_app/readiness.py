@@ -6,13 +6,20 @@ a stage's queue is full, so a busy server looked down. Instead a thread of the I
 `refresh_s`, and `/health/ready` answers from that snapshot at once. A stage
 is ready when it has at least one RUNNING replica (constructed, model loaded, health checks passed).
 A snapshot older than `stale_s` (the controller is unreachable) counts as not ready.
+
+A snapshot that says not ready is read again before the answer (`check`): otherwise the route said
+503 for up to `refresh_s` plus a status read after the controller (and `serve run`'s "is ready" line)
+said every stage was running. Only a not-ready server pays that read, one at a time; a ready one
+answers from the snapshot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("ray.serve")
@@ -44,18 +51,42 @@ def read_readiness(app_name: str, stage_names: list[str]) -> Readiness:
 class ReadinessProbe:
     """Keeps a fresh `Readiness` snapshot in a daemon thread; `current` never blocks."""
 
-    def __init__(self, app_name: str, stage_names: list[str], refresh_s: float = 1.0, stale_s: float = 10.0):
+    def __init__(self, app_name: str, stage_names: list[str], refresh_s: float = 1.0, stale_s: float = 10.0,
+                 read: Callable[[str, list[str]], Readiness] = read_readiness, read_timeout_s: float = 5.0):
         self.app_name = app_name
         self.stage_names = stage_names
         self.refresh_s = refresh_s
         self.stale_s = stale_s
+        self.read_timeout_s = read_timeout_s
+        self._read = read
+        self._rereading = asyncio.Lock()
         self.current = Readiness({name: False for name in stage_names})
         threading.Thread(target=self._poll, name="readiness", daemon=True).start()
 
     def _poll(self) -> None:
         while True:
-            try:
-                self.current = read_readiness(self.app_name, self.stage_names)
-            except Exception as exc:  # the controller is away: the snapshot ages into not-ready
-                logger.warning("readiness: could not read serve.status(): %s", exc)
+            self._refresh()
             time.sleep(self.refresh_s)
+
+    def _refresh(self) -> None:
+        try:
+            snapshot = self._read(self.app_name, self.stage_names)
+        except Exception as exc:  # the controller is away: the snapshot ages into not-ready
+            logger.warning("readiness: could not read serve.status(): %s", exc)
+            return
+        if snapshot.taken_at >= self.current.taken_at:  # the poller and `check` may cross
+            self.current = snapshot
+
+    async def check(self) -> Readiness:
+        """The snapshot if it says ready; else one read now (off the event loop, bounded), so that
+        ready is answered as soon as the controller has every stage running."""
+        if self.current.ready(self.stale_s):
+            return self.current
+        seen = self.current
+        async with self._rereading:  # callers that queued here share the read made meanwhile
+            if self.current is seen:
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(self._refresh), timeout=self.read_timeout_s)
+                except asyncio.TimeoutError:
+                    pass
+        return self.current

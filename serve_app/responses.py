@@ -25,21 +25,29 @@ RANDOM_WEIGHTS_HEADER = {"X-Random-Weights": "true"}
 
 
 async def images_response(result: ImageResult, served_model_name: str) -> Response:
-    """The OpenAI images response; base64 and JSON encoding run on a thread. (`response_format: "url"`
-    belongs here too: the image store writes each image and its object carries the URL instead.)"""
+    """The OpenAI images response; base64 and JSON encoding run on a thread. Images already in the
+    image store (`response_format: "url"`, serve_app.image_store.results) carry their `url` instead."""
     first = result.images[0]
+    headers = RANDOM_WEIGHTS_HEADER if result.random_weights else None
+    by_url = all(img.url for img in result.images)
     body = ImagesResponse(
         created=int(time.time()),
-        data=[ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
+        data=[ImageObject(url=img.url, revised_prompt=img.revised_prompt, seed=img.seed, loras=list(img.loras) or None)
+              if by_url else ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed,
+                                         loras=list(img.loras) or None) for img in result.images],
         model=served_model_name,
         size=f"{first.width}x{first.height}",
         output_format=first.format,
         timings=result.timings,
         random_weights=result.random_weights,
+        speed=result.speed,
     )
-    content = await asyncio.to_thread(json_with_base64_images, body.model_dump(), [img.data for img in result.images])
-    return Response(content, media_type="application/json",
-                    headers=RANDOM_WEIGHTS_HEADER if result.random_weights else None)
+    if by_url:
+        return Response(body.model_dump_json(exclude={"data": {"__all__": {"b64_json"}}}),
+                        media_type="application/json", headers=headers)
+    payload = body.model_dump(exclude={"data": {"__all__": {"url"}}})
+    content = await asyncio.to_thread(json_with_base64_images, payload, [img.data for img in result.images])
+    return Response(content, media_type="application/json", headers=headers)
 
 
 class Responder:

@@ -12,6 +12,11 @@ event types, so a typed client that matches them exhaustively meets nothing else
 event comes only when asked for. (The Python client passes an unknown type through, as an object
 whose `type` is `zimage.progress`.)
 
+Images travel as `b64_json`. With `response_format: "url"` the partial images still do (previews,
+small, shown as they come and never fetched again, as OpenAI's stream sends them), and the completed
+event carries `url` instead of `b64_json`: the image is stored before that event is sent, so a store
+failure is an `error` event and no URL to a missing image goes out.
+
 Errors: anything that fails before the first step is done gets the usual JSON error and status (the
 Ingress waits for the first step before it sends headers). A failure after that is sent as one
 `error` event, `{"type": "error", "error": {message, type, param, code}}` (the openai client raises it
@@ -52,8 +57,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def sse(event: BaseModel) -> bytes:
-    return f"event: {event.type}\ndata: {event.model_dump_json()}\n\n".encode()
+def sse(event: BaseModel, exclude: set[str] | None = None) -> bytes:
+    return f"event: {event.type}\ndata: {event.model_dump_json(exclude=exclude)}\n\n".encode()
 
 
 class StreamEvents:
@@ -79,13 +84,16 @@ class StreamEvents:
         created = int(time.time())
         if isinstance(item, PartialImage):
             return sse(ImagePartialEvent(type=f"{self.kind}.partial_image", b64_json=_b64(item.data),
-                                         created_at=created, partial_image_index=item.index, **self.settings))
+                                         created_at=created, partial_image_index=item.index, **self.settings),
+                       exclude={"url"})
         image = item.images[0]
+        reference = {"url": image.url} if image.url else {"b64_json": _b64(image.data)}
         return sse(ImageCompletedEvent(
-            type=f"{self.kind}.completed", b64_json=_b64(image.data), created_at=created,
+            type=f"{self.kind}.completed", created_at=created, **reference,
             usage=self.usage(item.prompt_tokens), seed=image.seed, revised_prompt=image.revised_prompt,
-            timings=item.timings, random_weights=item.random_weights, **self.settings,
-        ))
+            timings=item.timings, random_weights=item.random_weights, speed=item.speed,
+            loras=list(image.loras) or None, **self.settings,
+        ), exclude={"b64_json"} if image.url else {"url"})
 
     def usage(self, text_tokens: int) -> StreamUsage:
         """DiT tokens: the caption's, the upload's patches (edits) and the output's patches."""

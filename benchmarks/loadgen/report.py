@@ -38,12 +38,11 @@ class LatencyStats:
         if not latencies_ms:
             nan = math.nan
             return cls(0, nan, nan, nan, nan, nan, nan)
-        p50, p90, p99 = (float(p) for p in np.percentile(latencies_ms, [50, 90, 99]))
         return cls(
             count=len(latencies_ms),
-            p50_ms=p50,
-            p90_ms=p90,
-            p99_ms=p99,
+            p50_ms=percentile(latencies_ms, 50),
+            p90_ms=percentile(latencies_ms, 90),
+            p99_ms=percentile(latencies_ms, 99),
             mean_ms=sum(latencies_ms) / len(latencies_ms),
             max_ms=max(latencies_ms),
             min_ms=min(latencies_ms),

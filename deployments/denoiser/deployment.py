@@ -7,13 +7,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from functools import partial
 from itertools import chain
 
 import torch
+from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
-from deployments.denoiser.batched_warmup import BatchedWarmup, WarmupStep
 from deployments.contracts import (
     CaptionEmbedding,
     DenoiseJob,
@@ -31,11 +32,15 @@ from deployments.denoiser.loop import (
     diffusers_transformer_fn,
     preview_steps,
 )
+from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.denoiser.lora.cache import AdapterCache
+from deployments.denoiser.lora.library import LoraLibrary
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.settings import ModelSettings
+from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
 from deployments.runtime.stage import StageBase, StageConfig
 
 logger = logging.getLogger("ray.serve")
@@ -45,11 +50,14 @@ class DenoiserConfig(StageConfig):
     """Live config: batching and the scheduling policy (requests already running finish under the old one)."""
 
     scheduling: SchedulingPolicy = "continuous"
+    lora_cache_bytes: int = Field(8 << 30, ge=0)
+    """Bytes of LoRA factors a replica keeps on its device (least recently used go first)."""
 
 
 @serve.deployment(
     name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22 GB reserved); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+    # 2026-11-22); 0 where no GPU is in use.
     # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
     # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
@@ -59,84 +67,121 @@ class DenoiserConfig(StageConfig):
 )
 class Denoiser(StageBase):
     config_model = DenoiserConfig
+    speed_keys = ("dtype", "precision", "fp8_kernels", "compile", "dit_cuda_graphs")
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
         self._init_stage("Denoiser", base_config)
         self.settings = ModelSettings(**settings)
-        source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        start = time.perf_counter()
-        with self.start_phases.phase("load"):
-            transformer = loading.load_transformer(source, device, dtype)
+        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
+        self.speed = self.settings.resolve_speed(self.device)
+        self.speed_label = self.speed.summary("denoiser")
         self.warmup_seconds: dict[str, float] = {}
-        self.fp8_kernels: str | None = None  # resolved in `_optimize` (GPU, FP8 only)
-        self._after_ready: list[WarmupStep] = []  # warm-up calls left for after ready (set by _optimize)
-        if device.type == "cuda":
-            transformer = self.gpu_lane.run_blocking(self._optimize, transformer)  # warm the serving thread
-        elif self.settings.precision != "bf16" or self.settings.compile:
-            logger.warning("precision=%s and compile=%s apply on CUDA only; the CPU runs float32 eager",
-                           self.settings.precision, self.settings.compile)
-        self.batched_warmup = BatchedWarmup(self.gpu_lane, self._after_ready, on_ready=self._batched_graphs_ready)
+        self.fp8_kernels: str | None = self.speed.fp8_kernels.value  # GPU, FP8 only
         self.step_graphs: GraphedTransformerFn | None = None
-        if self.settings.dit_cuda_graphs and device.type == "cuda":
-            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(transformer), device)
-        elif self.settings.dit_cuda_graphs:
-            logger.warning("dit_cuda_graphs applies on CUDA only; the DiT runs without graphs on %s", device)
-        self.loop = DenoiseLoop(
-            transformer, loading.load_scheduler(source), device, dtype, transformer_fn=self.step_graphs,
-            batch_invariant=self.settings.batch_invariant, batched_ready=self.batched_warmup.ready,
-        )
+        self.expired = 0  # jobs dropped because their request's deadline passed
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
         self.denoiser_metrics.set_policy(self.config.scheduling)
-        self.denoiser_metrics.batched_ready.set(float(self.batched_warmup.ready.is_set()))
+        # a second warm-up after ready, beside the batched graphs' (which gate batching): a graph per
+        # caption bucket at the warm-up sizes and first forwards at the presets (`dit.size_warmup`)
+        self.shape_warmup = BackgroundWarmup(self.gpu_lane, None, self._shapes_ready, name="Denoiser shapes")
+        self.start()
+        self.shape_warmup.start()
+        self.load_seconds = self.start_phases.seconds["ready"]
+        self.denoiser_metrics.batched_ready.set(float(self.after_ready.ready.is_set()))
+
+    def load(self) -> None:
+        self.transformer = loading.load_transformer(self.source, self.device, self.dtype)
+
+    def optimize(self) -> None:
+        """On the GPU, real-valued RoPE and fused projections always; FP8 and regional compile as
+        resolved (the compile wraps the blocks and loads its cache; it compiles in `warm_up`); the
+        CUDA graphs' wrapper; then the loop and the schedulers around them. The CPU runs float32 eager."""
+        from deployments.denoiser.dit.optimize import optimize_transformer
+
+        if self.device.type == "cuda":
+            self.transformer = optimize_transformer(
+                self.transformer, self.speed.precision.value, self.speed.compile.value,
+                self.settings.compile_cache_dir(), attention=self.settings.attention,
+                fp8_kernels=self.fp8_kernels or "inductor",
+            )
+            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
+        if self.speed.dit_cuda_graphs.value:
+            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(self.transformer), self.device,
+                                                       padded=padded_transformer_fn(self.transformer))
+        self.loop = DenoiseLoop(
+            self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
+            transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
+            batched_ready=self.after_ready.ready,
+            lora=self.device.type != "cuda" or getattr(self.transformer, "_lora_slots", None) is not None,
+        )
+        self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
+                                       self.config.lora_cache_bytes)
         self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
                                          self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
         self.unbatched_jobs: list[DenoiseJob] = []  # in flight under the `batch` or `single` policy
-        self.load_seconds = time.perf_counter() - start
-        self.expired = 0  # jobs dropped because their request's deadline passed
-        logger.info(
-            "Denoiser ready in %.1fs: model=%s device=%s precision=%s scheduling=%s batch_invariant=%s",
-            self.load_seconds, source.name, device, self.settings.precision, self.config.scheduling,
-            self.loop.batch_invariant,
-        )
-        self.serving(expected_compiles=lambda: self.batched_warmup.running)
-        self.batched_warmup.start()  # nothing to do when every graph was warmed above
 
-    def _batched_graphs_ready(self, warmup: BatchedWarmup) -> None:
-        self.start_phases.add("warmup_batched", warmup.lane_seconds)
+    def _serving_calls(self):
+        """(batch-1 calls, calls of batches over one image) of the serving warm-up; none without compile."""
+        from deployments.denoiser.dit.warmup import serving_calls
+
+        if not (self.speed.compile.value and self.settings.warmup_sizes):
+            return [], []
+        single, batched = serving_calls(
+            self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens,
+            lora=getattr(self.transformer, "_lora_slots", None) is not None,
+        )
+        return (single + batched, []) if not self.settings.warm_batches_in_background else (single, batched)
+
+    def warm_up(self) -> None:
+        """With compile on, the configured sizes are compiled (or loaded from the cache): at batch 1
+        before the replica reports ready, batches over one image before it too or, with
+        `warm_batches_in_background`, after it (`warm_up_after_ready`)."""
+        from deployments.denoiser.dit.warmup import run_calls
+
+        single, _ = self._serving_calls()
+        if single:
+            self.warmup_seconds = run_calls(self.transformer, single)
+
+    def warm_up_after_ready(self) -> list[WarmupStep]:
+        """The graphs of batches over one image; until they are warm each image of a batch runs as its
+        own forward (`DenoiseLoop.batched_ready`), so nothing compiles on the request path."""
+        from deployments.denoiser.dit.warmup import persist_artifacts, run_call
+
+        self.shape_warmup.plan(self._shape_steps())
+        _, batched = self._serving_calls()
+        steps: list[WarmupStep] = [(call.key, partial(run_call, self.transformer, call)) for call in batched]
+        return steps + [("save_artifacts", partial(persist_artifacts, self.transformer))] if steps else []
+
+    def _shape_steps(self) -> list[WarmupStep]:
+        """`dit.size_warmup`, on a GPU (where plans and graphs are made per shape; none on the CPU)."""
+        from deployments.denoiser.dit.size_warmup import after_ready_steps
+        from deployments.geometry import SIZE_PRESETS
+
+        if self.device.type != "cuda":
+            return []
+        warm_sizes = self.settings.warmup_pixels()
+        covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
+        return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
+                                 self.settings.max_prompt_tokens)
+
+    def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
+        self.start_phases.add("warmup_shapes", warmup.lane_seconds)
+        if self.step_graphs is not None:
+            graphs = self.step_graphs.as_dict()
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket), %s MiB of graph memory",
+                        graphs["graphs"], graphs["graph_pool_mib"])
+
+    def serving(self, expected_compiles=None) -> None:
+        """Compiles are expected while either warm-up after ready runs a call."""
+        super().serving(lambda: self.after_ready.running or self.shape_warmup.running)
+
+    def on_warm_after_ready(self, warmup: BackgroundWarmup) -> None:
         self.denoiser_metrics.batched_ready.set(1.0)
 
-    def _optimize(self, transformer):
-        """Real-valued RoPE and fused projections always; FP8 and regional compile as configured.
-        With compile on, the configured sizes are compiled (or loaded from the cache): at batch 1
-        before the replica reports ready, batches over one image before it too or, with
-        `warm_batches_in_background`, afterwards (`dit.warmup.serving_calls`)."""
-        from functools import partial
-
-        from deployments.denoiser.dit.optimize import optimize_transformer
-        from deployments.denoiser.dit.warmup import persist_artifacts, run_call, run_calls, serving_calls
-
-        with self.start_phases.phase("quantize"):  # RoPE, fusion, FP8; compile wraps the blocks (and loads its cache)
-            if self.settings.precision == "fp8":
-                self.fp8_kernels = self.settings.dit_fp8_kernels(self.settings.torch_device())
-                logger.info("FP8 DiT kernels: %s (setting %r)", self.fp8_kernels, self.settings.fp8_kernels)
-            transformer = optimize_transformer(
-                transformer, self.settings.precision, self.settings.compile, self.settings.compile_cache_dir(),
-                attention=self.settings.attention, fp8_kernels=self.fp8_kernels or "inductor",
-            )
-            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
-        if self.settings.compile and self.settings.warmup_sizes:
-            single, batched = serving_calls(
-                self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens
-            )
-            if not self.settings.warm_batches_in_background:
-                single, batched = single + batched, []
-            with self.start_phases.phase("warmup"):
-                self.warmup_seconds = run_calls(transformer, single)
-            if batched:
-                self._after_ready += [(call.key, partial(run_call, transformer, call)) for call in batched]
-                self._after_ready.append(("save_artifacts", partial(persist_artifacts, transformer)))
-        return transformer
+    def ready_line(self) -> str:
+        return (f"model={self.source.name} device={self.device} precision={self.speed.precision.value} "
+                f"scheduling={self.config.scheduling} batch_invariant={self.loop.batch_invariant}")
 
     def _record_step(self, size: int, seconds: float) -> None:
         self.record_batch("step", size, seconds)
@@ -144,6 +189,19 @@ class Denoiser(StageBase):
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
         self.denoiser_metrics.set_policy(config.scheduling)
+        if hasattr(self, "lora_cache"):
+            self.lora_cache.capacity_bytes = config.lora_cache_bytes
+
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def adapter_set(self, model_id: str) -> str:
+        """Registers a request's adapter set (its multiplexed model ID) as held here, so that Serve routes
+        requests with that set to this replica; the adapters themselves live in `lora_cache`."""
+        return model_id
+
+    async def _adapters(self, request: DenoiseRequest) -> tuple:
+        if request.loras and serve.get_multiplexed_model_id():
+            await self.adapter_set(serve.get_multiplexed_model_id())
+        return await self.lora_cache.resolve_async(request.loras)
 
     async def denoise(
         self,
@@ -156,7 +214,9 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior))
+        adapters = await self._adapters(request)
+        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior,
+                                                                    adapters=adapters))
         return self._finished(latents, queued_s, caption, posterior, start)
 
     async def denoise_stream(
@@ -181,7 +241,9 @@ class Denoiser(StageBase):
             update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        task = asyncio.ensure_future(self._run(DenoiseJob.from_request(request, caption, negative, posterior, on_step)))
+        adapters = await self._adapters(request)
+        job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters)
+        task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
         try:
             while (update := await updates.get()) is not None:
@@ -192,12 +254,12 @@ class Denoiser(StageBase):
         finally:
             task.cancel()
 
-    @staticmethod
-    def _finished(latents: Latents, queued_s: float, caption: CaptionEmbedding, posterior: LatentPosterior | None,
-                  start: float) -> Latents:
+    def _finished(self, latents: Latents, queued_s: float, caption: CaptionEmbedding,
+                  posterior: LatentPosterior | None, start: float) -> Latents:
         upstream = caption.trace if posterior is None else caption.trace.joined(posterior.trace)
         trace = replace(upstream, denoise=StageTime.since(start, queued_s))
-        return replace(latents, trace=trace, prompt_truncated=caption.truncated)
+        return replace(latents, trace=trace, prompt_truncated=caption.truncated,
+                       speed={**caption.speed, "denoiser": self.speed_label})
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
         """(latents, seconds the job waited before its first step), under the live scheduling policy."""
@@ -234,10 +296,11 @@ class Denoiser(StageBase):
         data = super().stats()
         data.update(scheduling=self.config.scheduling, cancelled=self.batcher.cancelled, expired=self.expired,
                     load_seconds=self.load_seconds, warmup_seconds=self.warmup_seconds,
-                    batched_graphs_ready=self.batched_warmup.ready.is_set(),
-                    batched_warmup=self.batched_warmup.as_dict(),
+                    batched_graphs_ready=self.after_ready.ready.is_set(),
+                    batched_warmup=self.after_ready.as_dict(),
+                    shape_warmup=self.shape_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
-                    fp8_kernels=self.fp8_kernels,
+                    fp8_kernels=self.fp8_kernels, loras=self.lora_cache.stats(),
                     step_graphs=None if self.step_graphs is None else self.step_graphs.as_dict())
         return data

@@ -31,6 +31,8 @@ import torch
 
 from deployments.contracts import DenoiseJob, Latents
 from deployments.denoiser.inpaint import InpaintState
+from deployments.denoiser.lora.errors import LoraUnsupportedError
+from deployments.denoiser.lora.linear import LoraSlots, install_lora
 from deployments.geometry import image_tokens, latent_shape
 
 def default_sigmas(steps: int) -> list[float]:
@@ -165,10 +167,14 @@ class DenoiseLoop:
         transformer_fn: TransformerFn | None = None,
         batch_invariant: bool | None = None,
         batched_ready: threading.Event | None = None,
+        lora: bool = True,
     ):
         """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
         job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
         row count, which a batched forward changes (see the module docstring).
+
+        `lora`: wrap the block linears for per-job LoRA adapters (`lora.linear`); False where the
+        blocks run kernels without adapter support (the fused FP8 path), where jobs with adapters fail.
 
         `batched_ready` (None: always): until it is set, every forward carries one image (a guided
         job's negative pass too), because only the batch-1 graphs are compiled yet
@@ -180,7 +186,9 @@ class DenoiseLoop:
         self.device = device
         self.dtype = dtype
         self.schedules = ScheduleTable(scheduler)
-        self.transformer_fn = transformer_fn or diffusers_transformer_fn(transformer)
+        self.plain_fn = diffusers_transformer_fn(transformer)
+        self.transformer_fn = transformer_fn or self.plain_fn
+        self.lora_slots: LoraSlots | None = install_lora(transformer) if lora else None
 
     def initial_latents(self, job: DenoiseJob, schedule: Schedule) -> torch.Tensor:
         return self._start_point(job, schedule)[0]
@@ -205,6 +213,10 @@ class DenoiseLoop:
         return latents, InpaintState.create(job.mask, image_latents, noise, self.device)
 
     def start(self, job: DenoiseJob) -> DenoiseState:
+        if job.loras and self.lora_slots is None:
+            raise LoraUnsupportedError("this replica's DiT kernels do not apply LoRA adapters")
+        if len(job.adapters) != len(job.loras):
+            raise ValueError(f"the job asks for {len(job.loras)} LoRA adapters and carries {len(job.adapters)}")
         schedule = self.schedules.for_job(job)
         negative = None
         if job.guidance_scale > 0:
@@ -270,13 +282,22 @@ class DenoiseLoop:
             model_caps.append(state.negative_caption)
         t = torch.stack(model_t)
         t = (1000 - t) / 1000
+        adapters = [s.job.adapters for s in states] + [s.job.adapters for s in guided]
         if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
-            outputs = [self.transformer_fn([x], t[i : i + 1].clone(), [c])[0]
+            outputs = [self._forward([x], t[i : i + 1].clone(), [c], adapters[i : i + 1])[0]
                        for i, (x, c) in enumerate(zip(model_latents, model_caps))]
         else:
-            outputs = self.transformer_fn(model_latents, t, model_caps)
+            outputs = self._forward(model_latents, t, model_caps, adapters)
         negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
         return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
+
+    def _forward(self, latents, t, captions, adapters) -> list[torch.Tensor]:
+        """One transformer call; row i with `adapters[i]` (`lora.linear`). Forwards with adapters skip
+        the CUDA-graph replay (its graphs hold no adapter inputs)."""
+        if not any(adapters):
+            return self.transformer_fn(latents, t, captions)
+        with self.lora_slots.using(adapters):
+            return self.plain_fn(latents, t, captions)
 
     def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:
         """Runs a batch of jobs to completion together."""

@@ -1,6 +1,15 @@
-"""What every stage deployment shares: live config that merges, a record of batch sizes, one GPU lane.
+"""What every stage deployment shares: a start lifecycle, live config that merges, a record of batch
+sizes, one GPU lane, and one answer to "can this replica serve?".
 
 Deployments stay thin: they own batching, config and metrics; the maths lives beside each shell, in its stage package.
+
+Lifecycle (as LitServe's `setup` before `predict`, one contract for every stage): a stage's
+constructor binds its settings and calls `start()`, which runs the stage's declared phases in order,
+each timed as a start phase (`runtime.start_phases`): `load()` (weights onto the device),
+`optimize()` (quantize, wrap for compile and CUDA graphs; nothing runs yet), `warm_up()` (on the
+model thread that serves: compile and capture what requests need), then the replica is ready, and
+`warm_up_after_ready()`'s calls run in the background, one at a time between requests
+(`runtime.background_warmup`). Readiness and health are answered here for every stage alike.
 
 Live config: each stage's `config_model` (a pydantic model) holds the defaults of what may change
 while serving. The builder binds every replica to the complete config made from the application's
@@ -11,8 +20,9 @@ changes only what it names, and removing it brings back the shipped values.
 
 from __future__ import annotations
 
-import os
 import collections
+import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,12 +30,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
 from deployments.runtime.batching import DynamicBatcher
 from deployments.runtime.gpu_lane import GpuLane
 from deployments.runtime.start_phases import StartPhases
 from deployments.runtime.metrics import StageMetrics
 
 BATCH_HISTORY = 1000
+LIFECYCLE = ("load", "optimize", "warmup")  # the start phases a stage declares, in the order they run
+
+logger = logging.getLogger("ray.serve")
 
 
 class StageConfig(BaseModel):
@@ -79,9 +93,11 @@ class StageStats:
 
 
 class StageBase:
-    """Mixin for stage deployments: each batched method is a `DynamicBatcher` made by `add_batcher`."""
+    """Mixin for stage deployments: the start lifecycle (`start`), and each batched method a
+    `DynamicBatcher` made by `add_batcher`."""
 
     config_model: type[StageConfig] = StageConfig
+    speed_keys: tuple[str, ...] = ()  # the resolved speed settings this stage applies (`deployments.speed`)
 
     def _init_stage(self, name: str, base_config: dict[str, Any] | None = None) -> None:
         self.stage_name = name
@@ -90,8 +106,66 @@ class StageBase:
         self.config = self.config_model.model_validate(self.base_config)
         self.gpu_lane = GpuLane(name)  # one model call at a time per replica, all on one thread
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.start_phases = StartPhases()  # each stage times its own start: load, quantize, compile, warm-up
+        self.start_phases = StartPhases()  # each stage times its own start: load, optimize, compile, warm-up
         self.metrics = StageMetrics()
+        self.state = "starting"  # then one of LIFECYCLE while it runs, then "ready"
+        self.speed = None  # a model stage's `deployments.speed.Speed`, resolved on its own device
+        self.after_ready = BackgroundWarmup(self.gpu_lane, None, self._warm_after_ready, name=name)
+
+    # ---- the lifecycle: what a stage declares (each a no-op unless overridden) ----
+
+    def load(self) -> None:
+        """Reads the stage's weights onto its device (or builds them: `model=random`)."""
+
+    def optimize(self) -> None:
+        """Prepares the loaded model for speed: quantization, compile and CUDA-graph wrappers. Runs
+        nothing on the device's kernels yet; compiling happens on first calls, in `warm_up`."""
+
+    def warm_up(self) -> None:
+        """Runs, on the model thread that serves, every call whose compile or capture a request would
+        otherwise pay, so that the replica is ready only when requests meet warm paths."""
+
+    def warm_up_after_ready(self) -> list[WarmupStep]:
+        """Calls to warm after the replica reported ready, each on the model thread between requests;
+        until they have run (`after_ready.ready`) the stage must take a path that compiles nothing."""
+        return []
+
+    def on_warm_after_ready(self, warmup: BackgroundWarmup) -> None:
+        """Called on the background thread once every `warm_up_after_ready` call has run."""
+
+    def ready_line(self) -> str:
+        """What the stage's one "ready" log line says after its name (device, precision, choices)."""
+        return ""
+
+    def start(self) -> None:
+        """Runs the lifecycle: `load`, `optimize` (on the constructor's thread), `warm_up` (on the model
+        thread), each timed as its start phase; then the replica is ready (logged once, with each
+        phase's seconds), and `warm_up_after_ready`'s calls start in the background."""
+        for phase, step in zip(LIFECYCLE, (self.load, self.optimize, self._warm_up_on_lane)):
+            self.state = phase
+            with self.start_phases.phase(phase):
+                step()
+        self.after_ready.plan(self.warm_up_after_ready())
+        self.start_phases.ready()
+        self.state = "ready"
+        phases = " ".join(f"{k}={v:.1f}" for k, v in self.start_phases.as_dict().items()
+                          if v and not k.startswith("warmup_after"))
+        logger.info("%s ready: %s (seconds: %s%s)", self.stage_name, self.ready_line(), phases,
+                    f"; {len(self.after_ready.steps)} warm-up calls follow in the background"
+                    if self.after_ready.steps else "")
+        self.serving(expected_compiles=lambda: self.after_ready.running)
+        self.after_ready.start()
+
+    def _warm_up_on_lane(self) -> None:
+        self.gpu_lane.run_blocking(self.warm_up)  # graphs and cuDNN plans belong to the thread that serves
+
+    def _warm_after_ready(self, warmup: BackgroundWarmup) -> None:
+        self.start_phases.add("warmup_after_ready", warmup.lane_seconds)
+        self.on_warm_after_ready(warmup)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == "ready"
 
     def add_batcher(self, method: str, fn: Callable[[list], list], on_gpu: bool = True) -> DynamicBatcher:
         """Batches calls to `fn` (blocking, list in, list out), run off the event loop and recorded."""
@@ -140,9 +214,9 @@ class StageBase:
         self.metrics.batch(method, size, seconds)
 
     def serving(self, expected_compiles: Callable[[], bool] | None = None) -> None:
-        """Called at the end of a stage's constructor: warm-up is over, so a compile from now on is a
-        cold path on the request path, counted in `zimage_compiles_after_ready` (except while
-        `expected_compiles()` is true: a warm-up the stage runs after it reported ready)."""
+        """Called by `start` once ready: warm-up is over, so a compile from now on is a cold path on
+        the request path, counted in `zimage_compiles_after_ready` (except while `expected_compiles()`
+        is true: a warm-up the stage runs after it reported ready)."""
         self.metrics.watch_compiles(expected_compiles)
 
     def stats(self) -> dict[str, Any]:
@@ -160,7 +234,10 @@ class StageBase:
             "stage": self.stage_name,
             "pid": os.getpid(),
             "config": self.config.model_dump(mode="json"),
+            "state": self.state,
+            "speed": None if self.speed is None else self.speed.as_dict(self.speed_keys),
             "start_phases": self.start_phases.as_dict(),
+            "warm_after_ready": self.after_ready.as_dict(),
             "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
         }
 
@@ -168,7 +245,10 @@ class StageBase:
         self.stats_by_method.clear()
 
     def check_health(self) -> None:
-        """Serve's health hook: fails when the model can no longer serve, so Serve replaces the replica."""
-        problem = self.gpu_lane.health_problem(self.config.max_model_call_s)
+        """Serve's health hook, the same for every stage: fails when the replica never finished its
+        start or its model can no longer serve, so Serve replaces it. A warm-up after ready that
+        failed does not fail it: the stage keeps its slower path that compiles nothing."""
+        problem = None if self.is_ready else f"not started (stopped in {self.state})"
+        problem = problem or self.gpu_lane.health_problem(self.config.max_model_call_s)
         if problem:
             raise RuntimeError(f"{self.stage_name}: {problem}")

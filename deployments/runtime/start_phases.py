@@ -1,22 +1,31 @@
-"""Where a replica's start goes: load, quantize, compile, warm-up, in seconds.
+"""Where a replica's start goes, in seconds: the stage lifecycle's phases and what hides inside them.
 
-Compilation happens inside other phases (a compiled module compiles on its first call, during the
-warm-up), so each phase's dynamo/inductor time, read from torch's own counter, is moved to `compile`:
-with a warm compile cache `compile_s` shrinks to the cache loads, and that is what a fast start shows.
+`StageBase.start` runs `load`, `optimize` and `warmup` (the stage's own code) and times each here.
+Two kinds of work happen inside other phases and are moved out into phases of their own, read from
+process-wide counters, so that each figure says what it costs:
+- `compile`: torch.compile's dynamo/inductor time (a compiled module compiles on its first call,
+  during the warm-up); with a warm compile cache it shrinks to the cache loads, which is what a
+  fast start shows;
+- `random_init`: building the full-size architecture with random weights (`model=random`), which
+  real weights do not pay (they pay reading their files instead, inside `load`).
 
-`warmup_batched` is what a replica warms after it reported ready (the Denoiser's graphs of batches
-over one image, `deployments.denoiser.batched_warmup`): its model-thread seconds, compile included, so
-the phases before it add up to the start and it adds the time until batches run batched.
+`warmup_after_ready` is what a stage warms after it reported ready (`runtime.background_warmup`):
+its model-thread seconds, compile included, so the phases before it add up to the start and it adds
+the time until every path is warm. `warmup_shapes` likewise, for the Denoiser's second one: a CUDA
+graph per caption bucket and first forwards at the preset sizes (`denoiser.dit.size_warmup`). `ready` is the stage's start from its constructor to ready, and
+`process` from the replica process's start (Ray's worker, imports) to ready: the difference is what
+no phase of ours covers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-PHASES = ("load", "quantize", "compile", "warmup")
-AFTER_READY = ("warmup_batched",)
+PHASES = ("load", "random_init", "optimize", "compile", "warmup")
+AFTER_READY = ("warmup_after_ready", "warmup_shapes")
+TOTALS = ("ready", "process")
 
 
 def compile_seconds() -> float:
@@ -28,22 +37,53 @@ def compile_seconds() -> float:
     return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
 
 
+def random_init_seconds() -> float:
+    """Seconds this process has spent building random-weight models (`weights.loading`)."""
+    from deployments.weights.loading import random_init_seconds as seconds
+
+    return seconds()
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (psutil comes with Ray); None where it cannot be read."""
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return None
+
+
+# Phases whose seconds are read from a process-wide counter and moved out of whatever phase ran them.
+MOVED: dict[str, Callable[[], float]] = {"compile": compile_seconds, "random_init": random_init_seconds}
+
+
 class StartPhases:
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = dict.fromkeys(PHASES + AFTER_READY, 0.0)
+        self.seconds: dict[str, float | None] = dict.fromkeys(PHASES + AFTER_READY, 0.0)
+        self.seconds.update(dict.fromkeys(TOTALS))
+        self.started = time.perf_counter()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Times the block as `name`, less what torch.compile spent in it (counted as `compile`)."""
-        if name not in PHASES:
-            raise ValueError(f"unknown start phase {name!r}; one of {PHASES}")
-        compiled_before, start = compile_seconds(), time.perf_counter()
+        """Times the block as `name`, less what the moved counters (compile, random_init) spent in it."""
+        if name not in PHASES or name in MOVED:
+            raise ValueError(f"unknown start phase {name!r}; one of {[p for p in PHASES if p not in MOVED]}")
+        before, start = {key: read() for key, read in MOVED.items()}, time.perf_counter()
         try:
             yield
         finally:
-            compiled = compile_seconds() - compiled_before
-            self.seconds[name] += time.perf_counter() - start - compiled
-            self.seconds["compile"] += compiled
+            elapsed = time.perf_counter() - start
+            for key, read in MOVED.items():
+                moved = read() - before[key]
+                self.seconds[key] += moved
+                elapsed -= moved
+            self.seconds[name] += elapsed
+
+    def ready(self) -> None:
+        """The stage reported ready: its start from the constructor, and from the process's start."""
+        self.seconds["ready"] = time.perf_counter() - self.started
+        self.seconds["process"] = process_age_seconds()
 
     def add(self, name: str, seconds: float) -> None:
         """Seconds of a phase timed elsewhere (one that runs after the replica reported ready)."""
@@ -51,5 +91,5 @@ class StartPhases:
             raise ValueError(f"unknown after-ready phase {name!r}; one of {AFTER_READY}")
         self.seconds[name] += seconds
 
-    def as_dict(self) -> dict[str, float]:
-        return {f"{name}_s": round(self.seconds[name], 3) for name in PHASES + AFTER_READY}
+    def as_dict(self) -> dict[str, float | None]:
+        return {f"{name}_s": None if value is None else round(value, 3) for name, value in self.seconds.items()}

@@ -35,6 +35,10 @@ class PromptStyler(StageBase):
         self._init_stage("PromptStyler", base_config)
         self.styling = self.add_batcher("style", self._style_many, on_gpu=False)
         self.apply_config(self.config)
+        self.start()  # nothing to load or warm: ready at once, through the same lifecycle as the model stages
+
+    def ready_line(self) -> str:
+        return f"{len(self.table.styles)} styles, default {self.table.default_style!r}"
 
     def apply_config(self, config: PromptStylerConfig) -> None:
         self.table = config.table()

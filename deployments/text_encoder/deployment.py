@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
 
@@ -15,18 +14,18 @@ from deployments.text_encoder.encoding import PromptEncoder
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import StageBase, StageConfig
 
-logger = logging.getLogger("ray.serve")
-
 
 class TextEncoderConfig(StageConfig):
-    """About 6 ms per prompt batched on an H200: one replica keeps several Denoisers fed."""
+    """About 6 ms per prompt on an H200 (6.14 and 5.95 ms at 256 tokens, batch 1: RESULTS.md, stages of
+    2026-11-22): one replica keeps several Denoisers fed."""
 
     max_batch_size: int = Field(16, ge=1, le=256)
 
 
 @serve.deployment(
     name="TextEncoder",
-    # num_gpus: a share of one H200 (peak memory ~10 GB with the full model); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (8.9 GB peak while serving: RESULTS.md, serving of 2026-11-22);
+    # 0 where no GPU is in use.
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.15},
     max_ongoing_requests=64,
     max_queued_requests=512,
@@ -34,36 +33,47 @@ class TextEncoderConfig(StageConfig):
 )
 class TextEncoder(StageBase):
     config_model = TextEncoderConfig
+    speed_keys = ("dtype", "text_encoder_compile")
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
         self._init_stage("TextEncoder", base_config)
         self.settings = ModelSettings(**settings)
-        source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        self.random_weights = source.random_weights
-        with self.start_phases.phase("load"):
-            model = loading.load_text_encoder(source, device, dtype)
-        if device.type == "cuda" and self.settings.text_encoder_compile:
+        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
+        self.random_weights = self.source.random_weights
+        self.speed = self.settings.resolve_speed(self.device)
+        self.speed_label = {"text_encoder": self.speed.summary("text_encoder")}
+        self.graphs = 0
+        self.start()
+
+    def load(self) -> None:
+        self.model = loading.load_text_encoder(self.source, self.device, self.dtype)
+        self.tokenizer = loading.load_tokenizer(self.source)
+
+    def optimize(self) -> None:
+        if self.speed.text_encoder_compile.value:
             from deployments.runtime.compile_cache import configure_compile_cache
             from deployments.text_encoder.compile import optimize_text_encoder
 
             configure_compile_cache(self.settings.compile_cache_dir())
-            model = optimize_text_encoder(model, compile=True)
+            self.model = optimize_text_encoder(self.model, compile=True)
         self.encoder = PromptEncoder(
-            loading.load_tokenizer(source),
-            model,
-            device,
+            self.tokenizer,
+            self.model,
+            self.device,
             max_tokens=self.settings.max_prompt_tokens,
             cuda_graphs=self.settings.text_encoder_cuda_graphs,
             batch_invariant=self.settings.batch_invariant,
         )
         self.encoding = self.add_batcher("encode", self.encoder.encode)
-        with self.start_phases.phase("warmup"):
-            graphs = self.gpu_lane.run_blocking(self.encoder.warmup)  # captured on the thread that serves
-        logger.info("TextEncoder ready: model=%s device=%s dtype=%s cuda_graphs=%d batch_invariant=%s",
-                    source.name, device, dtype, graphs, self.encoder.batch_invariant)
-        self.serving()
+
+    def warm_up(self) -> None:
+        self.graphs = self.encoder.warmup()
+
+    def ready_line(self) -> str:
+        return (f"model={self.source.name} device={self.device} dtype={self.dtype} cuda_graphs={self.graphs} "
+                f"batch_invariant={self.encoder.batch_invariant}")
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()
         caption, queued_s = await self.encoding.submit_timed(prompt)
-        return replace(caption, trace=ImageTrace(encode=StageTime.since(start, queued_s)))
+        return replace(caption, trace=ImageTrace(encode=StageTime.since(start, queued_s)), speed=self.speed_label)

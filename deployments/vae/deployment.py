@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import replace
+from functools import partial
 
 from PIL import Image
 from pydantic import Field
@@ -14,9 +14,8 @@ from deployments.weights import loading
 from deployments.contracts import DecodedImage, ImageTrace, LatentPosterior, Latents, StageTime
 from deployments.vae.codec import VaeCodec
 from deployments.settings import ModelSettings
+from deployments.runtime.background_warmup import WarmupStep
 from deployments.runtime.stage import StageBase, StageConfig
-
-logger = logging.getLogger("ray.serve")
 
 
 class VaeDecoderConfig(StageConfig):
@@ -33,21 +32,35 @@ class VaeDecoderConfig(StageConfig):
 )
 class VaeDecoder(StageBase):
     config_model = VaeDecoderConfig
+    speed_keys = ("dtype", "vae_compile")
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
         self._init_stage("VaeDecoder", base_config)
         self.settings = ModelSettings(**settings)
-        source, device, dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        with self.start_phases.phase("load"):
-            vae = loading.load_vae(source, device, dtype)
-        if device.type == "cuda" and self.settings.vae_compile:
+        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
+        self.speed = self.settings.resolve_speed(self.device)
+        self.speed_label = self.speed.summary("vae")
+        self.compiled = self.speed.vae_compile.value
+        self.start()
+
+    def load(self) -> None:
+        self.vae = loading.load_vae(self.source, self.device, self.dtype)
+
+    def optimize(self) -> None:
+        """Channels-last and, with `vae_compile`, the compiled decoder: its compiled code cached under
+        the node's ZIMAGE_CACHE_DIR as the other stages' (a new pod with that volume compiles nothing),
+        its dynamic graph compiled after ready (`warm_up_after_ready`)."""
+        if self.compiled:
+            from deployments.runtime.compile_cache import configure_compile_cache, load_compile_artifacts
             from deployments.vae.compile import optimize_vae
 
-            vae = optimize_vae(vae, compile=True, channels_last=True)
+            configure_compile_cache(self.settings.compile_cache_dir())
+            load_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+            self.vae = optimize_vae(self.vae, compile=True, channels_last=True, dynamic_warm=False)
         self.codec = VaeCodec(
-            vae,
-            device,
-            dtype,
+            self.vae,
+            self.device,
+            self.dtype,
             tile_above_px=self.settings.vae_tile_above_px,
             batched_decode=self.settings.vae_batched_decode,
             tile_px=self.settings.vae_tile_px,
@@ -56,44 +69,85 @@ class VaeDecoder(StageBase):
         self.decoding = self.add_batcher("decode", self.codec.decode)
         self.encoding = self.add_batcher("encode", self.codec.encode)
         self.previewing = self.add_batcher("preview", self.codec.preview)
-        if device.type == "cuda" and self.settings.vae_compile:
-            self.gpu_lane.run_blocking(self._warmup)  # on the thread that serves
-        logger.info("VaeDecoder ready: model=%s device=%s dtype=%s", source.name, device, dtype)
-        self.serving()
 
-    def _warmup(self) -> None:
-        """Compiles the decoder before the replica reports ready, so no accepted size compiles on a
-        request: static graphs for the configured sizes (and their tiles); then the dynamic graph
-        that every other size uses, on untiled sizes at the extremes of the API's range and on a
-        ladder of tile shapes (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts.
-        Uploads are encoded eagerly (see `optimize_vae`), so edits need no warm-up."""
+    def _decode(self, width: int, height: int) -> None:
         import torch
 
         from deployments.geometry import latent_shape
+
+        z = torch.randn(latent_shape(16, width, height))
+        self.codec.decode([Latents(latents=z, width=width, height=height)])
+
+    def warm_up(self) -> None:
+        """Static graphs for the warm-up sizes (and their tiles), compiled before the replica reports
+        ready: the sizes most requests ask for decode at full speed from the first request. Uploads
+        are encoded eagerly (see `optimize_vae`), so edits need no warm-up."""
+        if not self.compiled:
+            return
+        with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
+            for width, height in self.settings.warmup_pixels():
+                self._decode(width, height)
+        if not self.settings.vae_dynamic_in_background:
+            for _, step in self._dynamic_steps():
+                step()
+
+    def warm_up_after_ready(self) -> list[WarmupStep]:
+        """The dynamic graph (unless `vae_dynamic_in_background` is off) and then, on a GPU, every
+        preset and warm-up size decoded, previewed and encoded once (`vae.size_warmup`): their
+        convolution plans are made per shape."""
+        from deployments.geometry import SIZE_PRESETS
+        from deployments.vae.size_warmup import size_steps
+
+        steps = self._dynamic_steps() if self.settings.vae_dynamic_in_background else []
+        if self.device.type == "cuda":
+            static = self.settings.warmup_pixels() if self.compiled else []  # `warm_up`'s static graphs
+            steps += size_steps(self.codec, SIZE_PRESETS, static)
+        return steps
+
+    def _dynamic_steps(self) -> list[WarmupStep]:
+        """The dynamic graph that every other size uses (by default compiled after ready, one call at
+        a time between requests; such sizes decode eagerly until then, compiling nothing on a
+        request): on untiled sizes at the extremes of the API's range, then on a ladder of tile
+        shapes (`dynamic_warmup_shapes`) covering every edge tile a tiled decode cuts. Before ready,
+        the VAE's whole compile, this graph's included, took 60.0 s (commit 44fa306) and 82.1 s
+        (2026-11-30) of a cold start on an H200 (benchmarks/RESULTS.md)."""
+        if not self.compiled:
+            return []
         from deployments.geometry import MAX_SIDE, MIN_SIDE
         from deployments.vae.compile import dynamic_warmup_shapes
 
-        def decode(width: int, height: int) -> None:
-            z = torch.randn(latent_shape(16, width, height))
-            self.codec.decode([Latents(latents=z, width=width, height=height)])
-
         sizes = self.settings.warmup_pixels()
-        with self.start_phases.phase("warmup"):
-            with self.codec.vae.decoder.forward.recording_static():  # vae_compile's StaticOrDynamicDecoder
-                for width, height in sizes:
-                    decode(width, height)
-            width, height = sizes[0] if sizes else (512, 512)
-            while (width, height) in sizes:
-                width += 16
-            long_side = min(MAX_SIDE, self.codec.tile_above_px // MIN_SIDE)  # the longest untiled image
-            for size in [(width, height), (long_side, MIN_SIDE), (MIN_SIDE, long_side)]:
-                if size not in sizes:
-                    decode(*size)
-            with torch.inference_mode():
-                for h, w in dynamic_warmup_shapes(self.codec.vae.tile_latent_min_size):
-                    channels = self.codec.vae.config.latent_channels
-                    self.codec.vae.decoder(torch.randn(1, channels, h, w, device=self.codec.device,
-                                                       dtype=self.codec.dtype))
+        width, height = sizes[0] if sizes else (512, 512)
+        while (width, height) in sizes:
+            width += 16
+        long_side = min(MAX_SIDE, self.codec.tile_above_px // MIN_SIDE)  # the longest untiled image
+        untiled = [s for s in dict.fromkeys([(width, height), (long_side, MIN_SIDE), (MIN_SIDE, long_side)])
+                   if s not in sizes]
+        steps: list[WarmupStep] = [(f"{w}x{h}", partial(self._warm_dynamic, self._decode, w, h)) for w, h in untiled]
+        steps += [(f"tile/{h}x{w}", partial(self._warm_dynamic, self._decode_tile, h, w))
+                  for h, w in dynamic_warmup_shapes(self.codec.vae.tile_latent_min_size)]
+        steps.append(("done", self._dynamic_ready))
+        return steps
+
+    def _warm_dynamic(self, decode, *size: int) -> None:
+        with self.codec.vae.decoder.forward.warming_dynamic():
+            decode(*size)
+
+    def _decode_tile(self, h: int, w: int) -> None:
+        import torch
+
+        with torch.inference_mode():
+            channels = self.codec.vae.config.latent_channels
+            self.codec.vae.decoder(torch.randn(1, channels, h, w, device=self.codec.device, dtype=self.codec.dtype))
+
+    def _dynamic_ready(self) -> None:
+        from deployments.runtime.compile_cache import save_compile_artifacts
+
+        self.codec.vae.decoder.forward.dynamic_warm = True
+        save_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+
+    def ready_line(self) -> str:
+        return f"model={self.source.name} device={self.device} dtype={self.dtype} compiled={self.compiled}"
 
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""
@@ -101,7 +155,7 @@ class VaeDecoder(StageBase):
         decoded, queued_s = await self.decoding.submit_timed(latents)
         trace = replace(latents.trace, decode=StageTime.since(start, queued_s))
         return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, trace=trace,
-                            prompt_truncated=latents.prompt_truncated)
+                            prompt_truncated=latents.prompt_truncated, speed={**latents.speed, "vae": self.speed_label})
 
     async def preview(self, latents: Latents) -> DecodedImage:
         """A streamed request's partial image from the Denoiser's clean-latent estimate (see `VaeCodec.preview`)."""

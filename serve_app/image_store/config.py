@@ -121,3 +121,22 @@ class ImageStoreConfig(BaseModel):
     def serves_every_replica(self) -> bool:
         """Whether any Ingress replica can serve any URL: a bucket, or one directory on every node."""
         return self.kind == "s3" or self.shared_directory
+
+
+def ingress_replicas_problem(config: ImageStoreConfig, num_replicas: int | str | None,
+                             autoscaling: dict[str, Any] | None) -> str | None:
+    """Why this Ingress scaling cannot serve every URL, or None. A local directory lives on one node:
+    a URL written by one replica would be a 404 on a replica elsewhere."""
+    if config.serves_every_replica:
+        return None
+    most = 1
+    if autoscaling is not None or num_replicas == "auto":
+        most = int((autoscaling or {}).get("max_replicas", 100 if num_replicas == "auto" else 1))
+    elif isinstance(num_replicas, int):
+        most = num_replicas
+    if most <= 1:
+        return None
+    return (f"the Ingress may run {most} replicas, but image_store.kind 'local' keeps images on each replica's "
+            "node, so a URL from one replica would not be found on another. Use image_store.kind 's3' (a "
+            "bucket every replica writes to), or mount one directory on every Ingress node and set "
+            "image_store.directory to it with image_store.shared_directory: true, or run one Ingress replica.")

@@ -51,7 +51,8 @@ class LocalDirectoryStore(ImageStore):
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
         self.fsync = fsync
         self._lock = threading.Lock()
-        self._usage = 0
+        self._usage = 0  # bytes in finished images (from the last sweep's scan, plus writes and deletes since)
+        self._pending = 0  # bytes reserved by this replica's writes in flight
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -82,22 +83,30 @@ class LocalDirectoryStore(ImageStore):
                     os.fsync(handle.fileno())
             os.replace(temp, self.root / name.name)
         except OSError as exc:
-            self._release(len(data))
+            self._settle(len(data), written=False)
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
             raise StoreError(f"cannot write to the image directory: {exc.strerror or exc}") from exc
+        self._settle(len(data), written=True)
 
     def _reserve(self, size: int) -> None:
+        """Counts `size` against the quota before a byte is written (in-flight writes included), so
+        concurrent writers cannot overshoot it together."""
+        for attempt in range(2):
+            with self._lock:
+                if self._usage + self._pending + size <= self.max_bytes:
+                    self._pending += size
+                    return
+            if attempt == 0:
+                self._sweep_sync(time.time())
+        raise StoreFull(f"the image store is full ({self._usage + self._pending} of {self.max_bytes} bytes in "
+                        "images that have not expired)")
+
+    def _settle(self, size: int, written: bool) -> None:
         with self._lock:
-            if self._usage + size <= self.max_bytes:
+            self._pending -= size
+            if written:
                 self._usage += size
-                return
-        self._sweep_sync(time.time())
-        with self._lock:
-            if self._usage + size > self.max_bytes:
-                raise StoreFull(f"the image store is full ({self._usage} of {self.max_bytes} bytes in images "
-                                "that have not expired)")
-            self._usage += size
 
     def _release(self, size: int) -> None:
         with self._lock:
@@ -149,13 +158,10 @@ class LocalDirectoryStore(ImageStore):
         for entry in entries:
             try:
                 if entry.name.startswith(TEMP_PREFIX):
-                    stat = entry.stat()
-                    if now - stat.st_mtime > TEMP_MAX_AGE_S:
+                    if now - entry.stat().st_mtime > TEMP_MAX_AGE_S:
                         os.unlink(entry.path)
                         removed += 1
-                    else:
-                        usage += stat.st_size  # being written right now
-                    continue
+                    continue  # otherwise being written: counted by its writer's reservation
                 parsed = parse_name(entry.name)
                 if parsed is None:
                     continue  # not ours: left alone

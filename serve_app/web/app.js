@@ -258,7 +258,7 @@ function applySettings(settings) {
     steps.value = settings.default_steps;
     $(prefix + "-steps-value").value = settings.default_steps;
   }
-  $("g-n").max = settings.max_images;
+  for (const id of ["g-n", "t-n"]) $(id).max = settings.max_images;
   if (settings.api_keys_required && !state.key) $("key-box").open = true;
 }
 
@@ -324,7 +324,7 @@ async function onGenerate(event) {
   event.preventDefault();
   await refreshStylesQuietly();
   const seed = chosenSeed("g");
-  const n = Math.min(Math.max(1, Number($("g-n").value) || 1), state.settings ? state.settings.max_images : 1);
+  const n = imageCount("g");
   const settings = { prompt: $("g-prompt").value, style: $("g-style").value, steps: Number($("g-steps").value) };
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
   await runAll(event.target, (i) => ({
@@ -341,6 +341,11 @@ async function onGenerate(event) {
   }), n);
 }
 
+// "Number of images" of a tab, within 1 and the server's max_images.
+function imageCount(prefix) {
+  return Math.min(Math.max(1, Number($(prefix + "-n").value) || 1), state.settings ? state.settings.max_images : 1);
+}
+
 async function onTransform(event) {
   event.preventDefault();
   const file = $("t-file").files[0];
@@ -354,19 +359,22 @@ async function onTransform(event) {
     prompt: $("t-prompt").value, style: $("t-style").value, steps: Number($("t-steps").value),
     strength: Number($("t-strength").value),
   };
-  await runAll(event.target, () => {
+  const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
+  // As on Generate: one streamed edit per image, image i with seed + i, as the API's n gives them.
+  await runAll(event.target, (i) => {
     const body = new FormData();
     body.append("image", file);
+    if (mask) body.append("mask", mask, "mask.png");
     body.append("prompt", settings.prompt);
     body.append("style", settings.style);
     body.append("strength", String(settings.strength));
     body.append("num_inference_steps", String(settings.steps));
-    body.append("seed", String(seed));
+    body.append("seed", String(seed + i));
     body.append("stream", "true");
     body.append("stream_progress", "true");
     body.append("partial_images", String(PARTIAL_IMAGES));
     return { path: "/v1/images/edits", settings, init: { method: "POST", headers: headers(), body } };
-  }, 1);
+  }, imageCount("t"));
 }
 
 // Styles are live config on the server: fetch them again before each run, keeping the choice.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,12 +47,23 @@ def test_serve_config_validates_against_serves_own_schema():
 
 
 def test_serve_config_args_validate_and_gpu_shares_fit_one_h200():
+    from deployments.speed import SPEED_FIELDS
     from serve_app.config import AppArgs
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     app = config["applications"][0]
     args = AppArgs.from_args(app["args"])
-    assert (args.model, args.precision) == ("Tongyi-MAI/Z-Image-Turbo", "fp8")
+    assert args.model == "Tongyi-MAI/Z-Image-Turbo"
+    from deployments.speed import Hardware, resolve_speed
+
+    # The speed settings are the defaults (`auto`): on an H200 they resolve to the fused FP8 path.
+    assert {name: getattr(args, name) for name in SPEED_FIELDS} == dict.fromkeys(SPEED_FIELDS, "auto")
+    h200 = Hardware("cuda", "NVIDIA H200", (9, 0), triton=True, cudnn_frontend=True)
+    speed = resolve_speed(h200, **{name: getattr(args, name) for name in SPEED_FIELDS})
+    assert {k: c.value for k, c in speed.choices().items()} == {
+        "dtype": "bf16", "precision": "fp8", "fp8_kernels": "fused", "compile": True, "dit_cuda_graphs": True,
+        "text_encoder_compile": True, "vae_compile": True}
+    assert args.warmup_pixels() == [(512, 512), (1024, 1024)]
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"}
     fractions = [deployments[name]["ray_actor_options"]["num_gpus"] for name in ("TextEncoder", "Denoiser", "VaeDecoder")]
@@ -86,10 +100,12 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
     changed["http_options"].update(host="127.0.0.1", port=port)  # where the test can reach it
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(changed))
+    ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
     env = {
         **os.environ,
         "ZIMAGE_CACHE_DIR": str(cache_dir),
-        "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's
+        "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's or a running server's
+        "RAY_TMPDIR": ray_tmp,  # and its own session folder: /tmp/ray/session_latest stays the server's
         # The file reserves CPUs and GPU shares sized for an H200 node, and Serve applies a file's
         # ray_actor_options after the builder: let this machine advertise them as Ray's logical
         # resources. Placement only: the replicas see no CUDA device and run on the CPU (device=cpu).
@@ -118,13 +134,16 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
         assert response.status_code == 200, response.text
         assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        # Stopped as the README says a supervisor stops a config file's run: SIGINT to the command alone.
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-4000:]
+        assert "received at time=" not in (tmp_path / "serve.log").read_text()  # no native stack dump
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # whatever of its process group is left
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_protocol_imports_with_pydantic_alone():

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import glob
 import io
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -111,6 +114,16 @@ class ServedApp:
 
         return ray._private.worker.global_worker.node.get_logs_dir_path()
 
+    def access_lines(self, request_id: str, timeout_s: float = 30) -> list[str]:
+        """The Ingress's access-log lines of one request (written when its response, or stream, ends)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [line for path in glob.glob(f"{self.logs_dir()}/serve/replica_{APP_NAME}_Ingress_*.log")
+                     for line in open(path, errors="replace") if f" {request_id} " in line and " access " in line]
+            if lines or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.5)
+
     def reset_stats(self) -> None:
         from ray import serve
 
@@ -125,8 +138,13 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
 
     os.environ["RAY_metrics_report_interval_ms"] = "1000"  # the metrics agent exports each second
     metrics_port = free_port()
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+    # A Ray instance of its own whatever else runs on the machine (a `serve run` of the quick start, another
+    # test session): address "local" starts one rather than joining the one RAY_ADDRESS or Ray's address
+    # file names; the GCS takes a port the system gives, the dashboard is off, each port these tests use is
+    # picked free, and its session folder is its own (/tmp/ray/session_latest stays the other instance's).
+    ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             _metrics_export_port=metrics_port, _temp_dir=ray_tmp)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port, metrics_port=metrics_port)
@@ -136,6 +154,7 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture()

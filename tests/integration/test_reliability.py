@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.chaos_bench import kill as kill_replica
-from benchmarks.chaos_bench import replica_names
+from benchmarks.bench_chaos import kill as kill_replica
+from benchmarks.bench_chaos import replica_names
 from tests.integration.conftest import ServedApp
 
 pytestmark = pytest.mark.integration

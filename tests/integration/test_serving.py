@@ -33,6 +33,22 @@ def test_a_request_through_the_whole_graph_returns_a_png(http):
         assert item["revised_prompt"].startswith("a red fox in fresh snow") and "watercolour" in item["revised_prompt"]
     assert body["random_weights"] is True
     assert body["timings"]["denoise_ms"] > 0 and body["timings"]["total_ms"] >= body["timings"]["denoise_ms"] / 2
+    # What ran, by stage: `auto` on a CPU resolves to float32 eager in every replica.
+    assert body["speed"] == dict.fromkeys(("text_encoder", "denoiser", "vae"), "float32, eager on cpu")
+
+
+def test_each_stage_reports_its_resolved_speed_settings_and_its_start(served):
+    for stage, keys in (("TextEncoder", {"dtype", "text_encoder_compile"}),
+                        ("Denoiser", {"dtype", "precision", "fp8_kernels", "compile", "dit_cuda_graphs"}),
+                        ("VaeDecoder", {"dtype", "vae_compile"})):
+        stats = served.stats(stage)
+        speed = stats["speed"]
+        assert speed["device"] == "cpu" and set(speed) == keys | {"device"}, speed
+        assert speed["dtype"] == {"value": "float32", "reason": "the CPU runs float32"}
+        assert all(speed[k]["value"] is False for k in keys if k.endswith("compile") or k.endswith("graphs"))
+        assert stats["state"] == "ready" and stats["warm_after_ready"]["ready"]
+        assert stats["start_phases"]["ready_s"] > 0
+    assert served.stats("Denoiser")["speed"]["precision"]["value"] == "float32"
 
 
 def test_concurrent_requests_are_batched_in_every_gpu_stage_and_match_the_image_made_alone(served, http):

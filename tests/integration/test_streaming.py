@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -45,9 +46,11 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(decode_png(b64))
 
 
-def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(http):
+def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gives(served, http):
+    request_id = f"stream-{uuid.uuid4().hex[:12]}"
     body = {**FOX, "stream": True, "partial_images": 2, "stream_progress": True}
-    with http.stream("POST", "/v1/images/generations", json=body) as response:
+    with http.stream("POST", "/v1/images/generations", json=body,
+                     headers={"X-Request-ID": request_id}) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
@@ -67,10 +70,19 @@ def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gi
     completed = ImageGenCompletedEvent.model_validate(events[-1][1])
     assert completed.usage.output_tokens == 32 * 32 and completed.usage.input_tokens_details.text_tokens > 0
     assert events[-1][1]["seed"] == 21
+    assert events[-1][1]["speed"]["denoiser"] == "float32, eager on cpu"  # what ran, as unstreamed
     assert not np.array_equal(pixels(partials[0]["b64_json"]), pixels(partials[1]["b64_json"]))
 
     unstreamed = http.post("/v1/images/generations", json=FOX).json()["data"][0]["b64_json"]
     assert np.array_equal(pixels(completed.b64_json), pixels(unstreamed))
+
+    # The stream's access line counts its image and has the stages' timings, as an unstreamed one does.
+    [line] = served.access_lines(request_id)
+    fields = dict(part.split("=", 1) for part in line.split(" access ", 1)[1].split() if "=" in part)
+    assert (fields["status"], fields["images"], fields["size"], fields["steps"]) == ("200", "1", "512x512", "4")
+    sent = events[-1][1]["timings"]
+    for name in ("total_ms", "encode_ms", "denoise_ms", "denoise_queue_ms", "decode_ms", "output_encode_ms"):
+        assert float(fields[name]) == pytest.approx(sent[name], abs=0.01), name
 
 
 def _png(width: int, height: int) -> bytes:

@@ -163,3 +163,154 @@ def test_with_keys_on_the_page_loads_without_one_and_sends_the_key_typed(served,
         assert page.is_hidden("#error")
     finally:
         served.deploy()
+
+
+# ---- the Transform tab's mask brush (serve_app/web/mask.js) ----------------------------------------
+
+
+def _drag(page, selector: str, points: list[tuple[float, float]]) -> None:
+    """A mouse stroke through `points`, given as fractions of the element's box (measured now: a click
+    elsewhere may have scrolled the page)."""
+    element = page.locator(selector)
+    element.scroll_into_view_if_needed()
+    box = element.bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for point in at[1:]:
+        page.mouse.move(*point, steps=8)
+    page.mouse.up()
+
+
+# Keeps what the page's next edit request sends (its FormData's text fields, and the mask as base64):
+# Chromium does not hand Playwright a multipart body that holds files.
+RECORD_EDIT = """() => {
+  const original = window.fetch;
+  window.sent = null;
+  window.fetch = async (path, init) => {
+    if (String(path).endsWith("/v1/images/edits")) {
+      const fields = {};
+      let mask = null;
+      for (const [key, value] of init.body.entries()) {
+        if (!(value instanceof Blob)) fields[key] = value;
+        else if (key === "mask") {
+          let text = "";
+          for (const byte of new Uint8Array(await value.arrayBuffer())) text += String.fromCharCode(byte);
+          mask = btoa(text);
+        }
+      }
+      window.sent = {fields, mask};
+    }
+    return original(path, init);
+  };
+}"""
+
+
+def test_the_brush_paints_a_mask_that_the_transform_sends(served, browser, http, tmp_path):
+    """Paint a horizontal band, erase across its middle, invert twice, clear and paint again: the edit
+    carries the painting as OpenAI's mask (upload-sized PNG, transparent where painted), and the
+    result is what the API gives for that very mask."""
+    import base64
+    import io
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-transform")
+    assert page.is_hidden("#t-mask")  # no upload, no brush
+    upload = upload_png(tmp_path)
+    page.set_input_files("#t-file", str(upload))
+    page.wait_for_selector("#t-mask", state="visible")
+    page.click("#t-mask summary")
+    page.wait_for_selector("#t-mask-canvas", state="visible")
+    assert page.evaluate("[document.getElementById('t-mask-canvas').width,"
+                         " document.getElementById('t-mask-canvas').height]") == [512, 640]
+    status = lambda: page.inner_text("#t-mask-status")  # noqa: E731
+    assert "Nothing painted" in status()
+
+    def paint_band_and_erase_its_middle() -> None:
+        set_range(page, "#t-mask-size", 60)
+        _drag(page, "#t-mask-canvas", [(0.1, 0.5), (0.9, 0.5)])
+        page.check("#t-mask-erase")
+        _drag(page, "#t-mask-canvas", [(0.5, 0.3), (0.5, 0.7)])
+        page.uncheck("#t-mask-erase")
+
+    paint_band_and_erase_its_middle()
+    painted = status()
+    assert "Repaints" in painted and page.input_value("#t-strength") == "1"
+    share = float(painted.split("Repaints ")[1].split("%")[0])
+    page.click("#t-mask-invert")
+    inverted = float(status().split("Repaints ")[1].split("%")[0])
+    assert abs(share + inverted - 100) <= 1
+    page.click("#t-mask-invert")
+    assert status() == painted
+    page.click("#t-mask-clear")
+    assert "Nothing painted" in status()
+    paint_band_and_erase_its_middle()
+    page.screenshot(path=str(ARTIFACTS / "page-mask-brush.png"), full_page=True)
+
+    page.fill("#t-prompt", "a boat where the band is")
+    set_range(page, "#t-steps", 4)
+    page.fill("#t-seed", "5")
+    page.evaluate(RECORD_EDIT)
+    page.click("#panel-transform button[type=submit]")
+    sent = page.wait_for_function("() => window.sent").json_value()
+    mask_png = base64.b64decode(sent["mask"])
+    mask = Image.open(io.BytesIO(mask_png))
+    assert mask.format == "PNG" and mask.size == (512, 640) and mask.mode == "RGBA"
+    alpha = np.asarray(mask.getchannel("A"))
+    assert set(np.unique(alpha)) == {0, 255}
+    assert alpha[320, 100] == 0 and alpha[320, 400] == 0  # the band, left and right of the erased cut
+    assert alpha[320, 256] == 255 and alpha[20, 20] == 255 and alpha[620, 500] == 255  # the cut, the corners
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    assert page.is_hidden("#error")
+    shown = page.get_attribute("#cards .frame img", "src").split(",", 1)[1]
+    page.screenshot(path=str(ARTIFACTS / "page-inpaint.png"), full_page=True)
+
+    fields = {k: sent["fields"][k] for k in ("prompt", "style", "strength", "num_inference_steps", "seed")}
+    assert fields["strength"] == "1" and fields["seed"] == "5"
+    direct = http.post("/v1/images/edits", data=fields, files={"image": ("upload.png", upload.read_bytes(), "image/png"),
+                                                              "mask": ("mask.png", mask_png, "image/png")})
+    assert direct.status_code == 200, direct.text
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(direct.json()["data"][0]["b64_json"]))))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(shown)))), expected)
+
+
+def test_transform_makes_the_number_of_images_asked_for(served, browser, http, tmp_path):
+    """"Number of images" on the Transform tab: capped by the server's limit, and 3 asked for give 3
+    results, seeds s, s+1, s+2, each pixel for pixel the image the API's n=3 edit gives at that index."""
+    import base64
+    import io
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-transform")
+    assert page.get_attribute("#t-n", "max") == str(served.args["api"]["max_images_per_request"])
+    upload = upload_png(tmp_path)
+    page.set_input_files("#t-file", str(upload))
+    page.wait_for_selector("#t-preview", state="visible")
+    page.fill("#t-prompt", "three gradients at dusk")
+    set_range(page, "#t-steps", 4)
+    page.fill("#t-seed", "11")
+    page.fill("#t-n", "3")
+    page.click("#panel-transform button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#cards .meta:not([hidden])').length === 3",
+                           timeout=120_000)
+    assert page.is_hidden("#error")
+    assert page.locator("#cards .seed").all_inner_texts() == ["11", "12", "13"]
+    shown = [src.split(",", 1)[1] for src in page.eval_on_selector_all("#cards .frame img", "els => els.map(e => e.src)")]
+    page.screenshot(path=str(ARTIFACTS / "page-transform-n.png"), full_page=True)
+
+    fields = {"prompt": "three gradients at dusk", "style": page.input_value("#t-style"), "strength": "0.6",
+              "num_inference_steps": "4", "seed": "11", "n": "3"}
+    direct = http.post("/v1/images/edits", data=fields, files={"image": ("upload.png", upload.read_bytes(), "image/png")})
+    assert direct.status_code == 200, direct.text
+    expected = [item["b64_json"] for item in direct.json()["data"]]
+    assert len(expected) == len(shown) == 3
+    for got, want in zip(shown, expected):
+        got_pixels, want_pixels = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in (got, want))
+        assert got_pixels.shape == (640, 512, 3) and np.array_equal(got_pixels, want_pixels)
+    assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in shown[:2]))

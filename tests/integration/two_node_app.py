@@ -3,7 +3,7 @@ node "a", then with the Denoiser and the VaeDecoder moved to node "b", by custom
 through the app's args, as an operator pins stages.
 
 Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own, apart from the test
-session's Ray instance). Prints one line, "RESULT " and JSON: each layout's PNG (base64) and the
+session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder). Prints one line, "RESULT " and JSON: each layout's PNG (base64) and the
 node each stage ran on.
 """
 
@@ -32,10 +32,15 @@ def free_port() -> int:
 
 
 def main(cache_dir: str, request: dict) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "resources": {"node_a": 1}})
-    node_b = cluster.add_node(num_cpus=3, resources={"node_b": 1})
+    # Ports of its own, so that another Ray instance on the machine (a `serve run` on the default ports)
+    # is neither in the way nor found: the Cluster helper's head would take 8265 for its dashboard, which
+    # the state API below needs, and the address is given to every call rather than discovered.
+    head = {"num_cpus": 3, "resources": {"node_a": 1}, "include_dashboard": True, "dashboard_port": free_port(),
+            "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port()}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    node_b = cluster.add_node(num_cpus=3, resources={"node_b": 1}, dashboard_agent_listen_port=free_port())
     try:
-        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=cluster.address, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from serve_app import build_app
@@ -51,7 +56,7 @@ def main(cache_dir: str, request: dict) -> None:
             response.raise_for_status()
             nodes = {}
             for stage, name in NAMES.items():
-                actors = list_actors(filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
+                actors = list_actors(address=cluster.address, filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
                 nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
             result[layout] = {"b64_json": response.json()["data"][0]["b64_json"], "nodes": nodes}
         print("RESULT", json.dumps(result))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.denoiser.batched_warmup import BatchedWarmup
+from deployments.runtime.background_warmup import BackgroundWarmup
 from deployments.contracts import DenoiseJob
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.denoiser.dit import warmup
@@ -83,7 +83,7 @@ def test_batches_run_one_image_per_forward_until_the_warm_up_is_done_then_batche
         pipeline, jobs):
     lane = GpuLane("test")
     warmed = []
-    background = BatchedWarmup(lane, [("b2", lambda: warmed.append("b2"))])
+    background = BackgroundWarmup(lane, [("b2", lambda: warmed.append("b2"))])
     spy = Spy(pipeline.loop.transformer)
     loop = loop_with(pipeline, spy, background.ready)
     assert not loop.batched_forwards()
@@ -123,7 +123,7 @@ def test_the_warm_up_takes_turns_with_requests_on_the_model_thread(pipeline, job
         time.sleep(0.03)
         spy.active -= 1
 
-    background = BatchedWarmup(lane, [(f"call{i}", warm_call) for i in range(6)])
+    background = BackgroundWarmup(lane, [(f"call{i}", warm_call) for i in range(6)])
     loop = loop_with(pipeline, spy, background.ready)
     long_jobs = [DenoiseJob(caption=caption(9, i), width=512, height=512, steps=6, seed=i) for i in range(3)]
 
@@ -150,7 +150,7 @@ def test_a_failed_warm_up_call_leaves_batches_split(pipeline, jobs):
         raise RuntimeError("out of memory at batch 8")
 
     lane = GpuLane("test")
-    background = BatchedWarmup(lane, [("b8", broken), ("never", lambda: None)])
+    background = BackgroundWarmup(lane, [("b8", broken), ("never", lambda: None)])
     background.start()
     background._thread.join(10)
     assert not background.ready.is_set()
@@ -162,7 +162,7 @@ def test_a_failed_warm_up_call_leaves_batches_split(pipeline, jobs):
 
 def test_nothing_to_warm_is_ready_at_once():
     reported = []
-    background = BatchedWarmup(GpuLane("test"), [], on_ready=reported.append)
+    background = BackgroundWarmup(GpuLane("test"), [], on_ready=reported.append)
     background.start()
     assert background.ready.is_set() and background.as_dict()["ready"] and not reported
 
@@ -184,5 +184,6 @@ def test_the_denoiser_on_a_cpu_has_nothing_to_warm_later(cache_dir):
     denoiser = Denoiser.func_or_class(settings)
     stats = denoiser.stats()
     assert stats["batched_graphs_ready"] and denoiser.loop.batched_forwards()
-    assert stats["start_phases"]["warmup_batched_s"] == 0.0
+    assert stats["start_phases"]["warmup_after_ready_s"] == 0.0 and stats["state"] == "ready"
     assert stats["batched_warmup"]["calls"] == 0
+    assert stats["shape_warmup"]["calls"] == 0 and stats["shape_warmup"]["ready"]  # plans and graphs: GPU only

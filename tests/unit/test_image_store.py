@@ -197,3 +197,73 @@ def test_config_accepts_a_bucket_and_normalises_urls():
     assert config.serves_every_replica
     assert not ImageStoreConfig().serves_every_replica
     assert ImageStoreConfig(shared_directory=True).serves_every_replica
+
+
+def test_concurrent_writers_never_overshoot_the_quota(tmp_path):
+    store = LocalDirectoryStore(tmp_path, 3600, max_bytes=3 * len(PNG) + 10, fsync=False)
+
+    async def many():
+        return await asyncio.gather(*(store.put(PNG, "png") for _ in range(8)), return_exceptions=True)
+
+    results = run(many())
+    assert sum(not isinstance(r, BaseException) for r in results) == 3
+    assert all(isinstance(r, StoreFull) for r in results if isinstance(r, BaseException))
+    assert len(files(store)) == 3
+
+
+@pytest.mark.parametrize("config,replicas,autoscaling,refused", [
+    ({}, None, None, False),
+    ({}, 1, None, False),
+    ({}, 2, None, True),
+    ({}, None, {"min_replicas": 1, "max_replicas": 4}, True),
+    ({}, None, {"min_replicas": 1, "max_replicas": 1}, False),
+    ({}, "auto", None, True),
+    ({"shared_directory": True, "directory": "/mnt/shared/images"}, 4, None, False),
+    ({"kind": "s3", "s3": {"bucket": "images"}}, None, {"max_replicas": 8}, False),
+])
+def test_more_than_one_ingress_needs_a_store_every_replica_serves(config, replicas, autoscaling, refused):
+    from serve_app.image_store.config import ingress_replicas_problem
+
+    problem = ingress_replicas_problem(ImageStoreConfig.model_validate(config), replicas, autoscaling)
+    assert (problem is not None) == refused
+    if refused:
+        assert "shared_directory" in problem and "'s3'" in problem
+
+
+def test_by_reference_swaps_bytes_for_urls_and_stream_events_carry_the_url(store):
+    from serve_app.image_store.results import by_reference
+    from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, Timings
+    from serve_app.streaming import StreamEvents
+
+    timings = Timings(total_ms=1, style_ms=0, encode_ms=0, denoise_ms=0, decode_ms=0, output_encode_ms=0)
+    image = GeneratedImage(data=PNG, format="png", seed=3, width=512, height=512, revised_prompt="p")
+    result = run(by_reference(ImageResult([image, image], timings), store, "http://h:1"))
+    assert [i.data for i in result.images] == [b"", b""]
+    assert all(i.url.startswith(f"http://h:1{FILES_ROUTE}") for i in result.images)
+    assert sorted(files(store)) == sorted(i.url.rsplit("/", 1)[1] for i in result.images)
+
+    class Plan:
+        width = height = 512
+        output_format = "png"
+        init_image = None
+
+    events = StreamEvents("image_generation", ImageOptions(prompt="p"), Plan())
+    text = events.encode(ImageResult([result.images[0]], timings)).decode()
+    assert f'"url":"{result.images[0].url}"' in text and "b64_json" not in text
+    plain = events.encode(ImageResult([image], timings)).decode()
+    assert '"b64_json":"' in plain and '"url"' not in plain
+
+
+def test_build_app_refuses_a_local_store_behind_several_ingress_replicas(cache_dir, tiny_source):
+    from serve_app.builder import build_app
+
+    base = {"model": "tiny", "device": "cpu", "cache_dir": str(cache_dir)}
+    with pytest.raises(ValidationError, match="would not be found on another") as info:
+        build_app({**base, "ingress.autoscaling_config": {"min_replicas": 1, "max_replicas": 3}})
+    assert "shared_directory" in str(info.value)
+    with pytest.raises(ValidationError, match="may run 2 replicas"):
+        build_app({**base, "ingress": {"num_replicas": 2}})
+    for store in ({"kind": "s3", "s3": {"bucket": "images"}},
+                  {"directory": str(cache_dir / "shared-images"), "shared_directory": True}):
+        app = build_app({**base, "ingress": {"num_replicas": 2}, "image_store": store})
+        assert app is not None

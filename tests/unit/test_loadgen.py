@@ -76,9 +76,10 @@ def test_percentile_matches_linear_interpolation():
     assert percentile([7.0], 99) == 7.0
     assert math.isnan(percentile([], 50))
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of input does not matter
-    stats = LatencyStats.of([10.0, 20.0, 30.0, 40.0])
+    assert percentile([10.0, 40.0], 25) == pytest.approx(17.5)  # between ranks, not the nearest one
+    stats = LatencyStats.of([40.0, 10.0, 30.0, 20.0])
     assert stats.count == 4 and stats.mean_ms == 25.0 and stats.max_ms == 40.0 and stats.min_ms == 10.0
-    assert stats.p50_ms <= stats.p90_ms <= stats.p99_ms <= stats.max_ms
+    assert (stats.p50_ms, stats.p90_ms, stats.p99_ms) == pytest.approx((25.0, 37.0, 39.7))
 
 
 def test_goodput_counts_only_successes_within_the_slo():
@@ -361,7 +362,7 @@ def test_both_entry_points_start(how):
 
 
 def test_package_modules_and_re_exports():
-    """Each module says its job, and the package re-exports what benchmarks/serve_bench.py imports."""
+    """Each module says its job, and the package re-exports what benchmarks/bench_serve.py imports."""
     import importlib
 
     from benchmarks import loadgen

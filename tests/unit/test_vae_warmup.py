@@ -45,3 +45,24 @@ def test_the_tile_ladder_spans_every_edge_tile_size():
     assert all((w, h) in shapes for h, w in shapes)  # both orientations
     areas = sorted({h * w for h, w in shapes})
     assert all(b / a <= 4 for a, b in zip(areas, areas[1:]))  # no size class is skipped by much
+
+
+def test_the_size_warm_up_decodes_previews_and_encodes_each_size_once(tiny_source):
+    """`vae.size_warmup`: every size previewed and encoded, decoded unless a static graph holds it,
+    smallest first; the steps run through the codec the replica serves with (tiny, on the CPU)."""
+    from deployments.vae.codec import VaeCodec
+    from deployments.vae.size_warmup import size_steps
+
+    codec = VaeCodec(loading.load_vae(tiny_source, CPU, F32), CPU, F32, tile_above_px=64 * 64, tile_px=64)
+    calls = []
+    codec.decode = lambda items, real=codec.decode: calls.append(("decode", items[0].width)) or real(items)
+    codec.encode = lambda images, real=codec.encode: calls.append(("encode", images[0].width)) or real(images)
+    steps = size_steps(codec, [(96, 64), (64, 48), (48, 48)], static_sizes=[(48, 48)])
+    assert [key for key, _ in steps] == [
+        "preview/48x48", "encode/48x48",
+        "decode/64x48", "preview/64x48", "encode/64x48",
+        "decode/96x64", "preview/96x64", "encode/96x64",  # over tile_above_px: the tiled decode
+    ]
+    for _, step in steps:
+        step()
+    assert calls == [("encode", 48), ("decode", 64), ("encode", 64), ("decode", 96), ("encode", 96)]

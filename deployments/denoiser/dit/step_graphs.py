@@ -1,20 +1,24 @@
 """The DiT forward replayed from CUDA graphs, so that a host-bound step runs at its kernels' speed.
 
 Why: a 512x512 step of the fused FP8 path launches a few hundred kernels and ops from Python: about
-31 ms of host time against 15.6 ms of GPU time on an H200 (benchmarks/RESULTS.md), so the GPU waits
+31.2 ms of host time against 15.6 ms of GPU time on an H200 (RESULTS.md, round of 2026-12-01,
+`profile_512.json`), so the GPU waits
 on the host. A CUDA graph replays all of a forward's kernels with one launch.
 
-One graph per call shape: the images' latent shapes and the captions' exact lengths. diffusers
-builds the caption padding and the position ids from the lengths in Python, so a graph is only
-valid for the lengths it was captured with (padding captions to a bucket ourselves would change
-what the model computes). Only forwards of up to `max_batch` images (default 1): a busy replica's
-ragged batches seldom repeat a shape, and several images make a step GPU-bound anyway.
+One graph per call shape: the images' latent shapes and, given `padded` (what the Denoiser gives),
+the captions' buckets (`caption_buckets`: diffusers runs a caption of L tokens as L rounded up to a
+multiple of 32 anyway, and which rows are padding is a mask, i.e. data): a graph captured for a
+bucket replays every caption length in it, and the warm-up captures every bucket up front.
+Without `padded`, the captions' exact lengths. Only forwards of up to `max_batch` images (default
+1): a busy replica's ragged batches seldom repeat a shape, and several images make a step GPU-bound.
 
 When: the first forward of a shape runs as usual: it makes cuDNN's plans and any other lazy state,
 which cannot be made inside a capture. The second captures (recording only, on a side stream) and
-replays. So a request's 8 steps at a new caption length are one plain forward, one capture and
-replays. The graphs share one memory pool: they never run at once, and each output is copied out
-right after its replay. Past `max_graphs` the least recently used graph is dropped.
+replays. So a request's 8 steps at a new shape are one plain forward, one capture and replays;
+`prepare` does the first two ahead of any request. The graphs share one memory pool: they never
+run at once, and each output is copied out right after its replay; `as_dict()["graph_pool_mib"]`
+is what the captures added to the memory the process holds. Past `max_graphs` the least recently
+used graph is dropped.
 
 A capture that fails is logged and counted (`stats["capture_failures"]`) and its shape runs as a
 plain forward from then on: the request is still served, at the ungraphed speed.
@@ -25,40 +29,50 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from deployments.denoiser.dit.caption_buckets import PaddedTransformerFn, caption_bucket, pad_caption
 from deployments.denoiser.loop import TransformerFn
 
 logger = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
-# Records `forward()` and returns (replay, its outputs); `cuda_capture` on a GPU.
+# Records `forward()` and returns (replay, its outputs); `CudaCapture` on a GPU.
 Capture = Callable[[Callable[[], list[torch.Tensor]]], tuple[Callable[[], None], list[torch.Tensor]]]
 
 
-def cuda_capture(device: torch.device) -> Capture:
-    """Capture into CUDA graphs on a side stream, all in one memory pool (see the module docstring)."""
-    pool = torch.cuda.graph_pool_handle()
-    stream = torch.cuda.Stream(device)
+class CudaCapture:
+    """Captures into CUDA graphs on a side stream, all in one memory pool (see the module docstring),
+    and counts the memory the process reserved for them (`reserved_bytes`)."""
 
-    def capture(forward: Callable[[], list[torch.Tensor]]) -> tuple[Callable[[], None], list[torch.Tensor]]:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(device)
+        self.reserved_bytes = 0
+
+    def __call__(self, forward: Callable[[], list[torch.Tensor]]) -> tuple[Callable[[], None], list[torch.Tensor]]:
         graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(device)
-        stream.wait_stream(current)
-        with torch.cuda.stream(stream):
+        current = torch.cuda.current_stream(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             # `capture_begin` rather than `torch.cuda.graph`: that one also collects garbage and
             # empties the allocator's cache, tens of milliseconds on a live request's step
-            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 outputs = forward()
             finally:
                 graph.capture_end()
-        current.wait_stream(stream)
+                self.reserved_bytes += max(0, torch.cuda.memory_reserved(self.device) - reserved)
+        current.wait_stream(self.stream)
         return graph.replay, outputs
 
-    return capture
+
+def cuda_capture(device: torch.device) -> CudaCapture:
+    return CudaCapture(device)
 
 
 @dataclass
@@ -66,17 +80,22 @@ class _Graph:
     replay: Callable[[], None]
     latents: list[torch.Tensor]  # the static inputs the graph reads
     t: torch.Tensor
-    captions: list[torch.Tensor]
+    captions: list[torch.Tensor]  # padded to their buckets when bucketed
     outputs: list[torch.Tensor]  # the static outputs it writes
+    masks: list[torch.Tensor] = field(default_factory=list)  # bucketed: each caption's pad rows
+    rows: list[torch.Tensor] = field(default_factory=list)  # bucketed: 0..B-1 per caption, for the masks
 
 
 class GraphedTransformerFn:
-    """A `TransformerFn` that replays forwards of up to `max_batch` images from CUDA graphs."""
+    """A `TransformerFn` that replays forwards of up to `max_batch` images from CUDA graphs; with
+    `padded` (`caption_buckets.padded_transformer_fn`), one graph per caption bucket."""
 
-    def __init__(self, fn: TransformerFn, capture: Capture, max_batch: int = 1, max_graphs: int = 64):
+    def __init__(self, fn: TransformerFn, capture: Capture, max_batch: int = 1, max_graphs: int = 64,
+                 padded: PaddedTransformerFn | None = None):
         if max_batch < 1 or max_graphs < 1:
             raise ValueError("max_batch and max_graphs must be at least 1")
         self.fn = fn
+        self.padded = padded
         self.capture = capture
         self.max_batch = max_batch
         self.max_graphs = max_graphs
@@ -91,9 +110,16 @@ class GraphedTransformerFn:
             raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
         return cls(fn, cuda_capture(device), **kwargs)
 
-    @staticmethod
-    def shape_key(latents: list[torch.Tensor], captions: list[torch.Tensor]) -> ShapeKey:
-        return tuple(tuple(x.shape) for x in latents), tuple(tuple(c.shape) for c in captions)
+    @property
+    def bucketed(self) -> bool:
+        return self.padded is not None
+
+    def shape_key(self, latents: list[torch.Tensor], captions: list[torch.Tensor]) -> ShapeKey:
+        lengths = [c.shape[0] for c in captions]
+        if self.bucketed:
+            lengths = [caption_bucket(n) for n in lengths]
+        return (tuple(tuple(x.shape) for x in latents),
+                tuple((n, *c.shape[1:]) for n, c in zip(lengths, captions)))
 
     def __call__(self, latents: list[torch.Tensor], t: torch.Tensor,
                  captions: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -104,27 +130,63 @@ class GraphedTransformerFn:
         if graph is None:
             if key not in self._seen:  # first sight: plans and lazy state are made here, not in a capture
                 self._remember(key)
-                return self._plain(latents, t, captions)
+                return self._first_sight(latents, t, captions)
             graph = self._capture(key, latents, t, captions)
             if graph is None:
                 return self._plain(latents, t, captions)
         self._graphs.move_to_end(key)
-        for static, value in zip(graph.latents + [graph.t] + graph.captions, latents + [t] + captions):
-            static.copy_(value)
+        self._fill(graph, latents, t, captions)
         graph.replay()
         self.stats["replays"] += 1
         return [out.clone() for out in graph.outputs]
 
+    def prepare(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> bool:
+        """Makes the graph for this call's shape ahead of a request (a plain forward first if the
+        shape was not run yet, then the capture), without replaying it; whether a graph is held."""
+        key = self.shape_key(latents, captions)
+        if len(latents) > self.max_batch or key in self._failed:
+            return False
+        if key in self._graphs:
+            return True
+        if key not in self._seen:
+            self._remember(key)
+            self._first_sight(latents, t, captions)
+        return self._capture(key, latents, t, captions) is not None
+
     def graph_count(self) -> int:
         return len(self._graphs)
 
-    def as_dict(self) -> dict[str, int]:
-        """The counters and the graphs held now (the Denoiser's stats, the benchmark's JSON)."""
-        return {**self.stats, "graphs": self.graph_count()}
+    def as_dict(self) -> dict:
+        """The counters, the graphs held now and their memory (the Denoiser's stats, the benchmark's JSON)."""
+        reserved = getattr(self.capture, "reserved_bytes", None)
+        return {**self.stats, "graphs": self.graph_count(), "bucketed": self.bucketed,
+                "graph_pool_mib": None if reserved is None else round(reserved / 2**20, 1)}
 
     def _plain(self, latents, t, captions) -> list[torch.Tensor]:
         self.stats["plain"] += 1
         return self.fn(latents, t, captions)
+
+    def _first_sight(self, latents, t, captions) -> list[torch.Tensor]:
+        """A plain forward along the path the graph will record (bucketed: the padded captions)."""
+        if not self.bucketed:
+            return self._plain(latents, t, captions)
+        self.stats["plain"] += 1
+        pairs = [pad_caption(c) for c in captions]
+        return self.padded(latents, t, [p for p, _ in pairs], [m for _, m in pairs])
+
+    def _fill(self, graph: _Graph, latents, t, captions) -> None:
+        for static, value in zip(graph.latents + [graph.t], latents + [t]):
+            static.copy_(value)
+        if not self.bucketed:
+            for static, value in zip(graph.captions, captions):
+                static.copy_(value)
+            return
+        for static, mask, rows, value in zip(graph.captions, graph.masks, graph.rows, captions):
+            length = value.shape[0]
+            static[:length].copy_(value)
+            if length < static.shape[0]:  # the last row repeated, as diffusers pads
+                static[length:].copy_(value[-1:].expand(static.shape[0] - length, -1))
+            torch.ge(rows, length, out=mask)
 
     def _remember(self, key: ShapeKey) -> None:
         self._seen[key] = None
@@ -134,9 +196,17 @@ class GraphedTransformerFn:
     def _capture(self, key: ShapeKey, latents, t, captions) -> _Graph | None:
         static_latents = [x.clone() for x in latents]
         static_t = t.clone()
-        static_captions = [c.clone() for c in captions]
+        if self.bucketed:
+            pairs = [pad_caption(c) for c in captions]
+            static_captions = [p.clone() for p, _ in pairs]
+            masks = [m.clone() for _, m in pairs]
+            rows = [torch.arange(m.shape[0], device=m.device) for m in masks]
+            run = lambda: self.padded(static_latents, static_t, static_captions, masks)  # noqa: E731
+        else:
+            static_captions, masks, rows = [c.clone() for c in captions], [], []
+            run = lambda: self.fn(static_latents, static_t, static_captions)  # noqa: E731
         try:
-            replay, outputs = self.capture(lambda: self.fn(static_latents, static_t, static_captions))
+            replay, outputs = self.capture(run)
         except Exception:  # noqa: BLE001 - served plain from now on, and said so
             self._failed.add(key)
             self.stats["capture_failures"] += 1
@@ -144,7 +214,7 @@ class GraphedTransformerFn:
             return None
         self._seen.pop(key, None)
         self.stats["captures"] += 1
-        graph = _Graph(replay, static_latents, static_t, static_captions, list(outputs))
+        graph = _Graph(replay, static_latents, static_t, static_captions, list(outputs), masks, rows)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             dropped, _ = self._graphs.popitem(last=False)

@@ -1,8 +1,8 @@
 """End-to-end serving benchmark: the application from serve_config.yaml, driven over HTTP by loadgen,
 against the plain diffusers baseline server driven by the same load generator in the same run.
 
-    python benchmarks/serve_bench.py --json out.json                      # on an H200, model=random
-    python benchmarks/serve_bench.py --model tiny --device cpu --quick    # smoke run on a CPU
+    python benchmarks/bench_serve.py --json out.json                      # on an H200, model=random
+    python benchmarks/bench_serve.py --model tiny --device cpu --quick    # smoke run on a CPU
 
 Sections (each appends to the JSON as it finishes, so a timeout still leaves data):
   startup     time until every stage is ready; each stage's peak GPU memory
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--verbose", action="store_true", help="show replica logs")
     parser.add_argument("--metrics", choices=("on", "off"), default="on",
                         help="the app's Prometheus metrics (ZIMAGE_METRICS in the replicas' environment)")
-    parser.add_argument("--json", default="serve_bench.json")
+    parser.add_argument("--json", default="bench_serve.json")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     args.loads = [p for p in args.loads.split(",") if p]

@@ -3,10 +3,10 @@ again warm; and start-up, from deploy to ready, with each stage's start split in
 compile and warm-up (`stats()["start_phases"]`), for a cold compile cache and then a warm one, and
 how long after ready the Denoiser's batched graphs (compiled in the background) took.
 
-    python benchmarks/cold_path_bench.py --json cold_path.json                       # H200, model=random
-    python benchmarks/cold_path_bench.py --model tiny --device cpu --cpus 16 --gpus 1 --sizes 512x512,1024x1024 --steps 2
+    python benchmarks/bench_cold_path.py --json cold_path.json                       # H200, model=random
+    python benchmarks/bench_cold_path.py --model tiny --device cpu --cpus 16 --gpus 1 --sizes 512x512,1024x1024 --steps 2
 
-The app is serve_config.yaml with model and device changed (benchmarks/serve_bench.py's app_config).
+The app is serve_config.yaml with model and device changed (benchmarks/bench_serve.py's app_config).
 Start 1 uses a fresh ZIMAGE_CACHE_DIR (cold: nothing compiled or cached), start 2 the same directory
 in a fresh Ray instance (warm: what a new replica on a node that served before gets).
 Target: first / warm <= 1.5 at every size.
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.serve_bench import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
+from benchmarks.bench_serve import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
 from deployments.geometry import SIZE_PRESETS  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -114,7 +114,7 @@ def wait_for_batched_graphs(timeout_s: float = 600) -> dict:
             break
         time.sleep(1.0)
     result = {"ready": bool(stats.get("batched_graphs_ready")), "waited_s": round(time.perf_counter() - started, 1),
-              "warmup_batched_s": (stats.get("start_phases") or {}).get("warmup_batched_s"), **warmup}
+              "warmup_after_ready_s": (stats.get("start_phases") or {}).get("warmup_after_ready_s"), **warmup}
     print(f"  Denoiser batched graphs: ready={result['ready']} after {result['waited_s']} s more "
           f"(model thread {result.get('lane_s')} s, {result.get('calls_done')}/{result.get('calls')} calls, "
           f"wall {result.get('wall_s')} s, error {result.get('error')})")

@@ -3,8 +3,8 @@ shipped, model=random), with throughput per window, replicas per deployment over
 until throughput first reaches 90% of its steady state. Several GPU counts run one after another in
 one process (`--gpus 1,2`: Ray started with num_gpus=1, then 2), so their ratio comes from one session.
 
-    python benchmarks/scale_bench.py --gpus 1,2 --clients 32 --duration 300 --json scale.json     # H200s
-    python benchmarks/scale_bench.py --model tiny --device cpu --cpus 16 --gpus 1 --clients 4 --duration 40 \
+    python benchmarks/bench_scale.py --gpus 1,2 --clients 32 --duration 300 --json scale.json     # H200s
+    python benchmarks/bench_scale.py --model tiny --device cpu --cpus 16 --gpus 1 --clients 4 --duration 40 \
         --size 512x512 --steps 2                                                                # CPU smoke
 
 Steady state: the mean throughput over the last third of the run. A replica count is Serve's RUNNING
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.serve_bench import APP, Recorder, add_app_options, app_config, deploy, local_serve  # noqa: E402
+from benchmarks.bench_serve import APP, Recorder, add_app_options, app_config, deploy, local_serve  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder")
 

@@ -1,7 +1,7 @@
 """Chaos benchmark: kill a stage's replica under closed-loop load and measure what clients see.
 
-    python benchmarks/chaos_bench.py --json chaos.json                                  # one H200, model=random
-    python benchmarks/chaos_bench.py --model tiny --device cpu --num-cpus 8 --size 512x512 --steps 2 \\
+    python benchmarks/bench_chaos.py --json chaos.json                                  # one H200, model=random
+    python benchmarks/bench_chaos.py --model tiny --device cpu --num-cpus 8 --size 512x512 --steps 2 \\
         --clients 4 --warmup 15 --after 45 --json /tmp/chaos.json                      # CPU smoke run
 
 The app starts from serve_config.yaml (model and device replaced, the killed stage held at one
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--startup-timeout", type=float, default=1200.0)
     parser.add_argument("--num-cpus", type=int, help="Ray's CPU count (serve_config.yaml asks for 5 CPUs)")
     parser.add_argument("--verbose", action="store_true", help="show replica logs")
-    parser.add_argument("--json", default="chaos_bench.json")
+    parser.add_argument("--json", default="bench_chaos.json")
     args = parser.parse_args(argv)
 
     import ray

@@ -1,16 +1,19 @@
-"""The warm-up calls a replica may run after it reports ready, on its model thread, between requests.
+"""The warm-up a replica runs after it reports ready, on its model thread, between requests.
 
 Why: with a warm compile cache most of a new Denoiser's start went to tracing the graphs of batches
 over one image (equal and ragged captions, several seconds each even when inductor's caches hold
-the compiled code), while a replica that runs every forward at batch 1 needs none of them. So the
-replica reports ready once its batch-1 graphs are warm, and runs the rest here. Until `ready` is
-set, the Denoiser runs each image of a batch as its own forward (`DenoiseLoop.batched_ready`), so
+the compiled code), while a replica that runs every forward at batch 1 needs none of them; and most
+of the VaeDecoder's cold start went to compiling its dynamic graph for sizes no warm-up size covers,
+while those sizes decode correctly (more slowly) without it. So a stage reports ready once what its
+common requests need is warm (`StageBase.warm_up`) and warms the rest here
+(`StageBase.warm_up_after_ready`). Until `ready` is set the stage takes a path that compiles nothing
+(the Denoiser runs each image of a batch as its own forward, the VAE decodes such sizes eagerly), so
 nothing compiles on the request path in the meantime.
 
 Each call is its own job on the replica's `GpuLane`: the lane's one thread runs model work one call
-at a time, so a warm-up forward never overlaps a request's forward (nor makes its cuDNN plans on
+at a time, so a warm-up call never overlaps a request's model call (nor makes its cuDNN plans on
 another thread), and a request's work submitted while a warm-up call runs goes before the next
-warm-up call. A request step waits at most one warm-up call.
+warm-up call. A request waits at most one warm-up call.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ logger = logging.getLogger(__name__)
 WarmupStep = tuple[str, Callable[[], Any]]  # (key, a blocking call for the model thread)
 
 
-class BatchedWarmup:
+class BackgroundWarmup:
     """Runs `steps` in a background thread, each as one call on `lane`; `ready` is set when all have
     run (at once when there are none), just after `on_ready(self)`. A failed step stops the warm-up
-    and leaves `ready` unset: batches keep running one image per forward, slower but correct."""
+    and leaves `ready` unset: the stage keeps the path that compiles nothing, slower but correct."""
 
-    def __init__(self, lane: GpuLane, steps: Sequence[WarmupStep] = (),
-                 on_ready: Callable[["BatchedWarmup"], None] | None = None):
+    def __init__(self, lane: GpuLane, steps: Sequence[WarmupStep] | None = (),
+                 on_ready: Callable[["BackgroundWarmup"], None] | None = None, name: str = "background"):
+        """`steps` None: not known yet (`plan` gives them), and `ready` stays unset until then."""
         self.lane = lane
-        self.steps = list(steps)
+        self.name = name
+        self.steps: list[WarmupStep] = []
         self.on_ready = on_ready
         self.ready = threading.Event()
         self.running = False  # a warm-up call is on the model thread now: its compiles are expected
@@ -45,13 +50,19 @@ class BatchedWarmup:
         self.wall_seconds: float | None = None  # from start() until ready
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        if steps is not None:
+            self.plan(steps)
+
+    def plan(self, steps: Sequence[WarmupStep]) -> None:
+        """The calls to run (`ready` at once when there are none); before `start`."""
+        self.steps = list(steps)
         if not self.steps:
             self.ready.set()
 
     def start(self) -> None:
         if self.ready.is_set() or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run_all, name="batched-warmup", daemon=True)
+        self._thread = threading.Thread(target=self._run_all, name="background-warmup", daemon=True)
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -73,7 +84,8 @@ class BatchedWarmup:
                 seconds = self.lane.run_blocking(self._timed, fn)
             except Exception as exc:
                 self.error = f"{key}: {type(exc).__name__}: {exc}"
-                logger.exception("background warm-up failed at %s; batches stay one image per forward", key)
+                logger.exception("%s warm-up after ready failed at %s; the stage keeps the path that compiles "
+                                 "nothing (slower, correct)", self.name, key)
                 return
             self.timings[key] = round(seconds, 4)
             self.lane_seconds += seconds
@@ -84,8 +96,8 @@ class BatchedWarmup:
             except Exception:  # reporting must not keep the batched graphs unused
                 logger.exception("on_ready of the background warm-up failed")
         self.ready.set()
-        logger.info("batched graphs ready after %.1fs (%.1fs on the model thread, %d calls)",
-                    self.wall_seconds, self.lane_seconds, len(self.steps))
+        logger.info("%s warm-up after ready done in %.1fs (%.1fs on the model thread, %d calls)",
+                    self.name, self.wall_seconds, self.lane_seconds, len(self.steps))
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,110 @@
+"""The README's quick start as a user runs it: `serve run serve_app:build_app` in a process of its
+own (its own Ray instance, temporary folder and HTTP port). Ready is answered the moment the command
+says the application is ready, and SIGTERM stops it as Ctrl-C does: exit status 0, Serve shut down,
+no stack dump, none of its Ray processes left."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_LINE = "Application 'default' is ready at"
+START_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServeRun:
+    process: subprocess.Popen
+    url: str
+    ray_tmp: str
+    lines: list[str] = field(default_factory=list)
+    ready_seen: threading.Event = field(default_factory=threading.Event)
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if READY_LINE in line:
+                self.ready_seen.set()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def ray_processes(self) -> list[str]:
+        """Command lines of live processes started for this instance (their paths name its folder)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+            if entry.name.isdigit() and self.ray_tmp in cmdline:
+                found.append(cmdline[:200])
+        return found
+
+
+@pytest.fixture(scope="module")
+def serve_run(cache_dir) -> Iterator[ServeRun]:
+    port = free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "ZIMAGE_CACHE_DIR": str(cache_dir), "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp,
+           "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests/deploy/serve_run_on_port.py"), str(port), "serve_app:build_app"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    run = ServeRun(process, f"http://127.0.0.1:{port}", ray_tmp)
+    threading.Thread(target=run.read, daemon=True).start()
+    try:
+        if not run.ready_seen.wait(START_TIMEOUT_S):
+            pytest.fail(f"no {READY_LINE!r} line in {START_TIMEOUT_S} s:\n{run.output()[-4000:]}")
+        yield run
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ready_is_answered_when_the_command_says_ready(serve_run):
+    response = httpx.get(f"{serve_run.url}/health/ready", timeout=10)  # right after the line
+    assert response.status_code == 200, (response.text, serve_run.output()[-2000:])
+    assert response.json()["stages"] == dict.fromkeys(["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"], True)
+    body = {"prompt": "a lighthouse", "size": "512x512", "num_inference_steps": 2, "seed": 1}
+    assert httpx.post(f"{serve_run.url}/v1/images/generations", json=body, timeout=300).status_code == 200
+
+
+def test_sigterm_stops_it_as_ctrl_c_does(serve_run):
+    assert serve_run.ray_processes(), "no Ray process of this instance found before the signal"
+    before = len(serve_run.lines)
+    serve_run.process.send_signal(signal.SIGTERM)  # to the command alone, as a supervisor sends it
+    assert serve_run.process.wait(timeout=120) == 0, serve_run.output()[-4000:]
+    time.sleep(1)  # the reader has the last lines
+    after = "".join(serve_run.lines[before:])
+    assert "SIGTERM received" not in after and "Traceback" not in after, after[-4000:]
+    assert "shutting down" in after, after[-4000:]
+    deadline = time.monotonic() + 30
+    while serve_run.ray_processes() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not serve_run.ray_processes(), serve_run.ray_processes()
