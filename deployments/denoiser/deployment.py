@@ -56,7 +56,8 @@ class DenoiserConfig(StageConfig):
 
 @serve.deployment(
     name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of 2026-11-22); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+    # 2026-11-22); 0 where no GPU is in use.
     # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
     # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
