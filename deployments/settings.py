@@ -36,7 +36,8 @@ class ModelSettings(BaseModel):
     fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "auto"
     """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
     kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59.2 against 68.5 ms
-    a 1024x1024 step in one run; with 20 clients 2.79x the plain server's throughput; RESULTS.md),
+    a 1024x1024 step in one run, RESULTS.md round of 2026-12-01; with 20 clients 2.79x the plain
+    server's throughput, its second round, `serve_shipped.json`),
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
     installed, `fused-bf16-attention` on a Hopper without it, else `inductor`)."""
     dit_cuda_graphs: bool | Literal["auto"] = "auto"
@@ -69,6 +70,21 @@ class ModelSettings(BaseModel):
     are compiled and compiles its dynamic graph (every other size) afterwards, one call at a time
     between requests, decoding other sizes eagerly until then: most of its cold start was that
     graph. A request to the replica may wait for one such call meanwhile. False: all before ready."""
+
+    lora_dir: str | None = None
+    """The operator's LoRA adapters, one `.safetensors` file per adapter, named by its stem
+    (deployments.denoiser.lora.library); None: `loras/` under `cache_dir` (ZIMAGE_CACHE_DIR). On a cluster, a shared
+    filesystem mounted at this path on every node."""
+    lora_max_file_bytes: int = Field(1 << 30, ge=1)
+    lora_max_rank: int = Field(256, ge=1)
+    lora_max_files: int = Field(1000, ge=1)
+
+    def lora_settings(self):
+        from deployments.denoiser.lora.library import LoraSettings
+
+        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
+        return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
+                            max_rank=self.lora_max_rank, max_files=self.lora_max_files)
 
     def resolve_speed(self, device: torch.device) -> Speed:
         """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""

@@ -16,9 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from serve_app.protocol import ImageResult
-
-from serve_app.protocol import Timings
+from serve_app.protocol import ImageResult, Timings
 
 logger = logging.getLogger("ray.serve")
 Item = TypeVar("Item")
@@ -51,6 +49,7 @@ class AccessRecord:
     steps: int | None = None
     style: str | None = None
     prompt: str | None = None
+    loras: str | None = None  # "name:scale,..." of the request's LoRA adapters
     images: int = 0
     timings: Timings | None = None  # a finished request's, as its response carries them
     bytes_out: int = 0
@@ -59,6 +58,7 @@ class AccessRecord:
         """What was asked for, from the request's plan (serve_app.pipeline.RequestPlan)."""
         self.width, self.height, self.n, self.steps = plan.width, plan.height, plan.n, plan.steps
         self.style, self.prompt = plan.style, plan.prompt
+        self.loras = ",".join(f"{lora.name}:{lora.scale:g}" for lora in plan.loras) or None
 
     def took(self, result: ImageResult) -> None:
         """What came back: the images and the stages' timings."""
@@ -75,7 +75,8 @@ class AccessRecord:
     def fields(self) -> dict[str, Any]:
         data = {
             "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
-            "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "images": self.images,
+            "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "loras": self.loras,
+            "images": self.images,
             "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,
             **(self.timings.model_dump() if self.timings is not None else {}),
         }

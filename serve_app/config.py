@@ -80,6 +80,7 @@ class ApiLimits(BaseModel):
     max_upload_pixels: int = Field(64 << 20, ge=MIN_SIDE * MIN_SIDE)
     max_inflight_requests: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    max_loras_per_request: int = Field(4, ge=0, le=16)
 
     @model_validator(mode="after")
     def _steps_in_range(self):

@@ -7,6 +7,7 @@ import logging
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from deployments.denoiser.lora.errors import LoraRequestError
 from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.weights.model_source import ModelSourceError
 from deployments.style.presets import UnknownStyleError
@@ -75,6 +76,8 @@ def api_error_for(exc: BaseException) -> ApiError:
         return from_validation_error(exc)
     if isinstance(exc, UnknownStyleError):
         return bad_request(str(exc), param="style")
+    if isinstance(exc, LoraRequestError):  # from the Denoiser: a file that does not fit, a replica without LoRA
+        return bad_request(f"Invalid value for 'loras': {exc}", param="loras", code="invalid_lora")
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded()
     if isinstance(exc, StoreError):  # the detail (a path, a bucket's answer) goes to the log only

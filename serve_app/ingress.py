@@ -29,6 +29,7 @@ from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
+from serve_app.loras import LoraCatalog
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import ImagePipeline, RequestPlan
 from serve_app.planning import PlannedRequest, plan_edit, plan_generation, plan_handle_request
@@ -92,8 +93,9 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None, image_store: dict | None = None):
+                 base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None):
         self.styler = styler
+        self.loras = LoraCatalog(lora_settings)  # the adapters requests may name (serve_app.loras)
         self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
         self.readiness = ReadinessProbe(serve.get_replica_context().app_name,
                                         ["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"])
@@ -156,6 +158,14 @@ class Ingress:
         entry = {"id": self.limits.served_model_name, "object": "model", "created": 0, "owned_by": "zimage-serve",
                  "root": self.model_name, "random_weights": self.random_weights}
         return JSONResponse({"object": "list", "data": [entry]})
+
+    @app.get("/v1/loras")
+    async def list_loras(self, request: Request) -> JSONResponse:
+        try:
+            authorize(request.headers, self.limits.api_key_sha256)
+            return JSONResponse(await self.loras.listing())
+        except Exception as exc:
+            return error_response(api_error_for(exc))
 
     @app.get("/v1/styles")
     async def styles(self, request: Request) -> JSONResponse:
@@ -242,6 +252,7 @@ class Ingress:
 
     async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
         record.describe(plan)
+        await self.loras.check_plan(plan)
         result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
         record.took(result)
         return result
@@ -251,6 +262,7 @@ class Ingress:
         gets a JSON error with its status. With `response_format: "url"` the final image is stored
         before its event goes out (a store failure is an `error` event)."""
         record.describe(planned.plan)
+        await self.loras.check_plan(planned.plan)
         items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
                                                         timeout, self.limits.max_inflight_requests), record)
         items = stored_stream(items, self.images, planned.options.response_format, base_url)

@@ -29,14 +29,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, StageTime, StyledPrompt
+from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
 from deployments.denoiser.inpaint import default_strength
+from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.masks import plan_mask
-from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, PartialImage, StepDone, Timings
+from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, LoraSpec, PartialImage, StepDone, Timings
 from serve_app.retry import RetryPolicy
 
 DEFAULT_SIZE = (1024, 1024)
@@ -60,12 +61,13 @@ class RequestPlan:
     init_image: Image.Image | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
+    loras: tuple[LoraSpec, ...] = ()  # names checked against the adapters offered (serve_app.loras)
 
     def denoise_request(self, index: int, deadline: float | None) -> DenoiseRequest:
         """What the Denoiser is asked for image `index` (seed + index) of this request."""
         return DenoiseRequest(width=self.width, height=self.height, steps=self.steps, seed=self.seed + index,
                               guidance_scale=self.guidance_scale, strength=self.strength, mask=self.mask,
-                              deadline=deadline)
+                              deadline=deadline, loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras))
 
 
 def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,
@@ -92,6 +94,11 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     problem = size_problem(width, height, limits.max_pixels)
     if problem:
         raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
+    loras = tuple(req.loras or ())
+    if len(loras) > limits.max_loras_per_request:
+        raise bad_request(f"At most {limits.max_loras_per_request} LoRA adapters per request.", param="loras")
+    if len({lora.name for lora in loras}) < len(loras):
+        raise bad_request("Each LoRA adapter may appear once per request.", param="loras")
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if mask is not None and init is None:
         raise bad_request("A mask needs an image to edit.", param="mask", code="invalid_mask")
@@ -102,6 +109,7 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
         init_image=fit_upload(init, (width, height)) if init is not None else None,
         strength=default_strength(getattr(req, "strength", None), mask is not None) if init is not None else 1.0,
         mask=plan_mask(mask, width, height) if mask is not None else None,
+        loras=loras,
     )
 
 
@@ -159,12 +167,12 @@ class ImagePipeline:
         (the VaeDecoder's preview of the Denoiser's clean-latent estimate) at `partial_images` steps spread
         over the run, then the `ImageResult`, whose pixels are those `run` gives. Closing this generator
         cancels the Denoiser's job. (A stream's items cannot be passed on unresolved, so here the final
-        latents, 1 MB at 1024x1024, come through the Ingress on their way to the decoder.) A stream is
+        latents, 1 MiB at 1024x1024 (16 x 128 x 128 float32), come through the Ingress on their way to the decoder.) A stream is
         not retried after a replica dies: its events have already reached the client."""
         started = time.perf_counter()
         cond = await self._condition(plan, deadline)
         request = plan.denoise_request(0, deadline)
-        updates = self.denoiser.options(stream=True).denoise_stream.remote(
+        updates = self._denoiser_for(request).options(stream=True).denoise_stream.remote(
             request, cond.caption, cond.negative, cond.posterior, partial_images
         )
         latents: Latents | None = None
@@ -207,9 +215,16 @@ class ImagePipeline:
             style_ms=style_ms,
         )
 
+    def _denoiser_for(self, request: DenoiseRequest) -> Any:
+        """A request with LoRA adapters goes preferably to a Denoiser replica that holds its adapter set
+        (Ray Serve's model multiplexing; the ID: `lora.library.adapter_set_id`)."""
+        if not request.loras:
+            return self.denoiser
+        return self.denoiser.options(multiplexed_model_id=adapter_set_id(lora.name for lora in request.loras))
+
     async def _image(self, request: DenoiseRequest, cond: Conditioning) -> DecodedImage:
         """One image's denoise and decode; a failure or cancellation cancels both calls."""
-        latents = self.denoiser.denoise.remote(request, cond.caption, cond.negative, cond.posterior)
+        latents = self._denoiser_for(request).denoise.remote(request, cond.caption, cond.negative, cond.posterior)
         decoded = self.vae.decode.remote(latents)
         try:
             return await decoded
@@ -224,7 +239,7 @@ class ImagePipeline:
         start = time.perf_counter()
         data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
         image = GeneratedImage(data=data, format=plan.output_format, seed=seed, width=plan.width,
-                               height=plan.height, revised_prompt=cond.styled.text)
+                               height=plan.height, revised_prompt=cond.styled.text, loras=plan.loras)
         return image, decoded, (time.perf_counter() - start) * 1000
 
     def _result(self, outcomes: list[tuple[GeneratedImage, DecodedImage, float]], cond: Conditioning,

@@ -64,6 +64,8 @@ def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: st
     )
     if init is not None:
         fields["strength"] = request.strength
+    if request.loras:
+        fields["loras"] = [lora if isinstance(lora, dict) else lora.model_dump() for lora in request.loras]
     try:
         parsed = options.model_validate(fields)
     except ValidationError as exc:

@@ -18,6 +18,15 @@ MAX_SEED = 2**63 - 1024  # image i of a request uses seed + i
 OutputFormat = Literal["png", "jpeg", "webp"]
 
 
+class LoraSpec(BaseModel):
+    """One LoRA adapter for a request: the operator's name for it (`GET /v1/loras`) and its scale."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, max_length=64)
+    scale: float = Field(1.0, ge=-2.0, le=2.0)
+
+
 class ImageOptions(BaseModel):
     """Fields shared by generations and edits (OpenAI's, then Z-Image extensions)."""
 
@@ -42,6 +51,9 @@ class ImageOptions(BaseModel):
     guidance_scale: float = Field(0.0, ge=0.0, le=20.0)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     style: str | None = Field(None, max_length=64)
+    loras: list[LoraSpec] | None = Field(None, max_length=16)
+    """LoRA adapters with their scales (at most `api.max_loras_per_request`); an extension field, which
+    the official client sends in `extra_body`."""
     stream_progress: bool | None = None
     """With `stream: true`, also send a `zimage.progress` event after every denoising step; without
     it a stream carries exactly OpenAI's event types, so typed clients need not know ours."""
@@ -87,6 +99,7 @@ class ImageObject(BaseModel):
     url: str | None = None
     revised_prompt: str
     seed: int
+    loras: list[LoraSpec] | None = None  # the adapters this image was made with
 
 
 class Timings(BaseModel):
@@ -169,6 +182,7 @@ class ImageCompletedEvent(ImageStreamEvent):
     revised_prompt: str
     timings: Timings
     random_weights: bool = False
+    loras: list[LoraSpec] | None = None
     speed: dict[str, str] = Field(default_factory=dict)
 
 
@@ -226,6 +240,7 @@ class ImageRequest:
     init_image: bytes | None = None
     strength: float | None = None
     mask: bytes | None = None
+    loras: tuple[LoraSpec | dict, ...] = ()  # LoraSpec(name=..., scale=...) or {"name": ..., "scale": ...}
     response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
@@ -238,6 +253,7 @@ class GeneratedImage:
     width: int
     height: int
     revised_prompt: str
+    loras: tuple[LoraSpec, ...] = ()  # the adapters this image was made with
     url: str | None = None  # response_format "url": where the image is, until it expires
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.requests import Request
 
 from serve_app.errors import ApiError, bad_request
+from serve_app.loras import form_loras
 
 
 def require_content_type(request: Request, expected: str) -> None:
@@ -73,10 +74,12 @@ async def read_edit_form(request: Request, max_field_bytes: int, max_upload_byte
         raise bad_request(f"The multipart body could not be parsed: {exc}", code="invalid_multipart") from None
     try:
         fields: dict = {}
-        images, masks = [], []
+        images, masks, loras = [], [], []
         for key, value in form.multi_items():
             if key in ("image", "image[]"):
                 images.append(value)
+            elif key.startswith("loras") and not hasattr(value, "read"):
+                loras.append((key, value))
             elif key == "mask":
                 masks.append(value)
             elif hasattr(value, "read"):
@@ -90,6 +93,8 @@ async def read_edit_form(request: Request, max_field_bytes: int, max_upload_byte
             raise bad_request("Send exactly one image file.", param="image", code="invalid_image")
         if len(masks) > 1 or (masks and not hasattr(masks[0], "read")):
             raise bad_request("Send the mask as one image file.", param="mask", code="invalid_mask")
+        if loras:
+            fields["loras"] = form_loras(loras)
         mask = await masks[0].read(max_upload_bytes + 1) if masks else None
         return EditForm(fields, await images[0].read(max_upload_bytes + 1), mask)
     finally:

@@ -32,8 +32,9 @@ async def images_response(result: ImageResult, served_model_name: str) -> Respon
     by_url = all(img.url for img in result.images)
     body = ImagesResponse(
         created=int(time.time()),
-        data=[ImageObject(url=img.url, revised_prompt=img.revised_prompt, seed=img.seed) if by_url else
-              ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed) for img in result.images],
+        data=[ImageObject(url=img.url, revised_prompt=img.revised_prompt, seed=img.seed, loras=list(img.loras) or None)
+              if by_url else ImageObject(b64_json="", revised_prompt=img.revised_prompt, seed=img.seed,
+                                         loras=list(img.loras) or None) for img in result.images],
         model=served_model_name,
         size=f"{first.width}x{first.height}",
         output_format=first.format,

@@ -91,7 +91,8 @@ class StreamEvents:
         return sse(ImageCompletedEvent(
             type=f"{self.kind}.completed", created_at=created, **reference,
             usage=self.usage(item.prompt_tokens), seed=image.seed, revised_prompt=image.revised_prompt,
-            timings=item.timings, random_weights=item.random_weights, speed=item.speed, **self.settings,
+            timings=item.timings, random_weights=item.random_weights, speed=item.speed,
+            loras=list(image.loras) or None, **self.settings,
         ), exclude={"b64_json"} if image.url else {"url"})
 
     def usage(self, text_tokens: int) -> StreamUsage:

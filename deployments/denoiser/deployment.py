@@ -11,6 +11,7 @@ from functools import partial
 from itertools import chain
 
 import torch
+from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
@@ -35,6 +36,8 @@ from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
+from deployments.denoiser.lora.cache import AdapterCache
+from deployments.denoiser.lora.library import LoraLibrary
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.settings import ModelSettings
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
@@ -47,11 +50,14 @@ class DenoiserConfig(StageConfig):
     """Live config: batching and the scheduling policy (requests already running finish under the old one)."""
 
     scheduling: SchedulingPolicy = "continuous"
+    lora_cache_bytes: int = Field(8 << 30, ge=0)
+    """Bytes of LoRA factors a replica keeps on its device (least recently used go first)."""
 
 
 @serve.deployment(
     name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22 GB reserved); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+    # 2026-11-22); 0 where no GPU is in use.
     # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
     # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
@@ -106,7 +112,10 @@ class Denoiser(StageBase):
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
             batched_ready=self.after_ready.ready,
+            lora=self.device.type != "cuda" or getattr(self.transformer, "_lora_slots", None) is not None,
         )
+        self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
+                                       self.config.lora_cache_bytes)
         self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
                                          self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
@@ -119,7 +128,8 @@ class Denoiser(StageBase):
         if not (self.speed.compile.value and self.settings.warmup_sizes):
             return [], []
         single, batched = serving_calls(
-            self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens
+            self.settings.warmup_pixels(), self.config.max_batch_size, self.settings.max_prompt_tokens,
+            lora=getattr(self.transformer, "_lora_slots", None) is not None,
         )
         return (single + batched, []) if not self.settings.warm_batches_in_background else (single, batched)
 
@@ -157,6 +167,10 @@ class Denoiser(StageBase):
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
+        if self.step_graphs is not None:
+            graphs = self.step_graphs.as_dict()
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket), %s MiB of graph memory",
+                        graphs["graphs"], graphs["graph_pool_mib"])
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""
@@ -175,6 +189,19 @@ class Denoiser(StageBase):
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
         self.denoiser_metrics.set_policy(config.scheduling)
+        if hasattr(self, "lora_cache"):
+            self.lora_cache.capacity_bytes = config.lora_cache_bytes
+
+    @serve.multiplexed(max_num_models_per_replica=16)
+    async def adapter_set(self, model_id: str) -> str:
+        """Registers a request's adapter set (its multiplexed model ID) as held here, so that Serve routes
+        requests with that set to this replica; the adapters themselves live in `lora_cache`."""
+        return model_id
+
+    async def _adapters(self, request: DenoiseRequest) -> tuple:
+        if request.loras and serve.get_multiplexed_model_id():
+            await self.adapter_set(serve.get_multiplexed_model_id())
+        return await self.lora_cache.resolve_async(request.loras)
 
     async def denoise(
         self,
@@ -187,7 +214,9 @@ class Denoiser(StageBase):
         (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
         share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
-        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior))
+        adapters = await self._adapters(request)
+        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior,
+                                                                    adapters=adapters))
         return self._finished(latents, queued_s, caption, posterior, start)
 
     async def denoise_stream(
@@ -212,7 +241,9 @@ class Denoiser(StageBase):
             update = DenoiseProgress(state.step_index, state.total_steps, time.perf_counter() - start, preview)
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
-        task = asyncio.ensure_future(self._run(DenoiseJob.from_request(request, caption, negative, posterior, on_step)))
+        adapters = await self._adapters(request)
+        job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters)
+        task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
         try:
             while (update := await updates.get()) is not None:
@@ -270,6 +301,6 @@ class Denoiser(StageBase):
                     shape_warmup=self.shape_warmup.as_dict(),
                     pending_work=self.pending_work().as_metrics(),
                     batch_invariant=self.loop.batch_invariant,
-                    fp8_kernels=self.fp8_kernels,
+                    fp8_kernels=self.fp8_kernels, loras=self.lora_cache.stats(),
                     step_graphs=None if self.step_graphs is None else self.step_graphs.as_dict())
         return data

@@ -31,6 +31,7 @@ import torch
 
 from deployments.contracts import DenoiseJob, Latents
 from deployments.denoiser.inpaint import InpaintState
+from deployments.denoiser.lora.errors import LoraUnsupportedError
 from deployments.denoiser.lora.linear import LoraSlots, install_lora
 from deployments.geometry import image_tokens, latent_shape
 
@@ -84,10 +85,6 @@ class ScheduleTable:
         if start >= job.steps:
             raise ValueError(f"strength {job.strength} leaves no denoising step out of {job.steps}")
         return Schedule(timesteps=full.timesteps[start:], sigmas=full.sigmas[start:])
-
-
-class LoraUnsupportedError(ValueError):
-    """The replica runs DiT kernels without adapter support (the fused FP8 path)."""
 
 
 class NonFiniteLatentsError(RuntimeError):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deployments.denoiser.lora.adapter import LoraAdapter, LoraFitError, model_slots
-from deployments.denoiser.lora.convert import LoraFormatError, to_diffusers_keys
-from deployments.denoiser.lora.library import LoraLibrary, LoraSettings, UnknownLoraError
+from deployments.denoiser.lora.adapter import LoraAdapter, model_slots
+from deployments.denoiser.lora.convert import to_diffusers_keys
+from deployments.denoiser.lora.errors import LoraFitError, LoraFormatError, UnknownLoraError
+from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from deployments.weights import loading
 from tests.lora_files import diffusers_state, kohya_state, random_factors, write
 

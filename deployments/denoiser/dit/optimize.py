@@ -14,6 +14,7 @@ from deployments.denoiser.dit.fused_block import install_fused_blocks
 from deployments.denoiser.dit.fusion import fuse_projections
 from deployments.denoiser.dit.regional_compile import compile_blocks
 from deployments.denoiser.dit.rotary import AttentionChoice, install_real_rope
+from deployments.denoiser.lora.linear import install_lora
 
 Precision = Literal["bf16", "fp8"]
 # FP8 kernels: torchao's linears with inductor's norm/quantization kernels, or our fused Triton
@@ -34,6 +35,7 @@ def optimize_transformer(
     fp8_scaling: Fp8Scaling = "row",
     backend: str | Callable[..., Any] = "inductor",
     fp8_kernels: Fp8Kernels = "inductor",
+    lora: bool = True,
 ) -> nn.Module:
     """Real RoPE, then (optionally) fused projections, then FP8, then regional compile; in place.
 
@@ -42,7 +44,9 @@ def optimize_transformer(
     so that the fused weights are quantized; FP8 before compiling so the graphs trace the FP8 GEMMs.
     `precision="bf16"` keeps the weights in the dtype they were loaded in (bf16 in production,
     float32 in CPU tests). `fp8_kernels` picks how FP8 runs (`Fp8Kernels`). Returns the same module,
-    still called as diffusers calls it.
+    still called as diffusers calls it. `lora` wraps the block linears for per-job adapters
+    (`lora.linear`) after FP8 and before compiling, so the compiled blocks take the adapters' factors
+    as inputs; the fused FP8 blocks have no adapter support and are left unwrapped.
     """
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision must be 'bf16' or 'fp8', got {precision!r}")
@@ -59,6 +63,8 @@ def optimize_transformer(
         if not fuse:
             raise ValueError("fused FP8 kernels need fused projections (fuse=True)")
         install_fused_blocks(transformer, attention="bf16" if fp8_kernels == "fused-bf16-attention" else "fp8")
+    if lora and (precision != "fp8" or fp8_kernels == "inductor"):
+        install_lora(transformer)
     if compile:
         compile_blocks(transformer, cache_dir, dynamic=dynamic, backend=backend, artifacts_name=f"dit-{precision}")
     return transformer

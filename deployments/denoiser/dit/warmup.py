@@ -7,9 +7,10 @@ part of it before it reports ready and the rest afterwards, one call at a time b
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,10 +23,13 @@ from deployments.denoiser.dit.blocks import model_device_dtype
 class WarmupCall:
     """One warm-up forward: an image size and one caption length per image of the batch."""
 
-    key: str  # `WxH/bN[/ragged|/capL]`
+    key: str  # `WxH/bN[/ragged|/capL][/lora]`
     width: int
     height: int
     caption_lens: tuple[int, ...]
+    lora_rank: int = 0
+    """With a rank, the first image carries a zero LoRA adapter of that rank (`lora.linear`): the
+    graphs of forwards with adapters, which any adapter then reuses."""
 
     @property
     def batch(self) -> int:
@@ -77,11 +81,22 @@ def call_inputs(transformer: nn.Module, call: WarmupCall, generator: torch.Gener
 def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None) -> float:
     """One warm-up forward on random inputs; returns its seconds (device-synchronized). Runs under
     `inference_mode`, as the denoise loop does (a different grad mode would be a different graph)."""
-    device, _ = model_device_dtype(transformer)
+    device, dtype = model_device_dtype(transformer)
     latents, t, captions = call_inputs(transformer, call, generator)
+    adapters = contextlib.nullcontext()
+    if call.lora_rank:
+        from deployments.denoiser.lora.adapter import LaidOutAdapter
+
+        slots = transformer._lora_slots
+        zero = LaidOutAdapter("warmup", {
+            path: (torch.zeros(call.lora_rank, slot.in_features, device=device, dtype=dtype),
+                   torch.zeros(sum(p.out_features for p in slot.parts), call.lora_rank, device=device, dtype=dtype))
+            for path, slot in slots.slots.items()})
+        adapters = slots.using([((zero, 1.0),)] + [()] * (call.batch - 1))
     _sync(device)
     start = time.perf_counter()
-    transformer(latents, t, captions, return_dict=False)
+    with adapters:
+        transformer(latents, t, captions, return_dict=False)
     _sync(device)
     return time.perf_counter() - start
 
@@ -130,7 +145,7 @@ def warmup(
 
 
 def serving_calls(
-    sizes: Iterable[int | tuple[int, int]], max_batch_size: int, max_caption_tokens: int
+    sizes: Iterable[int | tuple[int, int]], max_batch_size: int, max_caption_tokens: int, lora: bool = False
 ) -> tuple[list[WarmupCall], list[WarmupCall]]:
     """The serving warm-up, cut in two: (batch-1 calls, calls of batches over 1).
 
@@ -139,13 +154,16 @@ def serving_calls(
     would then stall a live request for a recompile). Every caption bucket the DiT pads to, up to
     `max_caption_tokens`, at batch 1 (cuDNN's attention plans; padded captions' graph). A replica
     that runs its batches one image per forward until the second list has run can report ready
-    after the first.
+    after the first. `lora`: also the graphs of forwards with LoRA adapters (one image, one ragged batch).
     """
-    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+    from deployments.denoiser.dit.caption_buckets import SEQ_MULTI_OF, caption_bucket
 
     batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
-    buckets = range(SEQ_MULTI_OF, max_caption_tokens + 1, SEQ_MULTI_OF)
+    buckets = range(SEQ_MULTI_OF, caption_bucket(max_caption_tokens) + 1, SEQ_MULTI_OF)  # 500 tokens: up to 512
     calls = warmup_calls(sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
+    if lora:  # with adapters (`lora.linear`): unmasked (one image) and masked (ragged batch) graphs
+        calls += [replace(call, key=f"{call.key}/lora", lora_rank=32) for call in calls
+                  if "/cap" not in call.key and (call.batch == 1 or call.key.endswith("/ragged"))]
     return [c for c in calls if c.batch == 1], [c for c in calls if c.batch > 1]
 
 

@@ -18,19 +18,12 @@ import torch
 from torch import nn
 
 from deployments.denoiser.dit.blocks import BLOCK_LISTS
+from deployments.denoiser.lora.errors import LoraFitError
 
 _ADAPTABLE = re.compile(
     r"^(?:noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
     r"(?:attention\.(?:to_q|to_k|to_v|to_out\.0)|feed_forward\.(?:w1|w2|w3))$"
 )
-
-
-class LoraFitError(ValueError):
-    """The adapter's keys or shapes do not fit the model; `key` is the first one that does not."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
 
 
 @dataclass(frozen=True)

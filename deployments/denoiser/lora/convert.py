@@ -19,14 +19,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from deployments.denoiser.lora.errors import LoraFormatError
 
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-
-
-class LoraFormatError(ValueError):
-    """The file is not a LoRA adapter this server can apply (its message says why)."""
 
 
 def _diffusers_converter() -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -114,9 +112,9 @@ def read_safetensors(path: Path, *, meta: bool = False) -> tuple[dict[str, torch
                     tensors[key] = torch.empty(piece.get_shape(), dtype=_dtype(piece.get_dtype()), device="meta")
                 else:
                     tensors[key] = f.get_tensor(key)
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' header errors
-        if isinstance(exc, LoraFormatError):
-            raise
+    except LoraFormatError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # unreadable or not safetensors
         raise LoraFormatError(f"{path.name}: not a readable safetensors file ({exc})") from exc
     return tensors, metadata
 

@@ -21,12 +21,20 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.denoiser.lora.adapter import LoraAdapter, LoraFitError
-from deployments.denoiser.lora.convert import LoraFormatError, metadata_scaling, read_safetensors, to_diffusers_keys
+from deployments.denoiser.lora.adapter import LoraAdapter
+from deployments.denoiser.lora.convert import metadata_scaling, read_safetensors, to_diffusers_keys
+from deployments.denoiser.lora.errors import LoraFitError, LoraFormatError, UnknownLoraError
 
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def adapter_set_id(names) -> str:
+    """The Ray Serve multiplexed model ID of a request's adapters: their sorted, de-duplicated names
+    joined by "+" (scales change no weights, so they are not part of it). Requests with the same set go
+    to replicas that have loaded it (`Denoiser.adapter_set`)."""
+    return "+".join(sorted(set(names)))
 
 
 class LoraSettings(BaseModel):
@@ -46,12 +54,6 @@ class LoraSettings(BaseModel):
         from deployments.weights.model_source import default_cache_dir
 
         return default_cache_dir() / "loras"
-
-
-class UnknownLoraError(KeyError):
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ the batch rows (images) that have adapters on this slot, a grouped low-rank upda
 as two batched GEMMs, where row j's `A`/`B` hold its adapters' factors side by side (scale folded
 into `A`) and are zero-padded to the batch's largest total rank `R`. Rows without adapters on the
 slot are not gathered and pay nothing; a batch without adapters runs the base linear alone.
+(Compiled graphs never see one row or rank 1, which they would specialize on: a lone row gets a zero
+row beside it, rank is at least 2, and in a forward with adapters a slot none of them targets gets a
+zero pair; so two graph variants per block cover every mix: without and with adapters.)
 
 The factors are tensors set on the modules before a forward (`LoraSlots.using`), never constants:
 a compiled block reads them as graph inputs, with their row and rank dimensions marked dynamic, so a
@@ -113,22 +116,35 @@ class LoraSlots:
                 factors = [(adapter.slots[path], scale) for adapter, scale in row if path in adapter.slots]
                 if factors:
                     selected.append((index, factors))
-            if selected:
-                plan[path] = self._slot_batch(selected)
+            plan[path] = self._slot_batch(selected) if selected else self._idle(path)
         self._plans[key] = (tuple(rows), plan)
         while len(self._plans) > self._plan_cache:
             self._plans.popitem(last=False)
         return plan
+
+    def _idle(self, path: str) -> SlotBatch:
+        """Zero factors for a slot no row adapts in a forward that has adapters elsewhere: every slot of
+        such a forward carries factors, so which slots an adapter targets is no new graph variant."""
+        slot = self.slots[path]
+        out = sum(part.out_features for part in slot.parts)
+        a = torch.zeros(2, 2, slot.in_features, device=self.device, dtype=self.dtype)
+        b = torch.zeros(2, out, 2, device=self.device, dtype=self.dtype)
+        return SlotBatch(torch.zeros(2, dtype=torch.int64, device=self.device), a, b)
 
     def _slot_batch(self, selected) -> SlotBatch:
         a_rows, b_rows = [], []
         for _, factors in selected:
             a_rows.append(torch.cat([a * scale for (a, _), scale in factors]))
             b_rows.append(torch.cat([b for (_, b), _ in factors], dim=1))
-        rank = max(a.shape[0] for a in a_rows)
+        indices = [index for index, _ in selected]
+        if len(selected) == 1:  # a zero row beside it: the compiled graphs never see one row (no 0/1 specialization)
+            a_rows.append(torch.zeros_like(a_rows[0]))
+            b_rows.append(torch.zeros_like(b_rows[0]))
+            indices.append(indices[0])
+        rank = max(2, *(a.shape[0] for a in a_rows))  # never a rank of 1 either
         a = torch.stack([F.pad(a, (0, 0, 0, rank - a.shape[0])) for a in a_rows])
         b = torch.stack([F.pad(b, (0, rank - b.shape[1])) for b in b_rows])
-        rows = torch.tensor([index for index, _ in selected], dtype=torch.int64, device=a.device)
+        rows = torch.tensor(indices, dtype=torch.int64, device=a.device)
         return SlotBatch(rows, a, b)
 
     def forget(self) -> None:

@@ -1,0 +1,35 @@
+"""A request's LoRA problems: each is the request's own fault (a 400 naming `loras`), never the replica's."""
+
+from __future__ import annotations
+
+
+class LoraRequestError(ValueError):
+    """Base: the Ingress maps it to 400 with `param: "loras"` (serve_app.errors)."""
+
+
+class UnknownLoraError(LoraRequestError):
+    def __init__(self, name: str):
+        super().__init__(f"unknown LoRA adapter {name!r}; GET /v1/loras lists the adapters this server offers")
+        self.name = name
+
+    def __reduce__(self):  # crosses Ray's process boundary with its own arguments
+        return type(self), (self.name,)
+
+
+class LoraFormatError(LoraRequestError):
+    """The file is not a LoRA adapter this server can apply (its message says why)."""
+
+
+class LoraFitError(LoraRequestError):
+    """The adapter's keys or shapes do not fit the model; `key` is the first one that does not."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.detail = key, message
+
+    def __reduce__(self):  # crosses Ray's process boundary with its own arguments
+        return type(self), (self.key, self.detail)
+
+
+class LoraUnsupportedError(LoraRequestError):
+    """The replica runs DiT kernels without adapter support (the fused FP8 path)."""

@@ -1,0 +1,67 @@
+"""Adapters are inputs of the compiled blocks, never constants: once the serving warm-up has run its
+LoRA calls, new adapters, ranks, scales, target sets and row mixes compile nothing, and the compiled
+blocks compute what the eager ones do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.denoiser.dit import optimize, regional_compile, warmup
+from deployments.denoiser.lora.adapter import LoraAdapter
+from tests.lora_files import random_factors
+from tests.unit.test_dit_speedups import forward, load, make_inputs, rel_err
+
+CPU, F32 = torch.device("cpu"), torch.float32
+
+
+@pytest.fixture()
+def compiled(tiny_source):
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager, ours = load(tiny_source), load(tiny_source)
+    for model in (eager, ours):
+        optimize.optimize_transformer(model, compile=False)  # real RoPE, fused projections, LoRA wrappers
+    regional_compile.compile_blocks(ours, None, backend=counting_backend)
+    yield eager, ours, graphs
+    torch._dynamo.reset()
+
+
+def test_new_adapters_compile_nothing_after_the_warm_up(compiled):
+    eager, ours, graphs = compiled
+    single, batched = warmup.serving_calls([(512, 512)], max_batch_size=3, max_caption_tokens=64, lora=True)
+    assert [c.key for c in single + batched if c.lora_rank] == ["512x512/b1/lora", "512x512/b2/ragged/lora",
+                                                                "512x512/b3/ragged/lora"]
+    warmup.run_calls(ours, single + batched, save=False)
+    warmed = len(graphs)
+
+    def adapter(model, rank, seed, targets=None):
+        slots = model._lora_slots
+        kwargs = {"targets": targets} if targets else {}
+        return LoraAdapter(f"a{seed}", random_factors(model, rank, seed, **kwargs)).laid_out(slots.slots, CPU, F32)
+
+    mixes = [  # (per image: [(rank, seed, targets, scale)], image shapes (h, w, caption))
+        ([[(4, 1, None, 1.0)]], [(64, 64, 17)]),
+        ([[(8, 2, ("attention.to_q", "attention.to_v"), 0.5)], []], [(64, 64, 17), (48, 80, 40)]),
+        ([[], [(16, 3, None, -1.0), (1, 4, ("feed_forward.w2",), 2.0)], []], [(64, 64, 9)] * 3),
+        ([[(32, 5, None, 0.3)], [(4, 6, None, 1.5)], [(12, 7, ("attention.to_out.0",), 1.0)]],
+         [(32, 32, 70), (64, 64, 20), (48, 48, 33)]),
+    ]
+    for index, (rows, shapes) in enumerate(mixes):
+        inputs = make_inputs(ours.config, shapes, seed=20 + index)
+        outputs = []
+        for model in (eager, ours):
+            adapters = [tuple((adapter(model, r, s, t), scale) for r, s, t, scale in row) for row in rows]
+            with torch.inference_mode(), model._lora_slots.using(adapters):
+                outputs.append(forward(model, inputs))
+        for got, expected in zip(outputs[1], outputs[0]):
+            assert rel_err(got, expected) <= 1e-5
+        with torch.inference_mode():
+            plain = forward(eager, inputs)
+        assert rel_err(outputs[0][0], plain[0]) > 1e-3 or not rows[0]  # the adapters did change the output
+    assert len(graphs) == warmed

@@ -1,0 +1,110 @@
+"""The serving side of LoRA adapters without Ray: the replica's adapter cache, the Ingress's checks,
+multipart fields, and how errors reach the client."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.contracts import LoraRef
+from deployments.denoiser.lora.cache import AdapterCache
+from deployments.denoiser.lora.errors import LoraFitError, LoraUnsupportedError
+from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+from deployments.denoiser.lora.linear import install_lora
+from deployments.weights import loading
+from serve_app.config import ApiLimits
+from serve_app.errors import ApiError, api_error_for
+from serve_app.loras import LoraCatalog, form_loras
+from serve_app.pipeline import plan_request
+from serve_app.protocol import ImageGenerationRequest
+from tests.lora_files import diffusers_state, random_factors, write
+
+
+@pytest.fixture(autouse=True)
+def _metrics_off(monkeypatch):
+    monkeypatch.setenv("ZIMAGE_METRICS", "0")
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_source):
+    return loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture()
+def directory(tmp_path, transformer):
+    for seed, name in enumerate(("one", "two", "three")):
+        write(tmp_path, name, diffusers_state(random_factors(transformer, rank=4, seed=seed)))
+    return tmp_path
+
+
+def test_cache_hits_misses_and_evicts_least_recently_used(directory, transformer):
+    slots = install_lora(transformer)
+    cache = AdapterCache(LoraLibrary(LoraSettings(lora_dir=str(directory))), slots, capacity_bytes=0)
+    (one, scale), = cache.resolve([LoraRef("one", 0.5)])
+    assert scale == 0.5 and one.name == "one" and cache.counts.misses == 1
+    size = one.nbytes
+    cache.capacity_bytes = 2 * size
+    assert cache.resolve([LoraRef("one")])[0][0] is one and cache.counts.hits == 1
+    cache.resolve([LoraRef("two")])
+    cache.resolve([LoraRef("one")])  # "two" is now the least recently used
+    cache.resolve([LoraRef("three")])
+    assert cache.resident_names() == ["one", "three"] and cache.counts.evictions == 1
+    assert cache.counts.resident_bytes == 2 * size and cache.counts.loads == 3
+    cache.capacity_bytes = 0  # the adapters of the request at hand stay, whatever the capacity
+    both = cache.resolve([LoraRef("two"), LoraRef("three")])
+    assert [a.name for a, _ in both] == ["two", "three"] and cache.resident_names() == ["two", "three"]
+
+
+def test_cache_refuses_a_replica_without_adapter_support_and_files_that_do_not_fit(directory, transformer):
+    library = LoraLibrary(LoraSettings(lora_dir=str(directory)))
+    with pytest.raises(LoraUnsupportedError, match="fused FP8"):
+        AdapterCache(library, None, 1 << 30).resolve([LoraRef("one")])
+    factors = random_factors(transformer, rank=4, seed=5)
+    a, b = factors["layers.0.attention.to_out.0"]
+    factors["layers.0.attention.to_out.0"] = (a, b[:-2])
+    write(directory, "bad", diffusers_state(factors))
+    with pytest.raises(LoraFitError) as info:
+        AdapterCache(library, install_lora(transformer), 1 << 30).resolve([LoraRef("bad")])
+    error = api_error_for(info.value)
+    assert (error.status, error.param) == (400, "loras") and "layers.0.attention.to_out.0.lora_A" in error.message
+
+
+def test_the_ingress_checks_names_and_counts(directory):
+    catalog = LoraCatalog({"lora_dir": str(directory)})
+    limits = ApiLimits(max_loras_per_request=2)
+
+    def plan(*loras):
+        return plan_request(ImageGenerationRequest(prompt="a fox", loras=list(loras)), None, limits, "tiny")
+
+    catalog.check(plan({"name": "one"}, {"name": "two", "scale": -2}).loras)
+    with pytest.raises(ApiError, match="Unknown LoRA adapter 'four'") as info:
+        catalog.check(plan({"name": "four"}).loras)
+    assert (info.value.status, info.value.param, info.value.code) == (400, "loras", "lora_not_found")
+    with pytest.raises(ApiError, match="At most 2"):
+        plan({"name": "one"}, {"name": "two"}, {"name": "three"})
+    (directory / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ApiError, match="cannot be used"):
+        catalog.check(plan({"name": "broken"}).loras)
+
+
+@pytest.mark.parametrize("items, expected", [
+    ([("loras[][name]", "a"), ("loras[][name]", "b"), ("loras[][scale]", "0.5"), ("loras[][scale]", "-1")],
+     [{"name": "a", "scale": "0.5"}, {"name": "b", "scale": "-1"}]),
+    ([("loras[][name]", "a")], [{"name": "a"}]),
+    ([("loras[1][name]", "b"), ("loras[0][name]", "a"), ("loras[0][scale]", "0.3")],
+     [{"name": "a", "scale": "0.3"}, {"name": "b"}]),
+    ([("loras", '[{"name": "a", "scale": 1.5}]')], [{"name": "a", "scale": 1.5}]),
+])
+def test_multipart_loras_fields(items, expected):
+    assert form_loras(items) == expected
+
+
+@pytest.mark.parametrize("items", [
+    [("loras[][name]", "a"), ("loras[][name]", "b"), ("loras[][scale]", "0.5")],
+    [("loras", "not json")],
+    [("loras[][path]", "/etc")],
+])
+def test_multipart_loras_problems_are_400s(items):
+    with pytest.raises(ApiError) as info:
+        form_loras(items)
+    assert (info.value.status, info.value.param) == (400, "loras")
