@@ -129,6 +129,23 @@ class Bench:
         return time.perf_counter() - t0
 
 
+def graphed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], Any]:
+    """`calls` calls of `fn` (fixed inputs, no host sync) captured as one CUDA graph, after warm-up
+    calls on a side stream; returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def cuda_time_ms(fn: Callable[[], Any]) -> float:
     """GPU time of one call of `fn`, between CUDA events on the current stream."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -12,8 +12,10 @@ and the plain PyTorch code it wraps, which imports and tests without Ray. Beside
                     compile caches, stage metrics, the cluster's free room
     weights/        model sources (hub id, local directory, `tiny`, `random`) and loading each component
     geometry        image sizes, `WxH` parsing, upload fitting, latent and patch sizes (pure Python)
-    contracts       the typed values passed between stages
+    contracts       the typed values passed between stages: the Denoiser's request and job, an image's
+                    trace of stage times
     settings        ModelSettings: what every model stage loads, where, and how fast
+    speed           `auto` speed settings resolved on each replica's own device
     autoscaling     the Denoiser's queued-work autoscaling policy (named in serve_config.yaml)
     local_pipeline  the four stages in one process, without Serve (the CLI and tests use it)
     cli             `zimage-generate`: one image from the command line

@@ -152,14 +152,16 @@ class DenoiseJob(DenoiseRequest):
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
 
     @classmethod
-    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None = None,
-                     posterior: LatentPosterior | None = None, on_step: Callable[[Any, torch.Tensor], None] | None = None,
+    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding,
+                     negative: CaptionEmbedding | None = None, posterior: LatentPosterior | None = None,
+                     on_step: Callable[[Any, torch.Tensor], None] | None = None,
                      adapters: tuple[tuple[Any, float], ...] = ()) -> DenoiseJob:
         """The job for `request` with its conditioning: the one place a request becomes a job."""
         asked = {f.name: getattr(request, f.name) for f in fields(DenoiseRequest)}
         if posterior is None:
             asked["strength"] = 1.0  # strength skips steps of an image-to-image schedule only
-        return cls(**asked, caption=caption.embedding, negative_caption=None if negative is None else negative.embedding,
+        return cls(**asked, caption=caption.embedding,
+                   negative_caption=None if negative is None else negative.embedding,
                    init_posterior=posterior, on_step=on_step, adapters=adapters)
 
     @property

@@ -36,7 +36,8 @@ class ModelSettings(BaseModel):
     fp8_kernels: Literal["auto", "inductor", "fused", "fused-bf16-attention"] = "auto"
     """How the FP8 DiT runs (`dit.optimize.Fp8Kernels`): `inductor` (torchao's FP8 linears, inductor's
     kernels around them), `fused` (our Triton kernels and cuDNN's FP8 attention: 59.2 against 68.5 ms
-    a 1024x1024 step in one run; with 20 clients 2.79x the plain server's throughput; RESULTS.md),
+    a 1024x1024 step in one run, RESULTS.md round of 2026-12-01; with 20 clients 2.79x the plain
+    server's throughput, its second round, `serve_shipped.json`),
     `fused-bf16-attention`, or `auto` (`fused` on a Hopper GPU with `nvidia-cudnn-frontend`
     installed, `fused-bf16-attention` on a Hopper without it, else `inductor`)."""
     dit_cuda_graphs: bool | Literal["auto"] = "auto"

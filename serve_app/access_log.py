@@ -16,9 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from serve_app.protocol import ImageResult
-
-from serve_app.protocol import Timings
+from serve_app.protocol import ImageResult, Timings
 
 logger = logging.getLogger("ray.serve")
 Item = TypeVar("Item")

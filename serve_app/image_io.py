@@ -24,8 +24,8 @@ from serve_app.errors import ApiError, bad_request
 ALLOWED_UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than Pillow's default for a few % more bytes
 DEFAULT_LOSSY_QUALITY = 90
-# Filtered PNG data from this size up is deflated on several threads: on 2 cores that already pays
-# from ~30 KiB (a 96x96 image), so 64 KiB leaves a margin for the thread hand-offs.
+# Filtered PNG data from this size up is deflated on several threads; below it, one thread (a small
+# image gains less than the thread hand-offs cost).
 PNG_PARALLEL_MIN_BYTES = 64 * 1024
 # Threads of the one PNG pool; the CPUs this process may run on (not Ray's num_cpus), at most 8.
 PNG_WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -35,10 +35,10 @@ def encode_output(pixels: torch.Tensor, output_format: str, compression: int | N
     """uint8 [H, W, 3] to PNG, JPEG or WebP bytes; `compression` (0-100) sets lossy quality as OpenAI does.
 
     Each format goes through the writer that measured fastest on both a 2-core CPU and an H200 host
-    (benchmarks/bench_codecs.py, benchmarks/RESULTS.md): PNG through our threaded writer (5 to 7x
-    imagecodecs' at the same zlib level), JPEG through imagecodecs (the very bytes Pillow writes,
-    faster, and several times the throughput on concurrent threads), WebP through Pillow (no writer
-    was faster on both).
+    (benchmarks/bench_codecs.py; RESULTS.md "Output encoding"): PNG through our threaded writer (at
+    1024x1024 3.0x imagecodecs' speed at the same zlib level on the 2-core CPU, 7.0x on the H200
+    host), JPEG through imagecodecs (the very bytes Pillow writes, faster, and 2.3x and 3.7x the
+    throughput on 4 threads), WebP through Pillow (no writer was faster on both).
     """
     if output_format == "png":
         return encode_png(pixels.numpy(), PNG_COMPRESS_LEVEL)
@@ -58,8 +58,7 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 def encode_png(pixels: np.ndarray, level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """RGB uint8 [H, W, 3] to PNG with the "Up" filter on every row, deflated in parallel when large.
 
-    Pillow tries several filters per row, which costs over 100 ms at 1024x1024 on the request's
-    critical path; the Up filter (each row minus the one above) is one vectorised subtraction and
+    Pillow tries several filters per row, a cost on the request's critical path; the Up filter (each row minus the one above) is one vectorised subtraction and
     compresses smooth images nearly as well. Deflate is then the whole cost, so it is split over
     threads (see `_deflate_parallel`).
     """
@@ -149,7 +148,7 @@ def json_with_base64_images(payload: dict, images: list[bytes]) -> bytes:
     """The JSON text of an images response whose `data[i].b64_json` is the base64 of `images[i]`.
 
     Base64 needs no JSON escaping, so it is spliced in as bytes instead of going through the JSON
-    encoder, which would scan and copy megabytes of it (about 15 ms for one 1024x1024 noise PNG).
+    encoder, which would scan and copy megabytes of it.
     Each image's field holds a random marker while the rest is encoded.
     """
     marker = secrets.token_hex(16)

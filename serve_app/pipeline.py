@@ -167,7 +167,7 @@ class ImagePipeline:
         (the VaeDecoder's preview of the Denoiser's clean-latent estimate) at `partial_images` steps spread
         over the run, then the `ImageResult`, whose pixels are those `run` gives. Closing this generator
         cancels the Denoiser's job. (A stream's items cannot be passed on unresolved, so here the final
-        latents, 1 MB at 1024x1024, come through the Ingress on their way to the decoder.) A stream is
+        latents, 1 MiB at 1024x1024 (16 x 128 x 128 float32), come through the Ingress on their way to the decoder.) A stream is
         not retried after a replica dies: its events have already reached the client."""
         started = time.perf_counter()
         cond = await self._condition(plan, deadline)

@@ -56,7 +56,8 @@ class DenoiserConfig(StageConfig):
 
 @serve.deployment(
     name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22 GB reserved); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+    # 2026-11-22); 0 where no GPU is in use.
     # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
     # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
@@ -165,6 +166,10 @@ class Denoiser(StageBase):
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
+        if self.step_graphs is not None:
+            graphs = self.step_graphs.as_dict()
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket), %s MiB of graph memory",
+                        graphs["graphs"], graphs["graph_pool_mib"])
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""

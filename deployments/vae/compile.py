@@ -16,8 +16,9 @@ class StaticOrDynamicDecoder:
     """The VAE decoder compiled twice: a static-shape graph per shape seen while `recording_static()`
     (the warm-up sizes and their tiles), and one graph dynamic in height and width for every other size.
 
-    Measured on an H200 at 1024x1024: the static graph decodes in 36 ms, the dynamic one in 45 ms;
-    but static graphs alone would compile (30 s or more) on the first request of every new size.
+    Measured on an H200 at 1024x1024: the static graph decodes in 36 ms, the dynamic one in 45 ms
+    (RESULTS.md, stages of 2026-11-22); but static graphs alone would compile on the first request of
+    every new size (15 s at 512, 36 s at 1024 and 2048: RESULTS.md, earlier round).
     Two separate top-level functions keep the two sets of graphs apart in dynamo's cache.
 
     `dynamic_warm=False`: a shape without a static graph decodes eagerly (compiling nothing) until
@@ -97,8 +98,8 @@ def optimize_vae(
     high resolution. The decoder becomes a `StaticOrDynamicDecoder` (`vae.decoder.forward`): sizes
     decoded under its `recording_static()` run static graphs, every other size one dynamic graph
     (eagerly until it is warm, with `dynamic_warm=False`).
-    The encoder (edits only) stays eager: compiled, it compiled on the first edit (16 s of a 17.6 s
-    first edit on an H200), and an upload may have any fitted size, so warming it would take the
+    The encoder (edits only) stays eager: compiled, it compiled on the first edit (a first edit took
+    17.6 s on an H200: RESULTS.md, operations round of 2026-11-30, "before"), and an upload may have any fitted size, so warming it would take the
     decoder's whole ladder of shapes at start-up for a rare request whose eager encode of 1024x1024
     takes tens of milliseconds.
     """

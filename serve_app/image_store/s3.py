@@ -2,10 +2,10 @@
 writes there and clients fetch images straight from the bucket through presigned GET URLs.
 
 Through obstore (Rust's `object_store` behind a small Python API, async-native, so no thread per
-upload): in one run against a real S3-compatible server on 127.0.0.1 it imported and built a client in
-81 ms against boto3's 2.3 s, signed a URL in 10 us against 118 us, and put a 1.5 MB image in 90 ms
-against 115 ms; it installs as one 16 MB compiled module with no dependency tree, against boto3's
-35 MB of botocore and friends (benchmarks/bench_image_store.py; README "Image URLs"). s3fs goes
+upload): in one run against moto's S3 server on 127.0.0.1 it imported and built a client in 81 ms
+against boto3's 2.3 s and signed a URL in 10 us against 118 us; it installs as one 16 MB compiled
+module, against boto3's 35 MB of botocore and friends (benchmarks/bench_image_store.py; RESULTS.md
+"Image store: obstore against boto3", 2026-12-04, CPU). s3fs goes
 through aiobotocore, which pins its own botocore. A single PUT is atomic on S3: an object is
 visible only once complete.
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +85,8 @@ def test_each_stage_declares_its_own_defaults_and_gets_no_gpu_without_one():
     options, live = stage_options(Denoiser, cpu, "denoiser")
     assert options["ray_actor_options"] == {"num_cpus": 3, "num_gpus": 0}
     assert live == options["user_config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.0,
-                                            "max_model_call_s": 300.0, "scheduling": "continuous"}
+                                            "max_model_call_s": 300.0, "scheduling": "continuous",
+                                            "lora_cache_bytes": 8 << 30}
     gpu = AppArgs.from_args({"device": "cuda"})
     assert stage_options(Denoiser, gpu, "denoiser")[0]["ray_actor_options"]["num_gpus"] == Denoiser.ray_actor_options["num_gpus"]
 
@@ -97,10 +101,12 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
     changed["http_options"].update(host="127.0.0.1", port=port)  # where the test can reach it
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(changed))
+    ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
     env = {
         **os.environ,
         "ZIMAGE_CACHE_DIR": str(cache_dir),
-        "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's
+        "RAY_ADDRESS": "local",  # a cluster of its own, apart from any other test's or a running server's
+        "RAY_TMPDIR": ray_tmp,  # and its own session folder: /tmp/ray/session_latest stays the server's
         # The file reserves CPUs and GPU shares sized for an H200 node, and Serve applies a file's
         # ray_actor_options after the builder: let this machine advertise them as Ray's logical
         # resources. Placement only: the replicas see no CUDA device and run on the CPU (device=cpu).
@@ -129,13 +135,16 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
         assert response.status_code == 200, response.text
         assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        # Stopped as the README says a supervisor stops a config file's run: SIGINT to the command alone.
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-4000:]
+        assert "received at time=" not in (tmp_path / "serve.log").read_text()  # no native stack dump
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # whatever of its process group is left
             os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
         log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_protocol_imports_with_pydantic_alone():

@@ -14,6 +14,7 @@ from deployments.contracts import (
     DenoiseRequest,
     ImageTrace,
     LatentPosterior,
+    LoraRef,
     StageTime,
 )
 from serve_app.protocol import Timings
@@ -31,7 +32,7 @@ def _posterior() -> LatentPosterior:
 def _request_with_every_field_set() -> DenoiseRequest:
     """A request whose every field differs from its default, so a field the job lost would show."""
     return DenoiseRequest(width=640, height=384, steps=5, seed=11, guidance_scale=2.5, strength=0.4,
-                          mask=torch.ones(1, 1, 48, 80), deadline=time.time() + 60)
+                          mask=torch.ones(1, 1, 48, 80), deadline=time.time() + 60, loras=(LoraRef("ink", 0.5),))
 
 
 def test_the_request_sets_no_field_to_its_default():
@@ -42,11 +43,13 @@ def test_the_request_sets_no_field_to_its_default():
 
 def test_a_job_carries_every_field_of_its_request_and_its_conditioning():
     request, caption, negative, posterior = _request_with_every_field_set(), _caption(7), _caption(3), _posterior()
-    job = DenoiseJob.from_request(request, caption, negative, posterior, on_step=print)
+    adapters = ((object(), 0.5),)
+    job = DenoiseJob.from_request(request, caption, negative, posterior, on_step=print, adapters=adapters)
     for f in fields(DenoiseRequest):
         assert getattr(job, f.name) is getattr(request, f.name), f.name
     assert job.caption is caption.embedding and job.negative_caption is negative.embedding
     assert job.init_posterior is posterior and job.is_image_to_image and job.on_step is print
+    assert job.adapters is adapters
 
 
 def test_without_an_upload_a_job_runs_every_step():

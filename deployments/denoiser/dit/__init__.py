@@ -11,7 +11,12 @@ and keeps its call signature, so `DenoiseLoop` (and diffusers' own pipeline) cal
 - `fused_quant`, `fp8_attention`, `fp8_linear`, `fused_block`: the fused FP8 path (single-pass
   Triton row kernels, cuDNN's FP8 attention, pre-quantized FP8 GEMMs), `fp8_kernels="fused"`;
 - `optimize`: the composition, in the order the pieces need;
-- `step_graphs`: batch-1 forwards replayed from CUDA graphs, one per shape (`dit_cuda_graphs`).
+- `caption_buckets`: captions padded to their 32-token bucket with the model's own pad rows and pad
+  mask, the same function as the exact length;
+- `step_graphs`: batch-1 forwards replayed from CUDA graphs, one per image shape and caption bucket
+  (`dit_cuda_graphs`);
+- `size_warmup`: after ready, every caption bucket's graph at the warm-up sizes and a first forward
+  at each preset size.
 
 Measured effects (one H200, 1024x1024) are in benchmarks/RESULTS.md and shared/gpu/MEASURED.md.
 """

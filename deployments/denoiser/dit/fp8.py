@@ -1,7 +1,7 @@
 """FP8 block linears through torchao.
 
-The block linears are about 85% of a step's FLOPs at 1024x1024 (attention is the rest and stays
-bf16). Eager FP8 is slower than bf16 (the quantization kernels are not fused), so FP8 is meant to
+The block linears are about 85% of a step's FLOPs at 1024x1024 (4.8e13 of 5.71e13, counted in
+RESULTS.md's earlier round; attention is the rest and stays bf16). Eager FP8 is slower than bf16 (the quantization kernels are not fused), so FP8 is meant to
 be used with regional compilation (`regional_compile`).
 """
 

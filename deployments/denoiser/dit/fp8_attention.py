@@ -1,6 +1,7 @@
 """FP8 attention for the DiT's joint image + caption sequence: cuDNN's FP8 SDPA on Hopper.
 
-Attention is about a quarter of a 1024x1024 step in bf16 (cuDNN, ~530 TFLOP/s). cuDNN's FP8 flash
+Attention is about a quarter of a 1024x1024 step in bf16 (cuDNN, ~530 TFLOP/s: RESULTS.md, "Where a
+DiT step goes", 2026-11-22). cuDNN's FP8 flash
 attention (through the cuDNN frontend's Python graph API, package `nvidia-cudnn-frontend`) runs
 Q K^T and P V on FP8 tensor cores with one scale per tensor:
 
@@ -11,7 +12,7 @@ Q K^T and P V on FP8 tensor cores with one scale per tensor:
   floating-point format: a loose bound costs range at the bottom, not precision). v takes its
   tensor's absolute maximum: a first kernel reduces each row and takes the maximum across rows
   with one atomic per row (inductor's reduction of the same slice to one value took 74 us of a
-  1024x1024 block, this one reads the slice once).
+  1024x1024 block: RESULTS.md, round of 2026-12-01, this one reads the slice once).
 - `sdpa_fp8`: the cuDNN graph, built once per (batch, sequence, heads, head_dim, padded) and cached.
   Hopper writes the output in FP8; every output row is a convex combination of v's rows, so v's
   scale bounds it exactly and the output projection takes it as is (`descale_v` per row), with no

@@ -1,7 +1,8 @@
 """The DiT forward replayed from CUDA graphs, so that a host-bound step runs at its kernels' speed.
 
 Why: a 512x512 step of the fused FP8 path launches a few hundred kernels and ops from Python: about
-31 ms of host time against 15.6 ms of GPU time on an H200 (benchmarks/RESULTS.md), so the GPU waits
+31.2 ms of host time against 15.6 ms of GPU time on an H200 (RESULTS.md, round of 2026-12-01,
+`profile_512.json`), so the GPU waits
 on the host. A CUDA graph replays all of a forward's kernels with one launch.
 
 One graph per call shape: the images' latent shapes and, given `padded` (what the Denoiser gives),

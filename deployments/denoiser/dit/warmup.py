@@ -156,10 +156,10 @@ def serving_calls(
     that runs its batches one image per forward until the second list has run can report ready
     after the first. `lora`: also the graphs of forwards with LoRA adapters, for the same batches.
     """
-    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+    from deployments.denoiser.dit.caption_buckets import SEQ_MULTI_OF, caption_bucket
 
     batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
-    buckets = range(SEQ_MULTI_OF, max_caption_tokens + 1, SEQ_MULTI_OF)
+    buckets = range(SEQ_MULTI_OF, caption_bucket(max_caption_tokens) + 1, SEQ_MULTI_OF)  # 500 tokens: up to 512
     calls = warmup_calls(sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
     if lora:  # with adapters (`lora.linear`): each batch size, unmasked and masked (ragged), a padded caption
         padded = {(c.width, c.height): c for c in reversed(calls) if "/cap" in c.key}  # one padded caption each
