@@ -112,7 +112,6 @@ class Denoiser(StageBase):
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
             batched_ready=self.after_ready.ready,
-            lora=self.device.type != "cuda" or getattr(self.transformer, "_lora_slots", None) is not None,
         )
         self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
                                        self.config.lora_cache_bytes)
