@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import cuda_time_ms, graphed
+from benchmarks.harness import cuda_missing, cuda_time_ms, graphed
 from benchmarks.run_info import commit
 from deployments.denoiser.dit import fp8_attention, fused_quant
 
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench_kernels.py"):
         return 2
     stock = stock_functions()
     rows: list[dict[str, Any]] = []

@@ -8,6 +8,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -144,6 +145,14 @@ def graphed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], Any]:
         for _ in range(calls):
             fn()
     return graph.replay
+
+
+def cuda_missing(script: str) -> bool:
+    """True, having said so on stderr, where no CUDA GPU is visible: the GPU-only scripts then exit 2."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} needs a CUDA GPU", file=sys.stderr)
+    return True
 
 
 def cuda_time_ms(fn: Callable[[], Any]) -> float:

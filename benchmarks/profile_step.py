@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import cuda_time_ms, graphed, rel_err  # noqa: E402
+from benchmarks.harness import cuda_missing, cuda_time_ms, graphed, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 from benchmarks.stages.dit import dit_step_inputs  # noqa: E402
 from benchmarks.stages.text_encoder import make_prompt  # noqa: E402
@@ -340,8 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("profile_step.py"):
         return 2
     run = Run(args)
     status = 0
