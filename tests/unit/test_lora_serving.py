@@ -115,3 +115,13 @@ def test_the_multiplexed_model_id_is_the_sorted_adapter_set():
 
     assert adapter_set_id(["ink", "watercolor"]) == adapter_set_id(["watercolor", "ink"]) == "ink+watercolor"
     assert adapter_set_id(["ink"]) == "ink"
+
+
+def test_the_access_log_names_the_adapters():
+    from serve_app.access_log import AccessRecord
+
+    plan = plan_request(ImageGenerationRequest(prompt="a fox", loras=[{"name": "ink", "scale": 0.5}, {"name": "w"}]),
+                        None, ApiLimits(), "tiny")
+    record = AccessRecord("/v1/images/generations")
+    record.describe(plan)
+    assert record.fields()["loras"] == "ink:0.5,w:1"
