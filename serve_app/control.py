@@ -138,7 +138,7 @@ async def control_preview_response(request, limits, controlnet_loaded: bool):
 
     data = await request_io.read_json_object(request, limits.max_body_bytes,
                                              field_caps={"control_image": base64_cap(limits.max_upload_bytes)})
-    check_control_fields({"control_preprocess": "canny"}, controlnet_loaded)
+    check_control_fields({"control_image": data.get("control_image"), "control_preprocess": "canny"}, controlnet_loaded)
     png = await asyncio.to_thread(canny_preview_png, data, limits.max_upload_bytes, limits.max_upload_pixels)
     return Response(png, media_type="image/png")
 
