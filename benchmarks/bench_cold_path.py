@@ -80,7 +80,7 @@ def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None
         print(f"\nstart ({label} cache): ready {ready_s:.1f} s after deploy (Ray {ray_s:.1f} s); "
               f"Denoiser constructor {start['denoiser_constructor_s'] or 0:.1f} s (target 30 s with a warm cache)")
         for name, phases in start["phases"].items():
-            print(f"  {name:<12} " + "  ".join(f"{k} {v:7.2f}" for k, v in (phases or {}).items()))
+            print(f"  {name:<12} " + "  ".join(f"{k} {v:7.2f}" for k, v in (phases or {}).items() if v is not None))
         if not with_requests:
             start["batched"] = wait_for_batched_graphs()
         recorder.put(f"start/{label}", start)

@@ -7,7 +7,8 @@ For each start: seconds from `serve run` to `/health/ready` answering 200 (the f
 ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, the
 seconds after that until every warm-up after ready is done (the measurements below start then;
 `--no-wait-warm` starts them at ready, while those warm-ups still take turns on the GPU), and the
-1-client p50/p90 at 512x512 and 1024x1024 (a repeating prompt set, as loadgen sends it). On the first
+1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen sends it and then
+with loadgen's fresh prompts (each request a prompt never sent before, `c1 <size> fresh`). On the first
 start also:
   unseen     prompts of token lengths the replica has not seen, each sent twice: first against repeat,
              p50 and p90 (target: first at most 1.1x the repeat), 30 lengths at 512x512, 15 at 1024x1024;
@@ -115,9 +116,10 @@ def p50_p90(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
-def single_client(size: str, requests: int, prompts: list[str]) -> dict:
+def single_client(size: str, requests: int, prompts: list[str], fresh: bool = False) -> dict:
+    """1-client p50/p90 with the repeating prompt set, or (`fresh`) a prompt never sent before each time."""
     config = LoadConfig(url=URL, concurrency=1, requests=requests, warmup=2, size_mix=parse_size_mix(size),
-                        steps=8, prompts=prompts, label=f"c1 {size}", timeout_s=300)
+                        steps=8, prompts=prompts, label=f"c1 {size}", timeout_s=300, fresh_prompts=fresh)
     report = asyncio.run(run_load(config)).to_dict()
     return {"p50_ms": round(report["latency"]["p50_ms"], 1), "p90_ms": round(report["latency"]["p90_ms"], 1),
             "errors": report["failed"]}
@@ -221,9 +223,10 @@ def main() -> None:
             data[label] = result
             save()
             for size in ("512x512", "1024x1024"):
-                result[f"c1 {size}"] = single_client(size, args.requests, prompts)
-                print(f"  c1 {size}: {result[f'c1 {size}']}", flush=True)
-                save()
+                for key, fresh in ((f"c1 {size}", False), (f"c1 {size} fresh", True)):
+                    result[key] = single_client(size, args.requests, prompts, fresh)
+                    print(f"  {key}: {result[key]}", flush=True)
+                    save()
             if index == 0:
                 with httpx.Client(base_url=URL, timeout=600) as client:
                     result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),

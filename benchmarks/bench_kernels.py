@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import cuda_time_ms
+from benchmarks.harness import cuda_missing, cuda_time_ms, graphed
 from benchmarks.run_info import commit
 from deployments.denoiser.dit import fp8_attention, fused_quant
 
@@ -49,20 +49,10 @@ def tokens(size: int) -> int:
 def time_us(fn, repeats: int) -> float:
     """GPU microseconds per call: `CALLS` calls captured in one CUDA graph and replayed, so that the
     figure is the kernels' time and not Python's launch overhead (which hides the shortest kernels)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
+    replay = graphed(fn, calls=CALLS)
+    replay()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    runs = [cuda_time_ms(graph.replay) * 1000.0 / CALLS for _ in range(repeats)]
+    runs = [cuda_time_ms(replay) * 1000.0 / CALLS for _ in range(repeats)]
     return statistics.median(runs)
 
 
@@ -195,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("bench_kernels.py"):
         return 2
     stock = stock_functions()
     rows: list[dict[str, Any]] = []

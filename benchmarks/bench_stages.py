@@ -18,8 +18,8 @@ Also: the SDPA backends alone at the 1024x1024 sequence length, peak GPU memory 
 (`max_memory_allocated` after a reset; `extra_gb` is the peak above what was resident before),
 cold compile times, the relative error of each of our variants against plain, and for each DiT
 figure its distance from the FLOP floor (2 x linear params x tokens + 4 x S^2 x dim attention per
-block; bf16 at the 790 TFLOP/s measured in RESULTS.md's earlier round, FP8 linears at the nominal 1580); "% floor" in the table
-is floor / measured, 100% meaning at the floor. "plain/ours" above 1 means ours is faster.
+block; bf16 at the 790 TFLOP/s measured in RESULTS.md's earlier round, FP8 linears at the nominal
+1580); "% floor" in the table is floor / measured, 100% meaning at the floor. "plain/ours" above 1 means ours is faster.
 
 Sections run from most to least important for the DiT and write the JSON after each, so that a
 run cut short still leaves its data. `--budget-s` skips what would not fit.

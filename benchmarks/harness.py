@@ -8,6 +8,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -127,6 +128,31 @@ class Bench:
         fn()
         self.sync()
         return time.perf_counter() - t0
+
+
+def graphed(fn: Callable[[], Any], calls: int = 1) -> Callable[[], Any]:
+    """`calls` calls of `fn` (fixed inputs, no host sync) captured as one CUDA graph, after warm-up
+    calls on a side stream; returns the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def cuda_missing(script: str) -> bool:
+    """True, having said so on stderr, where no CUDA GPU is visible: the GPU-only scripts then exit 2."""
+    if torch.cuda.is_available():
+        return False
+    print(f"{script} needs a CUDA GPU", file=sys.stderr)
+    return True
 
 
 def cuda_time_ms(fn: Callable[[], Any]) -> float:

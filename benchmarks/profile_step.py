@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import cuda_time_ms, rel_err  # noqa: E402
+from benchmarks.harness import cuda_missing, cuda_time_ms, graphed, rel_err  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 from benchmarks.stages.dit import dit_step_inputs  # noqa: E402
 from benchmarks.stages.text_encoder import make_prompt  # noqa: E402
@@ -115,20 +115,6 @@ def kernel_breakdown(fn: Callable[[], Any], calls: int = 3, top: int = 12) -> di
         "launches_by_category": dict(count),
         "top_kernels": [{"name": n[:140], "ms": round(ms, 3), "launches": c} for n, ms, c in kernels[:top]],
     }
-
-
-def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` (fixed inputs, no host sync) captured once as a CUDA graph; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 class Run:
@@ -354,8 +340,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("profile_step.py"):
         return 2
     run = Run(args)
     status = 0

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from benchmarks.harness import cuda_missing  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 from deployments.weights import loading  # noqa: E402
 from deployments.denoiser.dit import optimize, warmup  # noqa: E402
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("warmup_coverage.py needs a CUDA GPU", file=sys.stderr)
+    if cuda_missing("warmup_coverage.py"):
         return 2
     device, dtype = torch.device("cuda"), torch.bfloat16
     source = resolve_model_source(args.model)

@@ -180,8 +180,9 @@ class DenoiseJob(DenoiseRequest):
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
 
     @classmethod
-    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding, negative: CaptionEmbedding | None = None,
-                     posterior: LatentPosterior | None = None, on_step: Callable[[Any, torch.Tensor], None] | None = None,
+    def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding,
+                     negative: CaptionEmbedding | None = None, posterior: LatentPosterior | None = None,
+                     on_step: Callable[[Any, torch.Tensor], None] | None = None,
                      adapters: tuple[tuple[Any, float], ...] = (), control: Any = None) -> DenoiseJob:
         """The job for `request` with its conditioning: the one place a request becomes a job.
         `control` (a `ControlContext`, built by the Denoiser's ControlNet from the `ControlLatents`)
@@ -193,7 +194,8 @@ class DenoiseJob(DenoiseRequest):
             if posterior is not None:
                 raise ValueError("a controlled job starts from noise: control with an upload needs its mask")
             asked["mask"] = None  # in the control channels, as ZImageControlNetInpaintPipeline
-        return cls(**asked, caption=caption.embedding, negative_caption=None if negative is None else negative.embedding,
+        return cls(**asked, caption=caption.embedding,
+                   negative_caption=None if negative is None else negative.embedding,
                    init_posterior=posterior, on_step=on_step, adapters=adapters, control=control)
 
     @property

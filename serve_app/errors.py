@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
@@ -23,13 +24,14 @@ class ApiError(Exception):
     """An error the client should see, with its HTTP status, OpenAI error type, param and code."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+                 type_: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type_ or default_type(status)
+        self.retry_after_s = retry_after_s  # when to come back: a 503's Retry-After (serve_app.backlog)
 
 
 def default_type(status: int) -> str:
@@ -109,5 +111,12 @@ def error_info(error: ApiError) -> ErrorInfo:
 
 def error_response(error: ApiError) -> JSONResponse:
     body = ErrorResponse(error=error_info(error))
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(body.model_dump(), status_code=error.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    if error.retry_after_s is not None:
+        headers.update(retry_after_headers(error.retry_after_s))
+    return JSONResponse(body.model_dump(), status_code=error.status, headers=headers or None)
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """`Retry-After` in whole seconds (HTTP's form) and `retry-after-ms`, which OpenAI's clients read first."""
+    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}

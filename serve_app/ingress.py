@@ -7,8 +7,9 @@ failure leaves as one error shape.
 """
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
 from serve_app import access_log
 from serve_app.access_log import AccessRecord
-from serve_app.admission import TIMEOUT_HEADER, Admission, timeout_s
+from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
 from serve_app.control import control_preview_response
@@ -111,7 +112,7 @@ class Ingress:
         self.controlnet = controlnet  # the Denoiser's ControlNet setting: control fields need one
         self.metrics = IngressMetrics()
         self.admission = Admission(self.metrics.in_flight)
-        self.responder = Responder(self.metrics)
+        self.responder = Responder(self.metrics, self.admission.retry_after_s)
         if random_weights:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
@@ -128,11 +129,12 @@ class Ingress:
         record = AccessRecord("handle:generate")
         try:
             timeout = timeout_s(request.timeout_s, self.limits.request_timeout_s, "timeout_s")
-            result = await self._run(plan_handle_request(request, self.limits, self.model_name,
-                                                          self.controlnet is not None), timeout, record)
-            result = await stored(result, self.images, request.response_format, None)
+            with self._admitted() as ticket:
+                plan = plan_handle_request(request, self.limits, self.model_name, self.controlnet is not None)
+                result = await self._run(plan, timeout, record, ticket)
+                result = await stored(result, self.images, request.response_format, None)
         except Exception as exc:
-            error = api_error_for(exc)
+            error = self.responder.with_retry_after(api_error_for(exc))
             self.responder.finish(record, error.status, error.code)
             raise
         self.responder.finish(record, 200)
@@ -256,11 +258,13 @@ class Ingress:
         try:
             authorize(request.headers, self.limits.api_key_sha256)
             timeout = timeout_s(request.headers.get(TIMEOUT_HEADER), self.limits.request_timeout_s)
-            planned = await plan_route(request, self.limits, self.model_name)
-            if planned.options.stream:
-                return await self._stream(planned, timeout, record, request_base_url(request))
-            result = await self._run(planned.plan, timeout, record)
-            result = await stored(result, self.images, planned.options.response_format, request_base_url(request))
+            with self._admitted() as ticket:  # before the body is read: a refusal costs next to nothing
+                planned = await plan_route(request, self.limits, self.model_name)
+                if planned.options.stream:
+                    return await self._stream(planned, timeout, record, request_base_url(request), ticket)
+                result = await self._run(planned.plan, timeout, record, ticket)
+                result = await stored(result, self.images, planned.options.response_format,
+                                      request_base_url(request))
             return self.responder.answered(record, await images_response(result, self.limits.served_model_name))
         except asyncio.CancelledError:
             self.responder.finish(record, 499, "client_closed_request")
@@ -268,22 +272,34 @@ class Ingress:
         except Exception as exc:
             return self.responder.failed(record, api_error_for(exc))
 
-    async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord) -> ImageResult:
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[Ticket]:
+        """A place among the admitted requests for the block; a started stream takes its ticket over."""
+        ticket = self.admission.enter(self.limits.max_inflight_requests)
+        try:
+            yield ticket
+        finally:
+            if not ticket.streaming:
+                ticket.release()
+
+    async def _run(self, plan: RequestPlan, timeout: float, record: AccessRecord, ticket: Ticket) -> ImageResult:
         record.describe(plan)
         await self.loras.check_plan(plan)
-        result = await self.admission.run(self.pipeline, plan, timeout, self.limits.max_inflight_requests)
+        result = await self.admission.run(self.pipeline, plan, timeout, ticket)
         record.took(result)
         return result
 
-    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, base_url: str) -> Response:
+    async def _stream(self, planned: PlannedRequest, timeout: float, record: AccessRecord, base_url: str,
+                      ticket: Ticket) -> Response:
         """The first step is awaited before the headers go out, so a request that cannot start still
         gets a JSON error with its status. With `response_format: "url"` the final image is stored
         before its event goes out (a store failure is an `error` event)."""
         record.describe(planned.plan)
         await self.loras.check_plan(planned.plan)
         items = access_log.noting(self.admission.stream(self.pipeline, planned.plan, planned.options.partial_images or 0,
-                                                        timeout, self.limits.max_inflight_requests), record)
+                                                        timeout, ticket), record)
         items = stored_stream(items, self.images, planned.options.response_format, base_url)
         first = await anext(items)
+        ticket.streaming = True  # from here the stream's generators release the ticket
         events = StreamEvents(planned.kind, planned.options, planned.plan)
         return self.responder.stream(first, items, events, record, self.random_weights)

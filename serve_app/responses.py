@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.responses import Response, StreamingResponse
 
@@ -51,10 +51,17 @@ async def images_response(result: ImageResult, served_model_name: str) -> Respon
 
 
 class Responder:
-    """Ends requests: records each one's outcome (access log, metrics) exactly once."""
+    """Ends requests: records each one's outcome (access log, metrics) exactly once, and gives every
+    503 a `Retry-After` from `retry_after` (seconds; serve_app.backlog's estimate)."""
 
-    def __init__(self, metrics: IngressMetrics) -> None:
+    def __init__(self, metrics: IngressMetrics, retry_after: Callable[[], float]) -> None:
         self.metrics = metrics
+        self.retry_after = retry_after
+
+    def with_retry_after(self, error: ApiError) -> ApiError:
+        if error.status == 503 and error.retry_after_s is None:
+            error.retry_after_s = self.retry_after()
+        return error
 
     def finish(self, record: AccessRecord, status: int, code: str | None = None) -> None:
         """The request's access-log line and metrics, once, however it ended."""
@@ -68,7 +75,7 @@ class Responder:
         return response
 
     def failed(self, record: AccessRecord, error: ApiError) -> Response:
-        response = error_response(error)
+        response = error_response(self.with_retry_after(error))
         record.bytes_out = len(response.body)
         self.finish(record, error.status, error.code)
         return response

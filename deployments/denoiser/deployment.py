@@ -59,7 +59,8 @@ class DenoiserConfig(StageConfig):
 
 @serve.deployment(
     name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of 2026-11-22); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+    # 2026-11-22); 0 where no GPU is in use.
     # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
     # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
@@ -118,7 +119,6 @@ class Denoiser(StageBase):
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
             batched_ready=self.after_ready.ready,
-            lora=self.device.type != "cuda" or getattr(self.transformer, "_lora_slots", None) is not None,
             control=self.control,
         )
         self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,

@@ -170,15 +170,16 @@ class DenoiseLoop:
         transformer_fn: TransformerFn | None = None,
         batch_invariant: bool | None = None,
         batched_ready: threading.Event | None = None,
-        lora: bool = True,
+        lora: bool | None = None,
         control: ControlNetRunner | None = None,
     ):
         """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
         job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
         row count, which a batched forward changes (see the module docstring).
 
-        `lora`: wrap the block linears for per-job LoRA adapters (`lora.linear`); False where the
-        blocks run kernels without adapter support (the fused FP8 path), where jobs with adapters fail.
+        `lora`: wrap the block linears for per-job LoRA adapters (`lora.linear`); None: unless the
+        blocks are the fused FP8 ones (`dit.fused_block`), which have no adapter support and where jobs
+        with adapters fail.
 
         `batched_ready` (None: always): until it is set, every forward carries one image (a guided
         job's negative pass too), because only the batch-1 graphs are compiled yet
@@ -192,6 +193,11 @@ class DenoiseLoop:
         self.schedules = ScheduleTable(scheduler)
         self.plain_fn = diffusers_transformer_fn(transformer)
         self.transformer_fn = transformer_fn or self.plain_fn
+        if lora is None:
+            from deployments.denoiser.dit.blocks import iter_blocks
+            from deployments.denoiser.dit.fused_block import FusedFp8Block
+
+            lora = not any(isinstance(block, FusedFp8Block) for block in iter_blocks(transformer))
         self.lora_slots: LoraSlots | None = install_lora(transformer) if lora else None
         self.control = control  # the ControlNet, when one is loaded (deployments.denoiser.control)
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.runtime.batching import BatchObserver
+from deployments.runtime.batching import BatchObserver, Queued, QueueDrainer
 from deployments.contracts import DenoiseJob, Latents
 from deployments.runtime.deadlines import DeadlineExceeded, past
 from deployments.denoiser.loop import DenoiseLoop, DenoiseState
@@ -83,49 +82,34 @@ def run_grouped(loop: DenoiseLoop, jobs: Sequence[DenoiseJob], record: StepRecor
 
 
 @dataclass
-class _Entry:
-    job: DenoiseJob
-    future: asyncio.Future
-    enqueued: float
-    admitted: float = 0.0
+class _Entry(Queued):
     state: DenoiseState | None = None
 
+    @property
+    def job(self) -> DenoiseJob:
+        return self.item
 
-class ContinuousBatcher:
+
+class ContinuousBatcher(QueueDrainer):
     """Step-level continuous batching over one DenoiseLoop, driven by a single background task."""
 
     def __init__(self, loop: DenoiseLoop, max_batch_size: int, record: StepRecorder, lane: GpuLane | None = None,
                  observer: BatchObserver | None = None):
+        super().__init__(observer)  # `submit_timed(job)`: (latents, seconds before it joined the batch)
         self.loop = loop
         self.max_batch_size = max_batch_size
         self.timer = StepTimer(record)
         self.lane = lane or GpuLane("denoise")
-        self.observer = observer or BatchObserver()
-        self.waiting: collections.deque[_Entry] = collections.deque()
         self.running: dict[tuple[int, int], list[_Entry]] = {}
         self._turns: collections.deque[tuple[int, int]] = collections.deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
         self.cancelled = 0
 
-    async def submit(self, job: DenoiseJob) -> Latents:
-        return (await self.submit_timed(job))[0]
-
-    async def submit_timed(self, job: DenoiseJob) -> tuple[Latents, float]:
-        """(latents, seconds the job waited before it joined the running batch)."""
-        future = asyncio.get_running_loop().create_future()
-        entry = _Entry(job, future, time.perf_counter())
-        self.waiting.append(entry)
-        self.observer.waiting(len(self.waiting))
-        self._wake.set()
-        if self._task is None or self._task.done():  # its own context: no caller's request ID in its logs
-            self._task = asyncio.create_task(self._drive(), context=contextvars.Context())
-        latents = await future  # cancelling this await drops the job at the next step boundary
-        return latents, entry.admitted - entry.enqueued
+    def _queued(self, job: DenoiseJob, future: asyncio.Future) -> _Entry:
+        return _Entry(job, future, time.monotonic())
 
     def queued_jobs(self) -> list[DenoiseJob]:
         """Jobs waiting to join the running batch (their callers still there)."""
-        return [e.job for e in list(self.waiting) if not e.future.done()]  # list(): one step, safe from a thread
+        return [e.job for e in list(self.queue) if not e.future.done()]  # list(): one step, safe from a thread
 
     def running_jobs(self) -> list[tuple[DenoiseJob, int]]:
         """(job, steps it has left) for each job in the running batch."""
@@ -134,8 +118,8 @@ class ContinuousBatcher:
 
     def _admit(self) -> list[_Entry]:
         admitted, kept = [], collections.deque()
-        while self.waiting:
-            entry = self.waiting.popleft()
+        while self.queue:
+            entry = self.queue.popleft()
             if entry.future.done():  # the caller went away while waiting
                 self._cancel(1)
                 continue
@@ -149,12 +133,12 @@ class ContinuousBatcher:
                 admitted.append(entry)
             else:
                 kept.append(entry)
-        self.waiting = kept
-        now = time.perf_counter()
+        self.queue = kept
+        now = time.monotonic()
         for entry in admitted:
-            entry.admitted = now
+            entry.started = now
         self.observer.waiting(len(kept))
-        self.observer.admitted([now - entry.enqueued for entry in admitted])
+        self.observer.admitted([now - entry.arrived for entry in admitted])
         self.observer.running(sum(len(entries) for entries in self.running.values()))
         return admitted
 
@@ -190,9 +174,9 @@ class ContinuousBatcher:
 
     async def _drive(self) -> None:
         while True:
-            if not self.waiting and not any(self.running.values()):
-                self._wake.clear()
-                await self._wake.wait()
+            if not self.queue and not any(self.running.values()):
+                self._arrival.clear()
+                await self._arrival.wait()
             admitted = self._admit()
             bucket = self._next_bucket()
             if bucket is None:
@@ -225,7 +209,7 @@ class ContinuousBatcher:
                     continue
                 remaining.append(entry)
             self.running[bucket] = remaining
-            if not self.waiting and not any(self.running.values()):
+            if not self.queue and not any(self.running.values()):
                 self.observer.running(0)
                 await self.lane.run(self.timer.flush)  # idle: the last steps' device times
 

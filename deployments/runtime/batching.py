@@ -42,55 +42,74 @@ class BatchObserver:
 
 
 @dataclass
-class _Waiting:
+class Queued:
+    """One submitted item: its caller's future, when it arrived and when its work started
+    (`time.monotonic()`)."""
+
     item: Any
     future: asyncio.Future
     arrived: float
     started: float = 0.0
 
 
-class DynamicBatcher:
-    def __init__(self, run_batch: RunBatch, max_batch_size: int = 8, wait_s: float = 0.0,
-                 observer: BatchObserver | None = None):
-        """`run_batch` maps a list of items to a list of results; an Exception in a result's place
-        fails that item alone, an exception raised fails the whole batch."""
-        self.run_batch = run_batch
-        self.max_batch_size = max_batch_size
-        self.wait_s = wait_s
+class QueueDrainer:
+    """What both batchers (this one and the Denoiser's step-level one) share: `submit_timed` queues an
+    item, wakes the one task that drains the queue (started on first use, in a context of its own)
+    and awaits the item's result with the seconds it waited before its work started. A subclass's
+    `_drive` drains `queue` and sets each item's `started`."""
+
+    def __init__(self, observer: BatchObserver | None = None):
         self.observer = observer or BatchObserver()
-        self._queue: collections.deque[_Waiting] = collections.deque()
+        self.queue: collections.deque[Queued] = collections.deque()
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
+
+    def _queued(self, item: Any, future: asyncio.Future) -> Queued:
+        return Queued(item, future, time.monotonic())
 
     async def submit(self, item: Any) -> Any:
         return (await self.submit_timed(item))[0]
 
     async def submit_timed(self, item: Any) -> tuple[Any, float]:
-        """(result, seconds the item waited before its batch started)."""
+        """(result, seconds the item waited before its work started)."""
         future = asyncio.get_running_loop().create_future()
-        waiting = _Waiting(item, future, time.monotonic())
-        self._queue.append(waiting)
-        self.observer.waiting(len(self._queue))
+        queued = self._queued(item, future)
+        self.queue.append(queued)
+        self.observer.waiting(len(self.queue))
         self._arrival.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drive(), context=contextvars.Context())
-        result = await future  # a caller that goes away before its batch starts is skipped
-        return result, waiting.started - waiting.arrived
+        result = await future  # a caller that goes away is skipped, or its running job dropped
+        return result, queued.started - queued.arrived
 
-    async def _next_batch(self) -> list[_Waiting]:
-        while not self._queue:
+    async def _drive(self) -> None:
+        raise NotImplementedError
+
+
+class DynamicBatcher(QueueDrainer):
+    def __init__(self, run_batch: RunBatch, max_batch_size: int = 8, wait_s: float = 0.0,
+                 observer: BatchObserver | None = None):
+        """`run_batch` maps a list of items to a list of results; an Exception in a result's place
+        fails that item alone, an exception raised fails the whole batch."""
+        super().__init__(observer)
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+
+    async def _next_batch(self) -> list[Queued]:
+        while not self.queue:
             self._arrival.clear()
             await self._arrival.wait()
-        deadline = self._queue[0].arrived + self.wait_s
-        while len(self._queue) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
+        deadline = self.queue[0].arrived + self.wait_s
+        while len(self.queue) < self.max_batch_size and (remaining := deadline - time.monotonic()) > 0:
             self._arrival.clear()
             try:
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             except asyncio.TimeoutError:
                 break
         batch, gone = [], 0
-        while self._queue and len(batch) < self.max_batch_size:
-            waiting = self._queue.popleft()
+        while self.queue and len(batch) < self.max_batch_size:
+            waiting = self.queue.popleft()
             if not waiting.future.done():
                 batch.append(waiting)
             else:
@@ -100,7 +119,7 @@ class DynamicBatcher:
         now = time.monotonic()
         for waiting in batch:
             waiting.started = now
-        self.observer.waiting(len(self._queue))
+        self.observer.waiting(len(self.queue))
         self.observer.admitted([now - w.arrived for w in batch])
         return batch
 

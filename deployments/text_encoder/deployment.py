@@ -24,7 +24,8 @@ class TextEncoderConfig(StageConfig):
 
 @serve.deployment(
     name="TextEncoder",
-    # num_gpus: a share of one H200 (8.9 GB peak while serving: RESULTS.md, serving of 2026-11-22); 0 where no GPU is in use.
+    # num_gpus: a share of one H200 (8.9 GB peak while serving: RESULTS.md, serving of 2026-11-22);
+    # 0 where no GPU is in use.
     ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.15},
     max_ongoing_requests=64,
     max_queued_requests=512,

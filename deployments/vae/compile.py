@@ -57,23 +57,21 @@ class StaticOrDynamicDecoder:
         torch._dynamo.maybe_mark_dynamic(z, [2, 3])
         return self._dynamic(z, *args, **kwargs)
 
-    @contextlib.contextmanager
-    def recording_static(self) -> Iterator[None]:
+    def recording_static(self) -> contextlib.AbstractContextManager[None]:
         """Shapes decoded inside get static graphs from now on."""
-        self._recording = True
-        try:
-            yield
-        finally:
-            self._recording = False
+        return self._while_set("_recording")
+
+    def warming_dynamic(self) -> contextlib.AbstractContextManager[None]:
+        """Shapes decoded inside use (and compile) the dynamic graph even before `dynamic_warm`."""
+        return self._while_set("_warming")
 
     @contextlib.contextmanager
-    def warming_dynamic(self) -> Iterator[None]:
-        """Shapes decoded inside use (and compile) the dynamic graph even before `dynamic_warm`."""
-        self._warming = True
+    def _while_set(self, flag: str) -> Iterator[None]:
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self._warming = False
+            setattr(self, flag, False)
 
 
 def dynamic_warmup_shapes(tile_latent: int) -> list[tuple[int, int]]:

@@ -63,21 +63,28 @@ def _warn_random(component: str, source: ModelSource) -> None:
         logger.warning("%s of model %r has RANDOM weights: images carry no meaning", component, source.name)
 
 
+def _load_model(cls, component: str, random_config: dict, source: ModelSource, device: torch.device,
+                dtype: torch.dtype):
+    """A diffusers model component (`transformer`, `vae`): built from `random_config` with seeded random
+    weights for `model=random`, else read from its subfolder of the source."""
+    _warn_random(component, source)
+    if source.is_random:
+        torch.manual_seed(0)
+        with _building_on(device, dtype):
+            model = cls(**random_config)
+        return model.eval().requires_grad_(False)
+    check_component(source, component)
+    model = cls.from_pretrained(source.location, subfolder=component, torch_dtype=dtype)
+    ensure_instance(model, component, (cls,), source)
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_transformer(source: ModelSource, device: torch.device, dtype: torch.dtype):
     from diffusers import ZImageTransformer2DModel
 
-    _warn_random("transformer", source)
-    if source.is_random:
-        from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
+    from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
 
-        torch.manual_seed(0)
-        with _building_on(device, dtype):
-            model = ZImageTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
-        return model.eval().requires_grad_(False)
-    check_component(source, "transformer")
-    model = ZImageTransformer2DModel.from_pretrained(source.location, subfolder="transformer", torch_dtype=dtype)
-    ensure_instance(model, "transformer", (ZImageTransformer2DModel,), source)
-    return model.to(device).eval().requires_grad_(False)
+    return _load_model(ZImageTransformer2DModel, "transformer", FULL_TRANSFORMER_CONFIG, source, device, dtype)
 
 
 def load_scheduler(source: ModelSource):
@@ -154,16 +161,7 @@ def truncate_to_penultimate(model):
 def load_vae(source: ModelSource, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
-    _warn_random("vae", source)
-    if source.is_random:
-        from deployments.weights.random_model import FULL_VAE_CONFIG
+    from deployments.weights.random_model import FULL_VAE_CONFIG
 
-        torch.manual_seed(0)
-        with _building_on(device, dtype):
-            vae = AutoencoderKL(**FULL_VAE_CONFIG)
-        return vae.eval().requires_grad_(False)
-    check_component(source, "vae")
-    vae = AutoencoderKL.from_pretrained(source.location, subfolder="vae", torch_dtype=dtype)
-    ensure_instance(vae, "vae", (AutoencoderKL,), source)
-    return vae.to(device).eval().requires_grad_(False)
+    return _load_model(AutoencoderKL, "vae", FULL_VAE_CONFIG, source, device, dtype)
 

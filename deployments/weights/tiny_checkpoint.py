@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from deployments.weights.random_model import FULL_SCHEDULER_CONFIG, FULL_TRANSFORMER_CONFIG, FULL_VAE_CONFIG
+
 TINY_VERSION = "tiny-v1"
 COMPLETE_MARKER = ".complete"
 
@@ -37,44 +39,23 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# The full-size configs (`random_model`) at toy size: only widths, depths and RoPE sizes differ.
 TINY_TRANSFORMER_CONFIG = {
-    "all_patch_size": (2,),
-    "all_f_patch_size": (1,),
-    "in_channels": 16,
+    **FULL_TRANSFORMER_CONFIG,
     "dim": 64,
     "n_layers": 2,
     "n_refiner_layers": 1,
     "n_heads": 2,
     "n_kv_heads": 2,
-    "norm_eps": 1e-5,
-    "qk_norm": True,
     "cap_feat_dim": 64,
-    "rope_theta": 256.0,
-    "t_scale": 1000.0,
     "axes_dims": [8, 12, 12],
     "axes_lens": [1024, 128, 128],
 }
 
-TINY_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "block_out_channels": (8, 16, 16, 32),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "act_fn": "silu",
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "force_upcast": True,
-    "mid_block_add_attention": True,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+TINY_VAE_CONFIG = {**FULL_VAE_CONFIG, "block_out_channels": (8, 16, 16, 32), "layers_per_block": 1,
+                   "norm_num_groups": 8}
 
-TINY_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+TINY_SCHEDULER_CONFIG = dict(FULL_SCHEDULER_CONFIG)
 
 
 def tiny_text_encoder_config(vocab_size: int) -> dict:

@@ -42,16 +42,22 @@ def _http_url(value: str | None, field: str) -> str | None:
     return value.rstrip("/")
 
 
-def _refuse_credentials(data: Any) -> Any:
-    if isinstance(data, dict):
-        for key in data:
-            if isinstance(key, str) and CREDENTIAL_WORDS.search(key):
-                raise ValueError(f"image_store field {key!r} refused: {CREDENTIALS_HINT}")
-    return data
+class _StoreOptions(BaseModel):
+    """Strict, frozen options that refuse credential-like fields before anything else reads them."""
 
-
-class S3Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if isinstance(key, str) and CREDENTIAL_WORDS.search(key):
+                    raise ValueError(f"image_store field {key!r} refused: {CREDENTIALS_HINT}")
+        return data
+
+
+class S3Options(_StoreOptions):
 
     bucket: str
     endpoint_url: str | None = None
@@ -62,11 +68,6 @@ class S3Options(BaseModel):
     """The endpoint clients reach, when it differs from the one the replicas use; URLs are signed for it."""
     virtual_hosted_style: bool = False
     timeout_s: float = Field(30.0, gt=0, le=600)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data: Any) -> Any:
-        return _refuse_credentials(data)
 
     @field_validator("bucket")
     @classmethod
@@ -89,9 +90,7 @@ class S3Options(BaseModel):
         return _http_url(value, info.field_name)
 
 
-class ImageStoreConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
-
+class ImageStoreConfig(_StoreOptions):
     kind: Literal["local", "s3"] = "local"
     url_ttl_s: int = Field(3600, ge=10, le=MAX_PRESIGNED_TTL_S)
     public_base_url: str | None = None
@@ -99,11 +98,6 @@ class ImageStoreConfig(BaseModel):
     max_bytes: int = Field(2 << 30, ge=1 << 20)
     shared_directory: bool = False
     s3: S3Options | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_credentials(cls, data: Any) -> Any:
-        return _refuse_credentials(data)
 
     @field_validator("public_base_url")
     @classmethod

@@ -77,8 +77,11 @@ def serve_run(cache_dir) -> Iterator[ServeRun]:
     run = ServeRun(process, f"http://127.0.0.1:{port}", ray_tmp)
     threading.Thread(target=run.read, daemon=True).start()
     try:
-        if not run.ready_seen.wait(START_TIMEOUT_S):
-            pytest.fail(f"no {READY_LINE!r} line in {START_TIMEOUT_S} s:\n{run.output()[-4000:]}")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not run.ready_seen.wait(1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                time.sleep(1)  # the reader has the last lines
+                pytest.fail(f"no {READY_LINE!r} line (exit status {process.poll()}):\n{run.output()[-4000:]}")
         yield run
     finally:
         if process.poll() is None:

@@ -85,7 +85,8 @@ def test_each_stage_declares_its_own_defaults_and_gets_no_gpu_without_one():
     options, live = stage_options(Denoiser, cpu, "denoiser")
     assert options["ray_actor_options"] == {"num_cpus": 3, "num_gpus": 0}
     assert live == options["user_config"] == {"max_batch_size": 2, "batch_wait_timeout_s": 0.0,
-                                            "max_model_call_s": 300.0, "scheduling": "continuous"}
+                                            "max_model_call_s": 300.0, "scheduling": "continuous",
+                                            "lora_cache_bytes": 8 << 30}
     gpu = AppArgs.from_args({"device": "cuda"})
     assert stage_options(Denoiser, gpu, "denoiser")[0]["ray_actor_options"]["num_gpus"] == Denoiser.ray_actor_options["num_gpus"]
 

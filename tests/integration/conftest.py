@@ -143,18 +143,20 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
     # file names; the GCS takes a port the system gives, the dashboard is off, each port these tests use is
     # picked free, and its session folder is its own (/tmp/ray/session_latest stays the other instance's).
     ray_tmp = tempfile.mkdtemp(prefix="zr", dir="/tmp")  # short: Ray's socket paths live under it
-    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             _metrics_export_port=metrics_port, _temp_dir=ray_tmp)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port, metrics_port=metrics_port)
     try:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                 _metrics_export_port=metrics_port, _temp_dir=ray_tmp)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = ServedApp(url=f"http://127.0.0.1:{port}", args=base_args(cache_dir), port=port,
+                        metrics_port=metrics_port)
         app.deploy()
         yield app
     finally:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
         ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # also when Ray did not start
 
 
 @pytest.fixture()

@@ -212,10 +212,26 @@ def test_an_unreachable_bucket_is_a_prompt_503(s3_app):
     assert inline.status_code == 200
 
 
-def test_an_ingress_scaled_out_by_the_config_file_refuses_a_local_store(served):
-    """A config file's `deployments` entry applies after the builder: the replica itself refuses."""
+def test_an_ingress_scaled_out_by_the_config_file_refuses_a_local_store(served, http):
+    """A config file's `deployments` entry applies after the builder, so the replica itself refuses:
+    Serve reports the message on the deployment, and the running replica keeps serving."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    config = {"http_options": {"host": "127.0.0.1", "port": served.port}, "applications": [{
+        "name": APP_NAME, "route_prefix": "/", "import_path": "serve_app:build_app", "args": served.args,
+        "deployments": [{"name": "Ingress", "num_replicas": 2}]}]}
     try:
-        with pytest.raises(RuntimeError, match="would not be found on another"):
-            served.deploy([{"name": "Ingress", "num_replicas": 2}], timeout_s=300)
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+        deadline = time.monotonic() + 240
+        message = ""
+        while "would not be found on another" not in message:
+            assert time.monotonic() < deadline, f"no refusal reported; Ingress status: {message!r}"
+            time.sleep(1)
+            ingress = serve.status().applications[APP_NAME].deployments.get("Ingress")
+            message = ingress.message if ingress is not None else ""
+        assert "shared_directory" in message and "'s3'" in message
+        assert http.get("/health/live").status_code == 200  # the replica already running still serves
     finally:
         served.deploy()

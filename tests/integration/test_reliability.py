@@ -126,6 +126,8 @@ def test_readiness_answers_fast_and_true_under_a_full_queue(served):
             if overloaded:
                 break
         assert overloaded > 0, "the queue never filled in three loads: the test proves nothing"
+        refusals = [r for r in responses.values() if r.status_code == 503]
+        assert all(int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) > 0 for r in refusals)
         assert statuses == [200] * 10, statuses
         timings.sort()
         assert timings[len(timings) // 2] < 0.1, f"readiness median {timings[5]:.3f}s under load"

@@ -70,6 +70,7 @@ def test_a_streamed_generation_sends_steps_partials_then_the_image_unstreamed_gi
     completed = ImageGenCompletedEvent.model_validate(events[-1][1])
     assert completed.usage.output_tokens == 32 * 32 and completed.usage.input_tokens_details.text_tokens > 0
     assert events[-1][1]["seed"] == 21
+    assert events[-1][1]["speed"]["denoiser"] == "float32, eager on cpu"  # what ran, as unstreamed
     assert not np.array_equal(pixels(partials[0]["b64_json"]), pixels(partials[1]["b64_json"]))
 
     unstreamed = http.post("/v1/images/generations", json=FOX).json()["data"][0]["b64_json"]

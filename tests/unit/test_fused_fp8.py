@@ -238,7 +238,8 @@ def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, cpu_fp8_attenti
     rotary.install_real_rope(transformer)
     fusion.fuse_projections(transformer)
     fused_block.install_fused_blocks(transformer, attention="fp8")
-    loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), CPU, torch.bfloat16, batch_invariant=False)
+    loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), CPU, torch.bfloat16, batch_invariant=False,
+                       lora=False)  # the fused blocks take no adapters
 
     def job(tokens, size=128, seed=0):
         caption = torch.randn(tokens, transformer.config.cap_feat_dim, generator=torch.Generator().manual_seed(seed))

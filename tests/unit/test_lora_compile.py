@@ -35,8 +35,9 @@ def compiled(tiny_source):
 def test_new_adapters_compile_nothing_after_the_warm_up(compiled):
     eager, ours, graphs = compiled
     single, batched = warmup.serving_calls([(512, 512)], max_batch_size=3, max_caption_tokens=64, lora=True)
-    assert [c.key for c in single + batched if c.lora_rank] == ["512x512/b1/lora", "512x512/b2/ragged/lora",
-                                                                "512x512/b3/ragged/lora"]
+    assert [c.key for c in single + batched if c.lora_rank] == [
+        "512x512/b1/lora", "512x512/b1/cap32/lora", "512x512/b2/lora", "512x512/b2/ragged/lora", "512x512/b3/lora",
+        "512x512/b3/ragged/lora"]
     warmup.run_calls(ours, single + batched, save=False)
     warmed = len(graphs)
 

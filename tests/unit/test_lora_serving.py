@@ -108,3 +108,20 @@ def test_multipart_loras_problems_are_400s(items):
     with pytest.raises(ApiError) as info:
         form_loras(items)
     assert (info.value.status, info.value.param) == (400, "loras")
+
+
+def test_the_multiplexed_model_id_is_the_sorted_adapter_set():
+    from deployments.denoiser.lora.library import adapter_set_id
+
+    assert adapter_set_id(["ink", "watercolor"]) == adapter_set_id(["watercolor", "ink"]) == "ink+watercolor"
+    assert adapter_set_id(["ink"]) == "ink"
+
+
+def test_the_access_log_names_the_adapters():
+    from serve_app.access_log import AccessRecord
+
+    plan = plan_request(ImageGenerationRequest(prompt="a fox", loras=[{"name": "ink", "scale": 0.5}, {"name": "w"}]),
+                        None, ApiLimits(), "tiny")
+    record = AccessRecord("/v1/images/generations")
+    record.describe(plan)
+    assert record.fields()["loras"] == "ink:0.5,w:1"

@@ -29,8 +29,12 @@ def sequences(sizes, buckets) -> set[int]:
 
 
 def test_buckets_cover_every_caption_the_cap_admits():
+    from deployments.denoiser.dit.warmup import serving_calls
+
     assert BUCKETS == list(range(32, 513, 32))
     assert caption_buckets_up_to(500)[-1] == 512 and caption_buckets_up_to(16) == [32]
+    single, _ = serving_calls([(512, 512)], 1, 500)  # the start-up warm-up: a 500-token caption runs at 512
+    assert "512x512/b1/cap512" in {c.key for c in single}
 
 
 @pytest.mark.parametrize("warm", [WARM, []], ids=["warm 512 and 1024", "nothing warm"])

@@ -154,16 +154,17 @@ def serving_calls(
     would then stall a live request for a recompile). Every caption bucket the DiT pads to, up to
     `max_caption_tokens`, at batch 1 (cuDNN's attention plans; padded captions' graph). A replica
     that runs its batches one image per forward until the second list has run can report ready
-    after the first. `lora`: also the graphs of forwards with LoRA adapters (one image, one ragged batch).
+    after the first. `lora`: also the graphs of forwards with LoRA adapters, for the same batches.
     """
-    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+    from deployments.denoiser.dit.caption_buckets import SEQ_MULTI_OF, caption_bucket
 
     batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
-    buckets = range(SEQ_MULTI_OF, max_caption_tokens + 1, SEQ_MULTI_OF)
+    buckets = range(SEQ_MULTI_OF, caption_bucket(max_caption_tokens) + 1, SEQ_MULTI_OF)  # 500 tokens: up to 512
     calls = warmup_calls(sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
-    if lora:  # with adapters (`lora.linear`): unmasked (one image) and masked (ragged batch) graphs
+    if lora:  # with adapters (`lora.linear`): each batch size, unmasked and masked (ragged), a padded caption
+        padded = {(c.width, c.height): c for c in reversed(calls) if "/cap" in c.key}  # one padded caption each
         calls += [replace(call, key=f"{call.key}/lora", lora_rank=32) for call in calls
-                  if "/cap" not in call.key and (call.batch == 1 or call.key.endswith("/ragged"))]
+                  if "/cap" not in call.key or padded.get((call.width, call.height)) is call]
     return [c for c in calls if c.batch == 1], [c for c in calls if c.batch > 1]
 
 
