@@ -109,6 +109,29 @@ class LatentPosterior:
         x = self.mean + self.std * eps
         return (x - self.shift_factor) * self.scaling_factor
 
+    def mode(self) -> torch.Tensor:
+        """The normalised mean: diffusers' `retrieve_latents(..., sample_mode="argmax")`, which the
+        ControlNet pipelines use for control images (no generator consumed)."""
+        return (self.mean - self.shift_factor) * self.scaling_factor
+
+
+@dataclass(frozen=True)
+class MaskedUpload:
+    """An upload whose pixels to repaint are zeroed (0 in [-1, 1]) before the VAE encodes it, as
+    `ZImageControlNetInpaintPipeline` encodes its masked image."""
+
+    image: Any  # PIL RGB, at the generation size
+    mask: Any  # PIL greyscale at the same size, 128 and up = repaint
+
+
+@dataclass(frozen=True)
+class ControlLatents:
+    """A control image's latents (and, for control with a mask, the masked upload's), both
+    `LatentPosterior.mode()` `[1, 16, h, w]`: what the VAE stage hands the Denoiser for a controlled job."""
+
+    control: torch.Tensor
+    masked_image: torch.Tensor | None = None
+
 
 @dataclass(frozen=True)
 class LoraRef:
@@ -136,6 +159,9 @@ class DenoiseRequest:
     mask: torch.Tensor | None = None
     """Inpainting (with an upload): `[1, 1, H/8, W/8]` of 1 (edit) and 0 (keep), from
     `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
+    control_scale: float | None = None
+    """Set for a controlled image (its `ControlLatents` travel beside the request); with a mask the
+    ControlNet inpaints (the mask enters its control channels, no blend, no strength)."""
     deadline: float | None = None
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
     loras: tuple[LoraRef, ...] = ()
@@ -154,6 +180,8 @@ class DenoiseJob(DenoiseRequest):
     adapters: tuple[tuple[Any, float], ...] = ()
     """`loras` resolved: (`lora.adapter.LaidOutAdapter`, scale) on the Denoiser's device, one per ref;
     never crosses a deployment boundary."""
+    control: Any = None
+    """A `deployments.denoiser.control.ControlContext` when the job is controlled (needs a ControlNet)."""
     on_step: Callable[[Any, torch.Tensor], None] | None = None
     """Called on the model thread after each of this job's steps with its `DenoiseState` and the step's
     noise prediction (what streaming previews are made from); never crosses a deployment boundary."""
@@ -162,14 +190,20 @@ class DenoiseJob(DenoiseRequest):
     def from_request(cls, request: DenoiseRequest, caption: CaptionEmbedding,
                      negative: CaptionEmbedding | None = None, posterior: LatentPosterior | None = None,
                      on_step: Callable[[Any, torch.Tensor], None] | None = None,
-                     adapters: tuple[tuple[Any, float], ...] = ()) -> DenoiseJob:
-        """The job for `request` with its conditioning: the one place a request becomes a job."""
+                     adapters: tuple[tuple[Any, float], ...] = (), control: Any = None) -> DenoiseJob:
+        """The job for `request` with its conditioning: the one place a request becomes a job.
+        `control` (a `ControlContext`, built by the Denoiser's ControlNet from the `ControlLatents`)
+        carries a controlled job's mask in its channels: such a job starts from noise and is not blended."""
         asked = {f.name: getattr(request, f.name) for f in fields(DenoiseRequest)}
         if posterior is None:
             asked["strength"] = 1.0  # strength skips steps of an image-to-image schedule only
+        if control is not None:
+            if posterior is not None:
+                raise ValueError("a controlled job starts from noise: control with an upload needs its mask")
+            asked["mask"] = None  # in the control channels, as ZImageControlNetInpaintPipeline
         return cls(**asked, caption=caption.embedding,
                    negative_caption=None if negative is None else negative.embedding,
-                   init_posterior=posterior, on_step=on_step, adapters=adapters)
+                   init_posterior=posterior, on_step=on_step, adapters=adapters, control=control)
 
     @property
     def is_image_to_image(self) -> bool:

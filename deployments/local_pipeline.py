@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from deployments.weights import loading
-from deployments.contracts import DecodedImage, DenoiseJob, DenoiseRequest, LoraRef
+from deployments.contracts import ControlLatents, DecodedImage, DenoiseJob, DenoiseRequest, LoraRef, MaskedUpload
+from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, ControlNetRunner
 from deployments.denoiser.inpaint import default_strength, latent_mask
 from deployments.denoiser.loop import DenoiseLoop
+from deployments.weights.controlnet_source import ControlNetSource, load_controlnet
 from deployments.weights.model_source import ModelSource
 from deployments.style.presets import StyleTable
 from deployments.text_encoder.encoding import PromptEncoder
@@ -34,6 +36,8 @@ class GenerationSpec:
     strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
     loras: tuple = ()  # (lora.adapter.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
+    control_image: Image.Image | None = None  # ControlNet: already fitted to width x height
+    control_scale: float = DEFAULT_CONTROL_SCALE
 
     def request(self) -> DenoiseRequest:
         """What the Ingress would ask the Denoiser for this image."""
@@ -42,18 +46,21 @@ class GenerationSpec:
             strength=default_strength(self.strength, self.mask is not None),
             mask=latent_mask(self.mask) if self.mask is not None else None,
             loras=tuple(LoraRef(adapter.name, scale) for adapter, scale in self.loras),
+            control_scale=self.control_scale if self.control_image is not None else None,
         )
 
 
 class LocalPipeline:
-    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype):
+    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype,
+                 controlnet: ControlNetSource | None = None):
         self.styler = StyleTable()
         self.encoder = PromptEncoder(
             loading.load_tokenizer(source), loading.load_text_encoder(source, device, dtype), device
         )
-        self.loop = DenoiseLoop(
-            loading.load_transformer(source, device, dtype), loading.load_scheduler(source), device, dtype
-        )
+        transformer = loading.load_transformer(source, device, dtype)
+        self.control = None if controlnet is None else ControlNetRunner(
+            load_controlnet(controlnet, device, dtype), transformer)
+        self.loop = DenoiseLoop(transformer, loading.load_scheduler(source), device, dtype, control=self.control)
         self.codec = VaeCodec(loading.load_vae(source, device, dtype), device, dtype)
 
     def generate(self, specs: list[GenerationSpec]) -> list[DecodedImage]:
@@ -61,16 +68,26 @@ class LocalPipeline:
         captions = self.encoder.encode([p.text for p in styled])
         guided = [s for s in specs if s.guidance_scale > 0]
         negatives = iter(self.encoder.encode([s.negative_prompt for s in guided]))
-        init_images = [s.init_image for s in specs if s.init_image is not None]
+        # a controlled edit is inpainted by the ControlNet: its upload enters masked, not as a start point
+        init_images = [s.init_image for s in specs if s.init_image is not None and s.control_image is None]
         posteriors = iter(self.codec.encode(init_images))
-        jobs = [
-            DenoiseJob.from_request(
-                spec.request(),
-                caption,
-                negative=next(negatives) if spec.guidance_scale > 0 else None,
-                posterior=next(posteriors) if spec.init_image is not None else None,
-                adapters=spec.loras,
-            )
-            for spec, caption in zip(specs, captions)
-        ]
+        jobs = []
+        for spec, caption in zip(specs, captions):
+            request = spec.request()
+            control = None
+            if spec.control_image is not None:
+                latents = self.control_latents(spec.control_image, spec.init_image, spec.mask)
+                control = self.control.context(latents, spec.control_scale, request.mask)
+            jobs.append(DenoiseJob.from_request(
+                request, caption, negative=next(negatives) if spec.guidance_scale > 0 else None,
+                posterior=next(posteriors) if spec.init_image is not None and control is None else None,
+                adapters=spec.loras, control=control,
+            ))
         return self.codec.decode(self.loop.run(jobs))
+
+    def control_latents(self, control_image: Image.Image, init_image: Image.Image | None = None,
+                        mask: Image.Image | None = None) -> ControlLatents:
+        """What the VAE stage's `encode_control` returns for these images."""
+        masked = None if mask is None else MaskedUpload(init_image, mask)
+        posteriors = self.codec.encode([item for item in (control_image, masked) if item is not None])
+        return ControlLatents(posteriors[0].mode(), posteriors[1].mode() if masked is not None else None)

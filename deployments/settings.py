@@ -18,6 +18,10 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "tiny"
+    controlnet: str | None = None
+    """A Z-Image ControlNet for the Denoiser (`weights.controlnet_source`): a hub id, a directory in
+    diffusers layout, a published single file, `tiny` (with the tiny model) or `random`; off by default.
+    With one loaded, requests may carry a control image (`control_image`, `control_scale`)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     precision: Literal["auto", "bf16", "fp8"] = "auto"
     """The DiT's linears: `fp8` (torchao or our fused kernels) or `bf16`; `auto`: fp8 on GPUs with FP8
@@ -98,6 +102,14 @@ class ModelSettings(BaseModel):
 
     def source(self) -> ModelSource:
         return resolve_model_source(self.model, self.cache_dir)
+
+    def controlnet_source(self):
+        """The resolved `controlnet` setting, or None when none is configured."""
+        if not self.controlnet:
+            return None
+        from deployments.weights.controlnet_source import resolve_controlnet
+
+        return resolve_controlnet(self.controlnet, self.cache_dir)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -3,7 +3,7 @@
 The application: `builder` (`build_app`), `config` (its args), `ingress` (the routes and the handle
 API), `protocol` (request, response and error models), `pipeline` and `planning` (a request through
 the stages), and the Ingress's parts: `auth`, `admission`, `request_io`, `image_io`, `masks`,
-`responses`, `streaming`, `image_store/`, `retry`, `readiness`, `errors`, `access_log`, `metrics`,
+`control` (a request's control image), `responses`, `streaming`, `image_store/`, `retry`, `readiness`, `errors`, `access_log`, `metrics`,
 `web/` (the page) and `dashboards/`.
 
 `serve_app:build_app` is the application's import path. It is imported on first use, so that a

@@ -41,6 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = AppArgs.from_args(args)
     stop_on_sigterm_as_on_ctrl_c()  # `serve run`'s driver: SIGTERM stops it as Ctrl-C does
     source = config.model_settings().source()  # fails here, before any replica starts, on a bad model
+    config.model_settings().controlnet_source()  # and on a bad controlnet
     settings = config.model_settings().model_dump()
 
     def bind(deployment: Deployment, stage: str, *init_args: Any, **init_kwargs: Any) -> Application:
@@ -54,4 +55,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
                 model_name=source.name, random_weights=source.random_weights,
                 image_store=config.image_store.model_dump(mode="json"),
-                lora_settings=config.model_settings().lora_settings().model_dump())
+                lora_settings=config.model_settings().lora_settings().model_dump(),
+                controlnet=config.controlnet)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from serve_app.access_log import AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
+from serve_app.control import control_preview_response
 from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
@@ -82,6 +84,7 @@ def _multipart_schema_body() -> dict:
     schema = ImageEditRequest.model_json_schema()
     schema["properties"]["image"] = {"type": "string", "format": "binary"}
     schema["properties"]["mask"] = {"type": "string", "format": "binary"}  # inpainting (serve_app.masks)
+    schema["properties"]["control_image"] = {"type": "string", "format": "binary"}  # serve_app.control
     schema["required"] = ["image", "prompt"]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
@@ -94,7 +97,8 @@ class Ingress:
     config_model = IngressConfig
 
     def __init__(self, styler, text_encoder, denoiser, vae, model_name: str, random_weights: bool,
-                 base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None):
+                 base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None,
+                 controlnet: str | None = None):
         self.styler = styler
         self.loras = LoraCatalog(lora_settings)  # the adapters requests may name (serve_app.loras)
         self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
@@ -105,6 +109,7 @@ class Ingress:
         self.reconfigure({})
         self.model_name = model_name
         self.random_weights = random_weights
+        self.controlnet = controlnet  # the Denoiser's ControlNet setting: control fields need one
         self.metrics = IngressMetrics()
         self.admission = Admission(self.metrics.in_flight)
         self.responder = Responder(self.metrics, self.admission.retry_after_s)
@@ -125,7 +130,7 @@ class Ingress:
         try:
             timeout = timeout_s(request.timeout_s, self.limits.request_timeout_s, "timeout_s")
             with self._admitted() as ticket:
-                plan = plan_handle_request(request, self.limits, self.model_name)
+                plan = plan_handle_request(request, self.limits, self.model_name, self.controlnet is not None)
                 result = await self._run(plan, timeout, record, ticket)
                 result = await stored(result, self.images, request.response_format, None)
         except Exception as exc:
@@ -140,11 +145,13 @@ class Ingress:
     @app.post("/v1/images/generations", response_model=ImagesResponse,
               openapi_extra=_json_schema_body(ImageGenerationRequest))
     async def generations(self, request: Request) -> Response:
-        return await self._images(request, "/v1/images/generations", plan_generation)
+        return await self._images(request, "/v1/images/generations",
+                                  partial(plan_generation, controlnet=self.controlnet is not None))
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_multipart_schema_body())
     async def edits(self, request: Request) -> Response:
-        return await self._images(request, "/v1/images/edits", plan_edit)
+        return await self._images(request, "/v1/images/edits",
+                                  partial(plan_edit, controlnet=self.controlnet is not None))
 
     @app.get(FILES_ROUTE + "{name}", include_in_schema=False)
     async def image_file(self, name: str) -> Response:
@@ -195,7 +202,17 @@ class Ingress:
             "side_multiple": SIDE_MULTIPLE, "max_pixels": limits.max_pixels, "min_steps": limits.min_steps,
             "max_steps": limits.max_steps, "default_steps": limits.default_steps,
             "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
+            "controlnet": self.controlnet is not None,
         })
+
+    @app.post("/page/control-preview", include_in_schema=False)
+    async def control_preview(self, request: Request) -> Response:
+        """The Control section's canny preview: the edge map the server makes (serve_app.control)."""
+        try:
+            authorize(request.headers, self.limits.api_key_sha256)
+            return await control_preview_response(request, self.limits, self.controlnet is not None)
+        except Exception as exc:
+            return error_response(api_error_for(exc))
 
     @app.get("/health/live")
     async def live(self) -> JSONResponse:

@@ -34,6 +34,7 @@ from deployments.denoiser.inpaint import default_strength
 from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
+from serve_app.control import ControlPlan, plan_control
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.masks import plan_mask
@@ -62,18 +63,21 @@ class RequestPlan:
     strength: float = 1.0
     mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
     loras: tuple[LoraSpec, ...] = ()  # names checked against the adapters offered (serve_app.loras)
+    control: ControlPlan | None = None  # the ControlNet's inputs (serve_app.control)
 
     def denoise_request(self, index: int, deadline: float | None) -> DenoiseRequest:
         """What the Denoiser is asked for image `index` (seed + index) of this request."""
         return DenoiseRequest(width=self.width, height=self.height, steps=self.steps, seed=self.seed + index,
                               guidance_scale=self.guidance_scale, strength=self.strength, mask=self.mask,
-                              deadline=deadline, loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras))
+                              control_scale=None if self.control is None else self.control.scale, deadline=deadline,
+                              loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras))
 
 
 def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,
-                 mask: Image.Image | None = None) -> RequestPlan:
+                 mask: Image.Image | None = None, control: Image.Image | None = None) -> RequestPlan:
     """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`.
-    `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it."""
+    `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it; `control` is the
+    decoded control image (serve_app.control), fitted to the generation size."""
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
@@ -88,7 +92,8 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
         raise bad_request(f"num_inference_steps must be within {limits.min_steps}..{limits.max_steps}.",
                           param="num_inference_steps")
     if req.size in (None, "auto"):
-        width, height = fitted_size(*init.size) if init is not None else DEFAULT_SIZE
+        sized_by = init if init is not None else control
+        width, height = fitted_size(*sized_by.size) if sized_by is not None else DEFAULT_SIZE
     else:
         width, height = parse_size(req.size)
     problem = size_problem(width, height, limits.max_pixels)
@@ -102,27 +107,34 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if mask is not None and init is None:
         raise bad_request("A mask needs an image to edit.", param="mask", code="invalid_mask")
+    fitted_init = fit_upload(init, (width, height)) if init is not None else None
+    control_plan = None
+    if control is not None:
+        control_plan = plan_control(control, req.control_scale, req.control_preprocess, (width, height), fitted_init,
+                                    mask, getattr(req, "strength", None))
     return RequestPlan(
         prompt=req.prompt, n=n, width=width, height=height, steps=steps, seed=seed, style=req.style,
         guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt or "",
         output_format=req.output_format or "png", output_compression=req.output_compression,
-        init_image=fit_upload(init, (width, height)) if init is not None else None,
+        init_image=fitted_init,
         strength=default_strength(getattr(req, "strength", None), mask is not None) if init is not None else 1.0,
         mask=plan_mask(mask, width, height) if mask is not None else None,
         loras=loras,
+        control=control_plan,
     )
 
 
 @dataclass(frozen=True)
 class Conditioning:
     """What every image of a request shares: the styled prompt, and the stages' responses (not yet
-    awaited) for the caption, the negative caption and the upload's posterior."""
+    awaited) for the caption, the negative caption, the upload's posterior and the control latents."""
 
     styled: StyledPrompt
     caption: Any
     negative: Any
     posterior: Any
     style_ms: float
+    control: Any = None
 
 
 class ImagePipeline:
@@ -155,7 +167,7 @@ class ImagePipeline:
         except BaseException:  # one image failed for good, or the request was cancelled: stop the rest
             for task in tasks:
                 task.cancel()
-            for response in (cond.caption, cond.negative, cond.posterior):
+            for response in (cond.caption, cond.negative, cond.posterior, cond.control):
                 if response is not None:
                     response.cancel()
             raise
@@ -173,7 +185,7 @@ class ImagePipeline:
         cond = await self._condition(plan, deadline)
         request = plan.denoise_request(0, deadline)
         updates = self._denoiser_for(request).options(stream=True).denoise_stream.remote(
-            request, cond.caption, cond.negative, cond.posterior, partial_images
+            request, cond.caption, cond.negative, cond.posterior, partial_images, cond.control
         )
         latents: Latents | None = None
         previews = 0
@@ -211,8 +223,12 @@ class ImagePipeline:
             styled=styled,
             caption=self.text_encoder.encode.remote(styled.text),
             negative=self.text_encoder.encode.remote(plan.negative_prompt) if guided else None,
-            posterior=self.vae.encode.remote(plan.init_image) if plan.init_image is not None else None,
+            # a controlled edit starts from noise: its upload enters the ControlNet masked instead
+            posterior=(self.vae.encode.remote(plan.init_image)
+                       if plan.init_image is not None and plan.control is None else None),
             style_ms=style_ms,
+            control=(self.vae.encode_control.remote(plan.control.image, plan.control.masked)
+                     if plan.control is not None else None),
         )
 
     def _denoiser_for(self, request: DenoiseRequest) -> Any:
@@ -224,7 +240,8 @@ class ImagePipeline:
 
     async def _image(self, request: DenoiseRequest, cond: Conditioning) -> DecodedImage:
         """One image's denoise and decode; a failure or cancellation cancels both calls."""
-        latents = self._denoiser_for(request).denoise.remote(request, cond.caption, cond.negative, cond.posterior)
+        latents = self._denoiser_for(request).denoise.remote(request, cond.caption, cond.negative, cond.posterior,
+                                                             cond.control)
         decoded = self.vae.decode.remote(latents)
         try:
             return await decoded

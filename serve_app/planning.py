@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from serve_app import request_io
 from serve_app.config import ApiLimits
+from serve_app.control import base64_cap, control_from_request
 from serve_app.errors import bad_request, from_validation_error
 from serve_app.image_io import decode_upload
 from serve_app.masks import decode_mask
@@ -28,24 +29,34 @@ class PlannedRequest:
     kind: StreamKind
 
 
-async def plan_generation(request: Request, limits: ApiLimits, model_name: str) -> PlannedRequest:
-    """POST /v1/images/generations: a JSON body."""
-    data = await request_io.read_json_object(request, limits.max_body_bytes)
+async def plan_generation(request: Request, limits: ApiLimits, model_name: str, controlnet: bool = False
+                          ) -> PlannedRequest:
+    """POST /v1/images/generations: a JSON body (its cap raised for a base64 `control_image`, when the
+    server has a ControlNet: serve_app.control)."""
+    data = await request_io.read_json_object(request, limits.max_body_bytes, field_caps={
+        "control_image": base64_cap(limits.max_upload_bytes)} if controlnet else None)
     options = ImageGenerationRequest.model_validate(data)
-    return PlannedRequest(options, plan_request(options, None, limits, model_name), "image_generation")
+    control = control_from_request(data, options.control_image, limits.max_upload_bytes, limits.max_upload_pixels,
+                                   controlnet)
+    return PlannedRequest(options, plan_request(options, None, limits, model_name, control=control),
+                          "image_generation")
 
 
-async def plan_edit(request: Request, limits: ApiLimits, model_name: str) -> PlannedRequest:
-    """POST /v1/images/edits: a multipart body with the image (and optionally a mask) as files."""
+async def plan_edit(request: Request, limits: ApiLimits, model_name: str, controlnet: bool = False) -> PlannedRequest:
+    """POST /v1/images/edits: a multipart body with the image (and optionally a mask and a control
+    image) as files."""
     form = await request_io.read_edit_form(request, limits.max_body_bytes, limits.max_upload_bytes)
     options = ImageEditRequest.model_validate(form.fields)
     init = decode_upload(form.image, limits.max_upload_bytes, limits.max_upload_pixels)
     mask = None if form.mask is None else decode_mask(form.mask, init.size, limits.max_upload_bytes,
                                                       limits.max_upload_pixels)
-    return PlannedRequest(options, plan_request(options, init, limits, model_name, mask), "image_edit")
+    control = control_from_request(form.fields, form.control_image, limits.max_upload_bytes, limits.max_upload_pixels,
+                                   controlnet)
+    return PlannedRequest(options, plan_request(options, init, limits, model_name, mask, control), "image_edit")
 
 
-def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: str) -> RequestPlan:
+def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: str, controlnet: bool = False
+                        ) -> RequestPlan:
     """The handle API's `ImageRequest` through the same validation as the HTTP routes' fields."""
     init = mask = None
     if request.init_image is not None:
@@ -61,7 +72,10 @@ def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: st
         style=request.style, guidance_scale=request.guidance_scale, negative_prompt=request.negative_prompt,
         output_format=request.output_format, output_compression=request.output_compression,
         response_format=request.response_format,
+        control_scale=request.control_scale, control_preprocess=request.control_preprocess,
     )
+    control = control_from_request(fields, request.control_image, limits.max_upload_bytes, limits.max_upload_pixels,
+                                   controlnet)
     if init is not None:
         fields["strength"] = request.strength
     if request.loras:
@@ -70,4 +84,4 @@ def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_name: st
         parsed = options.model_validate(fields)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
-    return plan_request(parsed, init, limits, model_name, mask)
+    return plan_request(parsed, init, limits, model_name, mask, control)

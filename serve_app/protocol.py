@@ -57,6 +57,9 @@ class ImageOptions(BaseModel):
     stream_progress: bool | None = None
     """With `stream: true`, also send a `zimage.progress` event after every denoising step; without
     it a stream carries exactly OpenAI's event types, so typed clients need not know ours."""
+    # ControlNet (serve_app.control): the control image itself travels per endpoint
+    control_scale: float | None = Field(None, ge=0.0, le=2.0)
+    control_preprocess: Literal["canny"] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -82,12 +85,16 @@ class ImageOptions(BaseModel):
 
 
 class ImageGenerationRequest(ImageOptions):
-    """`POST /v1/images/generations` (JSON)."""
+    """`POST /v1/images/generations` (JSON). `control_image`: base64 (or a data URL) of a PNG, JPEG or
+    WebP, for the ControlNet (serve_app.control)."""
+
+    control_image: str | None = None
 
 
 class ImageEditRequest(ImageOptions):
-    """`POST /v1/images/edits` (multipart); the `image` file, and the optional `mask` file, travel
-    beside these fields. `strength` defaults to 0.6, or to 1.0 with a mask (as diffusers' inpainting)."""
+    """`POST /v1/images/edits` (multipart); the `image` file, and the optional `mask` and
+    `control_image` files, travel beside these fields. `strength` defaults to 0.6, or to 1.0 with a
+    mask (as diffusers' inpainting); an edit with a control image needs a mask and takes no strength."""
 
     strength: float | None = Field(None, ge=0.1, le=1.0)
 
@@ -242,6 +249,9 @@ class ImageRequest:
     mask: bytes | None = None
     loras: tuple[LoraSpec | dict, ...] = ()  # LoraSpec(name=..., scale=...) or {"name": ..., "scale": ...}
     response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
+    control_image: bytes | None = None  # ControlNet (serve_app.control); with init_image it needs a mask
+    control_scale: float | None = None  # None: 0.75
+    control_preprocess: Literal["canny"] | None = None
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
 
 

@@ -40,10 +40,14 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
-    """The body as a JSON object; deep nesting and integers past Python's digit limit are 400s too."""
+async def read_json_object(request: Request, cap: int, field_caps: dict[str, int] | None = None) -> dict[str, Any]:
+    """The body as a JSON object; deep nesting and integers past Python's digit limit are 400s too.
+
+    `field_caps` raises the cap for named string fields (a base64 image) by their own caps: each is
+    checked on its own, and the rest of the body still has to fit `cap`."""
     require_content_type(request, "application/json")
-    body = await read_body(request, cap)
+    field_caps = field_caps or {}
+    body = await read_body(request, cap + sum(field_caps.values()))
     try:
         data = json.loads(body)
     except RecursionError:
@@ -52,6 +56,16 @@ async def read_json_object(request: Request, cap: int) -> dict[str, Any]:
         raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    rest = len(body)
+    for name, field_cap in field_caps.items():
+        value = data.get(name)
+        if isinstance(value, str):
+            if len(value) > field_cap:
+                raise ApiError(413, f"{name} is {len(value)} characters, over its limit of {field_cap}.", param=name,
+                               code="request_too_large")
+            rest -= len(value)
+    if rest > cap:
+        raise ApiError(413, f"The request body is over the limit of {cap} bytes.", code="request_too_large")
     return data
 
 
@@ -60,21 +74,23 @@ class EditForm:
     fields: dict
     image: bytes
     mask: bytes | None  # inpainting (serve_app.masks)
+    control_image: bytes | str | None = None  # the ControlNet's: a file, or base64 text (serve_app.control)
 
 
 async def read_edit_form(request: Request, max_field_bytes: int, max_upload_bytes: int) -> EditForm:
-    """The text fields, the image file's bytes and the optional mask file's bytes of an edit's multipart body."""
+    """The text fields, the image file's bytes and the optional mask and control image files' bytes of an
+    edit's multipart body."""
     require_content_type(request, "multipart/form-data")
-    check_declared_length(request, 2 * max_upload_bytes + max_field_bytes)  # the image and its mask
+    check_declared_length(request, 3 * max_upload_bytes + max_field_bytes)  # the image, its mask, a control image
     try:
-        form = await request.form(max_files=3, max_fields=64, max_part_size=max_field_bytes)
+        form = await request.form(max_files=4, max_fields=64, max_part_size=max_field_bytes)
     except ApiError:
         raise
     except Exception as exc:
         raise bad_request(f"The multipart body could not be parsed: {exc}", code="invalid_multipart") from None
     try:
         fields: dict = {}
-        images, masks, loras = [], [], []
+        images, masks, loras, controls = [], [], [], []
         for key, value in form.multi_items():
             if key in ("image", "image[]"):
                 images.append(value)
@@ -82,6 +98,8 @@ async def read_edit_form(request: Request, max_field_bytes: int, max_upload_byte
                 loras.append((key, value))
             elif key == "mask":
                 masks.append(value)
+            elif key == "control_image":
+                controls.append(value)
             elif hasattr(value, "read"):
                 raise bad_request(f"Unexpected file field '{key}'.", param=key, code="unknown_parameter")
             else:
@@ -95,7 +113,12 @@ async def read_edit_form(request: Request, max_field_bytes: int, max_upload_byte
             raise bad_request("Send the mask as one image file.", param="mask", code="invalid_mask")
         if loras:
             fields["loras"] = form_loras(loras)
+        if len(controls) > 1:
+            raise bad_request("Send one control image.", param="control_image", code="invalid_image")
         mask = await masks[0].read(max_upload_bytes + 1) if masks else None
-        return EditForm(fields, await images[0].read(max_upload_bytes + 1), mask)
+        control = controls[0] if controls else None  # base64 text as a field (the openai client's extra_body)
+        if hasattr(control, "read"):
+            control = await control.read(max_upload_bytes + 1)
+        return EditForm(fields, await images[0].read(max_upload_bytes + 1), mask, control)
     finally:
         await form.close()

@@ -17,6 +17,7 @@ from ray import serve
 from deployments.weights import loading
 from deployments.contracts import (
     CaptionEmbedding,
+    ControlLatents,
     DenoiseJob,
     DenoiseProgress,
     DenoiseRequest,
@@ -33,7 +34,9 @@ from deployments.denoiser.loop import (
     preview_steps,
 )
 from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
+from deployments.denoiser.control import ControlContext, ControlNetRunner
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
+from deployments.weights.controlnet_source import load_controlnet
 from deployments.denoiser.pending_work import PendingWork, measure
 from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
 from deployments.denoiser.lora.cache import AdapterCache
@@ -91,6 +94,8 @@ class Denoiser(StageBase):
 
     def load(self) -> None:
         self.transformer = loading.load_transformer(self.source, self.device, self.dtype)
+        control_source = self.settings.controlnet_source()  # the ControlNet: part of the Denoiser's weights
+        self.controlnet = None if control_source is None else load_controlnet(control_source, self.device, self.dtype)
 
     def optimize(self) -> None:
         """On the GPU, real-valued RoPE and fused projections always; FP8 and regional compile as
@@ -108,10 +113,13 @@ class Denoiser(StageBase):
         if self.speed.dit_cuda_graphs.value:
             self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(self.transformer), self.device,
                                                        padded=padded_transformer_fn(self.transformer))
+        # attached after the DiT's optimization: its control blocks take the DiT's (real) RoPE
+        self.control = None if self.controlnet is None else ControlNetRunner(self.controlnet, self.transformer)
         self.loop = DenoiseLoop(
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
             batched_ready=self.after_ready.ready,
+            control=self.control,
         )
         self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
                                        self.config.lora_cache_bytes)
@@ -208,14 +216,16 @@ class Denoiser(StageBase):
         caption: CaptionEmbedding,
         negative: CaptionEmbedding | None = None,
         posterior: LatentPosterior | None = None,
+        control: ControlLatents | None = None,
     ) -> Latents:
-        """One image. The caption, negative caption and upload posterior arrive as separate arguments
-        (the text encoder's and VAE's responses, passed on by the Ingress), so a request's images
-        share one copy of each instead of each carrying its own."""
+        """One image. The caption, negative caption, upload posterior and control latents arrive as
+        separate arguments (the text encoder's and VAE's responses, passed on by the Ingress), so a
+        request's images share one copy of each instead of each carrying its own."""
         start = time.perf_counter()
         adapters = await self._adapters(request)
-        latents, queued_s = await self._run(DenoiseJob.from_request(request, caption, negative, posterior,
-                                                                    adapters=adapters))
+        job = DenoiseJob.from_request(request, caption, negative, posterior, adapters=adapters,
+                                      control=self._control(request, control))
+        latents, queued_s = await self._run(job)
         return self._finished(latents, queued_s, caption, posterior, start)
 
     async def denoise_stream(
@@ -225,6 +235,7 @@ class Denoiser(StageBase):
         negative: CaptionEmbedding | None = None,
         posterior: LatentPosterior | None = None,
         previews: int = 0,
+        control: ControlLatents | None = None,
     ) -> AsyncIterator[DenoiseProgress]:
         """`denoise` step by step, for `handle.options(stream=True)`: one update after each step, with the
         clean-latent estimate at `previews` evenly spread steps, then the result (the very latents
@@ -241,7 +252,8 @@ class Denoiser(StageBase):
             loop.call_soon_threadsafe(updates.put_nowait, update)
 
         adapters = await self._adapters(request)
-        job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters)
+        job = DenoiseJob.from_request(request, caption, negative, posterior, on_step, adapters=adapters,
+                                      control=self._control(request, control))
         task = asyncio.ensure_future(self._run(job))
         task.add_done_callback(lambda _: updates.put_nowait(None))  # after the steps' updates, which came first
         try:
@@ -252,6 +264,16 @@ class Denoiser(StageBase):
                                   caption_tokens=caption.num_tokens)
         finally:
             task.cancel()
+
+    def _control(self, request: DenoiseRequest, latents: ControlLatents | None) -> ControlContext | None:
+        """The job's control input from the VAE's `ControlLatents` (None for an uncontrolled image)."""
+        if request.control_scale is None and latents is None:
+            return None
+        if self.control is None:
+            raise ValueError("this Denoiser has no ControlNet loaded (the `controlnet` setting)")
+        if request.control_scale is None or latents is None:
+            raise ValueError("a controlled image needs both control_scale and its control latents")
+        return self.control.context(latents, request.control_scale, request.mask)
 
     def _finished(self, latents: Latents, queued_s: float, caption: CaptionEmbedding,
                   posterior: LatentPosterior | None, start: float) -> Latents:

@@ -1,7 +1,8 @@
 """The denoise loop: FlowMatch Euler over Z-Image's sigmas, for a batch of independent jobs.
 
 Computes what diffusers' `ZImagePipeline` / `ZImageImg2ImgPipeline` / `ZImageInpaintPipeline` compute
-(the inpainting blend: deployments.denoiser.inpaint), cut so that a batch may
+(the inpainting blend: deployments.denoiser.inpaint), and with a ControlNet `ZImageControlNetPipeline` /
+`ZImageControlNetInpaintPipeline` (the hints: deployments.denoiser.control), cut so that a batch may
 mix jobs of different sizes, caption lengths, step counts, seeds, guidance and start points: each
 job carries its own schedule and step index (`DenoiseState`), and one `step()` advances any set of
 states by one step each. That is what both same-shape batching and step-level continuous batching
@@ -22,6 +23,7 @@ a seed means the same image on any device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 from collections.abc import Callable, Sequence
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from deployments.contracts import DenoiseJob, Latents
+from deployments.denoiser.control import ControlNetRunner
 from deployments.denoiser.inpaint import InpaintState
 from deployments.denoiser.lora.errors import LoraUnsupportedError
 from deployments.denoiser.lora.linear import LoraSlots, install_lora
@@ -168,6 +171,7 @@ class DenoiseLoop:
         batch_invariant: bool | None = None,
         batched_ready: threading.Event | None = None,
         lora: bool | None = None,
+        control: ControlNetRunner | None = None,
     ):
         """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
         job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
@@ -195,6 +199,7 @@ class DenoiseLoop:
 
             lora = not any(isinstance(block, FusedFp8Block) for block in iter_blocks(transformer))
         self.lora_slots: LoraSlots | None = install_lora(transformer) if lora else None
+        self.control = control  # the ControlNet, when one is loaded (deployments.denoiser.control)
 
     def initial_latents(self, job: DenoiseJob, schedule: Schedule) -> torch.Tensor:
         return self._start_point(job, schedule)[0]
@@ -223,6 +228,8 @@ class DenoiseLoop:
             raise LoraUnsupportedError("this replica's DiT kernels do not apply LoRA adapters")
         if len(job.adapters) != len(job.loras):
             raise ValueError(f"the job asks for {len(job.loras)} LoRA adapters and carries {len(job.adapters)}")
+        if job.control is not None and self.control is None:
+            raise ValueError("a control image needs a ControlNet; none is loaded")
         schedule = self.schedules.for_job(job)
         negative = None
         if job.guidance_scale > 0:
@@ -276,33 +283,34 @@ class DenoiseLoop:
         """One transformer call for `states`: every positive pass, then the guided jobs' negative passes
         (as diffusers batches a guided image); with `one_image_per_forward`, one call per pass instead.
         Returns each state's (positive, negative or None) output."""
-        model_latents, model_t, model_caps = [], [], []
-        for state in states:
-            model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
-            model_t.append(state.schedule.timesteps[state.step_index])
-            model_caps.append(state.caption)
+        model_latents, model_t, model_caps, controls = [], [], [], []
         guided = [s for s in states if s.uses_guidance]
-        for state in guided:
+        for state, caption in [(s, s.caption) for s in states] + [(s, s.negative_caption) for s in guided]:
             model_latents.append(state.latents.to(self.dtype).unsqueeze(2)[0])
             model_t.append(state.schedule.timesteps[state.step_index])
-            model_caps.append(state.negative_caption)
+            model_caps.append(caption)
+            controls.append(state.job.control)  # a negative pass takes its job's control too
         t = torch.stack(model_t)
         t = (1000 - t) / 1000
         adapters = [s.job.adapters for s in states] + [s.job.adapters for s in guided]
         if one_image_per_forward:  # each t its own tensor, as a lone job's (not a view at an offset)
-            outputs = [self._forward([x], t[i : i + 1].clone(), [c], adapters[i : i + 1])[0]
+            outputs = [self._forward([x], t[i : i + 1].clone(), [c], adapters[i : i + 1], controls[i : i + 1])[0]
                        for i, (x, c) in enumerate(zip(model_latents, model_caps))]
         else:
-            outputs = self._forward(model_latents, t, model_caps, adapters)
+            outputs = self._forward(model_latents, t, model_caps, adapters, controls)
         negatives = dict(zip((id(s) for s in guided), outputs[len(states) :]))
         return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
 
-    def _forward(self, latents, t, captions, adapters) -> list[torch.Tensor]:
-        """One transformer call; row i with `adapters[i]` (`lora.linear`). Forwards with adapters skip
-        the CUDA-graph replay (its graphs hold no adapter inputs)."""
-        if not any(adapters):
+    def _forward(self, latents, t, captions, adapters, controls) -> list[torch.Tensor]:
+        """One transformer call; row i with `adapters[i]` (`lora.linear`) and `controls[i]` (the
+        ControlNet's hints: deployments.denoiser.control). Forwards with adapters or control skip the
+        CUDA-graph replay (its graphs hold neither)."""
+        controlled = any(c is not None for c in controls)
+        if not any(adapters) and not controlled:
             return self.transformer_fn(latents, t, captions)
-        with self.lora_slots.using(adapters):
+        with self.lora_slots.using(adapters) if any(adapters) else contextlib.nullcontext():
+            if controlled:
+                return self.control.forward(latents, t, captions, controls)
             return self.plain_fn(latents, t, captions)
 
     def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:

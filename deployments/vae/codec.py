@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from deployments.contracts import DecodedImage, LatentPosterior, Latents
+from deployments.contracts import DecodedImage, LatentPosterior, Latents, MaskedUpload
 
 DEFAULT_TILE_ABOVE_PX = 1024 * 1024
 DEFAULT_TILE_PX = 1024  # diffusers' own tile for this VAE (its sample_size)
@@ -83,11 +83,16 @@ class VaeCodec:
         return results
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[Image.Image]) -> list[LatentPosterior]:
-        """Posteriors of RGB images whose sides are already multiples of 16 (see `fit_upload`)."""
+    def encode(self, images: Sequence[Image.Image | MaskedUpload]) -> list[LatentPosterior]:
+        """Posteriors of RGB images whose sides are already multiples of 16 (see `fit_upload`); a
+        `MaskedUpload` is encoded with its pixels to repaint zeroed."""
         posteriors = []
         for image in images:
-            pixels = pil_to_tensor(image).to(self.device, self.dtype)
+            if isinstance(image, MaskedUpload):
+                pixels = masked_pixels(image)
+            else:
+                pixels = pil_to_tensor(image)
+            pixels = pixels.to(self.device, self.dtype)
             dist = self.vae.encode(pixels).latent_dist
             posteriors.append(
                 LatentPosterior(
@@ -111,9 +116,22 @@ def to_uint8(pixels: torch.Tensor) -> list[torch.Tensor]:
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image to a [1, 3, H, W] tensor in [-1, 1], as diffusers' preprocess does."""
+    """RGB PIL image to a contiguous [1, 3, H, W] tensor in [-1, 1], as diffusers' preprocess does.
+
+    Contiguous as the tensors diffusers' pipelines encode (their `prepare_image` copies): the CPU's
+    convolutions pick another algorithm, and round otherwise, for a channels-last layout."""
     import numpy as np
 
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
     return 2.0 * tensor - 1.0
+
+
+def masked_pixels(upload: MaskedUpload) -> torch.Tensor:
+    """The upload in [-1, 1] with its pixels to repaint zeroed, by diffusers' own steps: the mask through
+    a binarising greyscale `VaeImageProcessor`, tiled to three channels, then `image * (mask < 0.5)`."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    mask = processor.preprocess(upload.mask, height=upload.mask.height, width=upload.mask.width)
+    return pil_to_tensor(upload.image) * (torch.tile(mask, [1, 3, 1, 1]) < 0.5)

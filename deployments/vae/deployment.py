@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from functools import partial
@@ -11,7 +12,15 @@ from pydantic import Field
 from ray import serve
 
 from deployments.weights import loading
-from deployments.contracts import DecodedImage, ImageTrace, LatentPosterior, Latents, StageTime
+from deployments.contracts import (
+    ControlLatents,
+    DecodedImage,
+    ImageTrace,
+    LatentPosterior,
+    Latents,
+    MaskedUpload,
+    StageTime,
+)
 from deployments.vae.codec import VaeCodec
 from deployments.settings import ModelSettings
 from deployments.runtime.background_warmup import WarmupStep
@@ -166,3 +175,10 @@ class VaeDecoder(StageBase):
         start = time.perf_counter()
         posterior, queued_s = await self.encoding.submit_timed(image)
         return replace(posterior, trace=ImageTrace(image_encode=StageTime.since(start, queued_s)))
+
+    async def encode_control(self, image: Image.Image, masked: MaskedUpload | None = None) -> ControlLatents:
+        """A controlled job's latents (`ControlLatents`): the control image's and, for control with a
+        mask, the masked upload's, through the same batched encoder as uploads."""
+        posteriors = await asyncio.gather(*(self.encoding.submit(item) for item in (image, masked) if item is not None))
+        return ControlLatents(control=posteriors[0].mode(),
+                              masked_image=posteriors[1].mode() if masked is not None else None)

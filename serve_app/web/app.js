@@ -259,6 +259,7 @@ function applySettings(settings) {
     $(prefix + "-steps-value").value = settings.default_steps;
   }
   for (const id of ["g-n", "t-n"]) $(id).max = settings.max_images;
+  if (window.zimageControl) window.zimageControl.apply(settings);  // the Control section (control.js)
   if (settings.api_keys_required && !state.key) $("key-box").open = true;
 }
 
@@ -326,6 +327,7 @@ async function onGenerate(event) {
   const seed = chosenSeed("g");
   const n = imageCount("g");
   const settings = { prompt: $("g-prompt").value, style: $("g-style").value, steps: Number($("g-steps").value) };
+  const control = window.zimageControl ? await window.zimageControl.fields("g") : null;  // control.js
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
   await runAll(event.target, (i) => ({
     path: "/v1/images/generations",
@@ -336,6 +338,7 @@ async function onGenerate(event) {
       body: JSON.stringify({
         prompt: settings.prompt, size: generateSize(), style: settings.style, seed: seed + i,
         num_inference_steps: settings.steps, stream: true, partial_images: PARTIAL_IMAGES, stream_progress: true,
+        ...control,
       }),
     },
   }), n);
@@ -360,6 +363,7 @@ async function onTransform(event) {
     strength: Number($("t-strength").value),
   };
   const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
+  const control = window.zimageControl ? await window.zimageControl.fields("t", true) : null;  // control.js
   // As on Generate: one streamed edit per image, image i with seed + i, as the API's n gives them.
   await runAll(event.target, (i) => {
     const body = new FormData();
@@ -367,7 +371,11 @@ async function onTransform(event) {
     if (mask) body.append("mask", mask, "mask.png");
     body.append("prompt", settings.prompt);
     body.append("style", settings.style);
-    body.append("strength", String(settings.strength));
+    if (control) {  // the ControlNet repaints the mask from noise: no strength
+      for (const [key, value] of Object.entries(control)) body.append(key, value instanceof Blob ? value : String(value));
+    } else {
+      body.append("strength", String(settings.strength));
+    }
     body.append("num_inference_steps", String(settings.steps));
     body.append("seed", String(seed + i));
     body.append("stream", "true");

@@ -32,7 +32,8 @@ def _posterior() -> LatentPosterior:
 def _request_with_every_field_set() -> DenoiseRequest:
     """A request whose every field differs from its default, so a field the job lost would show."""
     return DenoiseRequest(width=640, height=384, steps=5, seed=11, guidance_scale=2.5, strength=0.4,
-                          mask=torch.ones(1, 1, 48, 80), deadline=time.time() + 60, loras=(LoraRef("ink", 0.5),))
+                          mask=torch.ones(1, 1, 48, 80), deadline=time.time() + 60, loras=(LoraRef("ink", 0.5),),
+                          control_scale=0.6)
 
 
 def test_the_request_sets_no_field_to_its_default():
@@ -50,6 +51,16 @@ def test_a_job_carries_every_field_of_its_request_and_its_conditioning():
     assert job.caption is caption.embedding and job.negative_caption is negative.embedding
     assert job.init_posterior is posterior and job.is_image_to_image and job.on_step is print
     assert job.adapters is adapters
+
+
+def test_a_controlled_job_starts_from_noise_with_its_mask_in_the_control():
+    """With a mask, the ControlNet inpaints through its control channels (ZImageControlNetInpaintPipeline):
+    the job keeps no mask to blend and takes no upload as its start."""
+    request, control = _request_with_every_field_set(), object()
+    job = DenoiseJob.from_request(request, _caption(4), control=control)
+    assert job.control is control and job.mask is None and job.control_scale == 0.6 and not job.is_image_to_image
+    with pytest.raises(ValueError, match="starts from noise"):
+        DenoiseJob.from_request(request, _caption(4), posterior=_posterior(), control=control)
 
 
 def test_without_an_upload_a_job_runs_every_step():

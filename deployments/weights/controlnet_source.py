@@ -1,0 +1,156 @@
+"""The `controlnet` setting: which Z-Image ControlNet the Denoiser loads, and the tiny one for tests.
+
+- a hub id or a local directory in diffusers layout (`config.json` and weights of a
+  `ZImageControlNetModel`, as `save_pretrained` writes it), or a published single file
+  (`.safetensors`, e.g. Z-Image-Turbo-Fun-Controlnet-Union 2.1) read by diffusers' `from_single_file`;
+- `tiny`: a small random ControlNet for the `tiny` checkpoint, built deterministically on first use
+  into the cache beside it (as `tiny_checkpoint` builds the model) and loaded through the same
+  `from_pretrained` path. Its zero-initialised projections (`before_proj`, `after_proj`, which a
+  trained ControlNet has learnt away from zero) are drawn at random too, so that its hints change
+  the image and a test comparing with and without control can fail;
+- `random`: the full-size Union 2.x architecture with random weights, for speed and memory work.
+
+The Union 2.x layout takes 33 control channels (control latents, then the inpainting mask and the
+masked image's latents), so one model serves plain control and control with a mask.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from deployments.weights.model_source import ModelSourceError, default_cache_dir
+from deployments.weights.tiny_checkpoint import COMPLETE_MARKER, TINY_TRANSFORMER_CONFIG
+
+TINY_CONTROLNET_VERSION = "tiny-controlnet-v1"
+
+TINY_CONTROLNET_CONFIG = {
+    "control_layers_places": [0, 1],
+    "control_refiner_layers_places": [0],
+    "control_in_dim": 33,
+    "add_control_noise_refiner": "control_noise_refiner",
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "dim": TINY_TRANSFORMER_CONFIG["dim"],
+    "n_refiner_layers": TINY_TRANSFORMER_CONFIG["n_refiner_layers"],
+    "n_heads": TINY_TRANSFORMER_CONFIG["n_heads"],
+    "n_kv_heads": TINY_TRANSFORMER_CONFIG["n_kv_heads"],
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+}
+
+# Union 2.1's shape (VideoX-Fun's Z-Image-Turbo-Fun-Controlnet-Union-2.1): a control block after every
+# other main layer (15 of 30), two control refiner blocks, 33 control channels.
+FULL_CONTROLNET_CONFIG = {
+    "control_layers_places": list(range(0, 30, 2)),
+    "control_refiner_layers_places": [0, 1],
+    "control_in_dim": 33,
+    "add_control_noise_refiner": "control_noise_refiner",
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "dim": 3840,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-5,
+    "qk_norm": True,
+}
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    kind: Literal["pretrained", "single_file", "random"]
+    name: str
+    location: str | None
+
+    @property
+    def random_weights(self) -> bool:
+        return self.kind == "random" or self.name == "tiny"
+
+
+def resolve_controlnet(setting: str, cache_dir: str | Path | None = None) -> ControlNetSource:
+    """Turns the `controlnet` setting into a source; builds the tiny ControlNet on first use."""
+    setting = setting.strip()
+    if setting == "random":
+        return ControlNetSource("random", "random", None)
+    if setting == "tiny":
+        path = ensure_tiny_controlnet(Path(cache_dir) if cache_dir else default_cache_dir())
+        return ControlNetSource("pretrained", "tiny", str(path))
+    path = Path(setting).expanduser()
+    if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
+        return ControlNetSource("single_file", setting, str(path.resolve()))
+    if path.exists() or setting.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"controlnet {setting!r}: no config.json of a ZImageControlNetModel in {path}")
+        return ControlNetSource("pretrained", setting, str(path.resolve()))
+    if setting.count("/") == 1 and all(setting.split("/")):
+        return ControlNetSource("pretrained", setting, setting)
+    raise ModelSourceError(f"unknown controlnet {setting!r}: expected a hub id, a directory in diffusers layout, "
+                           "a .safetensors file, 'tiny' or 'random'")
+
+
+def load_controlnet(source: ControlNetSource, device: torch.device, dtype: torch.dtype):
+    """The `ZImageControlNetModel`, not yet attached to a transformer (see `denoiser.control`)."""
+    from diffusers import ZImageControlNetModel
+
+    if source.kind == "random":
+        torch.manual_seed(1)
+        with torch.device(device):
+            model = ZImageControlNetModel(**FULL_CONTROLNET_CONFIG).to(dtype)
+        _randomize_zero_projections(model)
+    elif source.kind == "single_file":
+        model = ZImageControlNetModel.from_single_file(source.location, torch_dtype=dtype)
+    else:
+        model = ZImageControlNetModel.from_pretrained(source.location, torch_dtype=dtype)
+    if not isinstance(model, ZImageControlNetModel):
+        raise ModelSourceError(f"controlnet {source.name!r} is a {type(model).__name__}, not a ZImageControlNetModel")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _randomize_zero_projections(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Draws the zero-initialised in/out projections of the control blocks (see the module docstring)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ("before_proj" in name or "after_proj" in name) and not param.any():
+                param.normal_(0.0, std)
+
+
+def build_tiny_controlnet():
+    from diffusers import ZImageControlNetModel
+
+    torch.manual_seed(20251124)
+    model = ZImageControlNetModel(**TINY_CONTROLNET_CONFIG)
+    torch.manual_seed(20251125)
+    _randomize_zero_projections(model, std=0.2)
+    return model
+
+
+def ensure_tiny_controlnet(cache_dir: Path) -> Path:
+    """The tiny ControlNet's directory, built once (safe with concurrent replicas)."""
+    cache_dir = Path(cache_dir).expanduser()
+    target = cache_dir / TINY_CONTROLNET_VERSION
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{TINY_CONTROLNET_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / COMPLETE_MARKER).is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f"{TINY_CONTROLNET_VERSION}-", dir=cache_dir))
+        try:
+            build_tiny_controlnet().save_pretrained(staging, safe_serialization=True)
+            (staging / COMPLETE_MARKER).write_text("built by zimage-serve\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target

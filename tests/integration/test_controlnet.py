@@ -1,0 +1,234 @@
+"""ControlNet through the served app: the official client's generations and inpainting edits with a
+control image against diffusers' `ZImageControlNetPipeline` and `ZImageControlNetInpaintPipeline` on
+the tiny checkpoint and the tiny ControlNet, canny preprocessing, and bad control input over real HTTP.
+
+The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
+it with `controlnet: tiny` and restore it afterwards.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from serve_app.control import canny
+from serve_app.protocol import ImageRequest
+from tests.integration.conftest import APP_NAME, off_loop
+from tests.integration.test_web_page import ARTIFACTS, browser, set_range  # noqa: F401 (browser: a fixture)
+from tests.integration.test_inpainting import alpha_mask, as_white_is_edit, photo, pixels, png
+
+pytestmark = pytest.mark.integration
+
+GEN, EDIT = "/v1/images/generations", "/v1/images/edits"
+SEED, STEPS = 7, 3
+
+
+def lines(width: int, height: int) -> Image.Image:
+    """A control image as a canny map looks: white lines on black."""
+    values = np.zeros((height, width), np.uint8)
+    values[height // 3, :] = values[:, width // 4] = values[:, 3 * width // 5] = 255
+    values[2 * height // 3, width // 8 : 7 * width // 8] = 255
+    return Image.fromarray(values).convert("RGB")
+
+
+CONTROL = lines(512, 512)
+B64 = base64.b64encode(png(CONTROL)).decode()
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+    return body["error"]
+
+
+@pytest.mark.parametrize("field,value", [("control_image", B64), ("control_scale", 0.5),
+                                         ("control_preprocess", "canny")])
+def test_control_fields_without_a_controlnet_are_refused_naming_them(http, field, value):
+    response = http.post(GEN, json={"prompt": "a boat", "size": "256x256", field: value})
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == field and "ControlNet" in error["message"]
+    edit = http.post(EDIT, data={"prompt": "x", "control_scale": "0.5"},
+                     files={"image": ("in.png", png(photo(256, 256, 1)), "image/png")})
+    assert edit.status_code == 400 and error_of(edit)["param"] == "control_scale"
+    assert http.get("/page/settings").json()["controlnet"] is False  # the page hides its Control section
+
+
+@pytest.fixture(scope="module")
+def controlled(served):
+    """The shared app with the tiny ControlNet, for this module's remaining tests."""
+    original = served.args
+    served.args = {**original, "controlnet": "tiny"}
+    served.deploy()
+    try:
+        yield served
+    finally:
+        served.args = original
+        served.deploy()
+
+
+@pytest.fixture()
+def client(controlled):
+    with openai.OpenAI(base_url=f"{controlled.url}/v1", api_key="unused", timeout=300, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def diffusers_control(diffusers_t2i, cache_dir):
+    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+
+    from deployments.weights.controlnet_source import ensure_tiny_controlnet
+
+    controlnet = ZImageControlNetModel.from_pretrained(ensure_tiny_controlnet(cache_dir), torch_dtype=torch.float32)
+    pipe = ZImageControlNetPipeline(**diffusers_t2i.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_official_client_generates_with_control_as_diffusers_does(client, diffusers_control):
+    result = client.images.generate(prompt="a red boat on a lake", size="512x512", extra_body={
+        "seed": SEED, "num_inference_steps": STEPS, "control_image": B64, "control_scale": 0.6})
+    expected = diffusers_control("a red boat on a lake", control_image=CONTROL, controlnet_conditioning_scale=0.6,
+                                 width=512, height=512, num_inference_steps=STEPS, guidance_scale=0.0,
+                                 generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    ours = pixels(result.data[0].b64_json)
+    assert np.abs(ours - np.asarray(expected).astype(np.int16)).max() <= 1
+    plain = client.images.generate(prompt="a red boat on a lake", size="512x512",
+                                   extra_body={"seed": SEED, "num_inference_steps": STEPS})
+    assert np.abs(ours - pixels(plain.data[0].b64_json)).max() > 10  # the control changed it
+
+
+def test_the_official_client_inpaints_with_control_as_diffusers_does(client, diffusers_control):
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    image, mask = photo(512, 512, 4), alpha_mask(512, 512, (96, 128, 416, 352))
+    result = client.images.edit(image=("in.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
+                                prompt="a red boat", extra_body={"seed": SEED, "num_inference_steps": STEPS,
+                                                                 "control_image": B64})
+    reference = ZImageControlNetInpaintPipeline(**diffusers_control.components)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference("a red boat", image=image, mask_image=as_white_is_edit(mask), control_image=CONTROL,
+                         width=512, height=512, num_inference_steps=STEPS, guidance_scale=0.0,  # scale: 0.75
+                         generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    assert np.abs(pixels(result.data[0].b64_json) - np.asarray(expected).astype(np.int16)).max() <= 1
+
+
+def test_canny_preprocessing_and_the_handle_api(controlled, client):
+    """A plain photo with `control_preprocess: canny` is the same request as its canny map sent as is;
+    the handle API's `control_image` gives the HTTP result."""
+    from ray import serve
+
+    scene = photo(512, 512, 9)
+    asked = {"seed": SEED, "num_inference_steps": 2, "control_scale": 0.9}
+    from_photo = client.images.generate(prompt="a harbour", size="512x512", extra_body={
+        **asked, "control_image": base64.b64encode(png(scene)).decode(), "control_preprocess": "canny"})
+    from_edges = client.images.generate(prompt="a harbour", size="512x512", extra_body={
+        **asked, "control_image": base64.b64encode(png(canny(scene))).decode()})
+    assert from_photo.data[0].b64_json == from_edges.data[0].b64_json
+    request = ImageRequest(prompt="a harbour", width=512, height=512, steps=2, seed=SEED, control_image=png(scene),
+                           control_scale=0.9, control_preprocess="canny")
+    result = off_loop(lambda: serve.get_app_handle(APP_NAME).generate.remote(request).result(timeout_s=300))
+    assert result.images[0].data == base64.b64decode(from_photo.data[0].b64_json)
+
+
+def test_bad_control_input_gets_an_error_naming_its_field(controlled, http):
+    image = ("in.png", png(photo(512, 512, 1)), "image/png")
+    mask = ("m.png", png(alpha_mask(512, 512, (0, 0, 128, 128))), "image/png")
+    narrow_mask = alpha_mask(256, 512, (0, 0, 64, 64))  # another aspect than the image's
+    cases = [
+        (http.post(GEN, json={"prompt": "x", "control_image": base64.b64encode(b"not an image").decode()}),
+         400, "control_image"),
+        (http.post(GEN, json={"prompt": "x", "control_image": "%%% not base64"}), 400, "control_image"),
+        (http.post(GEN, json={"prompt": "x", "control_scale": 0.5}), 400, "control_scale"),
+        (http.post(GEN, json={"prompt": "x", "control_image": B64, "control_scale": 7}), 400, "control_scale"),
+        (http.post(GEN, json={"prompt": "x", "control_image": B64, "control_preprocess": "depth"}), 400,
+         "control_preprocess"),
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "control_image": ("c.png", png(CONTROL))}),
+         400, "control_image"),  # control over a whole upload: no reference pipeline
+        (http.post(EDIT, data={"prompt": "x", "strength": "0.5"},
+                   files={"image": image, "mask": mask, "control_image": ("c.png", png(CONTROL))}), 400, "strength"),
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "mask": ("m.png", png(narrow_mask)),
+                                                       "control_image": ("c.png", png(CONTROL))}), 400, "mask"),
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "mask": mask,
+                                                       "control_image": ("c.png", b"GIF89a not a png")}),
+         400, "control_image"),
+    ]
+    for response, status, param in cases:
+        assert response.status_code == status, response.text
+        assert error_of(response)["param"] == param, response.text
+
+
+def test_a_big_control_image_fits_the_raised_json_cap(controlled, http):
+    """The JSON body cap (64 KiB in these tests) is raised for control_image alone: a control image of
+    several times that passes, and other fields over the cap are still a 413."""
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8))  # incompressible: ~197 KB PNG
+    encoded = base64.b64encode(png(noisy)).decode()
+    assert len(encoded) > 4 * controlled.args["api"]["max_body_bytes"]
+    ok = http.post(GEN, json={"prompt": "x", "size": "512x512", "num_inference_steps": 1, "control_image": encoded})
+    assert ok.status_code == 200, ok.text
+    big_prompt = http.post(GEN, json={"prompt": "x" * 70_000, "control_image": encoded})
+    assert big_prompt.status_code == 413, big_prompt.text
+
+
+# Keeps the JSON body of the page's next generation request.
+RECORD_GENERATION = """() => {
+  const original = window.fetch;
+  window.sent = null;
+  window.fetch = async (path, init) => {
+    if (String(path).endsWith("/v1/images/generations")) window.sent = JSON.parse(init.body);
+    return original(path, init);
+  };
+}"""
+
+
+def test_the_page_control_section_previews_canny_and_sends_control(controlled, browser, http, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    scene = photo(512, 512, 9)
+    upload = tmp_path / "scene.png"
+    scene.save(upload)
+    direct_preview = http.post("/page/control-preview", json={"control_image": base64.b64encode(png(scene)).decode()})
+    assert direct_preview.status_code == 200 and direct_preview.headers["content-type"] == "image/png", \
+        direct_preview.text
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(controlled.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.wait_for_selector("#g-control", state="attached")
+    assert page.is_visible("#g-control") and page.is_hidden("#panel-transform")
+    page.click("#g-control summary")
+    page.set_input_files("#g-control-file", str(upload))
+    page.check("#g-control-canny")
+    page.wait_for_function("() => !document.getElementById('g-control-status').textContent.startsWith('Finding')",
+                           timeout=120_000)
+    assert page.inner_text("#g-control-status").startswith("The edges"), page.inner_text("#g-control-status")
+    shown = page.evaluate("""async () => {
+      const blob = await (await fetch(document.getElementById('g-control-preview').src)).blob();
+      let text = ''; for (const b of new Uint8Array(await blob.arrayBuffer())) text += String.fromCharCode(b);
+      return btoa(text);
+    }""")
+    preview = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(shown))).convert("RGB"))
+    assert np.array_equal(preview, np.asarray(canny(scene)))  # the server's own edge map
+    set_range(page, "#g-control-scale", 0.6)
+    page.fill("#g-prompt", "a harbour at night")
+    page.select_option("#g-aspect", "custom")
+    page.fill("#g-width", "512")
+    page.fill("#g-height", "512")
+    set_range(page, "#g-steps", 4)
+    page.fill("#g-seed", "3")
+    page.evaluate(RECORD_GENERATION)
+    page.click("#panel-generate button[type=submit]")
+    sent = page.wait_for_function("() => window.sent").json_value()
+    assert sent["control_preprocess"] == "canny" and sent["control_scale"] == 0.6
+    assert base64.b64decode(sent["control_image"]) == upload.read_bytes()
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=120_000)
+    assert page.is_hidden("#error")
+    page.screenshot(path=str(ARTIFACTS / "page-control.png"), full_page=True)
+    result = page.get_attribute("#cards .frame img", "src").split(",", 1)[1]
+    direct = http.post(GEN, json={k: v for k, v in sent.items() if k not in ("stream", "partial_images", "stream_progress")})
+    assert direct.status_code == 200, direct.text
+    assert np.array_equal(pixels(result), pixels(direct.json()["data"][0]["b64_json"]))
