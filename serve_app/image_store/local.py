@@ -53,6 +53,7 @@ class LocalDirectoryStore(ImageStore):
         self._lock = threading.Lock()
         self._usage = 0  # bytes in finished images (from the last sweep's scan, plus writes and deletes since)
         self._pending = 0  # bytes reserved by this replica's writes in flight
+        self._written_total = 0  # bytes of every write finished, ever: what a sweep's scan may have missed
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -107,6 +108,7 @@ class LocalDirectoryStore(ImageStore):
             self._pending -= size
             if written:
                 self._usage += size
+                self._written_total += size
 
     def _release(self, size: int) -> None:
         with self._lock:
@@ -151,6 +153,8 @@ class LocalDirectoryStore(ImageStore):
     def _sweep_sync(self, now: float) -> int:
         """Removes expired images and abandoned temporary files, and recounts the bytes in use."""
         removed, usage = 0, 0
+        with self._lock:
+            written_before = self._written_total
         try:
             entries = list(os.scandir(self.root))
         except OSError as exc:
@@ -172,8 +176,8 @@ class LocalDirectoryStore(ImageStore):
                     usage += entry.stat().st_size
             except FileNotFoundError:
                 continue  # another replica sharing the directory got there first
-        with self._lock:
-            self._usage = usage
+        with self._lock:  # writes finished during the scan count too (counted twice at worst, never missed)
+            self._usage = usage + self._written_total - written_before
         return removed
 
     @property
