@@ -58,6 +58,16 @@ class ImageTrace:
         return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class StageResult:
+    """What every model stage's result carries on to the next: the time so far and what ran."""
+
+    trace: ImageTrace = ImageTrace()
+    """The stages so far, each stage setting its own entry (`ImageTrace`)."""
+    speed: dict[str, str] = field(default_factory=dict)
+    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
+
+
 @dataclass(frozen=True)
 class StyledPrompt:
     """A user prompt after style expansion; `text` is what the text encoder sees."""
@@ -68,18 +78,15 @@ class StyledPrompt:
 
 
 @dataclass(frozen=True)
-class CaptionEmbedding:
-    """Ragged caption embedding `[L, hidden]` of one prompt (padding removed), on the CPU."""
+class CaptionEmbedding(StageResult):
+    """Ragged caption embedding `[L, hidden]` of one prompt (padding removed), on the CPU; its trace
+    holds its time in the text encoder (`trace.encode`)."""
 
     embedding: torch.Tensor
     num_tokens: int
     truncated: bool
     """True when the prompt was longer than the token cap and its tail was dropped."""
     dropped_tokens: int = 0
-    trace: ImageTrace = ImageTrace()
-    """Its time in the text encoder (`trace.encode`)."""
-    speed: dict[str, str] = field(default_factory=dict)
-    """What ran, by stage (`deployments.speed.Speed.summary`); each stage adds its own and passes them on."""
 
 
 @dataclass(frozen=True)
@@ -204,17 +211,15 @@ class DenoiseJob(DenoiseRequest):
 
 
 @dataclass(frozen=True)
-class Latents:
-    """Denoised latents of one image in the DiT's space `[1, C, h, w]` (float32, CPU)."""
+class Latents(StageResult):
+    """Denoised latents of one image in the DiT's space `[1, C, h, w]` (float32, CPU); its trace holds
+    the caption's and the upload's stages, and the Denoiser's own."""
 
     latents: torch.Tensor
     width: int
     height: int
     steps_run: int = 0
-    trace: ImageTrace = ImageTrace()
-    """The stages so far: the caption's and the upload's, and the Denoiser's own."""
     prompt_truncated: bool = False
-    speed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,14 +236,12 @@ class DenoiseProgress:
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    """An RGB image as uint8 `[H, W, 3]`."""
+class DecodedImage(StageResult):
+    """An RGB image as uint8 `[H, W, 3]`; its trace holds the upstream stages' (from `Latents`) and the
+    decoder's own."""
 
     pixels: torch.Tensor
     width: int
     height: int
-    trace: ImageTrace = ImageTrace()
-    """The upstream stages' (from `Latents`) and the decoder's own."""
     prompt_truncated: bool = False
-    speed: dict[str, str] = field(default_factory=dict)
 
