@@ -189,7 +189,8 @@ BAD_EDITS = [
     ({"prompt": "x"}, ("a.gif", gif_bytes(), "image/gif"), 400, "image", "Unsupported image format GIF"),
     ({"prompt": "x"}, ("a.png", bomb_png(), "image/png"), 400, "image", "limit of"),
     ({"prompt": "x"}, ("a.png", b"\x89PNG" + b"0" * (3 << 20), "image/png"), 413, "image", "limit"),
-    ({"prompt": "x"}, ("a.png", b"\x89PNG" + b"0" * (5 << 20), "image/png"), 413, None, "limit"),
+    # over the whole body's cap: the image, its mask and a control image at the upload cap each, and the fields
+    ({"prompt": "x"}, ("a.png", b"\x89PNG" + b"0" * (7 << 20), "image/png"), 413, None, "limit"),
     ({"prompt": "x", "strength": "0.05"}, ("a.png", png_bytes(512, 512), "image/png"), 400, "strength", "strength"),
     ({"prompt": "x", "strength": "abc"}, ("a.png", png_bytes(512, 512), "image/png"), 400, "strength", "strength"),
     ({"prompt": "x", "n": "9"}, ("a.png", png_bytes(512, 512), "image/png"), 400, "n", "at most"),
