@@ -119,8 +119,18 @@ COUNTS = {
 }
 
 
+def idle(prom: str) -> None:
+    """Until no request is in flight: an earlier module's requests (a client that left a stream, say)
+    may still be running, and their counts must not land inside this test's deltas."""
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while (query(prom, "sum(ray_zimage_requests_in_flight)") or 0) > 0:
+        assert time.monotonic() < deadline, "requests stayed in flight"
+        time.sleep(0.5)
+
+
 def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_stage(served, prometheus):
-    before = settled(prometheus, COUNTS)
+    idle(prometheus)
+    before = settled(prometheus, COUNTS, quiet_s=6.0)
     request_id = f"obs-{uuid.uuid4().hex}"
     body = {"prompt": "a lighthouse at dusk", "size": "512x512", "num_inference_steps": 2, "seed": 3}
     with httpx.Client(base_url=served.url, timeout=120) as http:
