@@ -16,10 +16,6 @@ masked image's latents), so one model serves plain control and control with a ma
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +23,7 @@ from typing import Literal
 import torch
 
 from deployments.weights.model_source import ModelSourceError, default_cache_dir
-from deployments.weights.tiny_checkpoint import COMPLETE_MARKER, TINY_TRANSFORMER_CONFIG
+from deployments.weights.tiny_checkpoint import TINY_TRANSFORMER_CONFIG, build_once
 
 TINY_CONTROLNET_VERSION = "tiny-controlnet-v1"
 
@@ -134,23 +130,4 @@ def build_tiny_controlnet():
 
 def ensure_tiny_controlnet(cache_dir: Path) -> Path:
     """The tiny ControlNet's directory, built once (safe with concurrent replicas)."""
-    cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / TINY_CONTROLNET_VERSION
-    if (target / COMPLETE_MARKER).is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{TINY_CONTROLNET_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / COMPLETE_MARKER).is_file():
-            return target
-        staging = Path(tempfile.mkdtemp(prefix=f"{TINY_CONTROLNET_VERSION}-", dir=cache_dir))
-        try:
-            build_tiny_controlnet().save_pretrained(staging, safe_serialization=True)
-            (staging / COMPLETE_MARKER).write_text("built by zimage-serve\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir, TINY_CONTROLNET_VERSION, build_tiny_controlnet)

@@ -149,18 +149,25 @@ def build_tiny_pipeline():
 
 def ensure_tiny_checkpoint(cache_dir: Path) -> Path:
     """Returns the tiny checkpoint's directory, building it once (safe with concurrent replicas)."""
+    return build_once(cache_dir, TINY_VERSION, build_tiny_pipeline)
+
+
+def build_once(cache_dir: Path, version: str, build) -> Path:
+    """`cache_dir/version`, saved from `build()` (a diffusers model or pipeline) once: under a file lock,
+    so concurrent replicas of one node build it once, and into a staging folder renamed into place, so a
+    reader never sees a half-written one."""
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / TINY_VERSION
+    target = cache_dir / version
     if (target / COMPLETE_MARKER).is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{TINY_VERSION}.lock", "w") as lock:
+    with open(cache_dir / f"{version}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / COMPLETE_MARKER).is_file():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=f"{TINY_VERSION}-", dir=cache_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f"{version}-", dir=cache_dir))
         try:
-            build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+            build().save_pretrained(staging, safe_serialization=True)
             (staging / COMPLETE_MARKER).write_text("built by zimage-serve\n")
             if target.exists():
                 shutil.rmtree(target)
