@@ -53,7 +53,8 @@ class LocalDirectoryStore(ImageStore):
         self._lock = threading.Lock()
         self._usage = 0  # bytes in finished images (from the last sweep's scan, plus writes and deletes since)
         self._pending = 0  # bytes reserved by this replica's writes in flight
-        self._written_total = 0  # bytes of every write finished, ever: what a sweep's scan may have missed
+        self._sweeps = 0  # sweeps scanning now
+        self._written_in_sweep: list[tuple[str, int]] = []  # writes finished while a sweep scanned
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -84,11 +85,11 @@ class LocalDirectoryStore(ImageStore):
                     os.fsync(handle.fileno())
             os.replace(temp, self.root / name.name)
         except OSError as exc:
-            self._settle(len(data), written=False)
+            self._settle(name.name, len(data), written=False)
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
             raise StoreError(f"cannot write to the image directory: {exc.strerror or exc}") from exc
-        self._settle(len(data), written=True)
+        self._settle(name.name, len(data), written=True)
 
     def _reserve(self, size: int) -> None:
         """Counts `size` against the quota before a byte is written (in-flight writes included), so
@@ -103,12 +104,13 @@ class LocalDirectoryStore(ImageStore):
         raise StoreFull(f"the image store is full ({self._usage + self._pending} of {self.max_bytes} bytes in "
                         "images that have not expired)")
 
-    def _settle(self, size: int, written: bool) -> None:
+    def _settle(self, name: str, size: int, written: bool) -> None:
         with self._lock:
             self._pending -= size
             if written:
                 self._usage += size
-                self._written_total += size
+                if self._sweeps:
+                    self._written_in_sweep.append((name, size))
 
     def _release(self, size: int) -> None:
         with self._lock:
@@ -154,10 +156,14 @@ class LocalDirectoryStore(ImageStore):
         """Removes expired images and abandoned temporary files, and recounts the bytes in use."""
         removed, usage = 0, 0
         with self._lock:
-            written_before = self._written_total
+            self._sweeps += 1
+            first_write = len(self._written_in_sweep)
+        seen: set[str] = set()
         try:
             entries = list(os.scandir(self.root))
         except OSError as exc:
+            with self._lock:
+                self._sweeps -= 1
             raise StoreError(f"cannot list the image directory: {exc.strerror or exc}") from exc
         for entry in entries:
             try:
@@ -174,10 +180,15 @@ class LocalDirectoryStore(ImageStore):
                     removed += 1
                 else:
                     usage += entry.stat().st_size
+                    seen.add(entry.name)
             except FileNotFoundError:
                 continue  # another replica sharing the directory got there first
-        with self._lock:  # writes finished during the scan count too (counted twice at worst, never missed)
-            self._usage = usage + self._written_total - written_before
+        with self._lock:  # a write that finished during the scan counts once, whether the scan saw it or not
+            missed = sum(size for name, size in self._written_in_sweep[first_write:] if name not in seen)
+            self._usage = usage + missed
+            self._sweeps -= 1
+            if not self._sweeps:
+                self._written_in_sweep.clear()
         return removed
 
     @property
