@@ -255,6 +255,11 @@ class Denoiser(ModelStage):
         finally:
             task.cancel()
 
+    def control_channels(self) -> int | None:
+        """The loaded ControlNet's control channels (16: control only; 33, Union 2.x: also a mask), None
+        without one: the Ingress refuses edits with control that this ControlNet cannot inpaint."""
+        return None if self.control is None else self.control.in_dim
+
     def _control(self, request: DenoiseRequest, latents: ControlLatents | None) -> ControlContext | None:
         """The job's control input from the VAE's `ControlLatents` (None for an uncontrolled image)."""
         if request.control_scale is None and latents is None:
