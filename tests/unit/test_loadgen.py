@@ -498,3 +498,37 @@ def test_the_cli_sends_adapters_and_says_so(tmp_path, capsys):
     assert parse_loras("") == [] and parse_loras("a,,b") == ["a", "b"]
     with pytest.raises(ValueError):
         parse_loras("a,b,a")
+
+
+def test_bench_serve_writes_random_adapters_and_runs_a_load_with_them(tmp_path, cache_dir, tiny_source):
+    """bench_serve's `--lora-random`: adapter files the server's library reads (rank, targets), in a
+    `lora_dir` set on the app; its load and its unseen-adapter probe send them."""
+    import argparse
+
+    from benchmarks import bench_serve
+    from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+
+    app = {"args": {"cache_dir": str(cache_dir)}}
+    names = bench_serve.lora_names(argparse.Namespace(loras="", lora_random=2, lora_rank=4, model="tiny"), app)
+    listed = {info.name: info for info in LoraLibrary(LoraSettings(lora_dir=app["args"]["lora_dir"])).list()}
+    assert names == ["bench0", "bench1"] and set(listed) == set(names)
+    assert all(info.rank == 4 and not info.error and "feed_forward.w2" in info.target_modules for info in listed.values())
+    assert bench_serve.lora_names(argparse.Namespace(loras="a,b", lora_random=0), {"args": {}}) == ["a", "b"]
+
+    sent: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent.append(await request.json())
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64()}]})
+
+    async def body(url: str):
+        report = await asyncio.to_thread(bench_serve.load, url, "loras", "512x512", 2, 1, PROMPTS, requests=6,
+                                         loras=names, lora_scale=0.5)
+        first = await asyncio.to_thread(bench_serve.lora_first, url, names, "512x512", 1, PROMPTS[0], 0.5)
+        return report, first
+
+    report, first = asyncio.run(with_fake_server(handler, body))
+    assert report["ok"] == 6 and report["config"]["loras"] == names
+    assert {b["loras"][0]["name"] for b in sent[:6]} <= set(names) and all(b["loras"][0]["scale"] == 0.5 for b in sent)
+    assert set(first) == set(names) and all(v["unseen_s"] > 0 and v["cached_s"] > 0 for v in first.values())
+    assert [b["loras"][0]["name"] for b in sent[6:]] == ["bench0", "bench0", "bench1", "bench1"]
