@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from deployments.contracts import LoraRef
 from deployments.denoiser.lora.cache import AdapterCache
-from deployments.denoiser.lora.errors import LoraHubMissingError, LoraHubUnavailableError, UnknownLoraError
+from deployments.denoiser.lora.errors import (LoraFitError, LoraFormatError, LoraHubMissingError,
+                                              LoraHubUnavailableError, UnknownLoraError)
 from deployments.denoiser.lora.hub import HubFile
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from deployments.denoiser.lora.linear import install_lora
@@ -219,3 +220,14 @@ def test_an_unreachable_hub_is_a_503(tmp_path, endpoint, where, monkeypatch):
         lib.load("later")
     assert waits, "huggingface_hub retried"
     assert api_error_for(LoraHubUnavailableError("later")).status == 503
+
+
+def test_caps_hold_for_hub_files(tmp_path, hub, offline):
+    aliases = {"ink": "studio/ink-lora:ink.safetensors"}
+    size = LoraLibrary(settings(tmp_path, hub, aliases)).info("ink").bytes
+    capped = LoraLibrary(settings(tmp_path, hub, aliases, max_file_bytes=size - 1))
+    assert "over the server's cap" in capped.info("ink").error
+    with pytest.raises(LoraFormatError, match="cap"):
+        capped.load("ink")
+    with pytest.raises(LoraFitError, match="rank 8 is over"):
+        LoraLibrary(settings(tmp_path, hub, aliases, max_rank=4)).load("ink")
