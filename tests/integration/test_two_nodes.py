@@ -99,6 +99,16 @@ def test_a_denoiser_on_the_second_node_applies_directory_and_hub_adapters(layout
     assert np.abs(two - local).max() <= 1
 
 
+def test_the_listing_shows_directory_files_and_hub_aliases(layouts, adapters):
+    listed = {entry["name"]: entry for entry in layouts["two_nodes"]["loras"]}
+    assert set(listed) == {"wash", "ink", "absent"}
+    assert (listed["wash"]["source"], listed["wash"]["rank"]) == ("directory", 4)
+    # the Ingress reads a hub file's header from its node's cache; it downloads nothing
+    assert (listed["ink"]["source"], listed["ink"]["rank"], listed["ink"].get("fetched", True)) == ("hub", 8, True)
+    assert listed["ink"]["bytes"] == (adapters[0] / "reference" / "ink.safetensors").stat().st_size
+    assert (listed["absent"]["fetched"], listed["absent"]["rank"], listed["absent"]["bytes"]) == (False, 0, 0)
+
+
 def test_a_hub_alias_whose_file_cannot_be_fetched_is_a_503_on_either_node(layouts):
     for layout in ("one_node", "two_nodes"):
         response = layouts[layout]["responses"][2]

@@ -6,7 +6,7 @@ Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own,
 session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder), with the
 cache dir and JSON `{"requests": [...], "args": {...}}`: the generation requests to send in each layout
 and app args beside the model's. Prints one line, "RESULT " and JSON: per layout, each request's status
-with its PNG (base64) or error, and the node each stage ran on.
+with its PNG (base64) or error, the node each stage ran on, and `GET /v1/loras`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def main(cache_dir: str, spec: dict) -> None:
             for stage, name in NAMES.items():
                 actors = list_actors(address=cluster.address, filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
                 nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
-            result[layout] = {"responses": responses, "nodes": nodes}
+            listing = httpx.get(f"http://127.0.0.1:{port}/v1/loras", timeout=60).json()["data"]
+            result[layout] = {"responses": responses, "nodes": nodes, "loras": listing}
         print("RESULT", json.dumps(result))
     finally:
         serve.shutdown()

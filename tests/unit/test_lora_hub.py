@@ -4,7 +4,9 @@ headers), and what each failure becomes for the client."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import pickle
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -109,7 +111,7 @@ def test_an_alias_resolves_offline_from_the_hub_cache(tmp_path, hub, states, off
 def test_the_denoiser_cache_fetches_and_the_ingress_never_downloads(tmp_path, hub, transformer, offline):
     aliases = {"ink": "studio/ink-lora:ink.safetensors", "gone": "studio/not-cached:x.safetensors"}
     catalog = LoraCatalog({**settings(tmp_path, hub, aliases).model_dump()})
-    listed = {e["name"]: e for e in __import__("asyncio").run(catalog.listing())["data"]}
+    listed = {e["name"]: e for e in asyncio.run(catalog.listing())["data"]}
     assert listed["ink"]["rank"] == 8 and listed["ink"]["source"] == "hub"
     assert listed["gone"] == {"object": "lora", "name": "gone", "rank": 0, "target_modules": [], "bytes": 0,
                               "source": "hub", "fetched": False}
@@ -197,7 +199,9 @@ def test_a_hub_file_that_cannot_exist_is_a_400_naming_the_alias(tmp_path, endpoi
     with pytest.raises(LoraHubMissingError) as info:
         lib.load("odd")
     assert reason in str(info.value)
-    error = api_error_for(info.value)
+    crossed = pickle.loads(pickle.dumps(info.value))  # as it leaves the Denoiser's process
+    assert type(crossed) is LoraHubMissingError and str(crossed) == str(info.value)
+    error = api_error_for(crossed)
     assert (error.status, error.param, error.code) == (400, "loras", "invalid_lora") and "'odd'" in error.message
 
 

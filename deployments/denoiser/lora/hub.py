@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class HubFetcher:
                                             RepositoryNotFoundError, RevisionNotFoundError)
 
         hub = self.aliases[name]
+        start = time.perf_counter()
         try:
             path = hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision, cache_dir=self.cache_dir,
                                    endpoint=self.endpoint)
@@ -116,5 +118,5 @@ class HubFetcher:
         except Exception as exc:  # network errors, the hub's 5xx, a full disk: worth a retry
             logger.warning("LoRA %r (%s) could not be fetched: %s: %s", name, hub, type(exc).__name__, exc)
             raise LoraHubUnavailableError(name) from None
-        logger.info("LoRA %r fetched from the hub (%s) to %s", name, hub, path)
+        logger.info("LoRA %r (%s) resolved in %.2fs: %s", name, hub, time.perf_counter() - start, path)
         return Path(path)
