@@ -6,7 +6,7 @@ Files whose stems do not match are skipped (and logged). The index is rescanned 
 or the directory's mtime changed, so a file copied in while serving becomes usable without a restart;
 a file replaced in place has another (size, mtime) and is read again. Caps: file size, rank, count.
 
-Beside the directory, the operator may map aliases to hub files (`hub`, `lora.hub`): each Denoiser
+Beside the directory, the operator may map aliases to hub files (`hub`, the app's `lora_hub`): each Denoiser
 fetches such a file itself into its node's hub cache the first time a request needs it, so nodes share
 nothing. An alias shadows a directory file of the same stem. The Ingress (`fetch_hub=False`) never
 downloads: it lists and checks a hub alias from its header once the file is in its own node's cache.
@@ -54,7 +54,7 @@ class LoraSettings(BaseModel):
     max_rank: int = Field(256, ge=1)
     max_files: int = Field(1000, ge=1)
     hub: dict[str, str] = Field(default_factory=dict)
-    """Aliases of hub files: `{name: "owner/repo[@revision][:file.safetensors]"}` (`lora.hub`)."""
+    """Aliases of hub files: `{name: "owner/repo[@revision][:file.safetensors]"}` (the app's `lora_hub`)."""
     hub_cache_dir: str | None = None
     """Where hub files are cached; None: huggingface_hub's own cache (HF_HUB_CACHE, HF_HOME)."""
 
