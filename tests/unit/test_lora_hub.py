@@ -223,7 +223,15 @@ def test_an_unreachable_hub_is_a_503(tmp_path, endpoint, where, monkeypatch):
     with pytest.raises(LoraHubUnavailableError):
         lib.load("later")
     assert waits, "huggingface_hub retried"
-    assert api_error_for(LoraHubUnavailableError("later")).status == 503
+    error = api_error_for(LoraHubUnavailableError("later"))
+    assert (error.status, error.retry_after_s) == (503, lib.hub.retry_after_s)
+    tries = len(waits)
+    with pytest.raises(LoraHubUnavailableError):  # remembered: no second round of the hub's retries
+        lib.load("later")
+    assert len(waits) == tries
+    if where == "closed-port":  # once the wait is over, a reachable hub serves the file
+        lib.hub.retry_after_s, lib.hub.endpoint = 0.0, endpoint
+        assert lib.load("later")[0].rank == 4
 
 
 def test_caps_hold_for_hub_files(tmp_path, hub, offline):

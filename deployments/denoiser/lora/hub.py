@@ -3,7 +3,9 @@
 A request still names only the alias. The file is fetched by `huggingface_hub.hf_hub_download` on the
 replica that first needs it (the Denoiser's worker thread, off the step loop) into the hub cache
 (`lora_hub_cache_dir`, else huggingface_hub's own: `HF_HUB_CACHE` / `HF_HOME`), and found there again
-with `HF_HUB_OFFLINE=1` or while the hub is down. Without a file name the repository's
+with `HF_HUB_OFFLINE=1` or while the hub is down. A failed fetch is remembered for `RETRY_AFTER_S`:
+requests meanwhile get the same error at once rather than each waiting out huggingface_hub's retries
+(a worker thread apiece). Without a file name the repository's
 `pytorch_lora_weights.safetensors` is meant (the name diffusers' trainers write). An alias is resolved
 once per process: pin `@revision` to a commit for a fixed file.
 
@@ -26,6 +28,7 @@ from deployments.denoiser.lora.errors import LoraHubMissingError, LoraHubUnavail
 logger = logging.getLogger(__name__)
 
 DEFAULT_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+RETRY_AFTER_S = 30.0
 _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,127}$")
 _FILE = re.compile(r"^(?:[A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+\.safetensors$")
@@ -74,7 +77,9 @@ class HubFetcher:
         self.aliases = aliases
         self.cache_dir = cache_dir
         self.endpoint = endpoint  # a hub mirror; None: huggingface_hub's (HF_ENDPOINT)
+        self.retry_after_s = RETRY_AFTER_S
         self._paths: dict[str, Path] = {}
+        self._failures: dict[str, tuple[float, Exception]] = {}
         self._locks = {name: threading.Lock() for name in aliases}
 
     def cached(self, name: str) -> Path | None:
@@ -96,7 +101,15 @@ class HubFetcher:
         with self._locks[name]:
             known = self._paths.get(name)
             if known is None or not known.exists():
-                known = self._paths[name] = self._download(name)
+                failed = self._failures.get(name)
+                if failed is not None and time.monotonic() - failed[0] < self.retry_after_s:
+                    raise failed[1]
+                try:
+                    known = self._paths[name] = self._download(name)
+                except (LoraHubMissingError, LoraHubUnavailableError) as exc:
+                    self._failures[name] = (time.monotonic(), exc)
+                    raise
+                self._failures.pop(name, None)
         return known
 
     def _download(self, name: str) -> Path:
