@@ -48,19 +48,21 @@ def read_readiness(app_name: str, stage_names: list[str]) -> Readiness:
     return Readiness({name: running(name) for name in stage_names}, time.monotonic())
 
 
+@dataclass(eq=False)
 class ReadinessProbe:
-    """Keeps a fresh `Readiness` snapshot in a daemon thread; `current` never blocks."""
+    """Keeps a fresh `Readiness` snapshot in a daemon thread, started on construction; `current`
+    never blocks. `read` is how a snapshot is taken (a test passes its own control plane)."""
 
-    def __init__(self, app_name: str, stage_names: list[str], refresh_s: float = 1.0, stale_s: float = 10.0,
-                 read: Callable[[str, list[str]], Readiness] = read_readiness, read_timeout_s: float = 5.0):
-        self.app_name = app_name
-        self.stage_names = stage_names
-        self.refresh_s = refresh_s
-        self.stale_s = stale_s
-        self.read_timeout_s = read_timeout_s
-        self._read = read
+    app_name: str
+    stage_names: list[str]
+    refresh_s: float = 1.0
+    stale_s: float = 10.0
+    read: Callable[[str, list[str]], Readiness] = read_readiness
+    read_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
         self._rereading = asyncio.Lock()
-        self.current = Readiness({name: False for name in stage_names})
+        self.current = Readiness({name: False for name in self.stage_names})
         threading.Thread(target=self._poll, name="readiness", daemon=True).start()
 
     def _poll(self) -> None:
@@ -70,7 +72,7 @@ class ReadinessProbe:
 
     def _refresh(self) -> None:
         try:
-            snapshot = self._read(self.app_name, self.stage_names)
+            snapshot = self.read(self.app_name, self.stage_names)
         except Exception as exc:  # the controller is away: the snapshot ages into not-ready
             logger.warning("readiness: could not read serve.status(): %s", exc)
             return
