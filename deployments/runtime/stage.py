@@ -9,7 +9,8 @@ each timed as a start phase (`runtime.start_phases`): `load()` (weights onto the
 `optimize()` (quantize, wrap for compile and CUDA graphs; nothing runs yet), `warm_up()` (on the
 model thread that serves: compile and capture what requests need), then the replica is ready, and
 `warm_up_after_ready()`'s calls run in the background, one at a time between requests
-(`runtime.background_warmup`). Readiness and health are answered here for every stage alike.
+(`runtime.background_warmup`). Readiness and health are answered here for every stage alike. The
+model stages bind their settings, device and speed through `runtime.model_stage.ModelStage`.
 
 Live config: each stage's `config_model` (a pydantic model) holds the defaults of what may change
 while serving. The builder binds every replica to the complete config made from the application's
