@@ -29,29 +29,32 @@ _DYNAMIC_DIMS: dict[str, tuple[int, ...]] = {
 }
 
 
-def _mark_dynamic(name: str, value: Any) -> None:
-    if isinstance(value, torch.Tensor) and name in _DYNAMIC_DIMS:
-        torch._dynamo.maybe_mark_dynamic(value, list(_DYNAMIC_DIMS[name]))
-
-
 def _marked_forward(block: nn.Module, compiled: Any) -> Any:
     """An eager `forward` for one block: marks the batch and sequence dims, then calls the shared graph.
-    It takes the block class's own inputs (its `forward`'s signature), passed on in that order."""
-    signature = inspect.signature(type(block).forward)
+    It takes the block class's own inputs (its `forward`'s signature, read once here) and passes them
+    on positionally, defaults filled in."""
+    params = list(inspect.signature(type(block).forward).parameters.values())[1:]  # after `self`
+    names = [p.name for p in params]
+    position = {name: i for i, name in enumerate(names)}
+    defaults = [p.default for p in params]
+    dynamic_dims = [list(_DYNAMIC_DIMS[name]) if name in _DYNAMIC_DIMS else None for name in names]
+    freqs_at = position.get("freqs_cis")
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        bound = signature.bind(block, *args, **kwargs)
-        bound.apply_defaults()
-        inputs = dict(bound.arguments)
-        inputs.pop(next(iter(inputs)))  # the block itself
-        freqs_cis = inputs.get("freqs_cis")
-        if isinstance(freqs_cis, torch.Tensor) and not freqs_cis.is_contiguous():
+        values = [*args, *defaults[len(args):]]
+        for name, value in kwargs.items():
+            values[position[name]] = value
+        if any(value is inspect.Parameter.empty for value in values):
+            missing = [name for name, value in zip(names, values) if value is inspect.Parameter.empty]
+            raise TypeError(f"{type(block).__name__}.forward() missing {', '.join(missing)}")
+        if freqs_at is not None and not values[freqs_at].is_contiguous():
             # diffusers slices the padded rotary table for some batches: another stride, which would
             # be another graph (compiled on a live request) for the same shapes.
-            inputs["freqs_cis"] = freqs_cis.contiguous()
-        for name, value in inputs.items():
-            _mark_dynamic(name, value)
-        return compiled(block, *inputs.values())
+            values[freqs_at] = values[freqs_at].contiguous()
+        for dims, value in zip(dynamic_dims, values):
+            if dims is not None and isinstance(value, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(value, dims)
+        return compiled(block, *values)
 
     return forward
 
