@@ -321,11 +321,28 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def app_parser(doc: str | None, json_default: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with what every benchmark of the deployed app takes: `add_app_options`,
+    the steps per image, replica logs and the JSON file it writes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_app_options(parser)
-    parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--verbose", action="store_true", help="show replica logs")
+    parser.add_argument("--json", default=json_default)
+    return parser
+
+
+def start_recording(args: argparse.Namespace, **meta) -> Recorder:
+    """The run's JSON file (`--json`), begun with its arguments and the commit and date it ran at."""
+    recorder = Recorder(Path(args.json))
+    recorder.put("args", vars(args))
+    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta})
+    return recorder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = app_parser(__doc__, "bench_serve.json")
+    parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--single-requests", type=int, default=10)
@@ -341,18 +358,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")
-    parser.add_argument("--verbose", action="store_true", help="show replica logs")
     parser.add_argument("--metrics", choices=("on", "off"), default="on",
                         help="the app's Prometheus metrics (ZIMAGE_METRICS in the replicas' environment)")
-    parser.add_argument("--json", default="bench_serve.json")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     args.loads = [p for p in args.loads.split(",") if p]
     if args.quick:
         args.duration, args.single_requests, args.concurrency = 5.0, 3, min(args.concurrency, 4)
-    recorder = Recorder(Path(args.json))
-    recorder.put("args", vars(args))
-    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    recorder = start_recording(args)
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")
     if not args.skip_ours:
         run_ours(args, recorder, prompts)
