@@ -18,6 +18,9 @@ the control image's fitted size, as diffusers' ControlNet pipeline takes the con
 
 An edit with a control image is `ZImageControlNetInpaintPipeline`: it needs a mask (the ControlNet
 inpaints; there is no reference for control over a whole upload, so that is a 400), and has no strength.
+It also needs a ControlNet that takes a mask (Union 2.x, 33 control channels): one without mask
+channels (Union 1.0, 16) cannot inpaint, so its edits with a control image are a 400 too
+(`ControlNetInfo` asks the Denoiser once what it loaded).
 Every problem is a 400 in OpenAI's error shape naming the field.
 """
 
@@ -32,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from deployments.contracts import MaskedUpload
-from deployments.denoiser.control import DEFAULT_CONTROL_SCALE
+from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, LATENT_CHANNELS
 from deployments.geometry import fit_upload
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import decode_upload
@@ -85,6 +88,38 @@ def check_control_fields(asked: dict, controlnet_loaded: bool) -> None:
         for name in CONTROL_FIELDS[1:]:
             if asked.get(name) is not None:
                 raise bad_request(f"{name} needs a control_image.", param=name, code="missing_required_parameter")
+
+
+class ControlNetInfo:
+    """What the Ingress knows of the Denoiser's ControlNet: whether one is configured (the `controlnet`
+    setting, known when the app is built) and whether it takes a mask (its control channels, read from
+    the loaded model: a hub id or a single file says so only once loaded). The Denoiser is asked once,
+    by the first edit with a control image, and its answer kept (the setting cannot change under a
+    running Ingress: both are built from the same args)."""
+
+    def __init__(self, setting: str | None, denoiser=None):
+        self.setting = setting
+        self.denoiser = denoiser
+        self._channels: int | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.setting is not None
+
+    async def control_channels(self) -> int:
+        if self._channels is None:
+            self._channels = int(await self.denoiser.control_channels.remote())
+        return self._channels
+
+    async def check_inpaints(self) -> None:
+        """A 400 naming `control_image` when the loaded ControlNet has no mask channels."""
+        channels = await self.control_channels()
+        if channels <= LATENT_CHANNELS:
+            raise bad_request(f"This server's ControlNet ({self.setting}, {channels} control channels, as Union "
+                              "1.0) cannot inpaint: it takes no mask, so an edit cannot use a control_image. Send "
+                              "the edit without control_image, or the control image to /v1/images/generations; "
+                              "inpainting with control needs a Union 2.x ControlNet (33 control channels).",
+                              param="control_image", code="controlnet_cannot_inpaint")
 
 
 @dataclass(frozen=True)

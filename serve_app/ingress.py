@@ -28,7 +28,7 @@ from serve_app.access_log import AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
-from serve_app.control import control_preview_response
+from serve_app.control import ControlNetInfo, control_preview_response
 from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.image_store import FILES_ROUTE
 from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
@@ -109,7 +109,7 @@ class Ingress:
         self.reconfigure({})
         self.model_name = model_name
         self.random_weights = random_weights
-        self.controlnet = controlnet  # the Denoiser's ControlNet setting: control fields need one
+        self.controlnet = ControlNetInfo(controlnet, denoiser)  # control fields need one; edits, one that inpaints
         self.metrics = IngressMetrics()
         self.admission = Admission(self.metrics.in_flight)
         self.responder = Responder(self.metrics, self.admission.retry_after_s)
@@ -130,7 +130,7 @@ class Ingress:
         try:
             timeout = timeout_s(request.timeout_s, self.limits.request_timeout_s, "timeout_s")
             with self._admitted() as ticket:
-                plan = plan_handle_request(request, self.limits, self.model_name, self.controlnet is not None)
+                plan = await plan_handle_request(request, self.limits, self.model_name, self.controlnet)
                 result = await self._run(plan, timeout, record, ticket)
                 result = await stored(result, self.images, request.response_format, None)
         except Exception as exc:
@@ -146,12 +146,12 @@ class Ingress:
               openapi_extra=_json_schema_body(ImageGenerationRequest))
     async def generations(self, request: Request) -> Response:
         return await self._images(request, "/v1/images/generations",
-                                  partial(plan_generation, controlnet=self.controlnet is not None))
+                                  partial(plan_generation, controlnet=self.controlnet))
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=_multipart_schema_body())
     async def edits(self, request: Request) -> Response:
         return await self._images(request, "/v1/images/edits",
-                                  partial(plan_edit, controlnet=self.controlnet is not None))
+                                  partial(plan_edit, controlnet=self.controlnet))
 
     @app.get(FILES_ROUTE + "{name}", include_in_schema=False)
     async def image_file(self, name: str) -> Response:
@@ -202,7 +202,7 @@ class Ingress:
             "side_multiple": SIDE_MULTIPLE, "max_pixels": limits.max_pixels, "min_steps": limits.min_steps,
             "max_steps": limits.max_steps, "default_steps": limits.default_steps,
             "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
-            "controlnet": self.controlnet is not None,
+            "controlnet": self.controlnet.loaded, "max_loras": limits.max_loras_per_request,
         })
 
     @app.post("/page/control-preview", include_in_schema=False)
@@ -210,7 +210,7 @@ class Ingress:
         """The Control section's canny preview: the edge map the server makes (serve_app.control)."""
         try:
             authorize(request.headers, self.limits.api_key_sha256)
-            return await control_preview_response(request, self.limits, self.controlnet is not None)
+            return await control_preview_response(request, self.limits, self.controlnet.loaded)
         except Exception as exc:
             return error_response(api_error_for(exc))
 

@@ -11,7 +11,10 @@
 - `random`: the full-size Union 2.x architecture with random weights, for speed and memory work.
 
 The Union 2.x layout takes 33 control channels (control latents, then the inpainting mask and the
-masked image's latents), so one model serves plain control and control with a mask.
+masked image's latents), so one model serves plain control and control with a mask. The Union 1.0
+layout takes the 16 control latents alone: it controls generations and cannot inpaint (its tiny
+twin, `ensure_tiny_controlnet(..., mask_channels=False)`, lets tests check that such a server
+refuses inpainting with control).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from deployments.weights.model_source import ModelSourceError, default_cache_dir
+from deployments.weights.model_source import ModelSourceError, WeightsSource, default_cache_dir
 from deployments.weights.tiny_checkpoint import TINY_TRANSFORMER_CONFIG, build_once
 
 TINY_CONTROLNET_VERSION = "tiny-controlnet-v1"
@@ -41,6 +44,9 @@ TINY_CONTROLNET_CONFIG = {
     "norm_eps": 1e-5,
     "qk_norm": True,
 }
+
+# Union 1.0's layout at the tiny size: 16 control channels (no mask), no control refiner of its own.
+TINY_CONTROL_ONLY_CONFIG = {**TINY_CONTROLNET_CONFIG, "control_in_dim": 16, "add_control_noise_refiner": None}
 
 # Union 2.1's shape (VideoX-Fun's Z-Image-Turbo-Fun-Controlnet-Union-2.1): a control block after every
 # other main layer (15 of 30), two control refiner blocks, 33 control channels.
@@ -61,14 +67,10 @@ FULL_CONTROLNET_CONFIG = {
 
 
 @dataclass(frozen=True)
-class ControlNetSource:
-    kind: Literal["pretrained", "single_file", "random"]
-    name: str
-    location: str | None
+class ControlNetSource(WeightsSource):
+    """A resolved `controlnet` setting; `single_file` is a published checkpoint file."""
 
-    @property
-    def random_weights(self) -> bool:
-        return self.kind == "random" or self.name == "tiny"
+    kind: Literal["pretrained", "single_file", "random"]
 
 
 def resolve_controlnet(setting: str, cache_dir: str | Path | None = None) -> ControlNetSource:
@@ -118,16 +120,20 @@ def _randomize_zero_projections(model: torch.nn.Module, std: float = 0.02) -> No
                 param.normal_(0.0, std)
 
 
-def build_tiny_controlnet():
+def build_tiny_controlnet(config: dict = TINY_CONTROLNET_CONFIG):
     from diffusers import ZImageControlNetModel
 
     torch.manual_seed(20251124)
-    model = ZImageControlNetModel(**TINY_CONTROLNET_CONFIG)
+    model = ZImageControlNetModel(**config)
     torch.manual_seed(20251125)
     _randomize_zero_projections(model, std=0.2)
     return model
 
 
-def ensure_tiny_controlnet(cache_dir: Path) -> Path:
-    """The tiny ControlNet's directory, built once (safe with concurrent replicas)."""
-    return build_once(cache_dir, TINY_CONTROLNET_VERSION, build_tiny_controlnet)
+def ensure_tiny_controlnet(cache_dir: Path, mask_channels: bool = True) -> Path:
+    """The tiny ControlNet's directory, built once (safe with concurrent replicas): Union 2.x's layout,
+    or without `mask_channels` Union 1.0's (a directory to pass as the `controlnet` setting)."""
+    if mask_channels:
+        return build_once(cache_dir, TINY_CONTROLNET_VERSION, build_tiny_controlnet)
+    return build_once(cache_dir, f"{TINY_CONTROLNET_VERSION}-control-only",
+                      lambda: build_tiny_controlnet(TINY_CONTROL_ONLY_CONFIG))

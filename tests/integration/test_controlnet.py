@@ -3,7 +3,9 @@ control image against diffusers' `ZImageControlNetPipeline` and `ZImageControlNe
 the tiny checkpoint and the tiny ControlNet, canny preprocessing, and bad control input over real HTTP.
 
 The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
-it with `controlnet: tiny` and restore it afterwards.
+it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels), and the
+module restores it afterwards. Each test names the ControlNet it needs; the app is redeployed only
+when that changes.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from serve_app.control import canny
+from serve_app.control import base64_cap, canny
 from serve_app.protocol import ImageRequest
 from tests.integration.conftest import APP_NAME, off_loop
 from tests.integration.test_web_page import ARTIFACTS, browser, set_range  # noqa: F401 (browser: a fixture)
-from tests.integration.test_inpainting import alpha_mask, as_white_is_edit, photo, pixels, png
+from tests.integration.test_inpainting import alpha_mask, as_white_is_edit, bomb, photo, pixels, png
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +50,8 @@ def error_of(response) -> dict:
 
 @pytest.mark.parametrize("field,value", [("control_image", B64), ("control_scale", 0.5),
                                          ("control_preprocess", "canny")])
-def test_control_fields_without_a_controlnet_are_refused_naming_them(http, field, value):
+def test_control_fields_without_a_controlnet_are_refused_naming_them(deployed, http, field, value):
+    deployed(None)
     response = http.post(GEN, json={"prompt": "a boat", "size": "256x256", field: value})
     assert response.status_code == 400, response.text
     error = error_of(response)
@@ -60,16 +63,25 @@ def test_control_fields_without_a_controlnet_are_refused_naming_them(http, field
 
 
 @pytest.fixture(scope="module")
-def controlled(served):
-    """The shared app with the tiny ControlNet, for this module's remaining tests."""
+def deployed(served):
+    """`deployed(controlnet)`: the shared app with that `controlnet` setting (None: as the session
+    deployed it), redeployed only when the setting changes; the session's args come back after the module."""
     original = served.args
-    served.args = {**original, "controlnet": "tiny"}
-    served.deploy()
-    try:
-        yield served
-    finally:
-        served.args = original
-        served.deploy()
+
+    def use(controlnet: str | None):
+        if served.args.get("controlnet") != controlnet:
+            served.args = original if controlnet is None else {**original, "controlnet": controlnet}
+            served.deploy()
+        return served
+
+    yield use
+    use(original.get("controlnet"))
+
+
+@pytest.fixture()
+def controlled(deployed):
+    """The shared app with the tiny ControlNet (Union 2.x's layout: it inpaints too)."""
+    return deployed("tiny")
 
 
 @pytest.fixture()
@@ -123,13 +135,16 @@ def test_canny_preprocessing_and_the_handle_api(controlled, client):
     the handle API's `control_image` gives the HTTP result."""
     from ray import serve
 
-    scene = photo(512, 512, 9)
+    scene = shapes()  # a photo whose edge map has edges: one of a flat photo is all black
     asked = {"seed": SEED, "num_inference_steps": 2, "control_scale": 0.9}
     from_photo = client.images.generate(prompt="a harbour", size="512x512", extra_body={
         **asked, "control_image": base64.b64encode(png(scene)).decode(), "control_preprocess": "canny"})
     from_edges = client.images.generate(prompt="a harbour", size="512x512", extra_body={
         **asked, "control_image": base64.b64encode(png(canny(scene))).decode()})
     assert from_photo.data[0].b64_json == from_edges.data[0].b64_json
+    no_edges = client.images.generate(prompt="a harbour", size="512x512", extra_body={
+        **asked, "control_image": base64.b64encode(png(Image.new("RGB", (512, 512)))).decode()})
+    assert np.abs(pixels(from_photo.data[0].b64_json) - pixels(no_edges.data[0].b64_json)).max() > 10  # edges entered
     request = ImageRequest(prompt="a harbour", width=512, height=512, steps=2, seed=SEED, control_image=png(scene),
                            control_scale=0.9, control_preprocess="canny")
     result = off_loop(lambda: serve.get_app_handle(APP_NAME).generate.remote(request).result(timeout_s=300))
@@ -158,6 +173,21 @@ def test_bad_control_input_gets_an_error_naming_its_field(controlled, http):
                                                        "control_image": ("c.png", b"GIF89a not a png")}),
          400, "control_image"),
     ]
+    bomb_file, over_cap = bomb(), b"\x89PNG" + b"0" * (controlled.args["api"]["max_upload_bytes"] + 10)
+    cases += [
+        (http.post(GEN, json={"prompt": "x", "control_image": base64.b64encode(bomb_file).decode()}), 400,
+         "control_image"),  # refused from its header, not decoded
+        (http.post(GEN, json={"prompt": "x", "control_image": base64.b64encode(over_cap).decode()}), 413,
+         "control_image"),  # within the field's base64 cap, over the upload cap once decoded
+        (http.post(GEN, json={"prompt": "x", "control_image": "A" * (base64_cap(len(over_cap)) + 4)}), 413,
+         "control_image"),  # over the field's own cap
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "mask": mask,
+                                                       "control_image": ("c.png", bomb_file)}), 400, "control_image"),
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "mask": mask,
+                                                       "control_image": ("c.png", over_cap)}), 413, "control_image"),
+        (http.post(EDIT, data={"prompt": "x"}, files={"image": image, "mask": ("m.png", png(alpha_mask(512, 512, None))),
+                                                       "control_image": ("c.png", png(CONTROL))}), 400, "mask"),
+    ]  # a mask with nothing to edit, last
     for response, status, param in cases:
         assert response.status_code == status, response.text
         assert error_of(response)["param"] == param, response.text
@@ -176,6 +206,21 @@ def test_a_big_control_image_fits_the_raised_json_cap(controlled, http):
     assert big_prompt.status_code == 413, big_prompt.text
 
 
+SHAPES = [(64, 80, 240, 272), (288, 192, 464, 432)]  # left, top, right, bottom: two filled rectangles
+
+
+def shapes() -> Image.Image:
+    """A photo for the canny preview: flat colours with sharp borders, so its edge map has edges
+    exactly along the rectangles' borders and none elsewhere."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (512, 512), (70, 110, 150))
+    draw = ImageDraw.Draw(image)
+    for (left, top, right, bottom), colour in zip(SHAPES, [(235, 205, 40), (15, 15, 15)]):
+        draw.rectangle((left, top, right - 1, bottom - 1), fill=colour)
+    return image
+
+
 # Keeps the JSON body of the page's next generation request.
 RECORD_GENERATION = """() => {
   const original = window.fetch;
@@ -189,7 +234,7 @@ RECORD_GENERATION = """() => {
 
 def test_the_page_control_section_previews_canny_and_sends_control(controlled, browser, http, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
-    scene = photo(512, 512, 9)
+    scene = shapes()
     upload = tmp_path / "scene.png"
     scene.save(upload)
     direct_preview = http.post("/page/control-preview", json={"control_image": base64.b64encode(png(scene)).decode()})
@@ -211,8 +256,19 @@ def test_the_page_control_section_previews_canny_and_sends_control(controlled, b
       let text = ''; for (const b of new Uint8Array(await blob.arrayBuffer())) text += String.fromCharCode(b);
       return btoa(text);
     }""")
-    preview = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(shown))).convert("RGB"))
-    assert np.array_equal(preview, np.asarray(canny(scene)))  # the server's own edge map
+    preview = np.asarray(Image.open(__import__("io").BytesIO(base64.b64decode(shown))).convert("L"))
+    assert preview.shape == (512, 512)
+    edge = preview > 127
+    for left, top, right, bottom in SHAPES:  # each border of each shape has edges, within 2 px
+        for line in (edge[top - 2 : top + 3, left + 8 : right - 8], edge[bottom - 3 : bottom + 2, left + 8 : right - 8],
+                     edge[top + 8 : bottom - 8, left - 2 : left + 3].T, edge[top + 8 : bottom - 8, right - 3 : right + 2].T):
+            assert line.any(axis=0).mean() > 0.95, "a shape's border has no edges in the preview"
+    flat = np.ones_like(edge)  # away from the borders: the background and the shapes' insides
+    for left, top, right, bottom in SHAPES:
+        flat[top - 4 : bottom + 4, left - 4 : right + 4] = False
+        flat[top + 4 : bottom - 4, left + 4 : right - 4] = True
+    assert edge.sum() > 1000 and not edge[flat].any()
+    assert np.array_equal(preview, np.asarray(canny(scene).convert("L")))  # the server's own edge map
     set_range(page, "#g-control-scale", 0.6)
     page.fill("#g-prompt", "a harbour at night")
     page.select_option("#g-aspect", "custom")
@@ -232,3 +288,40 @@ def test_the_page_control_section_previews_canny_and_sends_control(controlled, b
     direct = http.post(GEN, json={k: v for k, v in sent.items() if k not in ("stream", "partial_images", "stream_progress")})
     assert direct.status_code == 200, direct.text
     assert np.array_equal(pixels(result), pixels(direct.json()["data"][0]["b64_json"]))
+
+
+@pytest.fixture()
+def control_only(deployed, cache_dir):
+    """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask."""
+    from deployments.weights.controlnet_source import ensure_tiny_controlnet
+
+    return deployed(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
+
+
+def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_only, http):
+    """It controls generations but cannot inpaint: an edit with a control image (with a mask or
+    without) is a 400 naming control_image from the Ingress's planning, over HTTP and the handle API,
+    while generations with control and edits with a mask alone still run."""
+    from ray import serve
+
+    image, mask = png(photo(512, 512, 1)), png(alpha_mask(512, 512, (96, 128, 416, 352)))
+    control = ("c.png", png(CONTROL), "image/png")
+    for files in ({"image": ("in.png", image), "mask": ("m.png", mask), "control_image": control},
+                  {"image": ("in.png", image), "control_image": control}):
+        response = http.post(EDIT, data={"prompt": "x", "num_inference_steps": "1"}, files=files)
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert (error["param"], error["code"]) == ("control_image", "controlnet_cannot_inpaint"), error
+        assert "cannot inpaint" in error["message"] and "16 control channels" in error["message"]
+    request = ImageRequest(prompt="x", init_image=image, mask=mask, control_image=png(CONTROL), steps=1)
+    with pytest.raises(Exception, match="cannot inpaint: it takes no mask"):
+        off_loop(lambda: serve.get_app_handle(APP_NAME).generate.remote(request).result(timeout_s=120))
+    asked = {"prompt": "a red boat", "size": "512x512", "seed": SEED, "num_inference_steps": 1}
+    with_control = http.post(GEN, json={**asked, "control_image": B64})
+    plain = http.post(GEN, json=asked)
+    assert with_control.status_code == plain.status_code == 200, with_control.text
+    assert np.abs(pixels(with_control.json()["data"][0]["b64_json"])
+                  - pixels(plain.json()["data"][0]["b64_json"])).max() > 10  # the control entered
+    inpainted = http.post(EDIT, data={"prompt": "x", "num_inference_steps": "1"},
+                          files={"image": ("in.png", image), "mask": ("m.png", mask)})
+    assert inpainted.status_code == 200, inpainted.text

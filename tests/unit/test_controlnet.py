@@ -112,6 +112,34 @@ def test_control_with_a_mask_matches_diffusers_inpaint(controlled, diffusers_con
     assert np.abs(ours - pixels(controlled.generate([unmasked])[0])).max() > 10  # the mask entered
 
 
+def test_a_controlnet_without_mask_channels_controls_as_diffusers_and_refuses_a_mask(tiny_source, diffusers_t2i,
+                                                                                      cache_dir):
+    """Union 1.0's layout (16 control channels): the control latents alone, as diffusers feeds them;
+    a mask has no channels to enter, so the Denoiser's runner refuses it (the Ingress refuses such an
+    edit earlier, with a 400: tests/integration/test_controlnet.py)."""
+    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
+
+    from deployments.contracts import ControlLatents
+
+    source = resolve_controlnet(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
+    local = LocalPipeline(tiny_source, CPU, F32, controlnet=source)
+    assert local.control.in_dim == 16 and not local.control.takes_mask
+    reference = ZImageControlNetPipeline(**diffusers_t2i.components, controlnet=ZImageControlNetModel.from_pretrained(
+        source.location, torch_dtype=F32))
+    reference.set_progress_bar_config(disable=True)
+    control = edges(512, 512, 2)
+    spec = GenerationSpec("a red boat on a lake", 512, 512, steps=3, seed=2, control_image=control, control_scale=0.8)
+    ours = pixels(local.generate([spec])[0])
+    ref = reference(spec.prompt, control_image=control, controlnet_conditioning_scale=0.8, width=512, height=512,
+                    num_inference_steps=3, guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(2)).images[0]
+    assert np.abs(ours - pixels(ref)).max() <= MAX_PIXEL_DIFF
+    plain = pixels(local.generate([GenerationSpec(spec.prompt, 512, 512, steps=3, seed=2)])[0])
+    assert np.abs(ours - plain).max() > 10  # the control changed the image
+    latents = ControlLatents(control=torch.randn(1, 16, 64, 64), masked_image=torch.randn(1, 16, 64, 64))
+    with pytest.raises(ValueError, match="cannot inpaint"):
+        local.control.context(latents, 0.75, torch.ones(1, 1, 64, 64))
+
+
 def test_controlled_and_plain_jobs_share_a_step_batch(controlled):
     """One batched forward (not one call per job) over a plain job, two controlled ones at other
     scales and sizes, and a guided one: each image within a pixel step of its run alone."""
