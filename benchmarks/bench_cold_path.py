@@ -14,13 +14,11 @@ Target: first / warm <= 1.5 at every size.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -28,8 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.bench_serve import STAGES, Recorder, add_app_options, app_config, deploy, local_serve, stage_stats  # noqa: E402
+from benchmarks.bench_serve import STAGES, Recorder, app_config, app_parser, deploy, local_serve, stage_stats, start_recording  # noqa: E402
 from deployments.geometry import SIZE_PRESETS  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -122,25 +119,18 @@ def wait_for_batched_graphs(timeout_s: float = 600) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_app_options(parser)
+    parser = app_parser(__doc__, "cold_path.json")
     parser.add_argument("--gpus", type=int, default=None, help="Ray's GPUs (default: detected; on a CPU smoke run, "
                         "1 lets the file's GPU shares place while the replicas run on the CPU)")
     parser.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZE_PRESETS))
-    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--cache-dir", default=None, help="ZIMAGE_CACHE_DIR; default: a fresh directory (cold)")
     parser.add_argument("--starts", default="cold,warm", help="which starts to run, in order")
-    parser.add_argument("--verbose", action="store_true", help="show replica logs")
-    parser.add_argument("--json", default="cold_path.json")
     args = parser.parse_args(argv)
     args.sizes = [s for s in args.sizes.split(",") if s]
     args.one_gpu = False  # app_config's option; the shipped autoscaling stays as it is
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="zimage-cold-")
     os.environ["ZIMAGE_CACHE_DIR"] = cache_dir  # replicas inherit it from the Ray instance this starts
-    recorder = Recorder(Path(args.json))
-    recorder.put("args", vars(args))
-    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          "cache_dir": cache_dir})
+    recorder = start_recording(args, cache_dir=cache_dir)
     for index, label in enumerate(s for s in args.starts.split(",") if s):
         one_start(args, label, recorder, with_requests=index == 0)
 

@@ -13,8 +13,13 @@ On one GPU with the `random` model (FP8 through torchao and inductor, the path t
     python -m benchmarks.bench_lora --out benchmarks/results/lora.json           # H200, random model
     python -m benchmarks.bench_lora --model tiny --device cpu --size 256 --no-compile --repeats 2  # smoke
 
-Writes JSON with device, date and commit. The 20-client load with each request picking one of 8
-adapters is not part of this script.
+Writes JSON with device, date and commit. The 20-client load at 1024x1024 with each request picking
+one of 8 rank-32 adapters, against the same load without adapters in the same run (target: at least
+0.85x its throughput), and the served first request for an unseen adapter, run in bench_serve (its
+docstring says more):
+
+    python benchmarks/bench_serve.py --one-gpu --set fp8_kernels=inductor --loads 1024 --lora-random 8 \
+        --lora-rank 32 --skip-baseline --json benchmarks/results/serve_lora.json
 """
 
 from __future__ import annotations

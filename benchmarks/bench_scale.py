@@ -13,20 +13,17 @@ replicas (serve.status()), sampled every `--sample-s`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
-from benchmarks.run_info import commit  # noqa: E402
-from benchmarks.bench_serve import APP, Recorder, add_app_options, app_config, deploy, local_serve  # noqa: E402
+from benchmarks.bench_serve import APP, Recorder, app_config, app_parser, deploy, local_serve, start_recording  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder")
 
@@ -112,22 +109,16 @@ def one_run(args, gpus: int, recorder: Recorder, prompts: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_app_options(parser)
+    parser = app_parser(__doc__, "scale.json")
     parser.add_argument("--gpus", default="1,2", help="GPU counts to run, one after another")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=300.0)
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--size", default="1024x1024", help="size mix, as loadgen's --size-mix")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--verbose", action="store_true", help="show replica logs")
-    parser.add_argument("--json", default="scale.json")
     args = parser.parse_args(argv)
     args.one_gpu = False  # app_config's option: the shipped autoscaling stays as it is
-    recorder = Recorder(Path(args.json))
-    recorder.put("args", vars(args))
-    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    recorder = start_recording(args)
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")
     steady = {int(g): one_run(args, int(g), recorder, prompts) for g in args.gpus.split(",") if g}
     base = next(iter(steady.values()))

@@ -11,6 +11,17 @@ Sections (each appends to the JSON as it finishes, so a timeout still leaves dat
   baseline    the same single-client and concurrent loads against benchmarks/baseline_server.py
 With --fresh-prompts, each of our loads runs again with a prompt never sent before per request
 (`single/fresh`, `load/<policy>/<load>/fresh`), beside the repeating set of prompts.txt.
+
+With LoRA adapters (`--loras a,b,...` from the server's `lora_dir`, or `--lora-random N`: N random
+rank `--lora-rank` adapters written for the run), each of our loads runs again with every request
+picking one adapter (loadgen's `--loras`, uniform and seeded; `load/<policy>/<load>/loras`, with its
+throughput as a ratio of the same load without adapters), after `lora_first`: for each adapter, one
+request while the replica has never seen it and the same request again (the unseen adapter's cost).
+The fused FP8 kernels do not apply adapters yet, so both loads run on torchao's FP8 linears. Issue's
+comparison on one H200 (20 clients, 1024x1024, each request one of 8 rank-32 adapters):
+
+    python benchmarks/bench_serve.py --one-gpu --set fp8_kernels=inductor --loads 1024 --lora-random 8 \
+        --lora-rank 32 --skip-baseline --json benchmarks/results/serve_lora.json
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
+from benchmarks.loadgen import LoadConfig, load_prompts, parse_loras, parse_size_mix, run_load  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 
 APP = "zimage"
@@ -107,17 +118,46 @@ def reset_stats() -> None:
 
 def load(url: str, label: str, sizes: str, concurrency: int, steps: int, prompts: list[str], *,
          duration_s: float | None = None, requests: int | None = None, warmup: int = 0,
-         fresh_prompts: bool = False) -> dict:
+         fresh_prompts: bool = False, loras: list[str] | None = None, lora_scale: float = 1.0) -> dict:
     config = LoadConfig(
         url=url, concurrency=concurrency, duration_s=duration_s, requests=requests, warmup=warmup,
         size_mix=parse_size_mix(sizes), steps=steps, prompts=prompts, label=label, timeout_s=300,
-        slo_ms=None, fresh_prompts=fresh_prompts,
+        slo_ms=None, fresh_prompts=fresh_prompts, loras=list(loras or ()), lora_scale=lora_scale,
     )
     report = asyncio.run(run_load(config))
     print(report.format_table(), flush=True)
     data = report.to_dict()
     data.pop("records", None)
     return data
+
+
+def lora_first(url: str, names: list[str], size: str, steps: int, prompt: str, scale: float) -> dict:
+    """Per adapter: seconds of one request while no replica has seen it, then of the same request again."""
+    out = {}
+    for name in names:
+        body = {"prompt": prompt, "size": size, "seed": 1, "num_inference_steps": steps,
+                "loras": [{"name": name, "scale": scale}]}
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            httpx.post(f"{url}/v1/images/generations", json=body, timeout=600).raise_for_status()
+            times.append(round(time.perf_counter() - start, 3))
+        out[name] = {"unseen_s": times[0], "cached_s": times[1], "extra_s": round(times[0] - times[1], 3)}
+    return out
+
+
+def lora_names(args, app: dict) -> list[str]:
+    """The adapters of the run: `--loras`, or `--lora-random` of them written into a fresh `lora_dir`."""
+    if not args.lora_random:
+        return parse_loras(args.loras)
+    import tempfile
+
+    from benchmarks.lora_files import write_random_adapters
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-serve-loras-"))
+    app["args"]["lora_dir"] = str(directory)
+    return write_random_adapters(args.model, directory, args.lora_random, args.lora_rank,
+                                 cache_dir=app["args"].get("cache_dir"))
 
 
 def batch_summary() -> dict:
@@ -157,6 +197,7 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
     config = app_config(args)
+    loras = lora_names(args, config["applications"][0])
     try:
         startup_s = deploy(config)
         memory = {name: {k: v for k, v in stage_stats(name).items() if k.startswith("gpu_") or k.endswith("seconds")}
@@ -180,6 +221,9 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
             recorder.put("single/fresh", load(url, "ours c1 1024 fresh", "1024x1024", 1, args.steps, prompts,
                                               requests=args.single_requests, fresh_prompts=True))
 
+        if loras:
+            size = LOADS[args.loads[0]] if args.loads and ":" not in LOADS[args.loads[0]] else "1024x1024"
+            recorder.put("lora_first", lora_first(url, loras, size, args.steps, prompts[0], args.lora_scale))
         for policy in args.policies:
             deploy(config, {"scheduling": policy})
             for name in args.loads:
@@ -188,6 +232,15 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
                               args.steps, prompts, duration_s=args.duration, warmup=2)
                 result["batches"] = batch_summary()
                 recorder.put(f"load/{policy}/{name}", result)
+                if loras:  # the same load, each request with one of the adapters
+                    reset_stats()
+                    with_loras = load(url, f"ours {policy} c{args.concurrency} {name} loras", LOADS[name],
+                                      args.concurrency, args.steps, prompts, duration_s=args.duration, warmup=2,
+                                      loras=loras, lora_scale=args.lora_scale)
+                    with_loras["batches"] = batch_summary()
+                    with_loras["throughput_vs_no_adapters"] = round(
+                        with_loras["images_per_s"] / max(result["images_per_s"], 1e-9), 4)
+                    recorder.put(f"load/{policy}/{name}/loras", with_loras)
                 if args.fresh_prompts:
                     reset_stats()
                     result = load(url, f"ours {policy} c{args.concurrency} {name} fresh", LOADS[name],
@@ -246,6 +299,8 @@ def summarize(data: dict) -> str:
     for key, value in data.items():
         if isinstance(value, dict) and "images_per_s" in value:
             lines.append(f"  {key:<32} {value['images_per_s']:>8.3f} img/s  p50 {value['latency']['p50_ms']:>9.1f}")
+            if "throughput_vs_no_adapters" in value:
+                lines.append(f"    {value['throughput_vs_no_adapters']:.3f}x the throughput without adapters")
         if isinstance(value, dict) and "warm" in value:
             warm = value["warm"]
             lines.append(f"  {key + ' (warm)':<32} {warm['images_per_s']:>8.3f} img/s  p50 "
@@ -266,11 +321,28 @@ def add_app_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus", type=int, default=None, help="Ray's logical CPUs (the file reserves some per stage)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def app_parser(doc: str | None, json_default: str) -> argparse.ArgumentParser:
+    """A benchmark's parser with what every benchmark of the deployed app takes: `add_app_options`,
+    the steps per image, replica logs and the JSON file it writes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_app_options(parser)
-    parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--verbose", action="store_true", help="show replica logs")
+    parser.add_argument("--json", default=json_default)
+    return parser
+
+
+def start_recording(args: argparse.Namespace, **meta) -> Recorder:
+    """The run's JSON file (`--json`), begun with its arguments and the commit and date it ran at."""
+    recorder = Recorder(Path(args.json))
+    recorder.put("args", vars(args))
+    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta})
+    return recorder
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = app_parser(__doc__, "bench_serve.json")
+    parser.add_argument("--one-gpu", action="store_true", help="cap GPU stages at one replica each")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--single-requests", type=int, default=10)
@@ -278,21 +350,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loads", default="512,1024,mixed")
     parser.add_argument("--fresh-prompts", action="store_true",
                         help="after each of our loads, the same load with a prompt never sent before per request")
+    parser.add_argument("--loras", default="", help="adapters of the server's lora_dir, comma separated: each "
+                        "load runs again with every request picking one")
+    parser.add_argument("--lora-random", type=int, default=0, help="write N random adapters for the run instead")
+    parser.add_argument("--lora-rank", type=int, default=32, help="their rank")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")
-    parser.add_argument("--verbose", action="store_true", help="show replica logs")
     parser.add_argument("--metrics", choices=("on", "off"), default="on",
                         help="the app's Prometheus metrics (ZIMAGE_METRICS in the replicas' environment)")
-    parser.add_argument("--json", default="bench_serve.json")
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     args.loads = [p for p in args.loads.split(",") if p]
     if args.quick:
         args.duration, args.single_requests, args.concurrency = 5.0, 3, min(args.concurrency, 4)
-    recorder = Recorder(Path(args.json))
-    recorder.put("args", vars(args))
-    recorder.put("meta", {"commit": commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    recorder = start_recording(args)
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")
     if not args.skip_ours:
         run_ours(args, recorder, prompts)

@@ -78,7 +78,13 @@ class ModelSettings(BaseModel):
     lora_dir: str | None = None
     """The operator's LoRA adapters, one `.safetensors` file per adapter, named by its stem
     (deployments.denoiser.lora.library); None: `loras/` under `cache_dir` (ZIMAGE_CACHE_DIR). On a cluster, a shared
-    filesystem mounted at this path on every node."""
+    filesystem mounted at this path on every node, or `lora_hub` aliases."""
+    lora_hub: dict[str, str] = Field(default_factory=dict)
+    """Aliases of hub files the operator allows: `{name: "owner/repo[@revision][:file.safetensors]"}`
+    (deployments.denoiser.lora.hub). Requests name the alias; each Denoiser replica fetches the file
+    through huggingface_hub the first time it needs it."""
+    lora_hub_cache_dir: str | None = None
+    """Where hub adapters are cached; None: huggingface_hub's cache (HF_HUB_CACHE, HF_HOME)."""
     lora_max_file_bytes: int = Field(1 << 30, ge=1)
     lora_max_rank: int = Field(256, ge=1)
     lora_max_files: int = Field(1000, ge=1)
@@ -88,7 +94,18 @@ class ModelSettings(BaseModel):
 
         lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
         return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
-                            max_rank=self.lora_max_rank, max_files=self.lora_max_files)
+                            max_rank=self.lora_max_rank, max_files=self.lora_max_files,
+                            hub=dict(self.lora_hub), hub_cache_dir=self.lora_hub_cache_dir)
+
+    @field_validator("lora_hub")
+    @classmethod
+    def _check_lora_hub(cls, value: dict[str, str]) -> dict[str, str]:
+        """A bad alias or hub file fails when the app is built, not at a request."""
+        from deployments.denoiser.lora.hub import parse_aliases
+        from deployments.denoiser.lora.library import NAME_PATTERN
+
+        parse_aliases(value, NAME_PATTERN)
+        return value
 
     def resolve_speed(self, device: torch.device) -> Speed:
         """The speed settings, `auto` resolved for `device` as this process sees it (in the replica)."""

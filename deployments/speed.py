@@ -29,6 +29,14 @@ FP8_MIN_CAPABILITY = (8, 9)
 HOPPER = 9
 SPEED_FIELDS = ("precision", "fp8_kernels", "compile", "dit_cuda_graphs", "text_encoder_compile", "vae_compile")
 
+StagePart = Literal["text_encoder", "denoiser", "vae"]
+STAGE_CHOICES: dict[str, tuple[str, ...]] = {
+    "text_encoder": ("dtype", "text_encoder_compile"),
+    "denoiser": ("dtype", "precision", "fp8_kernels", "compile", "dit_cuda_graphs"),
+    "vae": ("dtype", "vae_compile"),
+}
+"""The choices each model stage applies (what its `stats()` reports)."""
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -89,7 +97,7 @@ class Speed:
         """One log line: each choice with its reason."""
         return "; ".join(f"{k}={c.value} ({c.reason})" for k, c in self.choices(keys).items())
 
-    def summary(self, stage: Literal["text_encoder", "denoiser", "vae"]) -> str:
+    def summary(self, stage: StagePart) -> str:
         """What ran, short, for a response's metadata: e.g. `fp8 fused, compiled, CUDA graphs on NVIDIA H200 (sm90)`."""
         if stage == "denoiser":
             kernels = f" {self.fp8_kernels.value}" if self.precision.value == "fp8" else ""

@@ -8,7 +8,8 @@ import math
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from deployments.denoiser.lora.errors import LoraRequestError
+from deployments.denoiser.lora.errors import LoraHubUnavailableError, LoraRequestError
+from deployments.denoiser.lora.hub import RETRY_AFTER_S as HUB_RETRY_AFTER_S
 from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.weights.model_source import ModelSourceError
 from deployments.style.presets import UnknownStyleError
@@ -80,6 +81,9 @@ def api_error_for(exc: BaseException) -> ApiError:
         return bad_request(str(exc), param="style")
     if isinstance(exc, LoraRequestError):  # from the Denoiser: a file that does not fit, a replica without LoRA
         return bad_request(f"Invalid value for 'loras': {exc}", param="loras", code="invalid_lora")
+    if isinstance(exc, LoraHubUnavailableError):  # not cached and the hub unreachable: retry later
+        return ApiError(503, f"{exc}; retry shortly.", param="loras", code="lora_unavailable",
+                        retry_after_s=HUB_RETRY_AFTER_S)
     if isinstance(exc, DeadlineExceeded):
         return deadline_exceeded()
     if isinstance(exc, StoreError):  # the detail (a path, a bucket's answer) goes to the log only

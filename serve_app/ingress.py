@@ -202,7 +202,7 @@ class Ingress:
             "side_multiple": SIDE_MULTIPLE, "max_pixels": limits.max_pixels, "min_steps": limits.min_steps,
             "max_steps": limits.max_steps, "default_steps": limits.default_steps,
             "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
-            "controlnet": self.controlnet.loaded,
+            "controlnet": self.controlnet.loaded, "max_loras": limits.max_loras_per_request,
         })
 
     @app.post("/page/control-preview", include_in_schema=False)

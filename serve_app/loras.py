@@ -1,8 +1,10 @@
 """The Ingress's side of LoRA adapters: the names a request may use (the operator's directory, read
 through `deployments.denoiser.lora.library`), `GET /v1/loras`, and `loras` in an edit's multipart form.
 
-A name is only ever a key into the directory's scanned index (a file stem matching a strict pattern),
-never a path. Whether a file's keys and shapes fit the model is the Denoiser's check, at load time.
+A name is only ever a key into the directory's scanned index (a file stem matching a strict pattern)
+or one of the operator's hub aliases, never a path. Whether a file's keys and shapes fit the model is
+the Denoiser's check, at load time. The Ingress downloads nothing: a hub alias whose file is not on
+its node yet passes here and is fetched by the Denoiser replica that serves it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _INDEXED = re.compile(r"^loras\[(\d*)\]\[(name|scale)\]$")
 
 class LoraCatalog:
     def __init__(self, settings: dict | None = None):
-        self.library = LoraLibrary(LoraSettings(**(settings or {})))
+        self.library = LoraLibrary(LoraSettings(**(settings or {})), fetch_hub=False)
 
     def check(self, loras) -> None:
         """Every name is an adapter the server offers and whose file reads; else a 400 naming it."""

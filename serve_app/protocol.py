@@ -27,6 +27,12 @@ class LoraSpec(BaseModel):
     scale: float = Field(1.0, ge=-2.0, le=2.0)
 
 
+def used_loras():
+    """A response's `loras`: the adapters an image was made with, left out of the JSON when none were
+    used, so that strict OpenAI clients see no unknown field set to null."""
+    return Field(None, exclude_if=lambda value: not value)
+
+
 class ImageOptions(BaseModel):
     """Fields shared by generations and edits (OpenAI's, then Z-Image extensions)."""
 
@@ -106,7 +112,7 @@ class ImageObject(BaseModel):
     url: str | None = None
     revised_prompt: str
     seed: int
-    loras: list[LoraSpec] | None = None  # the adapters this image was made with
+    loras: list[LoraSpec] | None = used_loras()
 
 
 class Timings(BaseModel):
@@ -189,7 +195,7 @@ class ImageCompletedEvent(ImageStreamEvent):
     revised_prompt: str
     timings: Timings
     random_weights: bool = False
-    loras: list[LoraSpec] | None = None
+    loras: list[LoraSpec] | None = used_loras()
     speed: dict[str, str] = Field(default_factory=dict)
 
 

@@ -10,7 +10,8 @@ Two load shapes:
 
 Prompts come from a file (`--prompts`, one a line), or with `--fresh-prompts` every request gets one
 never sent before, with the length of one drawn from the file (fresh.py): real traffic rarely repeats
-a prompt, and a server may cache by prompt or by its length.
+a prompt, and a server may cache by prompt or by its length. `--loras a,b,c` gives each request one
+of those LoRA adapters (the `loras` extension field), picked uniformly and seeded, at `--lora-scale`.
 
 Every 200 is checked (JSON shape, image count, base64 that decodes to PNG/JPEG/WebP bytes); a
 malformed 200 counts as an error. Warm-up requests run first, as their own phase, and are left out
@@ -30,6 +31,7 @@ from benchmarks.loadgen.config import (
     LoadConfig,
     SizeWeight,
     load_prompts,
+    parse_loras,
     parse_size,
     parse_size_mix,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "goodput",
     "load_prompts",
     "main",
+    "parse_loras",
     "parse_size",
     "parse_size_mix",
     "percentile",

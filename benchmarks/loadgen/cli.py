@@ -12,6 +12,7 @@ from benchmarks.loadgen.config import (
     DEFAULT_URL,
     LoadConfig,
     load_prompts,
+    parse_loras,
     parse_size_mix,
 )
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-prompts", action="store_true",
                    help="every request a new prompt, each a drawn prompt's length in words with other words of the set")
     p.add_argument("--shuffle-seed", type=int, default=0, help="drives prompt/size choice and arrivals")
+    p.add_argument("--loras", default="", help='adapter names, e.g. "ink,watercolor": each request uses one, '
+                   "picked uniformly at random (seeded by --shuffle-seed); sizes, prompts and seeds stay those of "
+                   "the run without adapters")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale, -2..2 (default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--slo-ms", type=float, default=None, help="latency objective for goodput")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report to this file")
@@ -74,6 +79,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         slo_ms=args.slo_ms,
         label=args.label,
         shuffle_seed=args.shuffle_seed,
+        loras=parse_loras(args.loras),
+        lora_scale=args.lora_scale,
         progress=not args.no_progress,
     )
 

@@ -129,8 +129,9 @@ class _Runner:
         progress.update(done)
 
     def request_body(self, index: int) -> tuple[dict[str, Any], str, int | None]:
-        """Prompt and size depend only on the request's index, so runs are comparable; with fresh
-        prompts the sizes and seeds are those of the same run on the repeating set."""
+        """Prompt, size and adapter depend only on the request's index, so runs are comparable; with
+        fresh prompts, or with adapters, the sizes and seeds are those of the same run without them (the
+        adapter is drawn from a generator of its own)."""
         rng = random.Random(self.config.shuffle_seed * 1_000_003 + index)
         prompt = self.prompts[rng.randrange(len(self.prompts))]
         if self.fresh is not None:
@@ -149,6 +150,9 @@ class _Runner:
             body["seed"] = seed
         if self.config.steps is not None:
             body["num_inference_steps"] = self.config.steps
+        if self.config.loras:
+            pick = random.Random(f"lora:{self.config.shuffle_seed}:{index}").randrange(len(self.config.loras))
+            body["loras"] = [{"name": self.config.loras[pick], "scale": self.config.lora_scale}]
         return body, choice.size, seed
 
     async def one_request(self, index: int, phase_start: float, warmup: bool, progress: tqdm) -> RequestRecord:

@@ -58,6 +58,14 @@ def parse_size_mix(text: str) -> list[SizeWeight]:
     return [SizeWeight(w, h, weight / total) for w, h, weight in entries]
 
 
+def parse_loras(text: str) -> list[str]:
+    """`"ink,watercolor"` -> the adapter names a request picks one of; empty text: no adapters."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the adapter list names an adapter twice: {text!r}")
+    return names
+
+
 def load_prompts(path: str | Path) -> list[str]:
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line]
@@ -89,7 +97,9 @@ class LoadConfig:
     timeout_s: float = 300.0
     slo_ms: float | None = None
     label: str = ""
-    shuffle_seed: int = 0  # drives prompt and size choice and the arrival times
+    shuffle_seed: int = 0  # drives prompt, size and adapter choice and the arrival times
+    loras: list[str] = field(default_factory=list)  # each request uses one, picked uniformly (seeded); empty: none
+    lora_scale: float = 1.0
     progress: bool = False
 
     def validate(self) -> None:
@@ -115,6 +125,10 @@ class LoadConfig:
             raise ValueError("slo_ms must be > 0")
         if not self.size_mix:
             raise ValueError("size_mix is empty")
+        if len(set(self.loras)) != len(self.loras) or not all(self.loras):
+            raise ValueError("loras must be distinct, non-empty adapter names")
+        if not -2.0 <= self.lora_scale <= 2.0:
+            raise ValueError("lora_scale must be within -2..2")
 
     @property
     def in_flight_cap(self) -> int:

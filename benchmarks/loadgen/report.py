@@ -121,6 +121,8 @@ class LoadReport:
             title += f", rate {self.config['rate']}/s (cap {self.config['max_in_flight']} in flight)"
         if self.config.get("fresh_prompts"):
             title += ", fresh prompts"
+        if self.config.get("loras"):
+            title += f", one of {len(self.config['loras'])} LoRA adapters per request (scale {self.config['lora_scale']:g})"
         lines = [title, ""]
         summary = [
             ("wall time", f"{self.wall_s:.2f} s"),

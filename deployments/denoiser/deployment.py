@@ -42,9 +42,9 @@ from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, Schedul
 from deployments.denoiser.lora.cache import AdapterCache
 from deployments.denoiser.lora.library import LoraLibrary
 from deployments.denoiser.metrics import DenoiserMetrics
-from deployments.settings import ModelSettings
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
-from deployments.runtime.stage import StageBase, StageConfig
+from deployments.runtime.model_stage import ModelStage, model_stage_deployment
+from deployments.runtime.stage import StageConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,27 +57,17 @@ class DenoiserConfig(StageConfig):
     """Bytes of LoRA factors a replica keeps on its device (least recently used go first)."""
 
 
-@serve.deployment(
-    name="Denoiser",
-    # num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
-    # 2026-11-22); 0 where no GPU is in use.
-    # Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
-    # (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
-    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.6},
-    max_ongoing_requests=32,
-    max_queued_requests=256,
-    graceful_shutdown_timeout_s=60,  # a replica Serve stops finishes its running jobs first
-)
-class Denoiser(StageBase):
+# num_gpus: a share of one H200 (FP8 DiT: 12.4 GB allocated, 22.3 GB reserved: RESULTS.md, serving of
+# 2026-11-22). Over half, so two Denoisers never share a GPU; 0.6 + TextEncoder 0.15 + VaeDecoder 0.2 <= 1
+# (serve_config.yaml explains the arithmetic; tests/deploy/test_placement.py checks it).
+# graceful_shutdown_timeout_s: a replica Serve stops finishes its running jobs first.
+@model_stage_deployment("Denoiser", num_gpus=0.6, max_ongoing_requests=32, graceful_shutdown_timeout_s=60)
+class Denoiser(ModelStage):
     config_model = DenoiserConfig
-    speed_keys = ("dtype", "precision", "fp8_kernels", "compile", "dit_cuda_graphs")
+    speed_part = "denoiser"
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
-        self._init_stage("Denoiser", base_config)
-        self.settings = ModelSettings(**settings)
-        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        self.speed = self.settings.resolve_speed(self.device)
-        self.speed_label = self.speed.summary("denoiser")
+        self._init_model_stage(settings, base_config)
         self.warmup_seconds: dict[str, float] = {}
         self.fp8_kernels: str | None = self.speed.fp8_kernels.value  # GPU, FP8 only
         self.step_graphs: GraphedTransformerFn | None = None
@@ -187,7 +177,7 @@ class Denoiser(StageBase):
         self.denoiser_metrics.batched_ready.set(1.0)
 
     def ready_line(self) -> str:
-        return (f"model={self.source.name} device={self.device} precision={self.speed.precision.value} "
+        return (f"{super().ready_line()} precision={self.speed.precision.value} "
                 f"scheduling={self.config.scheduling} batch_invariant={self.loop.batch_invariant}")
 
     def _record_step(self, size: int, seconds: float) -> None:
@@ -285,7 +275,7 @@ class Denoiser(StageBase):
         upstream = caption.trace if posterior is None else caption.trace.joined(posterior.trace)
         trace = replace(upstream, denoise=StageTime.since(start, queued_s))
         return replace(latents, trace=trace, prompt_truncated=caption.truncated,
-                       speed={**caption.speed, "denoiser": self.speed_label})
+                       speed={**caption.speed, self.speed_part: self.speed_label})
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
         """(latents, seconds the job waited before its first step), under the live scheduling policy."""

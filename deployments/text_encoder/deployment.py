@@ -6,13 +6,12 @@ import time
 from dataclasses import replace
 
 from pydantic import Field
-from ray import serve
 
 from deployments.weights import loading
 from deployments.contracts import CaptionEmbedding, ImageTrace, StageTime
 from deployments.text_encoder.encoding import PromptEncoder
-from deployments.settings import ModelSettings
-from deployments.runtime.stage import StageBase, StageConfig
+from deployments.runtime.model_stage import ModelStage, model_stage_deployment
+from deployments.runtime.stage import StageConfig
 
 
 class TextEncoderConfig(StageConfig):
@@ -22,28 +21,11 @@ class TextEncoderConfig(StageConfig):
     max_batch_size: int = Field(16, ge=1, le=256)
 
 
-@serve.deployment(
-    name="TextEncoder",
-    # num_gpus: a share of one H200 (8.9 GB peak while serving: RESULTS.md, serving of 2026-11-22);
-    # 0 where no GPU is in use.
-    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.15},
-    max_ongoing_requests=64,
-    max_queued_requests=512,
-    graceful_shutdown_timeout_s=30,  # a replica Serve stops finishes its queued prompts first
-)
-class TextEncoder(StageBase):
+# num_gpus: a share of one H200 (8.9 GB peak while serving: RESULTS.md, serving of 2026-11-22).
+@model_stage_deployment("TextEncoder", num_gpus=0.15, max_ongoing_requests=64)
+class TextEncoder(ModelStage):
     config_model = TextEncoderConfig
-    speed_keys = ("dtype", "text_encoder_compile")
-
-    def __init__(self, settings: dict, base_config: dict | None = None) -> None:
-        self._init_stage("TextEncoder", base_config)
-        self.settings = ModelSettings(**settings)
-        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        self.random_weights = self.source.random_weights
-        self.speed = self.settings.resolve_speed(self.device)
-        self.speed_label = {"text_encoder": self.speed.summary("text_encoder")}
-        self.graphs = 0
-        self.start()
+    speed_part = "text_encoder"
 
     def load(self) -> None:
         self.model = loading.load_text_encoder(self.source, self.device, self.dtype)
@@ -56,6 +38,7 @@ class TextEncoder(StageBase):
 
             configure_compile_cache(self.settings.compile_cache_dir())
             self.model = optimize_text_encoder(self.model, compile=True)
+        self.graphs = 0  # CUDA graphs captured by `warm_up`
         self.encoder = PromptEncoder(
             self.tokenizer,
             self.model,
@@ -70,10 +53,10 @@ class TextEncoder(StageBase):
         self.graphs = self.encoder.warmup()
 
     def ready_line(self) -> str:
-        return (f"model={self.source.name} device={self.device} dtype={self.dtype} cuda_graphs={self.graphs} "
+        return (f"{super().ready_line()} dtype={self.dtype} cuda_graphs={self.graphs} "
                 f"batch_invariant={self.encoder.batch_invariant}")
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()
         caption, queued_s = await self.encoding.submit_timed(prompt)
-        return replace(caption, trace=ImageTrace(encode=StageTime.since(start, queued_s)), speed=self.speed_label)
+        return replace(caption, trace=ImageTrace(encode=StageTime.since(start, queued_s)), speed={self.speed_part: self.speed_label})

@@ -9,7 +9,6 @@ from functools import partial
 
 from PIL import Image
 from pydantic import Field
-from ray import serve
 
 from deployments.weights import loading
 from deployments.contracts import (
@@ -22,35 +21,24 @@ from deployments.contracts import (
     StageTime,
 )
 from deployments.vae.codec import VaeCodec
-from deployments.settings import ModelSettings
 from deployments.runtime.background_warmup import WarmupStep
-from deployments.runtime.stage import StageBase, StageConfig
+from deployments.runtime.model_stage import ModelStage, model_stage_deployment
+from deployments.runtime.stage import StageConfig
 
 
 class VaeDecoderConfig(StageConfig):
     max_batch_size: int = Field(4, ge=1, le=256)
 
 
-@serve.deployment(
-    name="VaeDecoder",
-    # num_gpus: a share of one H200 (tiled 2048x2048 decodes peak at a few GB); 0 where no GPU is in use.
-    ray_actor_options={"num_cpus": 0.25, "num_gpus": 0.2},
-    max_ongoing_requests=32,
-    max_queued_requests=256,
-    graceful_shutdown_timeout_s=30,  # a replica Serve stops finishes its queued decodes first
-)
-class VaeDecoder(StageBase):
+# num_gpus: a share of one H200 (tiled 2048x2048 decodes peak at a few GB).
+@model_stage_deployment("VaeDecoder", num_gpus=0.2, max_ongoing_requests=32)
+class VaeDecoder(ModelStage):
     config_model = VaeDecoderConfig
-    speed_keys = ("dtype", "vae_compile")
+    speed_part = "vae"
 
-    def __init__(self, settings: dict, base_config: dict | None = None) -> None:
-        self._init_stage("VaeDecoder", base_config)
-        self.settings = ModelSettings(**settings)
-        self.source, self.device, self.dtype = self.settings.source(), self.settings.torch_device(), self.settings.dtype()
-        self.speed = self.settings.resolve_speed(self.device)
-        self.speed_label = self.speed.summary("vae")
-        self.compiled = self.speed.vae_compile.value
-        self.start()
+    @property
+    def compiled(self) -> bool:
+        return self.speed.vae_compile.value
 
     def load(self) -> None:
         self.vae = loading.load_vae(self.source, self.device, self.dtype)
@@ -156,7 +144,7 @@ class VaeDecoder(StageBase):
         save_compile_artifacts(self.settings.compile_cache_dir(), "vae")
 
     def ready_line(self) -> str:
-        return f"model={self.source.name} device={self.device} dtype={self.dtype} compiled={self.compiled}"
+        return f"{super().ready_line()} dtype={self.dtype} compiled={self.compiled}"
 
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""
@@ -164,7 +152,7 @@ class VaeDecoder(StageBase):
         decoded, queued_s = await self.decoding.submit_timed(latents)
         trace = replace(latents.trace, decode=StageTime.since(start, queued_s))
         return DecodedImage(pixels=decoded.pixels, width=decoded.width, height=decoded.height, trace=trace,
-                            prompt_truncated=latents.prompt_truncated, speed={**latents.speed, "vae": self.speed_label})
+                            prompt_truncated=latents.prompt_truncated, speed={**latents.speed, self.speed_part: self.speed_label})
 
     async def preview(self, latents: Latents) -> DecodedImage:
         """A streamed request's partial image from the Denoiser's clean-latent estimate (see `VaeCodec.preview`)."""

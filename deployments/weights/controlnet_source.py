@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from deployments.weights.model_source import ModelSourceError, default_cache_dir
+from deployments.weights.model_source import ModelSourceError, WeightsSource, default_cache_dir
 from deployments.weights.tiny_checkpoint import TINY_TRANSFORMER_CONFIG, build_once
 
 TINY_CONTROLNET_VERSION = "tiny-controlnet-v1"
@@ -67,14 +67,10 @@ FULL_CONTROLNET_CONFIG = {
 
 
 @dataclass(frozen=True)
-class ControlNetSource:
-    kind: Literal["pretrained", "single_file", "random"]
-    name: str
-    location: str | None
+class ControlNetSource(WeightsSource):
+    """A resolved `controlnet` setting; `single_file` is a published checkpoint file."""
 
-    @property
-    def random_weights(self) -> bool:
-        return self.kind == "random" or self.name == "tiny"
+    kind: Literal["pretrained", "single_file", "random"]
 
 
 def resolve_controlnet(setting: str, cache_dir: str | Path | None = None) -> ControlNetSource:

@@ -58,21 +58,29 @@ def default_cache_dir() -> Path:
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    """A resolved `model` setting. `location` is a hub id or a directory; `random` has none."""
+class WeightsSource:
+    """Where one set of weights comes from (the model's or the ControlNet's): `kind` says how it is
+    read, `location` is a hub id, a directory or a file; `random` has none."""
 
-    kind: Literal["hub", "directory", "random"]
+    kind: str
     name: str
     location: str | None
-
-    @property
-    def is_random(self) -> bool:
-        return self.kind == "random"
 
     @property
     def random_weights(self) -> bool:
         """True when the weights carry no meaning (tiny and random): responses and logs say so."""
         return self.kind == "random" or self.name == TINY
+
+
+@dataclass(frozen=True)
+class ModelSource(WeightsSource):
+    """A resolved `model` setting. `location` is a hub id or a directory; `random` has none."""
+
+    kind: Literal["hub", "directory", "random"]
+
+    @property
+    def is_random(self) -> bool:
+        return self.kind == "random"
 
 
 def resolve_model_source(model: str, cache_dir: str | Path | None = None) -> ModelSource:

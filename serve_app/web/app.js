@@ -153,6 +153,7 @@ function showFinal(card, src, event, settings) {
   const meta = card.querySelector(".meta");
   const rows = [["Seed", event.seed], ["Size", event.size], ["Steps", settings.steps], ["Style", settings.style || "None"]];
   if (settings.strength) rows.push(["Strength", settings.strength]);
+  if (event.loras) rows.push(["LoRA", event.loras.map((l) => l.name + " " + l.scale).join(", ")]);
   rows.push(["Time", (event.timings.total_ms / 1000).toFixed(1) + " s"]);
   meta.innerHTML = "";
   for (const [name, value] of rows) {
@@ -260,6 +261,7 @@ function applySettings(settings) {
   }
   for (const id of ["g-n", "t-n"]) $(id).max = settings.max_images;
   if (window.zimageControl) window.zimageControl.apply(settings);  // the Control section (control.js)
+  if (window.zimageLora) window.zimageLora.apply(settings);  // the LoRA picker (lora.js)
   if (settings.api_keys_required && !state.key) $("key-box").open = true;
 }
 
@@ -287,7 +289,7 @@ async function loadModel() {
 
 async function refreshFromServer() {
   try {
-    await Promise.all([loadStyles(), loadModel()]);
+    await Promise.all([loadStyles(), loadModel(), window.zimageLora ? window.zimageLora.refresh() : null]);
   } catch (error) {
     showError(error);
   }
@@ -328,6 +330,7 @@ async function onGenerate(event) {
   const n = imageCount("g");
   const settings = { prompt: $("g-prompt").value, style: $("g-style").value, steps: Number($("g-steps").value) };
   const control = window.zimageControl ? await window.zimageControl.fields("g") : null;  // control.js
+  const loras = window.zimageLora ? window.zimageLora.chosen("g") : null;  // lora.js
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
   await runAll(event.target, (i) => ({
     path: "/v1/images/generations",
@@ -338,7 +341,7 @@ async function onGenerate(event) {
       body: JSON.stringify({
         prompt: settings.prompt, size: generateSize(), style: settings.style, seed: seed + i,
         num_inference_steps: settings.steps, stream: true, partial_images: PARTIAL_IMAGES, stream_progress: true,
-        ...control,
+        ...control, ...(loras && { loras }),
       }),
     },
   }), n);
@@ -364,6 +367,7 @@ async function onTransform(event) {
   };
   const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
   const control = window.zimageControl ? await window.zimageControl.fields("t", true) : null;  // control.js
+  const loras = window.zimageLora ? window.zimageLora.chosen("t") : null;  // lora.js
   // As on Generate: one streamed edit per image, image i with seed + i, as the API's n gives them.
   await runAll(event.target, (i) => {
     const body = new FormData();
@@ -376,6 +380,7 @@ async function onTransform(event) {
     } else {
       body.append("strength", String(settings.strength));
     }
+    if (loras) body.append("loras", JSON.stringify(loras));  // the edit route's multipart `loras` field
     body.append("num_inference_steps", String(settings.steps));
     body.append("seed", String(seed + i));
     body.append("stream", "true");

@@ -314,3 +314,137 @@ def test_transform_makes_the_number_of_images_asked_for(served, browser, http, t
         got_pixels, want_pixels = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in (got, want))
         assert got_pixels.shape == (640, 512, 3) and np.array_equal(got_pixels, want_pixels)
     assert not np.array_equal(*(np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in shown[:2]))
+
+
+# ---- the LoRA picker (serve_app/web/lora.js) ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page_loras(served, cache_dir, pipeline) -> list[str]:
+    """Five adapters (one more than a request may use by default), both formats, written into the
+    served app's adapter directory while it serves."""
+    from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+
+    transformer = pipeline.loop.transformer
+    names = [f"page-{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        factors = random_factors(transformer, rank=4, seed=40 + i)
+        write(cache_dir / "loras", name, diffusers_state(factors) if i % 2 else kohya_state(factors, alpha=4.0))
+    return names
+
+
+def _pixels(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
+
+
+def _shown(page) -> np.ndarray:
+    return _pixels(page.get_attribute("#cards .frame img", "src").split(",", 1)[1])
+
+
+def _ready_page(served, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
+def test_the_lora_picker_is_hidden_when_the_server_offers_no_adapter(served, browser):
+    """The page as it is against a server whose GET /v1/loras lists nothing (answered here by the
+    browser's route, as the shared app's directory holds other tests' adapters)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.route("**/v1/loras", lambda route: route.fulfill(json={"object": "list", "data": []}))
+    page.goto(served.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator("#g-loras").count() == 1 and page.is_hidden("#g-loras") and page.is_hidden("#t-loras")
+
+
+def test_generate_with_adapters_picked_on_the_page_equals_the_api(served, browser, http, page_loras):
+    """Up to the server's cap can be chosen; two adapters with their scales go out as `loras`, and the
+    page's image is pixel for pixel the API's for the same seed and adapters, unlike the image without."""
+    cap = http.get("/page/settings").json()["max_loras"]
+    assert cap == 4  # the API's default, fewer than the five adapters offered
+    page = _ready_page(served, browser)
+    assert page.is_hidden("#g-loras-list")  # closed until asked for
+    page.click("#g-loras summary")
+    for name in page_loras:
+        assert page.is_visible(f"#g-lora-{name}") and page.is_hidden(f"#g-lora-{name}-scale")
+    assert "page-1 (rank 4)" in page.inner_text("#g-loras-list")
+    for name in page_loras[:cap]:
+        page.check(f"#g-lora-{name}")
+    unticked = "#g-loras-list input[type=checkbox]:not(:checked)"
+    assert page.eval_on_selector_all(unticked, "els => els.length > 0 && els.every(e => e.disabled)")
+    assert page.inner_text("#g-loras summary").endswith(f"({cap} chosen)")
+    page.uncheck(f"#g-lora-{page_loras[0]}")
+    page.uncheck(f"#g-lora-{page_loras[1]}")
+    assert page.eval_on_selector_all(unticked, "els => els.every(e => !e.disabled)")
+    page.uncheck(f"#g-lora-{page_loras[3]}")
+    page.check(f"#g-lora-{page_loras[4]}")
+    assert page.input_value(f"#g-lora-{page_loras[2]}-scale") == "1"  # the default scale
+    set_range(page, f"#g-lora-{page_loras[2]}-scale", -0.75)
+    set_range(page, f"#g-lora-{page_loras[4]}-scale", 1.5)
+    assert page.inner_text(f"#g-lora-{page_loras[4]}-scale-value") == "1.5"
+    assert page.is_hidden("#t-loras-list") and not page.is_checked(f"#t-lora-{page_loras[2]}")  # its own per tab
+
+    page.fill("#g-prompt", "a lighthouse in two styles")
+    page.select_option("#g-aspect", "custom")
+    page.fill("#g-width", "512")
+    page.fill("#g-height", "512")
+    set_range(page, "#g-steps", 4)
+    page.fill("#g-seed", "21")
+    with page.expect_request("**/v1/images/generations") as sent:
+        page.click("#panel-generate button[type=submit]")
+    body = sent.value.post_data_json
+    wanted = [{"name": page_loras[2], "scale": -0.75}, {"name": page_loras[4], "scale": 1.5}]
+    assert body["loras"] == wanted
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=120_000)
+    assert page.is_hidden("#error")
+    assert f"{page_loras[2]} -0.75, {page_loras[4]} 1.5" in page.inner_text("#cards .meta")
+    page.screenshot(path=str(ARTIFACTS / "page-loras.png"), full_page=True)
+
+    request = {k: body[k] for k in ("prompt", "size", "style", "seed", "num_inference_steps", "loras")}
+    direct = http.post("/v1/images/generations", json=request)
+    assert direct.status_code == 200, direct.text
+    assert direct.json()["data"][0]["loras"] == wanted
+    shown = _shown(page)
+    assert np.array_equal(shown, _pixels(direct.json()["data"][0]["b64_json"]))
+    plain = http.post("/v1/images/generations", json={k: v for k, v in request.items() if k != "loras"})
+    assert plain.status_code == 200, plain.text
+    assert "loras" not in plain.json()["data"][0]
+    assert np.abs(shown - _pixels(plain.json()["data"][0]["b64_json"])).max() > 20
+
+
+def test_transform_with_an_adapter_picked_on_the_page_equals_the_api(served, browser, http, page_loras, tmp_path):
+    """The edit's multipart form carries the chosen adapter as the `loras` field (JSON); the result is
+    the API's edit with it, pixel for pixel, and not the edit without it."""
+    import json
+
+    page = _ready_page(served, browser)
+    page.click("#tab-transform")
+    upload = upload_png(tmp_path)
+    page.set_input_files("#t-file", str(upload))
+    page.wait_for_selector("#t-preview", state="visible")
+    page.click("#t-loras summary")
+    page.check(f"#t-lora-{page_loras[1]}")
+    set_range(page, f"#t-lora-{page_loras[1]}-scale", 0.5)
+    page.fill("#t-prompt", "the gradient, restyled")
+    set_range(page, "#t-steps", 4)
+    page.fill("#t-seed", "9")
+    page.evaluate(RECORD_EDIT)
+    page.click("#panel-transform button[type=submit]")
+    sent = page.wait_for_function("() => window.sent").json_value()["fields"]
+    assert json.loads(sent["loras"]) == [{"name": page_loras[1], "scale": 0.5}]
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=120_000)
+    assert page.is_hidden("#error")
+    shown = _shown(page)
+
+    fields = {k: sent[k] for k in ("prompt", "style", "strength", "num_inference_steps", "seed", "loras")}
+    files = {"image": ("upload.png", upload.read_bytes(), "image/png")}
+    direct = http.post("/v1/images/edits", data=fields, files=files)
+    assert direct.status_code == 200, direct.text
+    assert np.array_equal(shown, _pixels(direct.json()["data"][0]["b64_json"]))
+    plain = http.post("/v1/images/edits", data={k: v for k, v in fields.items() if k != "loras"}, files=files)
+    assert plain.status_code == 200, plain.text
+    assert np.abs(shown - _pixels(plain.json()["data"][0]["b64_json"])).max() > 20

@@ -3,8 +3,10 @@ node "a", then with the Denoiser and the VaeDecoder moved to node "b", by custom
 through the app's args, as an operator pins stages.
 
 Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own, apart from the test
-session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder). Prints one line, "RESULT " and JSON: each layout's PNG (base64) and the
-node each stage ran on.
+session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder), with the
+cache dir and JSON `{"requests": [...], "args": {...}}`: the generation requests to send in each layout
+and app args beside the model's. Prints one line, "RESULT " and JSON: per layout, each request's status
+with its PNG (base64) or error, the node each stage ran on, and `GET /v1/loras`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def main(cache_dir: str, request: dict) -> None:
+def main(cache_dir: str, spec: dict) -> None:
     # Ports of its own, so that another Ray instance on the machine (a `serve run` on the default ports)
     # is neither in the way nor found: the Cluster helper's head would take 8265 for its dashboard, which
     # the state API below needs, and the address is given to every call rather than discovered.
@@ -48,17 +50,22 @@ def main(cache_dir: str, request: dict) -> None:
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         result = {}
         for layout, pins in (("one_node", ONE_NODE), ("two_nodes", TWO_NODES)):
-            args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir}
+            args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir, **spec.get("args", {})}
             for stage, resource in pins.items():
                 args[stage] = {"ray_actor_options": {"resources": {resource: 0.01}}}
             serve.run(build_app(args), name="zimage", route_prefix="/")
-            response = httpx.post(url, json=request, timeout=300)
-            response.raise_for_status()
+            responses = []
+            for request in spec["requests"]:
+                response = httpx.post(url, json=request, timeout=300)
+                body = response.json()
+                responses.append({"status": response.status_code, "b64_json": body["data"][0]["b64_json"]}
+                                 if response.status_code == 200 else {"status": response.status_code, **body})
             nodes = {}
             for stage, name in NAMES.items():
                 actors = list_actors(address=cluster.address, filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
                 nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
-            result[layout] = {"b64_json": response.json()["data"][0]["b64_json"], "nodes": nodes}
+            listing = httpx.get(f"http://127.0.0.1:{port}/v1/loras", timeout=60).json()["data"]
+            result[layout] = {"responses": responses, "nodes": nodes, "loras": listing}
         print("RESULT", json.dumps(result))
     finally:
         serve.shutdown()

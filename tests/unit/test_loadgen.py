@@ -442,3 +442,93 @@ def test_fresh_prompts_over_http_keep_the_sizes_and_seeds_of_the_repeating_set(t
     fresh_prompts = [b["prompt"] for b in fresh]
     assert len(set(fresh_prompts)) == 42 and not set(fresh_prompts) & set_prompts
     assert fresh_report["config"]["fresh_prompts"] is True and repeating_report["config"]["fresh_prompts"] is False
+
+
+# ---------------------------------------------------------------------------------- LoRA adapters
+
+
+def test_each_request_picks_one_adapter_uniformly_and_keeps_the_plain_runs_bodies():
+    """`loras`: each request one adapter of the list, about equally often (4000 requests over 8), the
+    same for the same seed and other for another; prompts, sizes and seeds are the adapter-free run's."""
+    from collections import Counter
+
+    from benchmarks.loadgen.client import _Runner
+
+    names = [f"style{i}" for i in range(8)]
+
+    def bodies(**overrides) -> list[dict]:
+        runner = _Runner(config("http://unused", size_mix=parse_size_mix("1024x1024,512x512"), **overrides), None)
+        return [runner.request_body(i)[0] for i in range(4000)]
+
+    plain, picked = bodies(), bodies(loras=names, lora_scale=0.7)
+    assert all(len(b["loras"]) == 1 and b["loras"][0]["scale"] == 0.7 for b in picked)
+    assert [{k: v for k, v in b.items() if k != "loras"} for b in picked] == plain
+    assert "loras" not in plain[0]
+    counts = Counter(b["loras"][0]["name"] for b in picked)
+    assert set(counts) == set(names) and all(abs(c - 500) < 100 for c in counts.values()), counts
+    choice = [b["loras"][0]["name"] for b in picked]
+    assert choice == [b["loras"][0]["name"] for b in bodies(loras=names, lora_scale=0.7)]
+    assert choice != [b["loras"][0]["name"] for b in bodies(loras=names, shuffle_seed=1)]
+
+
+@pytest.mark.parametrize("overrides", [{"loras": ["ink", "ink"]}, {"loras": [""]}, {"loras": ["ink"], "lora_scale": 2.5}])
+def test_bad_adapter_options_are_refused(overrides):
+    with pytest.raises(ValueError):
+        config("http://unused", **overrides).validate()
+
+
+def test_the_cli_sends_adapters_and_says_so(tmp_path, capsys):
+    from benchmarks.loadgen import parse_loras
+
+    sent: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent.append(await request.json())
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64()}]})
+
+    out = tmp_path / "loras.json"
+    argv = ["--concurrency", "3", "--requests", "24", "--loras", " ink, watercolor,pencil ", "--lora-scale", "-0.5",
+            "--json", str(out), "--no-progress"]
+    code = asyncio.run(with_fake_server(handler, lambda url: asyncio.to_thread(main, ["--url", url, *argv])))
+    assert code == 0 and len(sent) == 24
+    assert {b["loras"][0]["name"] for b in sent} == {"ink", "watercolor", "pencil"}
+    assert all(b["loras"] == [{"name": b["loras"][0]["name"], "scale": -0.5}] for b in sent)
+    assert "one of 3 LoRA adapters per request (scale -0.5)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["config"]["loras"] == ["ink", "watercolor", "pencil"]
+    assert parse_loras("") == [] and parse_loras("a,,b") == ["a", "b"]
+    with pytest.raises(ValueError):
+        parse_loras("a,b,a")
+
+
+def test_bench_serve_writes_random_adapters_and_runs_a_load_with_them(tmp_path, cache_dir, tiny_source):
+    """bench_serve's `--lora-random`: adapter files the server's library reads (rank, targets), in a
+    `lora_dir` set on the app; its load and its unseen-adapter probe send them."""
+    import argparse
+
+    from benchmarks import bench_serve
+    from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+
+    app = {"args": {"cache_dir": str(cache_dir)}}
+    names = bench_serve.lora_names(argparse.Namespace(loras="", lora_random=2, lora_rank=4, model="tiny"), app)
+    listed = {info.name: info for info in LoraLibrary(LoraSettings(lora_dir=app["args"]["lora_dir"])).list()}
+    assert names == ["bench0", "bench1"] and set(listed) == set(names)
+    assert all(info.rank == 4 and not info.error and "feed_forward.w2" in info.target_modules for info in listed.values())
+    assert bench_serve.lora_names(argparse.Namespace(loras="a,b", lora_random=0), {"args": {}}) == ["a", "b"]
+
+    sent: list[dict] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        sent.append(await request.json())
+        return web.json_response({"created": 1, "data": [{"b64_json": png_b64()}]})
+
+    async def body(url: str):
+        report = await asyncio.to_thread(bench_serve.load, url, "loras", "512x512", 2, 1, PROMPTS, requests=6,
+                                         loras=names, lora_scale=0.5)
+        first = await asyncio.to_thread(bench_serve.lora_first, url, names, "512x512", 1, PROMPTS[0], 0.5)
+        return report, first
+
+    report, first = asyncio.run(with_fake_server(handler, body))
+    assert report["ok"] == 6 and report["config"]["loras"] == names
+    assert {b["loras"][0]["name"] for b in sent[:6]} <= set(names) and all(b["loras"][0]["scale"] == 0.5 for b in sent)
+    assert set(first) == set(names) and all(v["unseen_s"] > 0 and v["cached_s"] > 0 for v in first.values())
+    assert [b["loras"][0]["name"] for b in sent[6:]] == ["bench0", "bench0", "bench1", "bench1"]

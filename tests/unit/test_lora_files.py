@@ -124,3 +124,22 @@ def test_keys_or_shapes_that_do_not_fit_name_the_first_bad_key(transformer, fact
     adaln = {"layers.0.adaLN_modulation.0": factors["layers.0.attention.to_q"]}
     with pytest.raises(LoraFitError, match="not an attention or feed-forward linear"):
         LoraAdapter("x", adaln).check_fit(slots)
+
+
+def test_a_pickle_is_never_unpickled_even_named_safetensors(tmp_path, factors):
+    """torch.save's pickle under a .safetensors name: refused by the safetensors reader, nothing run."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    with open(tmp_path / "evil.safetensors", "wb") as f:
+        pickle.dump({"x": Boom()}, f)
+    torch.save(diffusers_state(factors), tmp_path / "saved.safetensors")
+    lib = library(tmp_path)
+    for name in ("evil", "saved"):
+        assert "not a readable safetensors file" in lib.info(name).error
+        with pytest.raises(LoraFormatError, match="not a readable safetensors file"):
+            lib.load(name)
+    assert not (tmp_path / "ran").exists()

@@ -16,7 +16,7 @@ from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for
 from serve_app.loras import LoraCatalog, form_loras
 from serve_app.pipeline import plan_request
-from serve_app.protocol import ImageGenerationRequest
+from serve_app.protocol import ImageGenerationRequest, LoraSpec
 from tests.lora_files import diffusers_state, random_factors, write
 
 
@@ -125,3 +125,33 @@ def test_the_access_log_names_the_adapters():
     record = AccessRecord("/v1/images/generations")
     record.describe(plan)
     assert record.fields()["loras"] == "ink:0.5,w:1"
+
+
+@pytest.mark.parametrize("loras", [(), (LoraSpec(name="ink", scale=0.5),)], ids=["none", "one"])
+@pytest.mark.parametrize("url", [None, "https://images.example/a.png"], ids=["b64", "url"])
+def test_an_image_made_without_adapters_has_no_loras_field_on_the_wire(loras, url):
+    """Strict OpenAI clients see no unknown `loras: null`: the field is left out of the response's
+    image and of the completed stream event unless adapters were used; the handle API keeps `()`."""
+    import asyncio
+    import json
+
+    from serve_app.protocol import GeneratedImage, ImageResult, Timings
+    from serve_app.responses import images_response
+    from serve_app.streaming import StreamEvents
+
+    image = GeneratedImage(data=b"" if url else b"\x89PNG", format="png", seed=3, width=512, height=512,
+                           revised_prompt="a fox", loras=loras, url=url)
+    result = ImageResult(images=[image], timings=Timings(total_ms=1, style_ms=0, encode_ms=0, denoise_ms=1,
+                                                         decode_ms=0, output_encode_ms=0))
+    assert result.images[0].loras == loras
+    item = json.loads(asyncio.run(images_response(result, "tiny")).body)["data"][0]
+    plan = plan_request(ImageGenerationRequest(prompt="a fox", stream=True), None, ApiLimits(), "tiny")
+    event = StreamEvents("image_generation", ImageGenerationRequest(prompt="a fox", stream=True), plan).encode(result)
+    completed = json.loads(event.decode().split("data: ", 1)[1])
+    assert completed["type"] == "image_generation.completed" and ("url" in completed) == bool(url)
+    for body in (item, completed):
+        assert body["seed"] == 3 and body.get("b64_json", body.get("url"))
+        if loras:
+            assert body["loras"] == [{"name": "ink", "scale": 0.5}]
+        else:
+            assert "loras" not in body and None not in body.values()

@@ -6,6 +6,7 @@ on the node start warm.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
@@ -29,30 +30,28 @@ _DYNAMIC_DIMS: dict[str, tuple[int, ...]] = {
 
 
 def _mark_dynamic(name: str, value: Any) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and name in _DYNAMIC_DIMS:
         torch._dynamo.maybe_mark_dynamic(value, list(_DYNAMIC_DIMS[name]))
 
 
 def _marked_forward(block: nn.Module, compiled: Any) -> Any:
-    """An eager `forward` for one block: marks the batch and sequence dims, then calls the shared graph."""
+    """An eager `forward` for one block: marks the batch and sequence dims, then calls the shared graph.
+    It takes the block class's own inputs (its `forward`'s signature), passed on in that order."""
+    signature = inspect.signature(type(block).forward)
 
-    def forward(
-        x: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        freqs_cis: torch.Tensor,
-        adaln_input: torch.Tensor | None = None,
-        noise_mask: torch.Tensor | None = None,
-        adaln_noisy: torch.Tensor | None = None,
-        adaln_clean: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if not freqs_cis.is_contiguous():
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        bound = signature.bind(block, *args, **kwargs)
+        bound.apply_defaults()
+        inputs = dict(bound.arguments)
+        inputs.pop(next(iter(inputs)))  # the block itself
+        freqs_cis = inputs.get("freqs_cis")
+        if isinstance(freqs_cis, torch.Tensor) and not freqs_cis.is_contiguous():
             # diffusers slices the padded rotary table for some batches: another stride, which would
             # be another graph (compiled on a live request) for the same shapes.
-            freqs_cis = freqs_cis.contiguous()
-        args = (x, attn_mask, freqs_cis, adaln_input, noise_mask, adaln_noisy, adaln_clean)
-        for name, value in zip(_DYNAMIC_DIMS, args):
+            inputs["freqs_cis"] = freqs_cis.contiguous()
+        for name, value in inputs.items():
             _mark_dynamic(name, value)
-        return compiled(block, *args)
+        return compiled(block, *inputs.values())
 
     return forward
 

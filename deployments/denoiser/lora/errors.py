@@ -33,3 +33,26 @@ class LoraFitError(LoraRequestError):
 
 class LoraUnsupportedError(LoraRequestError):
     """The replica runs DiT kernels without adapter support (the fused FP8 path)."""
+
+
+class LoraHubMissingError(LoraRequestError):
+    """The hub says the alias's file does not exist (or is not ours to read): a 400 naming the alias."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"LoRA adapter {name!r} cannot be fetched: its hub file does not exist or is not "
+                         f"accessible ({reason})")
+        self.name, self.reason = name, reason
+
+    def __reduce__(self):
+        return type(self), (self.name, self.reason)
+
+
+class LoraHubUnavailableError(RuntimeError):
+    """The alias's hub file is not cached here and the hub cannot be reached: the server's state, a 503."""
+
+    def __init__(self, name: str):
+        super().__init__(f"LoRA adapter {name!r} is not cached on this server and the hub cannot be reached")
+        self.name = name
+
+    def __reduce__(self):
+        return type(self), (self.name,)

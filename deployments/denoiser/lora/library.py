@@ -6,8 +6,13 @@ Files whose stems do not match are skipped (and logged). The index is rescanned 
 or the directory's mtime changed, so a file copied in while serving becomes usable without a restart;
 a file replaced in place has another (size, mtime) and is read again. Caps: file size, rank, count.
 
+Beside the directory, the operator may map aliases to hub files (`hub`, the app's `lora_hub`): each Denoiser
+fetches such a file itself into its node's hub cache the first time a request needs it, so nodes share
+nothing. An alias shadows a directory file of the same stem. The Ingress (`fetch_hub=False`) never
+downloads: it lists and checks a hub alias from its header once the file is in its own node's cache.
+
 On a cluster every node that runs a Denoiser or the Ingress reads the same directory: mount one shared
-filesystem (NFS, a cloud file store, a synced volume) at `lora_dir` on each node.
+filesystem (NFS, a cloud file store, a synced volume) at `lora_dir` on each node, or use hub aliases.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.denoiser.lora.adapter import LoraAdapter
 from deployments.denoiser.lora.convert import metadata_scaling, read_safetensors, to_diffusers_keys
 from deployments.denoiser.lora.errors import LoraFitError, LoraFormatError, UnknownLoraError
+from deployments.denoiser.lora.hub import HubFetcher, parse_aliases
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,10 @@ class LoraSettings(BaseModel):
     max_file_bytes: int = Field(1 << 30, ge=1)
     max_rank: int = Field(256, ge=1)
     max_files: int = Field(1000, ge=1)
+    hub: dict[str, str] = Field(default_factory=dict)
+    """Aliases of hub files: `{name: "owner/repo[@revision][:file.safetensors]"}` (the app's `lora_hub`)."""
+    hub_cache_dir: str | None = None
+    """Where hub files are cached; None: huggingface_hub's own cache (HF_HUB_CACHE, HF_HOME)."""
 
     def directory(self) -> Path:
         if self.lora_dir:
@@ -77,19 +87,26 @@ class LoraInfo:
     rank: int = 0
     target_modules: tuple[str, ...] = ()
     error: str | None = None
+    source: str = "directory"
+    """`directory` or `hub`; a hub file not yet on this node has `fetched` False and no rank or bytes."""
+    fetched: bool = True
 
     def as_dict(self) -> dict:
         data = {"name": self.name, "rank": self.rank, "target_modules": list(self.target_modules),
-                "bytes": self.bytes}
+                "bytes": self.bytes, "source": self.source}
+        if not self.fetched:
+            data["fetched"] = False
         return data if self.error is None else {**data, "error": self.error}
 
 
 class LoraLibrary:
     """The scanned index of the adapter directory, with header-only facts per file version."""
 
-    def __init__(self, settings: LoraSettings | None = None):
+    def __init__(self, settings: LoraSettings | None = None, *, fetch_hub: bool = True, hub_endpoint: str | None = None):
         self.settings = settings or LoraSettings()
         self.directory = self.settings.directory()
+        self.hub = HubFetcher(parse_aliases(self.settings.hub, NAME_PATTERN), self.settings.hub_cache_dir, hub_endpoint)
+        self.fetch_hub = fetch_hub
         self._lock = threading.Lock()
         self._files: dict[str, LoraFile] = {}
         self._dir_mtime: int | None = None
@@ -127,10 +144,13 @@ class LoraLibrary:
                 self._scan_locked()
             return self._files
 
-    def file(self, name: str) -> LoraFile:
-        """The current file for `name`; rescans once on a miss. Raises UnknownLoraError."""
+    def file(self, name: str) -> LoraFile | None:
+        """The current file for `name`; rescans once on a miss. Raises UnknownLoraError. A hub alias is
+        fetched (None when `fetch_hub` is off and the file is not on this node yet)."""
         if not NAME_PATTERN.match(name):
             raise UnknownLoraError(name)
+        if name in self.hub.aliases:
+            return self._hub_file(name)
         entry = self._fresh().get(name)
         if entry is None:
             with self._lock:
@@ -146,8 +166,17 @@ class LoraLibrary:
             entry = LoraFile(name, entry.path, stat.st_size, stat.st_mtime_ns)
         return entry
 
+    def _hub_file(self, name: str) -> LoraFile | None:
+        """The alias's file on this node (None: not fetched, with `fetch_hub` off); a symlink into the
+        hub cache's blobs, so the stat is the blob's."""
+        path = self.hub.fetch(name) if self.fetch_hub else self.hub.cached(name)
+        if path is None:
+            return None
+        stat = path.stat()
+        return LoraFile(name, path, stat.st_size, stat.st_mtime_ns)
+
     def names(self) -> list[str]:
-        return sorted(self._fresh())
+        return sorted(set(self._fresh()) | set(self.hub.aliases))
 
     def _check_size(self, entry: LoraFile) -> None:
         if entry.size > self.settings.max_file_bytes:
@@ -157,6 +186,9 @@ class LoraLibrary:
     def info(self, name: str) -> LoraInfo:
         """Rank and targets from the file's header (weights are not read), cached per file version."""
         entry = self.file(name)
+        source = "hub" if name in self.hub.aliases else "directory"
+        if entry is None:
+            return LoraInfo(name, 0, source=source, fetched=False)
         cached = self._infos.get(entry.version)
         if cached is not None:
             return cached
@@ -165,9 +197,9 @@ class LoraLibrary:
             tensors, metadata = read_safetensors(entry.path, meta=True)
             adapter = LoraAdapter.from_state_dict(name, to_diffusers_keys(tensors), metadata_scaling(metadata),
                                                   self.settings.max_rank)
-            info = LoraInfo(name, entry.size, adapter.rank, tuple(adapter.targets))
+            info = LoraInfo(name, entry.size, adapter.rank, tuple(adapter.targets), source=source)
         except (LoraFormatError, LoraFitError) as exc:
-            info = LoraInfo(name, entry.size, error=str(exc))
+            info = LoraInfo(name, entry.size, error=str(exc), source=source)
         self._infos[entry.version] = info
         return info
 
@@ -177,6 +209,8 @@ class LoraLibrary:
     def load(self, name: str) -> tuple[LoraAdapter, LoraFile]:
         """The adapter's factors (CPU), converted and capped; not yet checked against a model."""
         entry = self.file(name)
+        if entry is None:
+            raise RuntimeError(f"LoRA {name!r}: a library built with fetch_hub=False does not load hub files")
         self._check_size(entry)
         tensors, metadata = read_safetensors(entry.path)
         state = to_diffusers_keys(tensors)

@@ -1,0 +1,43 @@
+"""Random LoRA adapter files for a benchmark's server: rank-r factors on every attention and
+feed-forward linear of the model's DiT, in diffusers' format, bf16 (a rank-32 adapter of the full-size
+model is about 160 MB, the size of published ones).
+
+The shapes come from the model's transformer built on the meta device for `random` (no weights, no
+GPU), or from the loaded checkpoint otherwise (`tiny`, a local directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _transformer_shapes(model: str, cache_dir: str | None):
+    """A transformer whose linears have the model's shapes (their weights are not needed)."""
+    from deployments.weights.loading import load_transformer
+    from deployments.weights.model_source import resolve_model_source
+
+    if model == "random":
+        from diffusers import ZImageTransformer2DModel
+
+        from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
+
+        with torch.device("meta"):
+            return ZImageTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
+    return load_transformer(resolve_model_source(model, cache_dir), torch.device("cpu"), torch.float32)
+
+
+def write_random_adapters(model: str, directory: Path, count: int, rank: int, cache_dir: str | None = None,
+                          prefix: str = "bench") -> list[str]:
+    """Writes `count` adapters `<prefix>0 ..` into `directory` and returns their names."""
+    from tests.lora_files import diffusers_state, random_factors, write
+
+    transformer = _transformer_shapes(model, cache_dir)
+    names = []
+    for index in range(count):
+        factors = random_factors(transformer, rank=rank, seed=1000 + index, strength=0.05)
+        state = {key: value.to(torch.bfloat16) for key, value in diffusers_state(factors).items()}
+        write(directory, f"{prefix}{index}", state)
+        names.append(f"{prefix}{index}")
+    return names
