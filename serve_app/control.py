@@ -115,8 +115,8 @@ class ControlNetInfo:
         """A 400 naming `control_image` when the loaded ControlNet has no mask channels."""
         channels = await self.control_channels()
         if channels <= LATENT_CHANNELS:
-            raise bad_request(f"This server's ControlNet ({self.setting}, {channels} control channels, as Union "
-                              "1.0) cannot inpaint: it takes no mask, so an edit cannot use a control_image. Send "
+            raise bad_request(f"This server's ControlNet ({channels} control channels, as Union 1.0) cannot "
+                              "inpaint: it takes no mask, so an edit cannot use a control_image. Send "
                               "the edit without control_image, or the control image to /v1/images/generations; "
                               "inpainting with control needs a Union 2.x ControlNet (33 control channels).",
                               param="control_image", code="controlnet_cannot_inpaint")

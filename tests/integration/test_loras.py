@@ -86,6 +86,9 @@ def test_a_stream_and_an_edit_take_adapters(client, lora_dir):
     completed = events[-1]
     assert completed.type == "image_generation.completed" and completed.model_extra["loras"] == loras
     assert np.array_equal(pixels(completed.b64_json), pixels(whole.data[0].b64_json))
+    plain = list(client.images.generate(prompt="a koi pond", size="512x512", stream=True,
+                                        extra_body={"seed": SEED, "num_inference_steps": STEPS}))[-1]
+    assert plain.type == "image_generation.completed" and "loras" not in plain.model_extra
     upload = io.BytesIO()
     Image.fromarray(pixels(whole.data[0].b64_json).astype(np.uint8)).save(upload, format="PNG")
     edits = [client.images.edit(image=("in.png", upload.getvalue(), "image/png"), prompt="a koi pond in snow",

@@ -54,6 +54,22 @@ def set_range(page, selector: str, value: int) -> None:
     page.eval_on_selector(selector, "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", str(value))
 
 
+def fill_generate(page, prompt: str, seed: int, side: int = 512, steps: int = 4) -> None:
+    """The Generate form: a prompt, a custom square size, the steps and a fixed seed."""
+    page.fill("#g-prompt", prompt)
+    page.select_option("#g-aspect", "custom")
+    page.fill("#g-width", str(side))
+    page.fill("#g-height", str(side))
+    set_range(page, "#g-steps", steps)
+    page.fill("#g-seed", str(seed))
+
+
+# Every element wider than the viewport (none fits a phone-width screen).
+OVERFLOWING = """() => Array.from(document.querySelectorAll('body *'))
+    .filter(el => el.getClientRects().length && el.getBoundingClientRect().right > window.innerWidth + 1)
+    .map(el => el.id || el.className || el.tagName)"""
+
+
 def upload_png(tmp_path: Path) -> Path:
     ys, xs = np.mgrid[0:640, 0:512]
     pixels = np.stack([xs * 255 // 511, ys * 255 // 639, np.full_like(xs, 128)], axis=-1).astype(np.uint8)
@@ -121,10 +137,7 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     # a phone-width screen: nothing wider than the viewport
     page.set_viewport_size({"width": 390, "height": 844})
     page.click("#tab-generate")
-    overflow = page.evaluate("""() => Array.from(document.querySelectorAll('body *'))
-        .filter(el => el.getClientRects().length && el.getBoundingClientRect().right > window.innerWidth + 1)
-        .map(el => el.id || el.className || el.tagName)""")
-    assert overflow == []
+    assert page.evaluate(OVERFLOWING) == []
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
     print(f"screenshots in {ARTIFACTS}")
@@ -364,6 +377,7 @@ def test_the_lora_picker_is_hidden_when_the_server_offers_no_adapter(served, bro
 def test_generate_with_adapters_picked_on_the_page_equals_the_api(served, browser, http, page_loras):
     """Up to the server's cap can be chosen; two adapters with their scales go out as `loras`, and the
     page's image is pixel for pixel the API's for the same seed and adapters, unlike the image without."""
+    ARTIFACTS.mkdir(exist_ok=True)
     cap = http.get("/page/settings").json()["max_loras"]
     assert cap == 4  # the API's default, fewer than the five adapters offered
     page = _ready_page(served, browser)
@@ -388,12 +402,7 @@ def test_generate_with_adapters_picked_on_the_page_equals_the_api(served, browse
     assert page.inner_text(f"#g-lora-{page_loras[4]}-scale-value") == "1.5"
     assert page.is_hidden("#t-loras-list") and not page.is_checked(f"#t-lora-{page_loras[2]}")  # its own per tab
 
-    page.fill("#g-prompt", "a lighthouse in two styles")
-    page.select_option("#g-aspect", "custom")
-    page.fill("#g-width", "512")
-    page.fill("#g-height", "512")
-    set_range(page, "#g-steps", 4)
-    page.fill("#g-seed", "21")
+    fill_generate(page, "a lighthouse in two styles", seed=21)
     with page.expect_request("**/v1/images/generations") as sent:
         page.click("#panel-generate button[type=submit]")
     body = sent.value.post_data_json
@@ -403,6 +412,8 @@ def test_generate_with_adapters_picked_on_the_page_equals_the_api(served, browse
     assert page.is_hidden("#error")
     assert f"{page_loras[2]} -0.75, {page_loras[4]} 1.5" in page.inner_text("#cards .meta")
     page.screenshot(path=str(ARTIFACTS / "page-loras.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})  # the open picker fits a phone-width screen
+    assert page.evaluate(OVERFLOWING) == []
 
     request = {k: body[k] for k in ("prompt", "size", "style", "seed", "num_inference_steps", "loras")}
     direct = http.post("/v1/images/generations", json=request)

@@ -72,6 +72,7 @@ class AdapterCache:
         return await asyncio.to_thread(self.resolve, refs) if refs else ()
 
     def _get(self, name: str) -> LaidOutAdapter:
+        start = time.perf_counter()  # a miss's seconds include a hub alias's first fetch
         key = self.library.file(name).version
         with self._lock:
             found = self._entries.get(key)
@@ -82,7 +83,6 @@ class AdapterCache:
                 return found
         self.counts.misses += 1
         self.metrics.misses.inc()
-        start = time.perf_counter()
         adapter, entry = self.library.load(name)
         laid = adapter.laid_out(self.slots.slots, self.slots.device, self.slots.dtype)
         seconds = time.perf_counter() - start
