@@ -6,6 +6,8 @@ the same process. GPU-only parts (FP8 numerics, inductor speed) are in tests/gpu
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -176,8 +178,11 @@ def test_block_traces_as_one_graph(tiny_source, masked):
     torch._dynamo.reset()
 
 
-def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
-    """Batch-1 requests of any size and caption length run on two graphs (modulated, plain)."""
+@contextlib.contextmanager
+def compiled_blocks(source, optimize_reference: bool = False):
+    """(reference, ours, graphs): two loads of `source`, `ours` optimized with its blocks compiled by a
+    backend that keeps each graph it is given in `graphs`; `reference` optimized alike, uncompiled, or
+    left as diffusers built it. Dynamo's caches are reset on the way in and out."""
     torch._dynamo.reset()
     graphs = []
 
@@ -185,16 +190,25 @@ def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
         graphs.append(gm)
         return gm.forward
 
-    reference, ours = load(tiny_source), load(tiny_source)
-    optimize.optimize_transformer(ours, compile=False)
+    reference, ours = load(source), load(source)
+    for model in (reference, ours) if optimize_reference else (ours,):
+        optimize.optimize_transformer(model, compile=False)
     regional_compile.compile_blocks(ours, None, backend=counting_backend)
-    cfg = reference.config
-    for index, shape in enumerate([(64, 64, 17), (64, 64, 70), (48, 80, 40), (32, 32, 200)]):
-        inputs = make_inputs(cfg, [shape], seed=10 + index)
-        (ref,), (out,) = forward(reference, inputs), forward(ours, inputs)
-        assert rel_err(out, ref) <= REL_TOL
-    assert len(graphs) == 2
-    torch._dynamo.reset()
+    try:
+        yield reference, ours, graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_blocks_share_graphs_across_shapes(tiny_source):
+    """Batch-1 requests of any size and caption length run on two graphs (modulated, plain)."""
+    with compiled_blocks(tiny_source) as (reference, ours, graphs):
+        cfg = reference.config
+        for index, shape in enumerate([(64, 64, 17), (64, 64, 70), (48, 80, 40), (32, 32, 200)]):
+            inputs = make_inputs(cfg, [shape], seed=10 + index)
+            (ref,), (out,) = forward(reference, inputs), forward(ours, inputs)
+            assert rel_err(out, ref) <= REL_TOL
+        assert len(graphs) == 2
 
 
 def test_warmup_runs_each_size(tiny_source):

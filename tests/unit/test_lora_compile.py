@@ -7,29 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.denoiser.dit import optimize, regional_compile, warmup
+from deployments.denoiser.dit import warmup
 from deployments.denoiser.lora.adapter import LoraAdapter
 from tests.lora_files import random_factors
-from tests.unit.test_dit_speedups import forward, load, make_inputs, rel_err
+from tests.unit.test_dit_speedups import compiled_blocks, forward, make_inputs, rel_err
 
 CPU, F32 = torch.device("cpu"), torch.float32
 
 
 @pytest.fixture()
 def compiled(tiny_source):
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    eager, ours = load(tiny_source), load(tiny_source)
-    for model in (eager, ours):
-        optimize.optimize_transformer(model, compile=False)  # real RoPE, fused projections, LoRA wrappers
-    regional_compile.compile_blocks(ours, None, backend=counting_backend)
-    yield eager, ours, graphs
-    torch._dynamo.reset()
+    """Both with real RoPE, fused projections and LoRA wrappers; only the second compiled."""
+    with compiled_blocks(tiny_source, optimize_reference=True) as (eager, ours, graphs):
+        yield eager, ours, graphs
 
 
 def test_new_adapters_compile_nothing_after_the_warm_up(compiled):
