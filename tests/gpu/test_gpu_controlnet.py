@@ -18,7 +18,9 @@ import time
 import pytest
 import torch
 
-from tests.gpu.test_gpu_dit import CAPTION_TOKENS, FP8_LIMIT, SEED, SIZE, STEPS, free_gpu, record, rel_err
+from tests.gpu.test_gpu_dit import (
+    CAPTION_TOKENS, FP8_LIMIT, SEED, SIZE, STEPS, check_output, free_gpu, record, rel_err, skip_without_fp8,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -95,10 +97,7 @@ def reference(source, control):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_controlled_optimized_dit_against_eager(source, control, reference, precision):
-    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
-
-    if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-        pytest.skip("FP8 needs compute capability 8.9+")
+    skip_without_fp8(precision)
     free_gpu()
     runner = build(source, precision)
     controlled, controlled_s = run(runner, source, make_job(control))
@@ -110,6 +109,4 @@ def test_controlled_optimized_dit_against_eager(source, control, reference, prec
     print(f"{precision}: controlled vs eager bf16 rel err {err:.3e}; step {controlled_s * 1000:.1f} ms controlled, "
           f"{plain_s * 1000:.1f} ms plain ({controlled_s / plain_s:.2f}x)")
     del runner
-    free_gpu()
-    assert torch.isfinite(controlled).all()
-    assert err <= (BF16_TOL if precision == "bf16" else FP8_LIMIT)
+    check_output(controlled, err, BF16_TOL if precision == "bf16" else FP8_LIMIT)

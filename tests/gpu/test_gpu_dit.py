@@ -61,6 +61,33 @@ def free_gpu() -> None:
     torch.cuda.empty_cache()
 
 
+def skip_without_fp8(precision: str = "fp8") -> None:
+    """An FP8 case needs compute capability 8.9+ (Ada, Hopper); on an older GPU it is skipped."""
+    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
+
+    if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
+        pytest.skip("FP8 needs compute capability 8.9+")
+
+
+def optimized(source, precision: str, cache_dir, **options):
+    """A fresh load of `source` optimized for `precision` with compiled blocks, on a GPU freed first."""
+    from deployments.denoiser.dit.optimize import optimize_transformer
+
+    skip_without_fp8(precision)
+    free_gpu()
+    transformer = load(source)
+    optimize_transformer(transformer, precision, compile=True, cache_dir=cache_dir, **options)
+    return transformer
+
+
+def check_output(out: torch.Tensor, err: float, limit: float) -> None:
+    """Frees the GPU memory the test's model held (the caller has dropped it), then: `out` is finite
+    and its error within `limit`."""
+    free_gpu()
+    assert torch.isfinite(out).all()
+    assert err <= limit
+
+
 @pytest.fixture(scope="module")
 def source():
     from deployments.weights.model_source import resolve_model_source
@@ -85,6 +112,19 @@ def load(source):
 def fingerprint(transformer) -> float:
     """Cheap identity check that two loads of `random` built the same weights."""
     return float(transformer.layers[0].feed_forward.w2.weight.float().sum() + transformer.x_pad_token.float().sum())
+
+
+def warm_and_time(transformer, source, job) -> tuple[torch.Tensor, float, float]:
+    """The size warm-up (it compiles), one run of `job` to settle, one timed: (latents, seconds of the
+    timed run, seconds of the warm-up)."""
+    from deployments.denoiser.dit.warmup import warmup
+
+    start = time.perf_counter()
+    warmup(transformer, [SIZE], caption_len=CAPTION_TOKENS)
+    compile_s = time.perf_counter() - start
+    run_job(transformer, source, job)
+    latents, seconds = run_job(transformer, source, job)
+    return latents, seconds, compile_s
 
 
 def run_job(transformer, source, job) -> tuple[torch.Tensor, float]:
@@ -116,52 +156,36 @@ def reference(source, job):
 
 def test_bf16_compiled_matches_eager(source, job, reference, tmp_path_factory):
     from deployments.denoiser.dit.optimize import optimize_transformer
-    from deployments.denoiser.dit.warmup import warmup
 
     ref, ref_print = reference
     transformer = load(source)
     assert fingerprint(transformer) == ref_print, "the two loads of 'random' differ"
     cache = tmp_path_factory.mktemp("compile-cache")
     optimize_transformer(transformer, "bf16", compile=True, cache_dir=cache)
-    start = time.perf_counter()
-    warmup(transformer, [SIZE], caption_len=CAPTION_TOKENS)
-    compile_s = time.perf_counter() - start
-    run_job(transformer, source, job)
-    latents, seconds = run_job(transformer, source, job)
+    latents, seconds, compile_s = warm_and_time(transformer, source, job)
     err = rel_err(latents, ref)
     record(bf16_compiled_rel_err=err, bf16_compile_s=compile_s, bf16_compiled_8steps_s=seconds)
     print(f"bf16 compiled: rel err {err:.3e}, 8 steps {seconds * 1000:.0f} ms, compile {compile_s:.1f} s")
     del transformer
-    free_gpu()
-    assert torch.isfinite(latents).all()
-    assert err <= BF16_TOL
+    check_output(latents, err, BF16_TOL)
 
 
 def test_fp8_error_is_measured(source, job, reference, tmp_path_factory):
-    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
     from deployments.denoiser.dit.optimize import optimize_transformer
-    from deployments.denoiser.dit.warmup import warmup
 
-    if torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-        pytest.skip("FP8 needs compute capability 8.9+")
+    skip_without_fp8()
     ref, ref_print = reference
     transformer = load(source)
     assert fingerprint(transformer) == ref_print, "the two loads of 'random' differ"
     cache = tmp_path_factory.mktemp("compile-cache-fp8")
     optimize_transformer(transformer, "fp8", compile=True, cache_dir=cache)
     resident_gb = torch.cuda.memory_allocated() / 2**30
-    start = time.perf_counter()
-    warmup(transformer, [SIZE], caption_len=CAPTION_TOKENS)
-    compile_s = time.perf_counter() - start
-    run_job(transformer, source, job)
-    latents, seconds = run_job(transformer, source, job)
+    latents, seconds, compile_s = warm_and_time(transformer, source, job)
     err = rel_err(latents, ref)
     record(fp8_rel_err=err, fp8_compile_s=compile_s, fp8_compiled_8steps_s=seconds, fp8_resident_gb=resident_gb)
     print(f"fp8 compiled: rel err {err:.3e}, 8 steps {seconds * 1000:.0f} ms, compile {compile_s:.1f} s")
     del transformer
-    free_gpu()
-    assert torch.isfinite(latents).all()
-    assert err < FP8_LIMIT
+    check_output(latents, err, FP8_LIMIT)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
@@ -170,16 +194,9 @@ def test_batch_invariance_within_bf16_noise(source, precision, tmp_path_factory)
     same resolution, as the continuous batcher forms them) agree within bf16 noise."""
     from deployments.contracts import DenoiseJob
     from deployments.denoiser.loop import DenoiseLoop
-    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
-    from deployments.denoiser.dit.optimize import optimize_transformer
     from deployments.weights.loading import load_scheduler
 
-    if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-        pytest.skip("FP8 needs compute capability 8.9+")
-    free_gpu()
-    transformer = load(source)
-    optimize_transformer(transformer, precision, compile=True, cache_dir=tmp_path_factory.mktemp(f"bi-{precision}"),
-                         attention="cudnn")
+    transformer = optimized(source, precision, tmp_path_factory.mktemp(f"bi-{precision}"), attention="cudnn")
     loop = DenoiseLoop(transformer, load_scheduler(source), torch.device("cuda"), torch.bfloat16)
 
     def make(tokens: int, seed: int) -> DenoiseJob:
@@ -197,6 +214,4 @@ def test_batch_invariance_within_bf16_noise(source, precision, tmp_path_factory)
     record(**{f"batch_invariance_{precision}_rel_err": err, f"rerun_{precision}_rel_err": repeat_err})
     print(f"{precision}: alone vs ragged batch of 4 rel err {err:.2e} (alone twice: {repeat_err:.2e})")
     del transformer, loop
-    free_gpu()
-    assert torch.isfinite(batched).all()
-    assert err < 2e-2
+    check_output(batched, err, 2e-2)

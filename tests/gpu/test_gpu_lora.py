@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_gpu_dit import BF16_TOL, CAPTION_TOKENS, SEED, SIZE, STEPS, free_gpu, load, record, rel_err
+from tests.gpu.test_gpu_dit import (
+    BF16_TOL, CAPTION_TOKENS, SEED, SIZE, STEPS, check_output, free_gpu, load, optimized, record, rel_err,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,16 +93,9 @@ def laid_out(transformer, factors):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_unmerged_adapters_against_merged_bf16(source, factors, merged, precision, tmp_path_factory):
-    from deployments.denoiser.dit.fp8 import FP8_MIN_CAPABILITY
-    from deployments.denoiser.dit.optimize import optimize_transformer
     from deployments.denoiser.dit.warmup import run_calls, serving_calls
 
-    if precision == "fp8" and torch.cuda.get_device_capability() < FP8_MIN_CAPABILITY:
-        pytest.skip("FP8 needs compute capability 8.9+")
-    free_gpu()
-    transformer = load(source)
-    optimize_transformer(transformer, precision, compile=True, cache_dir=tmp_path_factory.mktemp(f"lora-{precision}"),
-                         fp8_kernels="inductor")
+    transformer = optimized(source, precision, tmp_path_factory.mktemp(f"lora-{precision}"), fp8_kernels="inductor")
     single, batched = serving_calls([SIZE], 4, CAPTION_TOKENS, lora=True)
     run_calls(transformer, single + batched, save=False)
     adapters = list(zip(laid_out(transformer, factors), SCALES))
@@ -114,7 +109,5 @@ def test_unmerged_adapters_against_merged_bf16(source, factors, merged, precisio
     print(f"{precision} unmerged rank-{RANK} x2 vs merged bf16: rel err {err:.3e}; "
           f"in a batch of 4 with other adapters vs alone: {batch_err:.3e}")
     del transformer
-    free_gpu()
-    assert torch.isfinite(ours).all()
-    assert err <= (BF16_TOL if precision == "bf16" else FP8_LORA_LIMIT)
+    check_output(ours, err, BF16_TOL if precision == "bf16" else FP8_LORA_LIMIT)
     assert batch_err <= BATCH_NOISE
