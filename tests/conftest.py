@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from deployments.local_pipeline import LocalPipeline
+from deployments.weights.controlnet_source import resolve_controlnet
 from deployments.weights.model_source import resolve_model_source
+from tests.diffusers_reference import controlnet_reference, quiet
 
 CPU = torch.device("cpu")
 F32 = torch.float32
@@ -42,15 +44,28 @@ def pipeline(tiny_source) -> LocalPipeline:
 def diffusers_t2i(tiny_source):
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(tiny_source.location, torch_dtype=F32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(ZImagePipeline.from_pretrained(tiny_source.location, torch_dtype=F32))
 
 
 @pytest.fixture(scope="session")
 def diffusers_i2i(diffusers_t2i):
     from diffusers import ZImageImg2ImgPipeline
 
-    pipe = ZImageImg2ImgPipeline(**diffusers_t2i.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(ZImageImg2ImgPipeline(**diffusers_t2i.components))
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet(cache_dir):
+    return resolve_controlnet("tiny", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def diffusers_control(diffusers_t2i, tiny_controlnet):
+    return controlnet_reference(diffusers_t2i, tiny_controlnet.location)
+
+
+@pytest.fixture(scope="session")
+def diffusers_control_inpaint(diffusers_control):
+    from diffusers import ZImageControlNetInpaintPipeline
+
+    return quiet(ZImageControlNetInpaintPipeline(**diffusers_control.components))

@@ -21,6 +21,7 @@ from deployments.weights.controlnet_source import (
     resolve_controlnet,
 )
 from deployments.weights.model_source import ModelSourceError
+from tests.diffusers_reference import controlnet_reference
 from tests.unit.test_inpaint import blob_mask, rect_mask
 from tests.unit.test_parity import MAX_PIXEL_DIFF, make_photo, pixels
 
@@ -28,32 +29,8 @@ CPU, F32 = torch.device("cpu"), torch.float32
 
 
 @pytest.fixture(scope="session")
-def tiny_controlnet(cache_dir):
-    return resolve_controlnet("tiny", cache_dir)
-
-
-@pytest.fixture(scope="session")
 def controlled(tiny_source, tiny_controlnet) -> LocalPipeline:
     return LocalPipeline(tiny_source, CPU, F32, controlnet=tiny_controlnet)
-
-
-@pytest.fixture(scope="session")
-def diffusers_control(diffusers_t2i, tiny_controlnet):
-    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
-
-    controlnet = ZImageControlNetModel.from_pretrained(tiny_controlnet.location, torch_dtype=F32)
-    pipe = ZImageControlNetPipeline(**diffusers_t2i.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="session")
-def diffusers_control_inpaint(diffusers_control):
-    from diffusers import ZImageControlNetInpaintPipeline
-
-    pipe = ZImageControlNetInpaintPipeline(**diffusers_control.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def edges(width: int, height: int, seed: int) -> Image.Image:
@@ -117,16 +94,12 @@ def test_a_controlnet_without_mask_channels_controls_as_diffusers_and_refuses_a_
     """Union 1.0's layout (16 control channels): the control latents alone, as diffusers feeds them;
     a mask has no channels to enter, so the Denoiser's runner refuses it (the Ingress refuses such an
     edit earlier, with a 400: tests/integration/test_controlnet.py)."""
-    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
-
     from deployments.contracts import ControlLatents
 
     source = resolve_controlnet(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
     local = LocalPipeline(tiny_source, CPU, F32, controlnet=source)
     assert local.control.in_dim == 16 and not local.control.takes_mask
-    reference = ZImageControlNetPipeline(**diffusers_t2i.components, controlnet=ZImageControlNetModel.from_pretrained(
-        source.location, torch_dtype=F32))
-    reference.set_progress_bar_config(disable=True)
+    reference = controlnet_reference(diffusers_t2i, source.location)
     control = edges(512, 512, 2)
     spec = GenerationSpec("a red boat on a lake", 512, 512, steps=3, seed=2, control_image=control, control_scale=0.8)
     ours = pixels(local.generate([spec])[0])

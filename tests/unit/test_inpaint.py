@@ -21,6 +21,7 @@ from serve_app.errors import ApiError
 from serve_app.masks import decode_mask, plan_mask
 from serve_app.pipeline import ImagePipeline, plan_request
 from serve_app.protocol import ImageEditRequest
+from tests.diffusers_reference import quiet
 from tests.unit.test_parity import MAX_PIXEL_DIFF, make_photo, pixels
 from tests.unit.test_pipeline import decoded, loop, stages  # noqa: F401 (fixtures)
 
@@ -29,9 +30,7 @@ from tests.unit.test_pipeline import decoded, loop, stages  # noqa: F401 (fixtur
 def diffusers_inpaint(diffusers_t2i):
     from diffusers import ZImageInpaintPipeline
 
-    pipe = ZImageInpaintPipeline(**diffusers_t2i.components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return quiet(ZImageInpaintPipeline(**diffusers_t2i.components))
 
 
 def rect_mask(width: int, height: int, box: tuple[int, int, int, int]) -> Image.Image:

@@ -20,6 +20,7 @@ from deployments.denoiser.lora.linear import install_lora
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.local_pipeline import GenerationSpec
 from deployments.weights import loading
+from tests.diffusers_reference import quiet
 from tests.lora_files import diffusers_state, kohya_state, random_factors, write
 from tests.unit.test_parity import MAX_PIXEL_DIFF, pixels
 
@@ -47,8 +48,7 @@ def adapters(lora_dir, pipeline):
 def reference(tiny_source, lora_dir, names, scales, spec: GenerationSpec) -> np.ndarray:
     from diffusers import ZImagePipeline
 
-    pipe = ZImagePipeline.from_pretrained(tiny_source.location, torch_dtype=F32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = quiet(ZImagePipeline.from_pretrained(tiny_source.location, torch_dtype=F32))
     for name in names:
         pipe.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
     pipe.set_adapters(list(names), list(scales))
