@@ -21,7 +21,9 @@ from PIL import Image
 from serve_app.control import base64_cap, canny
 from serve_app.protocol import ImageRequest
 from tests.integration.conftest import APP_NAME, off_loop
-from tests.integration.test_web_page import ARTIFACTS, browser, set_range  # noqa: F401 (browser: a fixture)
+from tests.integration.test_web_page import (  # noqa: F401 (browser: a fixture)
+    ARTIFACTS, browser, fill_generate, set_range,
+)
 from tests.integration.test_inpainting import alpha_mask, as_white_is_edit, bomb, photo, pixels, png
 
 pytestmark = pytest.mark.integration
@@ -90,18 +92,6 @@ def client(controlled):
         yield c
 
 
-@pytest.fixture(scope="module")
-def diffusers_control(diffusers_t2i, cache_dir):
-    from diffusers import ZImageControlNetModel, ZImageControlNetPipeline
-
-    from deployments.weights.controlnet_source import ensure_tiny_controlnet
-
-    controlnet = ZImageControlNetModel.from_pretrained(ensure_tiny_controlnet(cache_dir), torch_dtype=torch.float32)
-    pipe = ZImageControlNetPipeline(**diffusers_t2i.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_the_official_client_generates_with_control_as_diffusers_does(client, diffusers_control):
     result = client.images.generate(prompt="a red boat on a lake", size="512x512", extra_body={
         "seed": SEED, "num_inference_steps": STEPS, "control_image": B64, "control_scale": 0.6})
@@ -115,18 +105,15 @@ def test_the_official_client_generates_with_control_as_diffusers_does(client, di
     assert np.abs(ours - pixels(plain.data[0].b64_json)).max() > 10  # the control changed it
 
 
-def test_the_official_client_inpaints_with_control_as_diffusers_does(client, diffusers_control):
-    from diffusers import ZImageControlNetInpaintPipeline
-
+def test_the_official_client_inpaints_with_control_as_diffusers_does(client, diffusers_control_inpaint):
     image, mask = photo(512, 512, 4), alpha_mask(512, 512, (96, 128, 416, 352))
     result = client.images.edit(image=("in.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
                                 prompt="a red boat", extra_body={"seed": SEED, "num_inference_steps": STEPS,
                                                                  "control_image": B64})
-    reference = ZImageControlNetInpaintPipeline(**diffusers_control.components)
-    reference.set_progress_bar_config(disable=True)
-    expected = reference("a red boat", image=image, mask_image=as_white_is_edit(mask), control_image=CONTROL,
-                         width=512, height=512, num_inference_steps=STEPS, guidance_scale=0.0,  # scale: 0.75
-                         generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    expected = diffusers_control_inpaint(
+        "a red boat", image=image, mask_image=as_white_is_edit(mask), control_image=CONTROL, width=512, height=512,
+        num_inference_steps=STEPS, guidance_scale=0.0,  # scale: 0.75
+        generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
     assert np.abs(pixels(result.data[0].b64_json) - np.asarray(expected).astype(np.int16)).max() <= 1
 
 
@@ -270,12 +257,7 @@ def test_the_page_control_section_previews_canny_and_sends_control(controlled, b
     assert edge.sum() > 1000 and not edge[flat].any()
     assert np.array_equal(preview, np.asarray(canny(scene).convert("L")))  # the server's own edge map
     set_range(page, "#g-control-scale", 0.6)
-    page.fill("#g-prompt", "a harbour at night")
-    page.select_option("#g-aspect", "custom")
-    page.fill("#g-width", "512")
-    page.fill("#g-height", "512")
-    set_range(page, "#g-steps", 4)
-    page.fill("#g-seed", "3")
+    fill_generate(page, "a harbour at night", seed=3)
     page.evaluate(RECORD_GENERATION)
     page.click("#panel-generate button[type=submit]")
     sent = page.wait_for_function("() => window.sent").json_value()

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from serve_app.protocol import ImageRequest
+from tests.diffusers_reference import quiet
 from tests.integration.conftest import APP_NAME, decode_png, off_loop
 
 pytestmark = pytest.mark.integration
@@ -67,8 +68,7 @@ def test_the_official_client_inpaints_as_diffusers_does(client, diffusers_t2i):
 
     result = client.images.edit(image=("in.png", png(IMAGE), "image/png"), mask=("mask.png", png(MASK), "image/png"),
                                 prompt="a red boat on a lake", extra_body={"seed": SEED, "num_inference_steps": STEPS})
-    reference = ZImageInpaintPipeline(**diffusers_t2i.components)
-    reference.set_progress_bar_config(disable=True)
+    reference = quiet(ZImageInpaintPipeline(**diffusers_t2i.components))
     expected = reference("a red boat on a lake", image=IMAGE, mask_image=as_white_is_edit(MASK), width=512, height=512,
                          num_inference_steps=STEPS, guidance_scale=0.0,  # strength: diffusers' default, 1.0
                          generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
