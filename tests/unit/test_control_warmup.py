@@ -96,3 +96,37 @@ def test_controlled_calls_need_a_controlnet(local):
     contexts = warmup_controls(local.control, WarmupCall("b3", 512, 640, (9, 9, 9), control="mask"))
     assert contexts[0].context.shape == (33, 1, 80, 64) and contexts[1:] == [None, None]
     assert [c.key for c in controlled([call], takes_mask=False)] == ["512x512/b1/control/control"]
+
+
+def test_the_denoiser_runs_the_control_warmup_in_its_phases(monkeypatch, cache_dir, tiny_source):
+    """The Denoiser's own start (on the CPU, where compile and so the warm-up are off, with the
+    warm-up's calls given as on a GPU): the controlled calls run before ready and with the batches
+    after it, reported in its stats as the plain ones; a controlled job then gives the latents of a
+    pipeline that never warmed."""
+    from deployments.contracts import ControlLatents, DenoiseJob
+    from deployments.denoiser.deployment import Denoiser
+
+    def calls(self):
+        return serving_calls(self.settings.warmup_pixels(), 2, 40)
+
+    monkeypatch.setattr(Denoiser.func_or_class, "_serving_calls", calls)
+    settings = {"model": "tiny", "device": "cpu", "cache_dir": str(cache_dir), "controlnet": "tiny",
+                "warmup_sizes": ["256x256"]}
+    denoiser = Denoiser.func_or_class(settings)
+    assert denoiser.after_ready.wait(120)
+    stats = denoiser.stats()
+    assert {"256x256/b1", "256x256/b1/control", "256x256/b1/control-mask"} <= set(stats["warmup_seconds"])
+    assert not any("/cap" in key and "/control" in key for key in stats["warmup_seconds"])  # those: after ready
+    after = stats["batched_warmup"]["timings"]
+    assert {"256x256/b2", "256x256/b2/control", "256x256/b2/ragged/control"} <= set(after)
+    assert stats["start_phases"]["warmup_s"] > 0 and stats["start_phases"]["warmup_after_ready_s"] > 0
+    assert stats["shape_warmup"]["calls"] == 0  # shapes: GPU only, the caption buckets' controlled calls too
+
+    fresh_pipeline = LocalPipeline(tiny_source, torch.device("cpu"), torch.float32,
+                                   controlnet=resolve_controlnet("tiny", cache_dir))  # never warmed
+    latents = ControlLatents(control=torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(4)))
+    job = DenoiseJob(caption=torch.randn(12, 64, generator=torch.Generator().manual_seed(3)), width=256,
+                     height=256, steps=2, seed=3, control=fresh_pipeline.control.context(latents, 0.75))
+    (warmed,) = denoiser.loop.run([job])
+    (fresh,) = fresh_pipeline.loop.run([job])
+    assert torch.equal(warmed.latents, fresh.latents)
