@@ -16,7 +16,8 @@ job in a step batch (`denoiser.control`, the batching rule):
   layout (keep-mask and masked-image latents);
 - after ready, with the batches over one image (which gate batching): the same batches with one
   controlled image, equal and ragged captions;
-- after ready, with the shapes' warm-up (GPU): batch 1 at every other caption bucket.
+- after ready, with the shapes' warm-up (GPU): batch 1 at every other caption bucket, then one
+  forward at each preset size not warmed (`dit.size_warmup` runs its plain first forwards there).
 
 They run only where the plain warm-up runs (compile on, `warmup_sizes` not empty): no setting of
 their own. Their outputs are dropped; nothing they run is kept but caches of the same kind the plain
@@ -25,7 +26,7 @@ warm-up fills, so no output depends on them (tests/unit/test_control_warmup.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -39,7 +40,7 @@ from deployments.denoiser.control import (
     control_context,
 )
 from deployments.denoiser.dit.warmup import WarmupCall, run_call
-from deployments.geometry import latent_shape
+from deployments.geometry import image_tokens, latent_shape
 
 FORMS = ("control", "mask")  # a plain control input; the inpainting layout (Union 2.x)
 
@@ -52,15 +53,23 @@ def controlled(calls: Sequence[WarmupCall], takes_mask: bool = False) -> list[Wa
             for call in calls if not call.lora_rank for form in forms]
 
 
-def serving_control_calls(single: Sequence[WarmupCall], batched: Sequence[WarmupCall], takes_mask: bool
+def serving_control_calls(single: Sequence[WarmupCall], batched: Sequence[WarmupCall], takes_mask: bool,
+                          presets: Iterable[tuple[int, int]] = ()
                           ) -> tuple[list[WarmupCall], list[WarmupCall], list[WarmupCall]]:
     """The controlled calls for a serving warm-up cut as (`single`, `batched`): (before ready, with the
     batches after ready, with the shapes after ready); see the module docstring. Batches over one
-    image that the plain warm-up runs before ready (`warm_batches_in_background` off) stay there."""
-    plain = [call for call in single if call.batch == 1 and "/cap" not in call.key]
+    image that the plain warm-up runs before ready (`warm_batches_in_background` off) stay there.
+    The shapes' part ends with one call per size of `presets` not warmed, at the warm-up's caption
+    length, fewest tokens first."""
+    plain = [call for call in single if call.batch == 1 and "/cap" not in call.key and not call.lora_rank]
     buckets = [call for call in single if call.batch == 1 and "/cap" in call.key]
     early = [call for call in single if call.batch > 1]
-    return controlled(plain, takes_mask) + controlled(early), controlled(batched), controlled(buckets)
+    warm = {(call.width, call.height) for call in plain}
+    caption = plain[0].caption_lens if plain else ()
+    others = [WarmupCall(f"{w}x{h}/b1", w, h, caption)
+              for w, h in sorted(set(presets) - warm, key=lambda s: (image_tokens(*s), s)) if caption]
+    return (controlled(plain, takes_mask) + controlled(early), controlled(batched),
+            controlled(buckets) + controlled(others))
 
 
 def control_steps(transformer, runner: ControlNetRunner, calls: Sequence[WarmupCall]) -> list[tuple[str, partial]]:

@@ -144,10 +144,11 @@ class Denoiser(ModelStage):
     def _control_calls(self):
         """The ControlNet's warm-up calls: (before ready, with the batches, with the shapes)."""
         from deployments.denoiser.control_warmup import serving_control_calls
+        from deployments.geometry import SIZE_PRESETS
 
         if self.control is None:
             return [], [], []
-        return serving_control_calls(*self._serving_calls(), self.control.takes_mask)
+        return serving_control_calls(*self._serving_calls(), self.control.takes_mask, SIZE_PRESETS)
 
     def warm_up_after_ready(self) -> list[WarmupStep]:
         """The graphs of batches over one image; until they are warm each image of a batch runs as its

@@ -27,7 +27,8 @@ def test_controlled_calls_follow_the_plain_phases(in_background, takes_mask):
     single, batched = serving_calls(SIZES, 4, 100, lora=True)
     if not in_background:
         single, batched = single + batched, []
-    before, with_batches, with_shapes = serving_control_calls(single, batched, takes_mask)
+    presets = [(640, 512), (1024, 1024), (768, 1344)]  # one of them warmed before ready
+    before, with_batches, with_shapes = serving_control_calls(single, batched, takes_mask, presets)
     forms = ["control", "control-mask"] if takes_mask else ["control"]
     plain_b1 = [f"{w}x{h}/b1" for w, h in SIZES]
     over_one = [c.key for c in (*single, *batched) if c.batch > 1 and not c.lora_rank]
@@ -36,7 +37,9 @@ def test_controlled_calls_follow_the_plain_phases(in_background, takes_mask):
     early = [] if in_background else over_one
     assert [c.key for c in before] == [f"{k}/{f}" for k in plain_b1 for f in forms] + [f"{k}/control" for k in early]
     assert [c.key for c in with_batches] == ([f"{k}/control" for k in over_one] if in_background else [])
-    assert [c.key for c in with_shapes] == [f"{k}/control" for k in buckets]
+    assert [c.key for c in with_shapes] == [f"{k}/control" for k in buckets] + [
+        "768x1344/b1/control", "1024x1024/b1/control"]  # presets not warmed, fewest tokens first
+    assert {c.caption_lens for c in with_shapes[-2:]} == {(160,)}  # the warm-up's caption length
     for call in (*before, *with_batches, *with_shapes):
         assert call.control in ("control", "mask") and not call.lora_rank
         assert call.control == "mask" or call.key.endswith("/control")
