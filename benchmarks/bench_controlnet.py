@@ -5,7 +5,11 @@ The full-size random DiT and a random Union 2.1-shaped ControlNet (`controlnet: 
 bf16 model, then the DiT optimized as the Denoiser ships it (real RoPE, fused projections, FP8 with
 `fp8_kernels auto`, regional compile; the ControlNet's blocks in bf16 on the real-valued processor)
 and a plain step and a controlled step timed through the Denoiser's own loop (median of `--repeats`).
-Prints the FLOP ratio beside the time ratio, and the first controlled step against a warm one.
+Prints the FLOP ratio beside the time ratio, and the first controlled request (one step) against a
+warm one after the Denoiser's start-up warm-up at `--size` (`--warmup control`: with its controlled
+calls, `deployments.denoiser.control_warmup`; `plain`: without them, as before they existed). The FLOP
+count runs the ControlNet once before the warm-up: `--no-flops` leaves it out, so the first request is
+the first the process makes with control outside the warm-up (tests/gpu/test_gpu_controlnet.py).
 
     python benchmarks/bench_controlnet.py --json benchmarks/results/controlnet.json          # one H200
     python benchmarks/bench_controlnet.py --device cpu --model tiny --controlnet tiny --size 256 --no-optimize
@@ -30,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--caption-tokens", type=int, default=160)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-optimize", action="store_true", help="time the eager model (CPU smoke run)")
+    p.add_argument("--warmup", choices=("control", "plain"), default="control",
+                   help="the start-up warm-up with or without its controlled calls")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP count (an eager controlled forward)")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -39,6 +46,8 @@ def main(argv=None) -> dict:
 
     from deployments.contracts import DenoiseJob
     from deployments.denoiser.control import ControlContext, ControlNetRunner, control_context
+    from deployments.denoiser.control_warmup import serving_control_calls
+    from deployments.denoiser.dit.warmup import run_calls, serving_calls
     from deployments.denoiser.dit.optimize import optimize_transformer
     from deployments.denoiser.loop import DenoiseLoop
     from deployments.settings import ModelSettings
@@ -74,7 +83,7 @@ def main(argv=None) -> dict:
                 transformer(x, t, caps, return_dict=False)
 
     flops = {}
-    for controlled in (False, True):
+    for controlled in () if args.no_flops else (False, True):
         with FlopCounterMode(display=False) as counter:
             forward(controlled)
         flops["controlled" if controlled else "plain"] = counter.get_total_flops()
@@ -93,14 +102,20 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    loop.run([job(False)])  # compile and warm the plain path first, as the Denoiser's warm-up does
+    # the Denoiser's start-up warm-up at this size and caption length (batch 1, its caption buckets)
+    single, _ = serving_calls([(args.size, args.size)], 1, args.caption_tokens)
+    if args.warmup == "control":
+        single += serving_control_calls(single, [], runner.takes_mask)[0]
+    warmup_s = run_calls(transformer, single, save=False, control=runner)
     first_controlled = step_s(True)
     times = {name: statistics.median(step_s(name == "controlled") for _ in range(args.repeats))
              for name in ("plain", "controlled")}
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "size": args.size,
         "caption_tokens": args.caption_tokens, "optimized": not args.no_optimize,
-        "gflops": {k: v / 1e9 for k, v in flops.items()}, "flop_ratio": flops["controlled"] / flops["plain"],
+        "gflops": {k: v / 1e9 for k, v in flops.items()},
+        "flop_ratio": flops["controlled"] / flops["plain"] if flops else None,
+        "warmup": args.warmup, "warmup_calls": {k: round(v * 1000, 1) for k, v in warmup_s.items()},
         "step_ms": {k: v * 1000 for k, v in times.items()}, "time_ratio": times["controlled"] / times["plain"],
         "first_controlled_ms": first_controlled * 1000,
         "first_over_warm": first_controlled / times["controlled"],

@@ -137,21 +137,34 @@ class Denoiser(ModelStage):
         from deployments.denoiser.dit.warmup import run_calls
 
         single, _ = self._serving_calls()
-        if single:
-            self.warmup_seconds = run_calls(self.transformer, single)
+        if single:  # then, with a ControlNet, its controlled calls (`denoiser.control_warmup`)
+            single += self._control_calls()[0]
+            self.warmup_seconds = run_calls(self.transformer, single, control=self.control)
+
+    def _control_calls(self):
+        """The ControlNet's warm-up calls: (before ready, with the batches, with the shapes)."""
+        from deployments.denoiser.control_warmup import serving_control_calls
+        from deployments.geometry import SIZE_PRESETS
+
+        if self.control is None:
+            return [], [], []
+        return serving_control_calls(*self._serving_calls(), self.control.takes_mask, SIZE_PRESETS)
 
     def warm_up_after_ready(self) -> list[WarmupStep]:
         """The graphs of batches over one image; until they are warm each image of a batch runs as its
         own forward (`DenoiseLoop.batched_ready`), so nothing compiles on the request path."""
+        from deployments.denoiser.control_warmup import control_steps
         from deployments.denoiser.dit.warmup import persist_artifacts, run_call
 
         self.shape_warmup.plan(self._shape_steps())
         _, batched = self._serving_calls()
         steps: list[WarmupStep] = [(call.key, partial(run_call, self.transformer, call)) for call in batched]
+        steps += control_steps(self.transformer, self.control, self._control_calls()[1])
         return steps + [("save_artifacts", partial(persist_artifacts, self.transformer))] if steps else []
 
     def _shape_steps(self) -> list[WarmupStep]:
         """`dit.size_warmup`, on a GPU (where plans and graphs are made per shape; none on the CPU)."""
+        from deployments.denoiser.control_warmup import control_steps
         from deployments.denoiser.dit.size_warmup import after_ready_steps
         from deployments.geometry import SIZE_PRESETS
 
@@ -160,7 +173,8 @@ class Denoiser(ModelStage):
         warm_sizes = self.settings.warmup_pixels()
         covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
         return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
-                                 self.settings.max_prompt_tokens)
+                                 self.settings.max_prompt_tokens) + control_steps(
+            self.transformer, self.control, self._control_calls()[2])
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)

@@ -11,6 +11,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,6 +31,9 @@ class WarmupCall:
     lora_rank: int = 0
     """With a rank, the first image carries a zero LoRA adapter of that rank (`lora.linear`): the
     graphs of forwards with adapters, which any adapter then reuses."""
+    control: str = ""
+    """"control" or "mask": the first image carries a random control input, plain or in the inpainting
+    layout (`denoiser.control_warmup`), so the ControlNet's first calls at this shape happen here."""
 
     @property
     def batch(self) -> int:
@@ -78,11 +82,21 @@ def call_inputs(transformer: nn.Module, call: WarmupCall, generator: torch.Gener
 
 
 @torch.inference_mode()
-def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None) -> float:
+def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generator | None = None,
+             control=None) -> float:
     """One warm-up forward on random inputs; returns its seconds (device-synchronized). Runs under
-    `inference_mode`, as the denoise loop does (a different grad mode would be a different graph)."""
+    `inference_mode`, as the denoise loop does (a different grad mode would be a different graph).
+    A controlled `call` runs through `control` (the `ControlNetRunner`); its outputs are dropped."""
     device, dtype = model_device_dtype(transformer)
     latents, t, captions = call_inputs(transformer, call, generator)
+    forward = partial(transformer, return_dict=False)
+    if call.control:
+        from deployments.denoiser.control_warmup import warmup_controls
+
+        if control is None:
+            raise ValueError(f"warm-up call {call.key} is controlled, and no ControlNet is loaded")
+        controls = warmup_controls(control, call, generator)
+        forward = partial(control.forward, controls=controls)
     adapters = contextlib.nullcontext()
     if call.lora_rank:
         from deployments.denoiser.lora.adapter import LaidOutAdapter
@@ -96,7 +110,7 @@ def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generato
     _sync(device)
     start = time.perf_counter()
     with adapters:
-        transformer(latents, t, captions, return_dict=False)
+        forward(latents, t, captions)
     _sync(device)
     return time.perf_counter() - start
 
@@ -109,10 +123,12 @@ def persist_artifacts(transformer: nn.Module) -> None:
         save_compile_artifacts(cache_dir, artifacts_name)
 
 
-def run_calls(transformer: nn.Module, calls: Iterable[WarmupCall], save: bool = True) -> dict[str, float]:
-    """Runs `calls` in order; seconds per call by key. `save`: then writes the mega-cache file."""
+def run_calls(transformer: nn.Module, calls: Iterable[WarmupCall], save: bool = True,
+              control=None) -> dict[str, float]:
+    """Runs `calls` in order; seconds per call by key. `save`: then writes the mega-cache file.
+    `control`: the `ControlNetRunner` that controlled calls run through."""
     generator = torch.Generator("cpu").manual_seed(0)
-    timings = {call.key: run_call(transformer, call, generator) for call in calls}
+    timings = {call.key: run_call(transformer, call, generator, control) for call in calls}
     if save:
         persist_artifacts(transformer)
     return timings
