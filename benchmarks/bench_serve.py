@@ -72,6 +72,11 @@ def app_config(args) -> dict:
     for item in args.set or []:
         key, _, value = item.partition("=")
         app["args"][key] = yaml.safe_load(value)
+    if args.device == "cpu":  # the shipped config asks for GPU shares, which a CPU-only machine cannot place
+        for deployment in app["deployments"]:
+            deployment.get("ray_actor_options", {}).pop("num_gpus", None)
+            policy = deployment.get("autoscaling_config", {}).get("policy", {})
+            policy.get("policy_kwargs", {}).get("replica_resources", {}).pop("GPU", None)
     if args.one_gpu:  # the autoscaler must not ask for replicas that a single GPU cannot place
         for deployment in app["deployments"]:
             if deployment["name"] in STAGES and "autoscaling_config" in deployment:

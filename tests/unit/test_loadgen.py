@@ -532,3 +532,20 @@ def test_bench_serve_writes_random_adapters_and_runs_a_load_with_them(tmp_path, 
     assert {b["loras"][0]["name"] for b in sent[:6]} <= set(names) and all(b["loras"][0]["scale"] == 0.5 for b in sent)
     assert set(first) == set(names) and all(v["unseen_s"] > 0 and v["cached_s"] > 0 for v in first.values())
     assert [b["loras"][0]["name"] for b in sent[6:]] == ["bench0", "bench0", "bench1", "bench1"]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_bench_serve_asks_for_gpu_shares_only_on_a_gpu(device):
+    """The shipped config's GPU shares cannot be placed on a CPU-only machine: the CPU smoke run drops them."""
+    import argparse
+
+    from benchmarks import bench_serve
+
+    args = argparse.Namespace(config="serve_config.yaml", model="tiny", device=device, set=None, one_gpu=False, port=1)
+    deployments = bench_serve.app_config(args)["applications"][0]["deployments"]
+    gpu_asks = [d["name"] for d in deployments if "num_gpus" in d.get("ray_actor_options", {})]
+    policy = next(d for d in deployments if d["name"] == "Denoiser")["autoscaling_config"]["policy"]["policy_kwargs"]
+    if device == "cpu":
+        assert gpu_asks == [] and "GPU" not in policy["replica_resources"]
+    else:
+        assert set(gpu_asks) == {"TextEncoder", "Denoiser", "VaeDecoder"} and policy["replica_resources"]["GPU"] > 0
