@@ -72,16 +72,23 @@ def app_config(args) -> dict:
     for item in args.set or []:
         key, _, value = item.partition("=")
         app["args"][key] = yaml.safe_load(value)
-    if args.device == "cpu":  # the shipped config asks for GPU shares, which a CPU-only machine cannot place
-        for deployment in app["deployments"]:
-            deployment.get("ray_actor_options", {}).pop("num_gpus", None)
-            policy = deployment.get("autoscaling_config", {}).get("policy", {})
-            policy.get("policy_kwargs", {}).get("replica_resources", {}).pop("GPU", None)
     if args.one_gpu:  # the autoscaler must not ask for replicas that a single GPU cannot place
         for deployment in app["deployments"]:
             if deployment["name"] in STAGES and "autoscaling_config" in deployment:
                 deployment["autoscaling_config"] = {**deployment["autoscaling_config"], "max_replicas": 1}
     return {"http_options": {"host": "127.0.0.1", "port": args.port}, "applications": [app]}
+
+
+def without_gpu_shares(config: dict) -> dict:
+    """The config with no GPU asked for: the shipped file's GPU shares (the replicas' `num_gpus` and the
+    policy's `replica_resources`) cannot be placed on a CPU-only machine. bench_scale and bench_cold_path
+    keep them, as they place replicas on Ray's simulated GPUs."""
+    config = copy.deepcopy(config)
+    for deployment in config["applications"][0]["deployments"]:
+        deployment.get("ray_actor_options", {}).pop("num_gpus", None)
+        policy = deployment.get("autoscaling_config", {}).get("policy", {})
+        policy.get("policy_kwargs", {}).get("replica_resources", {}).pop("GPU", None)
+    return config
 
 
 def deploy(config: dict, denoiser_user_config: dict | None = None, timeout_s: float = 900) -> float:
@@ -178,13 +185,21 @@ def batch_summary() -> dict:
     return summary
 
 
+def ray_cpus(args) -> int | None:
+    """Ray's logical CPUs: `--cpus`, else detected; on a CPU run at least 8, since the shipped config
+    reserves 5.1 logical CPUs across its stages and a small machine would leave replicas unplaced."""
+    if args.cpus is None and args.device == "cpu":
+        return max(8, os.cpu_count() or 1)
+    return args.cpus
+
+
 @contextlib.contextmanager
 def local_serve(args, num_gpus: int | None = None) -> Iterator[str]:
     """A fresh Ray instance (`num_gpus`: detected when None) with Serve on 127.0.0.1; yields its URL."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=args.cpus, num_gpus=num_gpus, include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(num_cpus=ray_cpus(args), num_gpus=num_gpus, include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     try:
         yield f"http://127.0.0.1:{args.port}"
@@ -198,10 +213,10 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
     from ray import serve
 
     os.environ["ZIMAGE_METRICS"] = "1" if args.metrics == "on" else "0"  # local replicas inherit it
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=args.verbose)
+    ray.init(num_cpus=ray_cpus(args), include_dashboard=False, log_to_driver=args.verbose)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
     url = f"http://127.0.0.1:{args.port}"
-    config = app_config(args)
+    config = app_config(args) if args.device != "cpu" else without_gpu_shares(app_config(args))
     loras = lora_names(args, config["applications"][0])
     try:
         startup_s = deploy(config)
