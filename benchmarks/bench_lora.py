@@ -74,15 +74,14 @@ def main() -> None:
     from deployments.geometry import latent_shape
     from deployments.weights.loading import load_transformer
     from deployments.weights.model_source import resolve_model_source
-    from tests.lora_files import diffusers_state, random_factors, write
+    from benchmarks.lora_files import write_random_adapters
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = load_transformer(resolve_model_source(args.model), device, dtype)
     directory = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    for index in range(5):  # 4 for the batch, 1 never loaded before the unseen-adapter timing
-        write(directory, f"adapter{index}", diffusers_state(random_factors(transformer, args.rank, seed=index,
-                                                                           strength=0.05)))
+    # 4 for the batch, 1 never loaded before the unseen-adapter timing
+    write_random_adapters(transformer, directory, count=5, rank=args.rank, prefix="adapter")
     precision = args.precision if device.type == "cuda" else "bf16"
     optimize_transformer(transformer, precision, compile=not args.no_compile, fp8_kernels="inductor")
     slots = transformer._lora_slots

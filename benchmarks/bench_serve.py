@@ -164,12 +164,12 @@ def lora_names(args, app: dict) -> list[str]:
         return parse_loras(args.loras)
     import tempfile
 
-    from benchmarks.lora_files import write_random_adapters
+    from benchmarks.lora_files import transformer_shapes, write_random_adapters
 
     directory = Path(tempfile.mkdtemp(prefix="bench-serve-loras-"))
     app["args"]["lora_dir"] = str(directory)
-    return write_random_adapters(args.model, directory, args.lora_random, args.lora_rank,
-                                 cache_dir=app["args"].get("cache_dir"))
+    transformer = transformer_shapes(args.model, app["args"].get("cache_dir"))
+    return write_random_adapters(transformer, directory, args.lora_random, args.lora_rank)
 
 
 def batch_summary() -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 
-def _transformer_shapes(model: str, cache_dir: str | None):
+def transformer_shapes(model: str, cache_dir: str | None = None):
     """A transformer whose linears have the model's shapes (their weights are not needed)."""
     from deployments.weights.loading import load_transformer
     from deployments.weights.model_source import resolve_model_source
@@ -28,12 +28,10 @@ def _transformer_shapes(model: str, cache_dir: str | None):
     return load_transformer(resolve_model_source(model, cache_dir), torch.device("cpu"), torch.float32)
 
 
-def write_random_adapters(model: str, directory: Path, count: int, rank: int, cache_dir: str | None = None,
-                          prefix: str = "bench") -> list[str]:
-    """Writes `count` adapters `<prefix>0 ..` into `directory` and returns their names."""
+def write_random_adapters(transformer, directory: Path, count: int, rank: int, prefix: str = "bench") -> list[str]:
+    """Writes `count` adapters `<prefix>0 ..` for `transformer`'s linears into `directory`; their names."""
     from tests.lora_files import diffusers_state, random_factors, write
 
-    transformer = _transformer_shapes(model, cache_dir)
     names = []
     for index in range(count):
         factors = random_factors(transformer, rank=rank, seed=1000 + index, strength=0.05)
