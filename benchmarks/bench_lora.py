@@ -1,25 +1,27 @@
-"""LoRA adapters on the DiT: the step with and without adapters, and the cost of an unseen adapter.
+"""LoRA adapters on the DiT's default path: the step with and without adapters, what each update costs
+per linear, and the cost of an unseen adapter.
 
-On one GPU with the `random` model (FP8 through torchao and inductor, the path that applies adapters;
-`--precision bf16` for bf16), one run, figures side by side:
+Every speed setting `auto`, resolved as a Denoiser resolves it (`ModelSettings.resolve_speed`,
+`dit.optimize.optimize_as_resolved`; on an H100/H200: FP8 with the fused kernels, compile, CUDA
+graphs), one run, figures side by side:
 
-- one DiT forward at 1024x1024 (batch 1): no adapter, one rank-32 adapter on every attention and
-  feed-forward linear (target: at most 1.08x the base);
-- a batch of 8: no adapters, and 8 images over 4 rank-32 adapters, two images each (target: at most
-  1.12x the base batch);
-- an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against a
-  cached one (target: at most 1.5 s more).
+- one DiT forward at 1024x1024 (batch 1, a 160-token caption), CUDA graphs on both sides: no
+  adapter, one rank-32 adapter on all seven target linears (target: at most 1.08x the plain step);
+- a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
+  images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
+- per linear kind (FP8 only, `--kernels`): the base FP8 GEMM alone, with the update
+  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the two
+  down-projections the fused path could read (FP8 rows, or a bf16 copy of them that the row kernels
+  would have to write), and a read and write of the output (the in-place update's floor);
+- an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
+  a cached one (target: at most 1.5 s more).
 
-    python -m benchmarks.bench_lora --out benchmarks/results/lora.json           # H200, random model
-    python -m benchmarks.bench_lora --model tiny --device cpu --size 256 --no-compile --repeats 2  # smoke
+    python -m benchmarks.bench_lora --out benchmarks/results/lora.json            # one GPU, model random
+    python -m benchmarks.bench_lora --model tiny --device cpu --size 256 --repeats 2 --no-kernels  # smoke
 
-Writes JSON with device, date and commit. The 20-client load at 1024x1024 with each request picking
-one of 8 rank-32 adapters, against the same load without adapters in the same run (target: at least
-0.85x its throughput), and the served first request for an unseen adapter, run in bench_serve (its
-docstring says more):
-
-    python benchmarks/bench_serve.py --one-gpu --set fp8_kernels=inductor --loads 1024 --lora-random 8 \
-        --lora-rank 32 --skip-baseline --json benchmarks/results/serve_lora.json
+Prints a table (each target met or not) and writes JSON with device, date and commit. The served
+figures (20 clients with and without adapters, the first request for an unseen adapter) are
+bench_serve's (`--lora-random 8`, its docstring).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.run_info import commit
+
+TARGETS = {"b1_ratio": 1.08, "b8_ratio": 1.12, "unseen_minus_cached_s": 1.5}
 
 
 def timed(fn, device: torch.device, repeats: int, warmups: int = 2) -> float:
@@ -53,38 +57,110 @@ def timed(fn, device: torch.device, repeats: int, warmups: int = 2) -> float:
     return statistics.median(samples)
 
 
+def gpu_us(fn, repeats: int = 50) -> float:
+    """Median microseconds of `fn()` by CUDA events, after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
+    """Per linear kind at `rows` tokens, one block's linear: see the module docstring."""
+    from deployments.denoiser.lora.layout import padded_rank, quantize_rows
+    from deployments.denoiser.lora.ops import add_lora
+
+    out = {}
+    g = torch.Generator("cuda").manual_seed(0)
+    for kind in slots.kinds.values():
+        module = slots.modules[kind.paths[0]]
+        d_in, parts, r = kind.in_features, kind.parts, padded_rank(rank)
+        x = torch.randn(rows, d_in, device="cuda", generator=g, dtype=torch.bfloat16)
+        xs = x.float().abs().amax(-1, keepdim=True) / 448
+        xq = (x.float() / xs).to(torch.float8_e4m3fn)
+        a, a_scale = quantize_rows(torch.randn(1, parts, r, d_in, device="cuda", generator=g) / d_in**0.5)
+        b = torch.randn(1, parts, kind.part_out, r, device="cuda", generator=g, dtype=torch.bfloat16) * 0.01
+        groups = torch.zeros(1, dtype=torch.int64, device="cuda")
+        a_dense = (a.float() * a_scale.unsqueeze(-1)).to(torch.bfloat16).reshape(-1, d_in)
+        y, x_side = module(xq, xs), torch.empty_like(x)
+        figures = {
+            "base_us": gpu_us(lambda: module(xq, xs)),
+            "base_plus_update_us": gpu_us(lambda: add_lora(module(xq, xs), xq, xs, a, a_scale, b, groups)),
+            "down_fp8_rows_us": gpu_us(lambda: torch._scaled_mm(xq, a.reshape(-1, d_in).t(), scale_a=xs,
+                                                                scale_b=a_scale.reshape(1, -1),
+                                                                out_dtype=torch.bfloat16, use_fast_accum=True)),
+            # a bf16 side output: the row kernel also writes its rows in bf16 (one write), the GEMM reads them
+            "down_bf16_side_output_us": gpu_us(lambda: (x_side.zero_(), torch.mm(x, a_dense.t()))),
+            "output_read_write_us": gpu_us(lambda: torch.empty_like(y).copy_(y)),
+        }
+        figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
+        figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
+        out[kind.key] = {k: round(v, 2) for k, v in figures.items()}
+    return out
+
+
+def table(figures: dict, kernels: dict) -> str:
+    lines = [f"{'figure':<34}{'value':>12}{'target':>10}  met"]
+
+    def row(name, value, target=None, lower_is_better=True):
+        met = "" if target is None else ("yes" if (value <= target if lower_is_better else value >= target) else "NO")
+        lines.append(f"{name:<34}{value:>12.3f}{'' if target is None else f'{target:>10}':>10}  {met}")
+
+    for name in ("b1_plain_ms", "b1_one_adapter_ms"):
+        row(name, figures[name])
+    row("b1_ratio", figures["b1_ratio"], TARGETS["b1_ratio"])
+    for name in ("b8_plain_ms", "b8_four_adapters_ms"):
+        row(name, figures[name])
+    row("b8_ratio", figures["b8_ratio"], TARGETS["b8_ratio"])
+    row("unseen_minus_cached_s", figures["unseen_minus_cached_s"], TARGETS["unseen_minus_cached_s"])
+    for kind, values in kernels.items():
+        lines.append(f"  {kind}: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--precision", choices=["bf16", "fp8"], default="fp8")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--caption-tokens", type=int, default=160)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--no-kernels", action="store_true", help="skip the per-linear figures")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    from benchmarks.lora_files import write_random_adapters
     from deployments.contracts import LoraRef
-    from deployments.denoiser.dit.optimize import optimize_transformer
-    from deployments.denoiser.dit.warmup import WarmupCall, run_call
+    from deployments.denoiser.dit.optimize import graphed_transformer_fn, optimize_as_resolved
+    from deployments.denoiser.dit.warmup import run_calls, serving_calls
+    from deployments.denoiser.loop import diffusers_transformer_fn
     from deployments.denoiser.lora.cache import AdapterCache
     from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+    from deployments.denoiser.lora.slots import install_lora
     from deployments.geometry import latent_shape
+    from deployments.settings import ModelSettings
     from deployments.weights.loading import load_transformer
-    from deployments.weights.model_source import resolve_model_source
-    from benchmarks.lora_files import write_random_adapters
 
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = load_transformer(resolve_model_source(args.model), device, dtype)
+    settings = ModelSettings(model=args.model, device=args.device)
+    device, dtype = settings.torch_device(), settings.dtype()
+    speed = settings.resolve_speed(device)
+    transformer = load_transformer(settings.source(), device, dtype)
     directory = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     # 4 for the batch, 1 never loaded before the unseen-adapter timing
     write_random_adapters(transformer, directory, count=5, rank=args.rank, prefix="adapter")
-    precision = args.precision if device.type == "cuda" else "bf16"
-    optimize_transformer(transformer, precision, compile=not args.no_compile, fp8_kernels="inductor")
-    slots = transformer._lora_slots
+    transformer = optimize_as_resolved(transformer, speed, tempfile.mkdtemp(prefix="bench-lora-compile-"),
+                                       settings.attention)
+    slots = install_lora(transformer)
+    graphs = graphed_transformer_fn(transformer, speed, device)
     cache = AdapterCache(LoraLibrary(LoraSettings(lora_dir=str(directory))), slots, capacity_bytes=1 << 40)
     adapters = [cache.resolve([LoraRef(f"adapter{i}")])[0] for i in range(4)]
 
@@ -97,26 +173,30 @@ def main() -> None:
                     .to(device, dtype) for _ in range(batch)]
         return latents, torch.full((batch,), 0.5, device=device), captions
 
+    plain_fn = diffusers_transformer_fn(transformer)
+
     def step(batch: int, rows):
         latents, t, captions = inputs(batch)
+        fn = graphs if (graphs is not None and batch == 1) else plain_fn
 
         @torch.inference_mode()
         def call():
             with slots.using(rows):
-                transformer(latents, t, captions, return_dict=False)
+                fn(latents, t, captions)
 
         return call
 
-    if not args.no_compile:  # the graphs with and without adapters, batch 1 and over 1, before timing
-        for batch, rank in ((1, 0), (1, args.rank), (8, 0), (8, args.rank)):
-            run_call(transformer, WarmupCall("warm", args.size, args.size, (args.caption_tokens,) * batch, rank))
+    if speed.compile.value:  # every graph both steps use, as the serving warm-up compiles them
+        single, batched = serving_calls([(args.size, args.size)], args.batch, args.caption_tokens, lora=True)
+        run_calls(transformer, single + batched, save=False)
     figures: dict[str, float] = {}
-    figures["b1_base_ms"] = timed(step(1, [()]), device, args.repeats)
+    figures["b1_plain_ms"] = timed(step(1, [()]), device, args.repeats)
     figures["b1_one_adapter_ms"] = timed(step(1, [(adapters[0],)]), device, args.repeats)
-    figures["b8_base_ms"] = timed(step(8, [()] * 8), device, args.repeats)
-    figures["b8_four_adapters_ms"] = timed(step(8, [(adapters[i // 2],) for i in range(8)]), device, args.repeats)
-    figures["b1_ratio"] = figures["b1_one_adapter_ms"] / figures["b1_base_ms"]
-    figures["b8_ratio"] = figures["b8_four_adapters_ms"] / figures["b8_base_ms"]
+    figures["b8_plain_ms"] = timed(step(args.batch, [()] * args.batch), device, args.repeats)
+    four = [(adapters[i * 4 // args.batch],) for i in range(args.batch)]
+    figures["b8_four_adapters_ms"] = timed(step(args.batch, four), device, args.repeats)
+    figures["b1_ratio"] = figures["b1_one_adapter_ms"] / figures["b1_plain_ms"]
+    figures["b8_ratio"] = figures["b8_four_adapters_ms"] / figures["b8_plain_ms"]
 
     start = time.perf_counter()
     cache.resolve([LoraRef("adapter4")])
@@ -126,17 +206,28 @@ def main() -> None:
     start = time.perf_counter()
     cache.resolve([LoraRef("adapter4")])
     figures["cached_adapter_s"] = time.perf_counter() - start
+    figures["unseen_minus_cached_s"] = figures["unseen_adapter_s"] - figures["cached_adapter_s"]
     figures["adapter_file_bytes"] = (directory / "adapter4.safetensors").stat().st_size
     figures["adapter_resident_bytes"] = cache.resolve([LoraRef("adapter4")])[0][0].nbytes
 
+    kernels = {}
+    if device.type == "cuda" and slots.fp8 and not args.no_kernels:
+        from deployments.geometry import image_tokens
+
+        kernels = kernel_figures(slots, image_tokens(args.size, args.size) + args.caption_tokens, args.rank)
     result = {
         "meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                 "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}},
+                 "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+                 "speed": speed.as_dict(("precision", "fp8_kernels", "compile", "dit_cuda_graphs"))},
         "figures": figures,
-        "targets": {"b1_ratio": 1.08, "b8_ratio": 1.12, "unseen_minus_cached_s": 1.5},
+        "kernels": kernels,
+        "step_graphs": None if graphs is None else graphs.as_dict(),
+        "targets": TARGETS,
+        "met": {name: figures[name] <= target for name, target in TARGETS.items()},
     }
     print(json.dumps(result, indent=2))
+    print(table(figures, kernels))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

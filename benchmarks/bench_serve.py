@@ -13,15 +13,19 @@ With --fresh-prompts, each of our loads runs again with a prompt never sent befo
 (`single/fresh`, `load/<policy>/<load>/fresh`), beside the repeating set of prompts.txt.
 
 With LoRA adapters (`--loras a,b,...` from the server's `lora_dir`, or `--lora-random N`: N random
-rank `--lora-rank` adapters written for the run), each of our loads runs again with every request
-picking one adapter (loadgen's `--loras`, uniform and seeded; `load/<policy>/<load>/loras`, with its
-throughput as a ratio of the same load without adapters), after `lora_first`: for each adapter, one
-request while the replica has never seen it and the same request again (the unseen adapter's cost).
-The fused FP8 kernels do not apply adapters yet, so both loads run on torchao's FP8 linears. Issue's
-comparison on one H200 (20 clients, 1024x1024, each request one of 8 rank-32 adapters):
+rank `--lora-rank` adapters written for the run), after `lora_first` (for each adapter, one request
+while the replica has never seen it and the same request again: the unseen adapter's cost), the
+single-client run again with the first adapter (`single/lora`, its p50 as a ratio of the run without),
+and each of our loads again with every request picking one adapter (loadgen's `--loras`, uniform and
+seeded; `load/<policy>/<load>/loras`, with fresh prompts when `--fresh-prompts` is given, its
+throughput as a ratio of the same load without adapters). `lora_targets` says which targets are met.
+On the default path (every speed setting `auto`; on an H100/H200 the fused FP8 kernels, which apply
+the adapters), one GPU, 20 clients at 1024x1024, each request one of 8 rank-32 adapters:
 
-    python benchmarks/bench_serve.py --one-gpu --set fp8_kernels=inductor --loads 1024 --lora-random 8 \
-        --lora-rank 32 --skip-baseline --json benchmarks/results/serve_lora.json
+    python benchmarks/bench_serve.py --one-gpu --loads 1024 --lora-random 8 --lora-rank 32 --fresh-prompts \
+        --skip-baseline --json benchmarks/results/serve_lora.json
+
+Before the first measurement every stage's warm-up after ready has finished (`warm_after_ready_s`).
 """
 
 from __future__ import annotations
@@ -113,6 +117,19 @@ def deploy(config: dict, denoiser_user_config: dict | None = None, timeout_s: fl
                 return time.perf_counter() - start
         time.sleep(0.5)
     raise TimeoutError("the application did not become ready")
+
+
+def wait_warm(timeout_s: float = 600) -> float:
+    """Seconds until every stage's warm-up after ready is done (batched graphs, the Denoiser's caption
+    buckets and presets, the VAE's dynamic graph), so that no load runs beside it."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        stats = [stage_stats(name) for name in STAGES]
+        if all((s.get(key) or {"ready": True}).get("ready", True) for s in stats
+               for key in ("warm_after_ready", "shape_warmup")):
+            break
+        time.sleep(1)
+    return time.perf_counter() - start
 
 
 def stage_stats(name: str) -> dict:
@@ -222,7 +239,8 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
         startup_s = deploy(config)
         memory = {name: {k: v for k, v in stage_stats(name).items() if k.startswith("gpu_") or k.endswith("seconds")}
                   for name in STAGES}
-        recorder.put("startup", {"seconds": round(startup_s, 1), "stages": memory})
+        recorder.put("startup", {"seconds": round(startup_s, 1), "stages": memory,
+                                 "warm_after_ready_s": round(wait_warm(), 1)})
         print("startup", json.dumps(recorder.data["startup"], indent=1), flush=True)
 
         body = {"prompt": prompts[0], "size": "1024x1024", "seed": 1, "num_inference_steps": args.steps}
@@ -244,6 +262,11 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
         if loras:
             size = LOADS[args.loads[0]] if args.loads and ":" not in LOADS[args.loads[0]] else "1024x1024"
             recorder.put("lora_first", lora_first(url, loras, size, args.steps, prompts[0], args.lora_scale))
+            single_lora = load(url, "ours c1 1024 lora", "1024x1024", 1, args.steps, prompts,
+                               requests=args.single_requests, warmup=1, loras=loras[:1], lora_scale=args.lora_scale)
+            single_lora["p50_vs_no_adapters"] = round(
+                single_lora["latency"]["p50_ms"] / max(single["latency"]["p50_ms"], 1e-9), 4)
+            recorder.put("single/lora", single_lora)
         for policy in args.policies:
             deploy(config, {"scheduling": policy})
             for name in args.loads:
@@ -252,25 +275,50 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
                               args.steps, prompts, duration_s=args.duration, warmup=2)
                 result["batches"] = batch_summary()
                 recorder.put(f"load/{policy}/{name}", result)
-                if loras:  # the same load, each request with one of the adapters
+                plain = result
+                if args.fresh_prompts:
+                    reset_stats()
+                    plain = load(url, f"ours {policy} c{args.concurrency} {name} fresh", LOADS[name],
+                                 args.concurrency, args.steps, prompts, duration_s=args.duration, warmup=2,
+                                 fresh_prompts=True)
+                    plain["batches"] = batch_summary()
+                    recorder.put(f"load/{policy}/{name}/fresh", plain)
+                if loras:  # the same load (fresh prompts too, if asked), each request with one of the adapters
                     reset_stats()
                     with_loras = load(url, f"ours {policy} c{args.concurrency} {name} loras", LOADS[name],
                                       args.concurrency, args.steps, prompts, duration_s=args.duration, warmup=2,
-                                      loras=loras, lora_scale=args.lora_scale)
+                                      fresh_prompts=args.fresh_prompts, loras=loras, lora_scale=args.lora_scale)
                     with_loras["batches"] = batch_summary()
                     with_loras["throughput_vs_no_adapters"] = round(
-                        with_loras["images_per_s"] / max(result["images_per_s"], 1e-9), 4)
+                        with_loras["images_per_s"] / max(plain["images_per_s"], 1e-9), 4)
                     recorder.put(f"load/{policy}/{name}/loras", with_loras)
-                if args.fresh_prompts:
-                    reset_stats()
-                    result = load(url, f"ours {policy} c{args.concurrency} {name} fresh", LOADS[name],
-                                  args.concurrency, args.steps, prompts, duration_s=args.duration,
-                                  fresh_prompts=True)
-                    result["batches"] = batch_summary()
-                    recorder.put(f"load/{policy}/{name}/fresh", result)
+        if loras:
+            recorder.put("lora_targets", lora_targets(recorder.data))
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+LORA_TARGETS = {"served_throughput_ratio": (">=", 0.90), "single_p50_ratio": ("<=", 1.08),
+                "unseen_extra_s": ("<=", 1.5)}
+
+
+def lora_targets(data: dict) -> dict:
+    """The LoRA figures against their targets: each load's throughput with adapters over without, the
+    1-client p50 with one adapter over without, the worst unseen adapter's extra seconds."""
+    figures = {"single_p50_ratio": data["single/lora"]["p50_vs_no_adapters"],
+               "unseen_extra_s": max(item["extra_s"] for item in data["lora_first"].values())}
+    ratios = [v["throughput_vs_no_adapters"] for k, v in data.items() if k.endswith("/loras")]
+    if ratios:
+        figures["served_throughput_ratio"] = min(ratios)
+    out = {}
+    for name, value in figures.items():
+        op, target = LORA_TARGETS[name]
+        out[name] = {"value": value, "target": f"{op} {target}",
+                     "met": value >= target if op == ">=" else value <= target}
+    print("LoRA targets: " + "; ".join(f"{k} {v['value']} ({v['target']}: {'met' if v['met'] else 'NOT met'})"
+                                       for k, v in out.items()), flush=True)
+    return out
 
 
 def run_baseline(args, recorder: Recorder, prompts: list[str]) -> None:

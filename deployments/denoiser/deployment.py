@@ -30,10 +30,8 @@ from deployments.denoiser.loop import (
     DenoiseLoop,
     DenoiseState,
     clean_estimate,
-    diffusers_transformer_fn,
     preview_steps,
 )
-from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
 from deployments.denoiser.control import ControlContext, ControlNetRunner
 from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
 from deployments.weights.controlnet_source import load_controlnet
@@ -91,18 +89,13 @@ class Denoiser(ModelStage):
         """On the GPU, real-valued RoPE and fused projections always; FP8 and regional compile as
         resolved (the compile wraps the blocks and loads its cache; it compiles in `warm_up`); the
         CUDA graphs' wrapper; then the loop and the schedulers around them. The CPU runs float32 eager."""
-        from deployments.denoiser.dit.optimize import optimize_transformer
+        from deployments.denoiser.dit.optimize import graphed_transformer_fn, optimize_as_resolved
 
         if self.device.type == "cuda":
-            self.transformer = optimize_transformer(
-                self.transformer, self.speed.precision.value, self.speed.compile.value,
-                self.settings.compile_cache_dir(), attention=self.settings.attention,
-                fp8_kernels=self.fp8_kernels or "inductor",
-            )
+            self.transformer = optimize_as_resolved(self.transformer, self.speed, self.settings.compile_cache_dir(),
+                                                    self.settings.attention)
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
-        if self.speed.dit_cuda_graphs.value:
-            self.step_graphs = GraphedTransformerFn.on(diffusers_transformer_fn(self.transformer), self.device,
-                                                       padded=padded_transformer_fn(self.transformer))
+        self.step_graphs = graphed_transformer_fn(self.transformer, self.speed, self.device)
         # attached after the DiT's optimization: its control blocks take the DiT's (real) RoPE
         self.control = None if self.controlnet is None else ControlNetRunner(self.controlnet, self.transformer)
         self.loop = DenoiseLoop(
@@ -111,8 +104,8 @@ class Denoiser(ModelStage):
             batched_ready=self.after_ready.ready,
             control=self.control,
         )
-        self.lora_cache = AdapterCache(LoraLibrary(self.settings.lora_settings()), self.loop.lora_slots,
-                                       self.config.lora_cache_bytes)
+        self.lora_library = LoraLibrary(self.settings.lora_settings())
+        self.lora_cache = AdapterCache(self.lora_library, self.loop.lora_slots, self.config.lora_cache_bytes)
         self.batcher = ContinuousBatcher(self.loop, self.config.max_batch_size, self._record_step, self.gpu_lane,
                                          self.metrics.observer("step"))
         self.grouped = self.add_batcher("request", lambda jobs: run_grouped(self.loop, jobs, self._record_step))
@@ -173,15 +166,26 @@ class Denoiser(ModelStage):
         warm_sizes = self.settings.warmup_pixels()
         covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
         return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
-                                 self.settings.max_prompt_tokens) + control_steps(
+                                 self.settings.max_prompt_tokens, lora_graphs=self._offers_adapters()) + control_steps(
             self.transformer, self.control, self._control_calls()[2])
+
+    def _offers_adapters(self) -> bool:
+        """Whether the operator offers LoRA adapters at start (files in the directory, or hub aliases):
+        then the graphs with adapters are captured after ready like the plain ones; else at the first
+        two steps of a forward with adapters at each shape."""
+        try:
+            return bool(self.lora_library.names())
+        except OSError:
+            return False
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
         if self.step_graphs is not None:
             graphs = self.step_graphs.as_dict()
-            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket), %s MiB of graph memory",
-                        graphs["graphs"], graphs["graph_pool_mib"])
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket; %d with LoRA adapters), "
+                        "%s MiB of graph memory (%s with adapters, plus %s MiB of their static factors)",
+                        graphs["graphs"], graphs["lora_graphs"], graphs["graph_pool_mib"],
+                        graphs["lora_graph_pool_mib"], graphs["lora_factors_mib"])
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""

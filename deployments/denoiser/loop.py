@@ -35,7 +35,7 @@ from deployments.contracts import DenoiseJob, Latents
 from deployments.denoiser.control import ControlNetRunner
 from deployments.denoiser.inpaint import InpaintState
 from deployments.denoiser.lora.errors import LoraUnsupportedError
-from deployments.denoiser.lora.linear import LoraSlots, install_lora
+from deployments.denoiser.lora.slots import LoraSlots, install_lora
 from deployments.geometry import image_tokens, latent_shape
 
 def default_sigmas(steps: int) -> list[float]:
@@ -170,15 +170,14 @@ class DenoiseLoop:
         transformer_fn: TransformerFn | None = None,
         batch_invariant: bool | None = None,
         batched_ready: threading.Event | None = None,
-        lora: bool | None = None,
+        lora: bool = True,
         control: ControlNetRunner | None = None,
     ):
         """`batch_invariant` (None: on for the CPU, off elsewhere) runs the model once per job, so that a
         job's latents are bitwise the same alone or in any batch: CPU GEMM rounding depends on the
         row count, which a batched forward changes (see the module docstring).
 
-        `lora`: wrap the block linears for per-job LoRA adapters (`lora.linear`); None: unless the
-        blocks are the fused FP8 ones (`dit.fused_block`), which have no adapter support and where jobs
+        `lora` (default on): the block linears carry per-job LoRA adapters (`lora.slots`); off, jobs
         with adapters fail.
 
         `batched_ready` (None: always): until it is set, every forward carries one image (a guided
@@ -193,11 +192,6 @@ class DenoiseLoop:
         self.schedules = ScheduleTable(scheduler)
         self.plain_fn = diffusers_transformer_fn(transformer)
         self.transformer_fn = transformer_fn or self.plain_fn
-        if lora is None:
-            from deployments.denoiser.dit.blocks import iter_blocks
-            from deployments.denoiser.dit.fused_block import FusedFp8Block
-
-            lora = not any(isinstance(block, FusedFp8Block) for block in iter_blocks(transformer))
         self.lora_slots: LoraSlots | None = install_lora(transformer) if lora else None
         self.control = control  # the ControlNet, when one is loaded (deployments.denoiser.control)
 
@@ -302,16 +296,14 @@ class DenoiseLoop:
         return [(out, negatives.get(id(state))) for state, out in zip(states, outputs[: len(states)])]
 
     def _forward(self, latents, t, captions, adapters, controls) -> list[torch.Tensor]:
-        """One transformer call; row i with `adapters[i]` (`lora.linear`) and `controls[i]` (the
-        ControlNet's hints: deployments.denoiser.control). Forwards with adapters or control skip the
-        CUDA-graph replay (its graphs hold neither)."""
-        controlled = any(c is not None for c in controls)
-        if not any(adapters) and not controlled:
-            return self.transformer_fn(latents, t, captions)
+        """One transformer call; row i with `adapters[i]` (`lora.slots`) and `controls[i]` (the
+        ControlNet's hints: deployments.denoiser.control). With adapters the call goes through
+        `transformer_fn` too (its CUDA graphs read the forward's factors: `dit.step_graphs`); a
+        controlled forward skips the graphs (they hold no control)."""
         with self.lora_slots.using(adapters) if any(adapters) else contextlib.nullcontext():
-            if controlled:
+            if any(c is not None for c in controls):
                 return self.control.forward(latents, t, captions, controls)
-            return self.plain_fn(latents, t, captions)
+            return self.transformer_fn(latents, t, captions)
 
     def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:
         """Runs a batch of jobs to completion together."""

@@ -13,7 +13,6 @@ import io
 import numpy as np
 import openai
 import pytest
-import torch
 from PIL import Image
 
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
@@ -67,9 +66,8 @@ def test_the_official_client_applies_two_adapters_as_the_local_pipeline(client, 
                                    extra_body={"seed": SEED, "num_inference_steps": STEPS})
     assert "loras" not in plain.data[0].model_extra  # no unknown `null` field for strict clients
     library = LoraLibrary(LoraSettings(lora_dir=str(lora_dir)))
-    slots = pipeline.loop.lora_slots.slots
-    adapters = tuple((library.load(item["name"])[0].laid_out(slots, torch.device("cpu"), torch.float32),
-                      item["scale"]) for item in loras)
+    slots = pipeline.loop.lora_slots
+    adapters = tuple((slots.lay_out(library.load(item["name"])[0]), item["scale"]) for item in loras)
     local = pipeline.generate([GenerationSpec("a lighthouse at dusk", 512, 512, steps=STEPS, seed=SEED,
                                               loras=adapters)])[0].pixels.numpy().astype(np.int16)
     ours = pixels(result.data[0].b64_json)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
@@ -91,9 +90,8 @@ def test_a_denoiser_on_the_second_node_applies_directory_and_hub_adapters(layout
     assert np.array_equal(one, two)
     assert np.abs(two - pixels(layouts["two_nodes"]["responses"][0])).max() > 20  # the adapters changed it
     library = LoraLibrary(LoraSettings(lora_dir=str(adapters[0] / "reference")))
-    slots = pipeline.loop.lora_slots.slots
-    laid = tuple((library.load(item["name"])[0].laid_out(slots, torch.device("cpu"), torch.float32), item["scale"])
-                 for item in LORAS)
+    slots = pipeline.loop.lora_slots
+    laid = tuple((slots.lay_out(library.load(item["name"])[0]), item["scale"]) for item in LORAS)
     local = pipeline.generate([GenerationSpec(BASE["prompt"], 512, 512, steps=BASE["num_inference_steps"],
                                               seed=BASE["seed"], loras=laid)])[0].pixels.numpy().astype(np.int16)
     assert np.abs(two - local).max() <= 1

@@ -12,8 +12,6 @@ from deployments.denoiser.lora.adapter import LoraAdapter
 from tests.lora_files import random_factors
 from tests.unit.test_dit_speedups import compiled_blocks, forward, make_inputs, rel_err
 
-CPU, F32 = torch.device("cpu"), torch.float32
-
 
 @pytest.fixture()
 def compiled(tiny_source):
@@ -35,7 +33,7 @@ def test_new_adapters_compile_nothing_after_the_warm_up(compiled):
     def adapter(model, rank, seed, targets=None):
         slots = model._lora_slots
         kwargs = {"targets": targets} if targets else {}
-        return LoraAdapter(f"a{seed}", random_factors(model, rank, seed, **kwargs)).laid_out(slots.slots, CPU, F32)
+        return slots.lay_out(LoraAdapter(f"a{seed}", random_factors(model, rank, seed, **kwargs)))
 
     mixes = [  # (per image: [(rank, seed, targets, scale)], image shapes (h, w, caption))
         ([[(4, 1, None, 1.0)]], [(64, 64, 17)]),

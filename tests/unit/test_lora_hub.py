@@ -20,7 +20,7 @@ from deployments.denoiser.lora.errors import (LoraFitError, LoraFormatError, Lor
                                               LoraHubUnavailableError, UnknownLoraError)
 from deployments.denoiser.lora.hub import HubFile
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
-from deployments.denoiser.lora.linear import install_lora
+from deployments.denoiser.lora.slots import install_lora
 from deployments.settings import ModelSettings
 from deployments.weights import loading
 from serve_app.errors import api_error_for

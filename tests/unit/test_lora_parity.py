@@ -16,7 +16,7 @@ import torch
 from deployments.denoiser.dit.fusion import fuse_projections
 from deployments.denoiser.dit.rotary import install_real_rope
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
-from deployments.denoiser.lora.linear import install_lora
+from deployments.denoiser.lora.slots import install_lora
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.local_pipeline import GenerationSpec
 from deployments.weights import loading
@@ -41,8 +41,8 @@ def lora_dir(tmp_path_factory, pipeline):
 @pytest.fixture(scope="module")
 def adapters(lora_dir, pipeline):
     library = LoraLibrary(LoraSettings(lora_dir=str(lora_dir)))
-    slots = pipeline.loop.lora_slots.slots
-    return {name: library.load(name)[0].laid_out(slots, CPU, F32) for name in library.names()}
+    slots = pipeline.loop.lora_slots
+    return {name: slots.lay_out(library.load(name)[0]) for name in library.names()}
 
 
 def reference(tiny_source, lora_dir, names, scales, spec: GenerationSpec) -> np.ndarray:
@@ -112,7 +112,7 @@ def test_fused_projections_give_the_unfused_update(tiny_source, adapters, lora_d
     t = torch.tensor([0.3, 0.8])
     for transformer in (plain, fused):
         slots = install_lora(transformer)
-        rows = [((library.load("sketch")[0].laid_out(slots.slots, CPU, F32), 0.8),), ()]
+        rows = [((slots.lay_out(library.load("sketch")[0]), 0.8),), ()]
         assert any(path.endswith("to_qkv") for path in slots.slots) == (transformer is fused)
         with torch.inference_mode(), slots.using(rows):
             outputs.append(transformer(x, t, caps, return_dict=False)[0])

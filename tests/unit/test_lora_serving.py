@@ -10,7 +10,7 @@ from deployments.contracts import LoraRef
 from deployments.denoiser.lora.cache import AdapterCache
 from deployments.denoiser.lora.errors import LoraFitError, LoraUnsupportedError
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
-from deployments.denoiser.lora.linear import install_lora
+from deployments.denoiser.lora.slots import install_lora
 from deployments.weights import loading
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError, api_error_for
@@ -57,7 +57,7 @@ def test_cache_hits_misses_and_evicts_least_recently_used(directory, transformer
 
 def test_cache_refuses_a_replica_without_adapter_support_and_files_that_do_not_fit(directory, transformer):
     library = LoraLibrary(LoraSettings(lora_dir=str(directory)))
-    with pytest.raises(LoraUnsupportedError, match="fused FP8"):
+    with pytest.raises(LoraUnsupportedError, match="without adapter support"):
         AdapterCache(library, None, 1 << 30).resolve([LoraRef("one")])
     factors = random_factors(transformer, rank=4, seed=5)
     a, b = factors["layers.0.attention.to_out.0"]

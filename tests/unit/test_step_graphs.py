@@ -95,3 +95,70 @@ def test_a_failed_capture_is_counted_and_the_shape_runs_plain(caplog):
 def test_graphs_need_a_cuda_device():
     with pytest.raises(ValueError, match="CUDA"):
         GraphedTransformerFn.on(forward, torch.device("cpu"))
+
+
+def module_state_capture(slots, log):
+    """`stand_in_capture` that also keeps what a CUDA graph bakes in: the factor tensors the linears
+    held at capture, which its replays read whatever the linears hold then."""
+    def capture(fn):
+        held = {path: (m.lora_a, m.lora_a_scale, m.lora_b, m.lora_groups) for path, m in slots.modules.items()}
+        outputs = fn()
+        log.append("capture")
+
+        def replay():
+            now = {path: (m.lora_a, m.lora_a_scale, m.lora_b, m.lora_groups) for path, m in slots.modules.items()}
+            for which in (held, now):
+                for path, (a, s, b, g) in which.items():
+                    module = slots.modules[path]
+                    module.lora_a, module.lora_a_scale, module.lora_b, module.lora_groups = a, s, b, g
+                if which is held:
+                    fresh = fn()
+            for out, value in zip(outputs, fresh):
+                out.copy_(value)
+
+        return replay, outputs
+
+    return capture
+
+
+def test_forwards_with_adapters_replay_one_graph_for_any_adapter_up_to_its_rank(tiny_source):
+    """Tiny model, float32: a forward with adapters is captured once per shape on the static factors;
+    other adapters, scales and ranks up to `lora_rank` replay it, with the outputs of a plain forward
+    with those adapters; a larger rank and a batch of two run plain."""
+    from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
+    from deployments.denoiser.lora.adapter import LoraAdapter
+    from deployments.denoiser.lora.slots import install_lora
+    from deployments.denoiser.loop import diffusers_transformer_fn
+    from deployments.weights import loading
+    from tests.lora_files import random_factors
+
+    model = loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
+    slots = install_lora(model)
+    log = []
+    graphed = GraphedTransformerFn(diffusers_transformer_fn(model), module_state_capture(slots, log),
+                                   padded=padded_transformer_fn(model), lora=slots, lora_rank=32)
+    plain = diffusers_transformer_fn(model)
+
+    def adapter(rank, seed):
+        return slots.lay_out(LoraAdapter(f"r{rank}", random_factors(model, rank, seed, strength=0.3)))
+
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, 1, 32, 32, generator=g)]
+    t, caption = torch.tensor([0.4]), [torch.randn(20, 64, generator=g)]
+    small, large, too_large = adapter(4, 1), adapter(30, 2), adapter(40, 3)
+    with torch.inference_mode():
+        for rows in ([((small, 1.0),)], [((small, 1.0),)], [((large, -0.5),)], [((small, 2.0),)],
+                     [((too_large, 1.0),)], [((small, 1.0), (large, 0.3))]):
+            with slots.using(rows):
+                (got,) = graphed(x, t, caption)
+                (want,) = plain(x, t, caption)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            with slots.using([()]):
+                (without,) = plain(x, t, caption)
+            assert (got - without).abs().max() > 1e-3  # the adapters changed it
+        with slots.using([((small, 1.0),), ()]):
+            graphed(x * 2, torch.tensor([0.4, 0.4]), caption * 2)
+    stats = graphed.as_dict()
+    assert log == ["capture"] and stats["lora_graphs"] == 1 and stats["captures"] == 1
+    # plain: the first sight, rank 40 (48 padded), two adapters side by side (16 + 32), the batch of two
+    assert stats["plain"] == 4 and stats["replays"] == 3

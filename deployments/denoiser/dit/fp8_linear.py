@@ -12,10 +12,14 @@ import torch
 from torch import nn
 
 from deployments.denoiser.dit.fused_quant import quantize_rows_reference
+from deployments.denoiser.lora.linear import LoraCarrier
 
 
-class Fp8Weight(nn.Module):
-    """A linear's weight as FP8 e4m3 rows `[out, in]` with one float32 scale per output channel."""
+class Fp8Weight(LoraCarrier, nn.Module):
+    """A linear's weight as FP8 e4m3 rows `[out, in]` with one float32 scale per output channel; it
+    adds a forward's LoRA adapters itself, from the same FP8 rows (`lora.linear`)."""
+
+    lora_input = "fp8"
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -34,10 +38,15 @@ class Fp8Weight(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """`[rows, in]` FP8 and `[rows, 1]` float32 scales -> `[rows, out]` bf16."""
         if x_fp8.device.type != "cuda":  # dequantized product, for CPU checks of the fused path
-            return ((x_fp8.float() * x_scale) @ (self.weight.float() * self.scale.t()).t()).to(torch.bfloat16)
-        return torch._scaled_mm(
-            x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16, use_fast_accum=True
-        )
+            y = ((x_fp8.float() * x_scale) @ (self.weight.float() * self.scale.t()).t()).to(torch.bfloat16)
+        else:
+            y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=torch.bfloat16,
+                                 use_fast_accum=True)
+        return self.with_lora(y, x_fp8, x_scale)

@@ -22,10 +22,18 @@ used graph is dropped.
 
 A capture that fails is logged and counted (`stats["capture_failures"]`) and its shape runs as a
 plain forward from then on: the request is still served, at the ungraphed speed.
+
+LoRA: a one-image forward with adapters (`lora.slots`: the factors of the forward in flight,
+`LoraSlots.active`) replays a graph of its own per shape, captured on static factor buffers of up to
+`lora_rank` (`GraphFactors`, made at the first such capture): a replay first copies the forward's
+factors in, zero-padded, and only when they are not the ones copied last (a job's 8 steps copy once).
+So a new adapter, a new scale or a new rank up to `lora_rank` replays the same graph. A forward whose
+rank is over it, or with several images, runs plain (compiled, with its factors as inputs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,10 +43,13 @@ import torch
 
 from deployments.denoiser.dit.caption_buckets import PaddedTransformerFn, caption_bucket, pad_caption
 from deployments.denoiser.loop import TransformerFn
+from deployments.denoiser.lora.slots import GraphFactors, LoraSlots
 
 logger = logging.getLogger(__name__)
 
-ShapeKey = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]
+# (latent shapes, caption shapes, "lora" for a forward with adapters or "")
+ShapeKey = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], str]
+LORA_GRAPH_RANK = 128  # the static factors' rank: adapters up to it replay graphs
 # Records `forward()` and returns (replay, its outputs); `CudaCapture` on a GPU.
 Capture = Callable[[Callable[[], list[torch.Tensor]]], tuple[Callable[[], None], list[torch.Tensor]]]
 
@@ -90,8 +101,9 @@ class GraphedTransformerFn:
     """A `TransformerFn` that replays forwards of up to `max_batch` images from CUDA graphs; with
     `padded` (`caption_buckets.padded_transformer_fn`), one graph per caption bucket."""
 
-    def __init__(self, fn: TransformerFn, capture: Capture, max_batch: int = 1, max_graphs: int = 64,
-                 padded: PaddedTransformerFn | None = None):
+    def __init__(self, fn: TransformerFn, capture: Capture, max_batch: int = 1, max_graphs: int = 96,
+                 padded: PaddedTransformerFn | None = None, lora: LoraSlots | None = None,
+                 lora_rank: int = LORA_GRAPH_RANK):
         if max_batch < 1 or max_graphs < 1:
             raise ValueError("max_batch and max_graphs must be at least 1")
         self.fn = fn
@@ -99,10 +111,14 @@ class GraphedTransformerFn:
         self.capture = capture
         self.max_batch = max_batch
         self.max_graphs = max_graphs
+        self.lora = lora
+        self.lora_rank = lora_rank
+        self.lora_factors: GraphFactors | None = None  # made at the first capture with adapters
         self._graphs: OrderedDict[ShapeKey, _Graph] = OrderedDict()
         self._seen: OrderedDict[ShapeKey, None] = OrderedDict()  # shapes run once, not captured yet
         self._failed: set[ShapeKey] = set()
         self.stats = {"plain": 0, "captures": 0, "replays": 0, "evicted": 0, "capture_failures": 0}
+        self.pool_bytes = {"": 0, "lora": 0}  # graph memory the captures of each variant added
 
     @classmethod
     def on(cls, fn: TransformerFn, device: torch.device, **kwargs) -> GraphedTransformerFn:
@@ -114,23 +130,40 @@ class GraphedTransformerFn:
     def bucketed(self) -> bool:
         return self.padded is not None
 
-    def shape_key(self, latents: list[torch.Tensor], captions: list[torch.Tensor]) -> ShapeKey:
+    def shape_key(self, latents: list[torch.Tensor], captions: list[torch.Tensor], variant: str = "") -> ShapeKey:
         lengths = [c.shape[0] for c in captions]
         if self.bucketed:
             lengths = [caption_bucket(n) for n in lengths]
         return (tuple(tuple(x.shape) for x in latents),
-                tuple((n, *c.shape[1:]) for n, c in zip(lengths, captions)))
+                tuple((n, *c.shape[1:]) for n, c in zip(lengths, captions)), variant)
+
+    def _variant(self) -> str | None:
+        """"lora" for a forward with adapters that a graph can take, "" without adapters, None for
+        adapters it cannot (several images, or a rank over `lora_rank`)."""
+        active = None if self.lora is None else self.lora.active
+        if active is None:
+            return ""
+        if active.groups.shape[0] > 1 or active.rank > self.lora_rank:
+            return None
+        self._static_factors().fill(active)
+        return "lora"
+
+    def _static_factors(self) -> GraphFactors:
+        if self.lora_factors is None:
+            self.lora_factors = GraphFactors(self.lora, self.lora_rank)
+        return self.lora_factors
 
     def __call__(self, latents: list[torch.Tensor], t: torch.Tensor,
                  captions: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = self.shape_key(latents, captions)
-        if len(latents) > self.max_batch or key in self._failed:
+        variant = self._variant() if len(latents) <= self.max_batch else None
+        key = self.shape_key(latents, captions, variant or "")
+        if variant is None or key in self._failed:
             return self._plain(latents, t, captions)
         graph = self._graphs.get(key)
         if graph is None:
             if key not in self._seen:  # first sight: plans and lazy state are made here, not in a capture
                 self._remember(key)
-                return self._first_sight(latents, t, captions)
+                return self._first_sight(key, latents, t, captions)
             graph = self._capture(key, latents, t, captions)
             if graph is None:
                 return self._plain(latents, t, captions)
@@ -140,39 +173,62 @@ class GraphedTransformerFn:
         self.stats["replays"] += 1
         return [out.clone() for out in graph.outputs]
 
-    def prepare(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> bool:
+    def prepare(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
+                lora: bool = False) -> bool:
         """Makes the graph for this call's shape ahead of a request (a plain forward first if the
-        shape was not run yet, then the capture), without replaying it; whether a graph is held."""
-        key = self.shape_key(latents, captions)
-        if len(latents) > self.max_batch or key in self._failed:
+        shape was not run yet, then the capture), without replaying it; whether a graph is held.
+        `lora`: the graph of forwards with adapters (on zero factors)."""
+        if lora:
+            if self.lora is None:
+                raise ValueError("this transformer carries no adapters")
+            with self.lora.applied(self._static_factors().factors):
+                return self.prepare(latents, t, captions)
+        variant = self._variant() if len(latents) <= self.max_batch else None
+        key = self.shape_key(latents, captions, variant or "")
+        if variant is None or key in self._failed:
             return False
         if key in self._graphs:
             return True
         if key not in self._seen:
             self._remember(key)
-            self._first_sight(latents, t, captions)
+            self._first_sight(key, latents, t, captions)
         return self._capture(key, latents, t, captions) is not None
 
     def graph_count(self) -> int:
         return len(self._graphs)
 
     def as_dict(self) -> dict:
-        """The counters, the graphs held now and their memory (the Denoiser's stats, the benchmark's JSON)."""
+        """The counters, the graphs held now and their memory (the Denoiser's stats, the benchmark's JSON):
+        `graph_pool_mib` all captures added, `lora_graph_pool_mib` the part the graphs with adapters
+        added, `lora_factors_mib` their static factors."""
         reserved = getattr(self.capture, "reserved_bytes", None)
+        mib = lambda n: None if reserved is None else round(n / 2**20, 1)  # noqa: E731
         return {**self.stats, "graphs": self.graph_count(), "bucketed": self.bucketed,
-                "graph_pool_mib": None if reserved is None else round(reserved / 2**20, 1)}
+                "graph_pool_mib": mib(reserved or 0),
+                "lora_graphs": sum(1 for key in self._graphs if key[2] == "lora"),
+                "lora_graph_pool_mib": mib(self.pool_bytes["lora"]),
+                "lora_factors_mib": round((self.lora_factors.nbytes if self.lora_factors else 0) / 2**20, 1),
+                "lora_rank": self.lora_rank}
 
     def _plain(self, latents, t, captions) -> list[torch.Tensor]:
         self.stats["plain"] += 1
         return self.fn(latents, t, captions)
 
-    def _first_sight(self, latents, t, captions) -> list[torch.Tensor]:
-        """A plain forward along the path the graph will record (bucketed: the padded captions)."""
-        if not self.bucketed:
-            return self._plain(latents, t, captions)
-        self.stats["plain"] += 1
-        pairs = [pad_caption(c) for c in captions]
-        return self.padded(latents, t, [p for p, _ in pairs], [m for _, m in pairs])
+    def _on_static_factors(self, key: ShapeKey):
+        """With adapters (`key`'s variant), the static factors set on the linears for the call."""
+        if key[2] != "lora":
+            return contextlib.nullcontext()
+        return self.lora.applied(self.lora_factors.factors)
+
+    def _first_sight(self, key: ShapeKey, latents, t, captions) -> list[torch.Tensor]:
+        """A plain forward along the path the graph will record (bucketed: the padded captions; with
+        adapters: the static factors)."""
+        with self._on_static_factors(key):
+            if not self.bucketed:
+                return self._plain(latents, t, captions)
+            self.stats["plain"] += 1
+            pairs = [pad_caption(c) for c in captions]
+            return self.padded(latents, t, [p for p, _ in pairs], [m for _, m in pairs])
 
     def _fill(self, graph: _Graph, latents, t, captions) -> None:
         for static, value in zip(graph.latents + [graph.t], latents + [t]):
@@ -205,8 +261,10 @@ class GraphedTransformerFn:
         else:
             static_captions, masks, rows = [c.clone() for c in captions], [], []
             run = lambda: self.fn(static_latents, static_t, static_captions)  # noqa: E731
+        reserved = getattr(self.capture, "reserved_bytes", 0)
         try:
-            replay, outputs = self.capture(run)
+            with self._on_static_factors(key):
+                replay, outputs = self.capture(run)
         except Exception:  # noqa: BLE001 - served plain from now on, and said so
             self._failed.add(key)
             self.stats["capture_failures"] += 1
@@ -214,6 +272,7 @@ class GraphedTransformerFn:
             return None
         self._seen.pop(key, None)
         self.stats["captures"] += 1
+        self.pool_bytes[key[2]] += getattr(self.capture, "reserved_bytes", 0) - reserved
         graph = _Graph(replay, static_latents, static_t, static_captions, list(outputs), masks, rows)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:

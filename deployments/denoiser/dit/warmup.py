@@ -29,8 +29,8 @@ class WarmupCall:
     height: int
     caption_lens: tuple[int, ...]
     lora_rank: int = 0
-    """With a rank, the first image carries a zero LoRA adapter of that rank (`lora.linear`): the
-    graphs of forwards with adapters, which any adapter then reuses."""
+    """With a rank, the first image carries a zero LoRA adapter of that rank (`lora.slots`): the
+    compiled graphs of forwards with adapters, which any adapter, rank or mix then reuses."""
     control: str = ""
     """"control" or "mask": the first image carries a random control input, plain or in the inpainting
     layout (`denoiser.control_warmup`), so the ControlNet's first calls at this shape happen here."""
@@ -99,20 +99,18 @@ def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generato
         forward = partial(control.forward, controls=controls)
     adapters = contextlib.nullcontext()
     if call.lora_rank:
-        from deployments.denoiser.lora.adapter import LaidOutAdapter
-
         slots = transformer._lora_slots
-        zero = LaidOutAdapter("warmup", {
-            path: (torch.zeros(call.lora_rank, slot.in_features, device=device, dtype=dtype),
-                   torch.zeros(sum(p.out_features for p in slot.parts), call.lora_rank, device=device, dtype=dtype))
-            for path, slot in slots.slots.items()})
+        zero = slots.zero_adapter(call.lora_rank)
         adapters = slots.using([((zero, 1.0),)] + [()] * (call.batch - 1))
     _sync(device)
     start = time.perf_counter()
     with adapters:
         forward(latents, t, captions)
     _sync(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if call.lora_rank:
+        transformer._lora_slots.forget()  # the zero adapter's plans
+    return seconds
 
 
 def persist_artifacts(transformer: nn.Module) -> None:
@@ -177,7 +175,7 @@ def serving_calls(
     batch_sizes = sorted({1, min(2, max_batch_size), max_batch_size})
     buckets = range(SEQ_MULTI_OF, caption_bucket(max_caption_tokens) + 1, SEQ_MULTI_OF)  # 500 tokens: up to 512
     calls = warmup_calls(sizes, batch_sizes=batch_sizes, caption_buckets=buckets)
-    if lora:  # with adapters (`lora.linear`): each batch size, unmasked and masked (ragged), a padded caption
+    if lora:  # with adapters (`lora.slots`): each batch size, unmasked and masked (ragged), a padded caption
         padded = {(c.width, c.height): c for c in reversed(calls) if "/cap" in c.key}  # one padded caption each
         calls += [replace(call, key=f"{call.key}/lora", lora_rank=32) for call in calls
                   if "/cap" not in call.key or padded.get((call.width, call.height)) is call]

@@ -1,11 +1,9 @@
-"""An adapter's factors checked against the model and laid out for its (possibly fused) linears.
+"""An adapter's factors, and the model's linears they must fit.
 
 Adapters name the transformer's unfused linears (`layers.3.attention.to_q`, `...feed_forward.w1`);
 our GPU blocks run q/k/v as one `to_qkv` GEMM and w1/w3 as one `w13` (`dit.fusion`). A slot is one
 linear the model really runs; its parts are the adapter-visible linears it computes, at their row
-offsets in its output. An adapter's factors for a fused slot are its parts' factors side by side:
-`A = [A_q; A_k; A_v]` (ranks stacked) and `B` block-diagonal, so `x A^T B^T` gives each part's
-update in its own rows, the same as three separate updates.
+offsets in its output (each part gets its own update: `layout`).
 """
 
 from __future__ import annotations
@@ -128,34 +126,3 @@ class LoraAdapter:
             if a.shape[1] != in_features or b.shape[0] != out_features:
                 raise LoraFitError(key, f"shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the linear "
                                         f"[{out_features}, {in_features}]")
-
-    def laid_out(self, slots: Mapping[str, Slot], device: torch.device, dtype: torch.dtype) -> LaidOutAdapter:
-        """The factors per slot, q/k/v (and w1/w3) side by side for fused slots, on `device`."""
-        self.check_fit(slots)
-        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for slot in slots.values():
-            present = [(p, self.factors[p.name]) for p in slot.parts if p.name in self.factors]
-            if not present:
-                continue
-            rank = sum(a.shape[0] for _, (a, _) in present)
-            out_total = sum(p.out_features for p in slot.parts)
-            a_cat = torch.cat([a for _, (a, _) in present]).to(device, dtype)
-            b_cat = torch.zeros(out_total, rank, device=device, dtype=dtype)
-            col = 0
-            for part, (a, b) in present:
-                b_cat[part.offset : part.offset + part.out_features, col : col + a.shape[0]] = b.to(device, dtype)
-                col += a.shape[0]
-            out[slot.path] = (a_cat.contiguous(), b_cat)
-        return LaidOutAdapter(self.name, out)
-
-
-@dataclass(frozen=True)
-class LaidOutAdapter:
-    """An adapter ready to run: `(A [r, in], B [out, r])` per slot path, on the model's device."""
-
-    name: str
-    slots: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.slots.values())

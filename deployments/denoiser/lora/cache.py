@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from deployments.contracts import LoraRef
-from deployments.denoiser.lora.adapter import LaidOutAdapter
 from deployments.denoiser.lora.errors import LoraUnsupportedError
+from deployments.denoiser.lora.layout import LaidOutAdapter
 from deployments.denoiser.lora.library import LoraLibrary
-from deployments.denoiser.lora.linear import LoraSlots
+from deployments.denoiser.lora.slots import LoraSlots
 from deployments.runtime.metrics import counter, gauge
 
 logger = logging.getLogger("ray.serve")
@@ -62,8 +62,7 @@ class AdapterCache:
         if not refs:
             return ()
         if self.slots is None:
-            raise LoraUnsupportedError("loras: this replica runs the fused FP8 DiT kernels, which do not apply "
-                                       "LoRA adapters yet; serve with fp8_kernels 'inductor' or precision 'bf16'")
+            raise LoraUnsupportedError("loras: this replica's DiT was built without adapter support")
         adapters = [self._get(ref.name) for ref in refs]
         self._evict(keep={id(a) for a in adapters})
         return tuple((adapter, float(ref.scale)) for adapter, ref in zip(adapters, refs))
@@ -84,7 +83,7 @@ class AdapterCache:
         self.counts.misses += 1
         self.metrics.misses.inc()
         adapter, entry = self.library.load(name)
-        laid = adapter.laid_out(self.slots.slots, self.slots.device, self.slots.dtype)
+        laid = self.slots.lay_out(adapter)
         seconds = time.perf_counter() - start
         with self._lock:
             self._entries[entry.version] = laid

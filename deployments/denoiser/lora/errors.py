@@ -32,7 +32,7 @@ class LoraFitError(LoraRequestError):
 
 
 class LoraUnsupportedError(LoraRequestError):
-    """The replica runs DiT kernels without adapter support (the fused FP8 path)."""
+    """The replica's DiT was built without adapter support (`DenoiseLoop(lora=False)`)."""
 
 
 class LoraHubMissingError(LoraRequestError):

@@ -1,0 +1,247 @@
+"""The model's adapter-carrying linears, and the factors a forward gives them.
+
+`LoraSlots` finds every adaptable linear (`adapter.model_slots`), wraps the dense ones in
+`LoraLinear` (`Fp8Weight`s carry adapters themselves), and groups them by kind (`layout`). A forward
+whose row (batch item) i has the adapters `rows[i]` gets a `ForwardFactors`:
+
+- groups: the distinct adapter sets of the rows, each row pointing at its own; with more than one
+  row, group 0 is the empty set (zeros), for rows without adapters and so that a batched graph never
+  sees one group;
+- per kind, the groups' factors stacked `[n_blocks, G, P, R, ...]`, R the largest padded rank; one
+  image with one adapter at scale 1 reads the adapter's own tensors (views, nothing copied);
+- per slot, views of those for its block, set on the module for the forward (`using`).
+
+Every slot carries factors in a forward with adapters (zeros where none applies), so which linears an
+adapter targets is no new graph variant: two variants per block shape, without adapters and with.
+
+`GraphFactors` are static buffers of one image's factors up to a rank, for the CUDA graphs of forwards
+with adapters (`dit.step_graphs`): the graph reads them, a replay first copies the forward's
+factors in (only when they changed since the last replay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deployments.denoiser.lora.adapter import LoraAdapter, Slot, model_slots
+from deployments.denoiser.lora.layout import (
+    FP8_DTYPE,
+    KindFactors,
+    LaidOutAdapter,
+    SlotKind,
+    lay_out,
+    padded_rank,
+    slot_kinds,
+    zero_adapter,
+)
+from deployments.denoiser.lora.linear import LoraCarrier, LoraLinear
+
+# One forward row's adapters with their scales.
+RowAdapters = tuple[tuple[LaidOutAdapter, float], ...]
+SlotTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, a_scale, b of one slot
+
+
+_SERIALS = itertools.count(1)
+
+
+@dataclass
+class ForwardFactors:
+    """One forward's factors (see the module docstring)."""
+
+    groups: torch.Tensor  # [B] int64, each row's group
+    kinds: dict[str, KindFactors]  # stacked over the groups: a [n, G, P, R, in], a_scale [n, G, P, R], b [n, G, P, out, R]
+    rank: int  # the largest R of any kind
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # these factors, not equal ones made again
+    _views: dict[str, list[SlotTensors]] | None = None
+
+    def slot_views(self) -> dict[str, list[SlotTensors]]:
+        """Per kind, each block's `(a, a_scale, b)`, their group, rank and batch dims marked dynamic
+        for torch.compile; made once."""
+        if self._views is None:
+            torch._dynamo.maybe_mark_dynamic(self.groups, 0)
+            self._views = {}
+            for name, factors in self.kinds.items():
+                views = []
+                for block in range(factors.a.shape[0]):
+                    a, a_scale, b = factors.a[block], factors.a_scale[block], factors.b[block]
+                    for tensor, dims in ((a, [0, 2]), (a_scale, [0, 2]), (b, [0, 3])):
+                        torch._dynamo.maybe_mark_dynamic(tensor, dims)
+                    views.append((a, a_scale, b))
+                self._views[name] = views
+        return self._views
+
+
+class LoraSlots:
+    """The adaptable linears of one transformer and the factors of the forward in flight."""
+
+    def __init__(self, transformer: nn.Module, plan_cache: int = 2):
+        self.slots: dict[str, Slot] = model_slots(transformer)
+        self.kinds: dict[str, SlotKind] = slot_kinds(self.slots)
+        self.modules: dict[str, LoraCarrier] = {path: _carrier(transformer, path) for path in self.slots}
+        families = {module.lora_input for module in self.modules.values()}
+        if len(families) != 1:
+            raise ValueError(f"the block linears mix input kinds {sorted(families)}; LoRA needs one")
+        self.fp8 = families == {"fp8"}
+        self.device, self.dtype = transformer.x_pad_token.device, transformer.x_pad_token.dtype
+        self.active: ForwardFactors | None = None
+        self._plans: OrderedDict[tuple, tuple[Sequence[RowAdapters], ForwardFactors]] = OrderedDict()
+        self._plan_cache = plan_cache
+        self._set(None)  # each linear's own None from the start: compiled guards see one state between forwards
+
+    def lay_out(self, adapter: LoraAdapter) -> LaidOutAdapter:
+        """`adapter` on this model's device, in its linears' layout (FP8 A for FP8 rows)."""
+        return lay_out(adapter, self.slots, self.kinds, self.device, self.dtype, self.fp8)
+
+    def zero_adapter(self, rank: int) -> LaidOutAdapter:
+        return zero_adapter(self.kinds, rank, self.device, self.dtype, self.fp8)
+
+    @staticmethod
+    def key(rows: Sequence[RowAdapters]) -> tuple:
+        return tuple(tuple((id(adapter), scale) for adapter, scale in row) for row in rows)
+
+    def plan(self, rows: Sequence[RowAdapters]) -> ForwardFactors:
+        """The factors of a forward whose row i carries `rows[i]`. The last few are kept, with their
+        rows (so the adapters' identities in the key stay theirs): a batch's steps make them once.
+        Few, since a batch's plan holds a copy of its adapters' factors."""
+        key = self.key(rows)
+        cached = self._plans.get(key)
+        if cached is not None:
+            self._plans.move_to_end(key)
+            return cached[1]
+        plan = self._make_plan(rows, key)
+        self._plans[key] = (tuple(rows), plan)
+        while len(self._plans) > self._plan_cache:
+            self._plans.popitem(last=False)
+        return plan
+
+    def _make_plan(self, rows: Sequence[RowAdapters], key: tuple) -> ForwardFactors:
+        sets: list[RowAdapters] = [()] if len(rows) > 1 else []
+        index: dict[tuple, int] = {(): 0} if sets else {}
+        for row, row_key in zip(rows, key):
+            if row_key not in index:
+                index[row_key] = len(sets)
+                sets.append(row)
+        groups = torch.tensor([index[k] for k in key], dtype=torch.int64, device=self.device)
+        kinds = {name: self._stack(kind, sets) for name, kind in self.kinds.items()}
+        return ForwardFactors(groups, kinds, max(f.a.shape[3] for f in kinds.values()))
+
+    def _stack(self, kind: SlotKind, sets: Sequence[RowAdapters]) -> KindFactors:
+        """The groups' factors of one kind, `[n, G, P, R, ...]`."""
+        present = [[(adapter.kinds[kind.key], scale) for adapter, scale in row if kind.key in adapter.kinds]
+                   for row in sets]
+        if len(present) == 1 and len(present[0]) == 1:  # one image, one adapter: its own tensors
+            (factors, scale), = present[0]
+            a_scale = factors.a_scale if scale == 1.0 else factors.a_scale * scale
+            return KindFactors(factors.a.unsqueeze(1), a_scale.unsqueeze(1), factors.b.unsqueeze(1))
+        rank = max([padded_rank(1)] + [sum(f.rank for f, _ in group) for group in present])
+        n = len(kind.blocks)
+        a = torch.zeros(n, len(sets), kind.parts, rank, kind.in_features, device=self.device,
+                        dtype=FP8_DTYPE if self.fp8 else self.dtype)
+        a_scale = torch.zeros(n, len(sets), kind.parts, rank, device=self.device)
+        b = torch.zeros(n, len(sets), kind.parts, kind.part_out, rank, device=self.device, dtype=self.dtype)
+        for g, group in enumerate(present):
+            col = 0
+            for factors, scale in group:
+                r = factors.rank
+                a[:, g, :, col : col + r] = factors.a
+                a_scale[:, g, :, col : col + r] = factors.a_scale * scale
+                b[:, g, :, :, col : col + r] = factors.b
+                col += r
+        return KindFactors(a, a_scale, b)
+
+    def forget(self) -> None:
+        """Drops cached plans (they hold adapters' factors): after an adapter leaves the cache."""
+        self._plans.clear()
+
+    def _set(self, factors: ForwardFactors | None) -> None:
+        views = None if factors is None else factors.slot_views()
+        for kind_name, kind in self.kinds.items():
+            for block, path in enumerate(kind.paths):
+                module = self.modules[path]
+                if views is None:
+                    module.lora_a = module.lora_a_scale = module.lora_b = module.lora_groups = None
+                else:
+                    module.lora_a, module.lora_a_scale, module.lora_b = views[kind_name][block]
+                    module.lora_groups = factors.groups
+
+    @contextlib.contextmanager
+    def applied(self, factors: ForwardFactors | None) -> Iterator[None]:
+        """Within the block, the linears carry `factors` (none: the base linears alone)."""
+        previous = self.active
+        self.active = factors
+        self._set(factors)
+        try:
+            yield
+        finally:
+            self.active = previous
+            self._set(previous)
+
+    def using(self, rows: Sequence[RowAdapters]) -> contextlib.AbstractContextManager:
+        """Within the block, a forward's row i gets rows[i]'s adapters; none when no row has any."""
+        return self.applied(self.plan(rows) if any(rows) else None)
+
+
+def _carrier(transformer: nn.Module, path: str) -> LoraCarrier:
+    """The module at `path` as an adapter carrier (a dense linear wrapped in `LoraLinear`, once)."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = transformer.get_submodule(parent_path)
+    current = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+    if isinstance(current, LoraCarrier):
+        return current
+    wrapped = LoraLinear(current)
+    if attr.isdigit():
+        parent[int(attr)] = wrapped
+    else:
+        setattr(parent, attr, wrapped)
+    return wrapped
+
+
+class GraphFactors:
+    """Static factors of one image, up to `rank`, for CUDA graphs of forwards with adapters: what a
+    captured graph reads; `fill` copies a forward's factors in (zero-padded) before a replay."""
+
+    def __init__(self, slots: LoraSlots, rank: int):
+        self.rank = padded_rank(rank)
+        zero = slots.zero_adapter(self.rank)
+        self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device),
+                                      {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
+                                       for name, f in zero.kinds.items()}, self.rank)
+        self.holds: int | None = None  # the serial of the factors copied in last
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.factors.kinds.values())
+
+    def fits(self, factors: ForwardFactors) -> bool:
+        return factors.groups.shape[0] == 1 and factors.rank <= self.rank
+
+    def fill(self, factors: ForwardFactors) -> None:
+        """Copies `factors` (one image, rank up to `self.rank`) in, unless they are already there."""
+        if factors is self.factors or self.holds == factors.serial:
+            return
+        for name, static in self.factors.kinds.items():
+            given = factors.kinds[name]
+            r = given.a.shape[3]
+            static.a[:, :, :, :r].copy_(given.a)
+            static.a_scale[:, :, :, :r].copy_(given.a_scale)
+            static.b[..., :r].copy_(given.b)
+            if r < self.rank:
+                static.a_scale[:, :, :, r:].zero_()  # A's rows past r count for nothing (scale 0) ...
+                static.b[..., r:].zero_()  # ... and B's columns past r neither
+        self.holds = factors.serial
+
+
+def install_lora(transformer: nn.Module) -> LoraSlots:
+    """Makes every adaptable linear an adapter carrier (once; again returns the same slots)."""
+    existing = getattr(transformer, "_lora_slots", None)
+    if existing is None:
+        existing = LoraSlots(transformer)
+        transformer._lora_slots = existing
+    return existing
