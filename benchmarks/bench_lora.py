@@ -75,7 +75,7 @@ def gpu_us(fn, repeats: int = 50) -> float:
 def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
     """Per linear kind at `rows` tokens, one block's linear: see the module docstring."""
     from deployments.denoiser.lora.layout import padded_rank, quantize_rows
-    from deployments.denoiser.lora.ops import add_lora
+    from deployments.denoiser.lora.ops import update
 
     out = {}
     g = torch.Generator("cuda").manual_seed(0)
@@ -92,7 +92,7 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         y, x_side = module(xq, xs), torch.empty_like(x)
         figures = {
             "base_us": gpu_us(lambda: module(xq, xs)),
-            "base_plus_update_us": gpu_us(lambda: add_lora(module(xq, xs), xq, xs, a, a_scale, b, groups)),
+            "base_plus_update_us": gpu_us(lambda: update(module(xq, xs), xq, xs, a, a_scale, b, groups)),
             "down_fp8_rows_us": gpu_us(lambda: torch._scaled_mm(xq, a.reshape(-1, d_in).t(), scale_a=xs,
                                                                 scale_b=a_scale.reshape(1, -1),
                                                                 out_dtype=torch.bfloat16, use_fast_accum=True)),

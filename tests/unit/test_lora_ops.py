@@ -50,7 +50,7 @@ def test_dense_rows(groups, parts):
     y = torch.randn(batch, seq, parts * part_out, generator=g)
     groups = torch.tensor(groups)
     want = reference(y, x, a, a_scale, b, groups)
-    got = ops.add_lora(y.clone(), x, None, a, a_scale, b, groups)
+    got = ops.update(y.clone(), x, None, a, a_scale, b, groups)
     assert rel_err(got, want) < 1e-6
 
 
@@ -67,7 +67,7 @@ def test_fp8_rows_read_the_quantized_rows_and_their_scales():
     y = torch.randn(batch * seq, parts * part_out, generator=g).to(torch.bfloat16)
     groups = torch.tensor([1, 0, 1])
     want = reference(y, x_q.float() * x_scale, a_q.float(), a_s * a_scale, b.to(torch.bfloat16), groups)
-    got = ops.add_lora(y.clone(), x_q, x_scale, a_q, a_s * a_scale, b.to(torch.bfloat16), groups)
+    got = ops.update(y.clone(), x_q, x_scale, a_q, a_s * a_scale, b.to(torch.bfloat16), groups)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) < 1e-2  # bf16 h and output: a few units in the last bf16 place
     assert rel_err(got, y) > 0.1  # the update is not negligible here
@@ -77,7 +77,7 @@ def test_the_op_runs_in_place_and_leaves_the_inputs():
     a, a_scale, b = factors(1, 1, 16, 8, 4, seed=1)
     x, y = torch.randn(1, 3, 8), torch.zeros(1, 3, 4)
     kept = x.clone()
-    out = ops.add_lora(y, x, None, a, a_scale, b, torch.tensor([0]))
+    out = ops.update(y, x, None, a, a_scale, b, torch.tensor([0]))
     assert out is y and y.abs().sum() > 0 and torch.equal(x, kept)
 
 

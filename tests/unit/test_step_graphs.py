@@ -98,21 +98,22 @@ def test_graphs_need_a_cuda_device():
 
 
 def module_state_capture(slots, log):
-    """`stand_in_capture` that also keeps what a CUDA graph bakes in: the factor tensors the linears
-    held at capture, which its replays read whatever the linears hold then."""
+    """`stand_in_capture` that also keeps what a CUDA graph bakes in: the factors the update op read
+    at capture (`lora.ops.FACTORS`), which its replays read whatever the forward has set since."""
+    from deployments.denoiser.lora import ops
+
     def capture(fn):
-        held = {path: (m.lora_a, m.lora_a_scale, m.lora_b, m.lora_groups) for path, m in slots.modules.items()}
+        held = {sid: ops.FACTORS.get(sid) for sid in slots.ids.values()}
         outputs = fn()
         log.append("capture")
 
         def replay():
-            now = {path: (m.lora_a, m.lora_a_scale, m.lora_b, m.lora_groups) for path, m in slots.modules.items()}
-            for which in (held, now):
-                for path, (a, s, b, g) in which.items():
-                    module = slots.modules[path]
-                    module.lora_a, module.lora_a_scale, module.lora_b, module.lora_groups = a, s, b, g
-                if which is held:
-                    fresh = fn()
+            now = {sid: ops.FACTORS.get(sid) for sid in slots.ids.values()}
+            ops.FACTORS.update(held)
+            try:
+                fresh = fn()
+            finally:
+                ops.FACTORS.update(now)
             for out, value in zip(outputs, fresh):
                 out.copy_(value)
 

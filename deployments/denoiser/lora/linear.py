@@ -6,11 +6,12 @@ Two kernel families, one update:
 - `LoraLinear` wraps any other linear (bf16 or float32 `nn.Linear`, torchao's FP8 linear): the
   down-projection reads its dense input.
 
-Both inherit `LoraCarrier`: the factors are tensors set on the module for one forward
-(`slots.LoraSlots.using`), never constants, so a compiled block reads them as graph inputs and a
-new adapter, rank or mix compiles nothing. Between forwards they are None, and a forward without
-adapters runs exactly the base linear: the `is None` test is resolved when torch.compile traces the
-block (a guard, not a branch in the graph) and CUDA-graph replays run no Python at all.
+Both inherit `LoraCarrier`: `lora_on` says whether this forward has adapters, and the update op
+finds the forward's factors by the linear's `lora_slot` id (`ops`, filled by `slots.LoraSlots.using`),
+so a compiled block never sees the factors themselves and a new adapter, rank or mix compiles
+nothing. A forward without adapters runs exactly the base linear: `lora_on` is resolved when
+torch.compile traces the block (a guard, so two graphs per block shape: with and without adapters,
+not a branch in either) and CUDA-graph replays run no Python at all.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ class LoraCarrier:
     """A linear that adds one forward's adapters to its output (see the module docstring)."""
 
     lora_input = "dense"  # or "fp8": the linear takes FP8 rows with their scales
-    lora_a: torch.Tensor | None = None  # [G, P, R, in]
-    lora_a_scale: torch.Tensor | None = None  # [G, P, R]
-    lora_b: torch.Tensor | None = None  # [G, P, out_p, R]
-    lora_groups: torch.Tensor | None = None  # [B] int64
+    lora_on = False
+    lora_slot: torch.Tensor  # a CPU int64 scalar, set by `slots.LoraSlots`
 
     def with_lora(self, y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if self.lora_a is None:
+        if not self.lora_on:
             return y
-        return add_lora(y, x, x_scale, self.lora_a, self.lora_a_scale, self.lora_b, self.lora_groups)
+        return add_lora(y, x, x_scale, self.lora_slot)
 
 
 class LoraLinear(LoraCarrier, nn.Module):

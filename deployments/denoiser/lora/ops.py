@@ -1,8 +1,8 @@
 """The unmerged LoRA update as one op: `y += (x A^T) B^T`, each batch item with its own factors.
 
-`torch.ops.zimage.lora_add_(y, x, x_scale, a, a_scale, b, groups)` adds, in place, to the output `y`
-(`[rows, out]` or `[B, S, out]`) of a linear whose input was `x`, the update of the adapters of each
-batch item (`groups[i]`: item i's group; the B items' rows are consecutive, S = rows / B):
+`update(y, x, x_scale, a, a_scale, b, groups)` adds, in place, to the output `y` (`[rows, out]` or
+`[B, S, out]`) of a linear whose input was `x`, the update of the adapters of each batch item
+(`groups[i]`: item i's group; the B items' rows are consecutive, S = rows / B):
 
     a        [G, P, R, in]      the groups' A of each part (`layout`), FP8 or dense
     a_scale  [G, P, R]          float32, per rank row: A's FP8 scale times the adapter's scale
@@ -15,11 +15,14 @@ batch item (`groups[i]`: item i's group; the B items' rows are consecutive, S = 
 - up-projection: per part, a batched GEMM over the items accumulating into y in place (cuBLAS reads
   and writes y once, in its epilogue: `baddbmm_` on y's own strided view, no copy of y).
 
-One op for both kernel families (`x` FP8 or dense), so torch.compile sees one opaque call per linear
-with adapters: inductor neither re-fuses nor specializes it, and its fake is shape-only. The group
-count, the rank and the batch are dynamic (`slots.LoraSlots` marks them); a batch of one image has one
-group, a batch of several always has at least two (the zero group first), so no graph specializes
-on a group count of 1 where it could be more.
+The compiled blocks call it as `torch.ops.zimage.lora_add_(y, x, x_scale, slot)`: `slot` is the
+linear's id (a CPU scalar tensor, the same shape in every block) and the op finds the forward's factors
+for it in `FACTORS`, which `slots.LoraSlots` fills for each forward. So the factors are no input of the
+compiled graph at all: no adapter, rank, group count, batch or block (whose factors are views at
+other offsets of one tensor) is anything dynamo guards on, and a new one compiles nothing. One op for
+both kernel families (`x` FP8 or dense); opaque to inductor, which reinplaces it on y (no copy of y).
+Under a CUDA-graph capture its body runs once, on the static factors the capture set
+(`slots.GraphFactors`), and the graph replays those kernels.
 """
 
 from __future__ import annotations
@@ -42,9 +45,13 @@ def _down(x2d: torch.Tensor, x_scale: torch.Tensor | None, a2d: torch.Tensor, a_
     return ((x2d.float() * x_scale) @ a2d.float().t() * a_scale).to(dtype)
 
 
-def lora_add(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, a: torch.Tensor,
-             a_scale: torch.Tensor, b: torch.Tensor, groups: torch.Tensor) -> None:
-    """The op's eager body (see the module docstring)."""
+# slot id -> (a, a_scale, b, groups): the factors of the forward in flight, for each linear that has any
+FACTORS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def update(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, a: torch.Tensor,
+           a_scale: torch.Tensor, b: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """`y` plus each item's update, in place (see the module docstring); returns `y`."""
     batch = groups.shape[0]
     n_groups, parts, rank, d_in = a.shape
     part_out = b.shape[2]
@@ -58,24 +65,30 @@ def lora_add(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, a: 
     h = h.view(batch, seq, parts, rank)
     y4 = y.view(batch, seq, parts, part_out)
     for part in range(parts):
-        update = b[:, part].transpose(1, 2)  # [items, R, out_p]
-        if update.shape[0] != batch:
-            update = update.expand(batch, -1, -1)
-        y4[:, :, part].baddbmm_(h[:, :, part], update)
+        step = b[:, part].transpose(1, 2)  # [items, R, out_p]
+        if step.shape[0] != batch:
+            step = step.expand(batch, -1, -1)
+        y4[:, :, part].baddbmm_(h[:, :, part], step)
+    return y
 
 
-def _lora_add_fake(y, x, x_scale, a, a_scale, b, groups) -> None:
+def _lora_add(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, slot: torch.Tensor) -> None:
+    factors = FACTORS.get(int(slot))
+    if factors is None:
+        raise RuntimeError(f"LoRA slot {int(slot)} has no factors for this forward")
+    update(y, x, x_scale, *factors)
+
+
+def _lora_add_fake(y, x, x_scale, slot) -> None:
     return None
 
 
-_LIBRARY.define("lora_add_(Tensor(a!) y, Tensor x, Tensor? x_scale, Tensor a, Tensor a_scale, Tensor b, "
-                "Tensor groups) -> ()")
-_LIBRARY.impl("lora_add_", lora_add, "CompositeExplicitAutograd")
+_LIBRARY.define("lora_add_(Tensor(a!) y, Tensor x, Tensor? x_scale, Tensor slot) -> ()")
+_LIBRARY.impl("lora_add_", _lora_add, "CompositeExplicitAutograd")
 torch.library.register_fake("zimage::lora_add_", _lora_add_fake, lib=_LIBRARY)
 
 
-def add_lora(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, a: torch.Tensor,
-             a_scale: torch.Tensor, b: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """`y` with the update added (in place); what the adapter-carrying linears call."""
-    torch.ops.zimage.lora_add_(y, x, x_scale, a, a_scale, b, groups)
+def add_lora(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, slot: torch.Tensor) -> torch.Tensor:
+    """`y` with the update of linear `slot`'s factors added (in place); what the carriers call."""
+    torch.ops.zimage.lora_add_(y, x, x_scale, slot)
     return y

@@ -9,7 +9,8 @@ whose row (batch item) i has the adapters `rows[i]` gets a `ForwardFactors`:
   sees one group;
 - per kind, the groups' factors stacked `[n_blocks, G, P, R, ...]`, R the largest padded rank; one
   image with one adapter at scale 1 reads the adapter's own tensors (views, nothing copied);
-- per slot, views of those for its block, set on the module for the forward (`using`).
+- per slot, views of those for its block, where the update op finds them for the forward
+  (`ops.FACTORS`, by the linear's id; `using`).
 
 Every slot carries factors in a forward with adapters (zeros where none applies), so which linears an
 adapter targets is no new graph variant: two variants per block shape, without adapters and with.
@@ -41,6 +42,7 @@ from deployments.denoiser.lora.layout import (
     slot_kinds,
     zero_adapter,
 )
+from deployments.denoiser.lora import ops
 from deployments.denoiser.lora.linear import LoraCarrier, LoraLinear
 
 # One forward row's adapters with their scales.
@@ -49,6 +51,7 @@ SlotTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, a_scale, b o
 
 
 _SERIALS = itertools.count(1)
+_SLOT_IDS = itertools.count(1)
 
 
 @dataclass
@@ -62,19 +65,10 @@ class ForwardFactors:
     _views: dict[str, list[SlotTensors]] | None = None
 
     def slot_views(self) -> dict[str, list[SlotTensors]]:
-        """Per kind, each block's `(a, a_scale, b)`, their group, rank and batch dims marked dynamic
-        for torch.compile; made once."""
+        """Per kind, each block's `(a, a_scale, b)` (made once)."""
         if self._views is None:
-            torch._dynamo.maybe_mark_dynamic(self.groups, 0)
-            self._views = {}
-            for name, factors in self.kinds.items():
-                views = []
-                for block in range(factors.a.shape[0]):
-                    a, a_scale, b = factors.a[block], factors.a_scale[block], factors.b[block]
-                    for tensor, dims in ((a, [0, 2]), (a_scale, [0, 2]), (b, [0, 3])):
-                        torch._dynamo.maybe_mark_dynamic(tensor, dims)
-                    views.append((a, a_scale, b))
-                self._views[name] = views
+            self._views = {name: [(f.a[block], f.a_scale[block], f.b[block]) for block in range(f.a.shape[0])]
+                           for name, f in self.kinds.items()}
         return self._views
 
 
@@ -85,6 +79,9 @@ class LoraSlots:
         self.slots: dict[str, Slot] = model_slots(transformer)
         self.kinds: dict[str, SlotKind] = slot_kinds(self.slots)
         self.modules: dict[str, LoraCarrier] = {path: _carrier(transformer, path) for path in self.slots}
+        self.ids: dict[str, int] = {path: next(_SLOT_IDS) for path in self.modules}
+        for path, module in self.modules.items():
+            module.lora_slot = torch.tensor(self.ids[path])
         families = {module.lora_input for module in self.modules.values()}
         if len(families) != 1:
             raise ValueError(f"the block linears mix input kinds {sorted(families)}; LoRA needs one")
@@ -93,7 +90,7 @@ class LoraSlots:
         self.active: ForwardFactors | None = None
         self._plans: OrderedDict[tuple, tuple[Sequence[RowAdapters], ForwardFactors]] = OrderedDict()
         self._plan_cache = plan_cache
-        self._set(None)  # each linear's own None from the start: compiled guards see one state between forwards
+        self._set(None)  # each linear's own `lora_on` from the start: compiled guards see one state between forwards
 
     def lay_out(self, adapter: LoraAdapter) -> LaidOutAdapter:
         """`adapter` on this model's device, in its linears' layout (FP8 A for FP8 rows)."""
@@ -165,11 +162,11 @@ class LoraSlots:
         for kind_name, kind in self.kinds.items():
             for block, path in enumerate(kind.paths):
                 module = self.modules[path]
+                module.lora_on = views is not None
                 if views is None:
-                    module.lora_a = module.lora_a_scale = module.lora_b = module.lora_groups = None
+                    ops.FACTORS.pop(self.ids[path], None)
                 else:
-                    module.lora_a, module.lora_a_scale, module.lora_b = views[kind_name][block]
-                    module.lora_groups = factors.groups
+                    ops.FACTORS[self.ids[path]] = (*views[kind_name][block], factors.groups)
 
     @contextlib.contextmanager
     def applied(self, factors: ForwardFactors | None) -> Iterator[None]:
