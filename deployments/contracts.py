@@ -178,7 +178,7 @@ class DenoiseJob(DenoiseRequest):
     negative_caption: torch.Tensor | None = None  # used only when guidance_scale > 0
     init_posterior: LatentPosterior | None = None  # image-to-image when set
     adapters: tuple[tuple[Any, float], ...] = ()
-    """`loras` resolved: (`lora.adapter.LaidOutAdapter`, scale) on the Denoiser's device, one per ref;
+    """`loras` resolved: (`lora.layout.LaidOutAdapter`, scale) on the Denoiser's device, one per ref;
     never crosses a deployment boundary."""
     control: Any = None
     """A `deployments.denoiser.control.ControlContext` when the job is controlled (needs a ControlNet)."""

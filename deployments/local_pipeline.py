@@ -35,7 +35,7 @@ class GenerationSpec:
     init_image: Image.Image | None = None  # already fitted to width x height
     strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
-    loras: tuple = ()  # (lora.adapter.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
+    loras: tuple = ()  # (lora.layout.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
     control_image: Image.Image | None = None  # ControlNet: already fitted to width x height
     control_scale: float = DEFAULT_CONTROL_SCALE
 

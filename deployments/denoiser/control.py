@@ -22,6 +22,7 @@ Where the DiT runs with real-valued RoPE (`dit.rotary`), the ControlNet shares t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from torch import nn
 
 from deployments.contracts import ControlLatents
 from deployments.denoiser.dit.rotary import RealRopeAttnProcessor, RealRopeEmbedder
+from deployments.geometry import latent_shape
 
 SEQ_MULTI_OF = 32  # diffusers pads the image and caption sequences to multiples of 32
 DEFAULT_CONTROL_SCALE = 0.75  # diffusers' `controlnet_conditioning_scale`
@@ -107,9 +109,10 @@ class ControlNetRunner:
         # One scale per row, `[B, 1, 1]`: the scale also weights the hints inside the ControlNet's own
         # refiner (Union 2.1), so it cannot be applied to its outputs afterwards.
         scales = torch.tensor([controls[i].scale for i in rows], dtype=torch.float32).view(-1, 1, 1)
-        out = self.controlnet([latents[i] for i in rows], t[rows], [captions[i] for i in rows],
-                              [controls[i].context.to(latents[i].device, dtype) for i in rows],
-                              conditioning_scale=scales.to(latents[0].device, dtype))
+        with self._adapters_of(rows, len(controls)):
+            out = self.controlnet([latents[i] for i in rows], t[rows], [captions[i] for i in rows],
+                                  [controls[i].context.to(latents[i].device, dtype) for i in rows],
+                                  conditioning_scale=scales.to(latents[0].device, dtype))
         lengths = [unified_length(x, c) for x, c in zip(latents, captions)]
         if len(rows) == len(controls):
             return out
@@ -121,8 +124,32 @@ class ControlNetRunner:
             hints[layer] = full
         return hints
 
+    def _adapters_of(self, rows: list[int], batch: int):
+        """The ControlNet runs the transformer's refiners on the controlled rows only: with LoRA
+        adapters in the forward (`lora.slots`), those rows' adapters, not the whole batch's."""
+        slots = getattr(self.transformer, "_lora_slots", None)
+        if slots is None or slots.active is None or len(rows) == batch:
+            return contextlib.nullcontext()
+        return slots.applied(slots.active.rows(rows))
+
     def forward(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
                 controls: list[ControlContext | None]) -> list[torch.Tensor]:
         """The transformer's outputs with each row's hints added after the ControlNet's layers."""
         hints = self.hints(latents, t, captions, controls)
         return self.transformer(latents, t, captions, controlnet_block_samples=hints, return_dict=False)[0]
+
+    def warmup_controls(self, call, generator: torch.Generator | None = None) -> list[ControlContext | None]:
+        """A warm-up call's control inputs (`dit.warmup.WarmupCall` with `control` "control" or "mask"):
+        random latents at its size for its first image (with "mask", a random keep-mask and masked-image
+        latents), None for the others, at the default scale."""
+        generator = generator or torch.Generator("cpu").manual_seed(0)
+        shape = latent_shape(LATENT_CHANNELS, call.width, call.height)
+        latents = torch.randn(shape, generator=generator)
+        keep = masked = None
+        if call.control == "mask":
+            if not self.takes_mask:
+                raise ValueError(f"warm-up call {call.key}: this ControlNet takes no mask")
+            keep = (torch.rand((1, 1, *shape[2:]), generator=generator) > 0.5).float()
+            masked = torch.randn(shape, generator=generator)
+        context = ControlContext(control_context(latents, self.in_dim, keep, masked), DEFAULT_CONTROL_SCALE)
+        return [context] + [None] * (call.batch - 1)

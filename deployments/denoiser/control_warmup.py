@@ -20,7 +20,8 @@ job in a step batch (`denoiser.control`, the batching rule):
   forward at each preset size not warmed (`dit.size_warmup` runs its plain first forwards there).
 
 They run only where the plain warm-up runs (compile on, `warmup_sizes` not empty): no setting of
-their own. Their outputs are dropped; nothing they run is kept but caches of the same kind the plain
+their own. This module plans them; the plan's owner (`dit.warmup`) runs them, each controlled call
+through the runner's own random control inputs (`ControlNetRunner.warmup_controls`). Their outputs are dropped; nothing they run is kept but caches of the same kind the plain
 warm-up fills, so no output depends on them (tests/unit/test_control_warmup.py).
 """
 
@@ -30,17 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from functools import partial
 
-import torch
-
-from deployments.denoiser.control import (
-    DEFAULT_CONTROL_SCALE,
-    LATENT_CHANNELS,
-    ControlContext,
-    ControlNetRunner,
-    control_context,
-)
+from deployments.denoiser.control import ControlNetRunner
 from deployments.denoiser.dit.warmup import WarmupCall, run_call
-from deployments.geometry import image_tokens, latent_shape
+from deployments.geometry import image_tokens
 
 FORMS = ("control", "mask")  # a plain control input; the inpainting layout (Union 2.x)
 
@@ -75,20 +68,3 @@ def serving_control_calls(single: Sequence[WarmupCall], batched: Sequence[Warmup
 def control_steps(transformer, runner: ControlNetRunner, calls: Sequence[WarmupCall]) -> list[tuple[str, partial]]:
     """`calls` as background warm-up steps (`runtime.background_warmup`)."""
     return [(call.key, partial(run_call, transformer, call, control=runner)) for call in calls]
-
-
-def warmup_controls(runner: ControlNetRunner, call: WarmupCall, generator: torch.Generator | None = None
-                    ) -> list[ControlContext | None]:
-    """One `ControlContext` for the first image of `call` (random latents at its size; with the form
-    "mask", a random keep-mask and masked-image latents), None for the others."""
-    generator = generator or torch.Generator("cpu").manual_seed(0)
-    shape = latent_shape(LATENT_CHANNELS, call.width, call.height)
-    latents = torch.randn(shape, generator=generator)
-    keep = masked = None
-    if call.control == "mask":
-        if not runner.takes_mask:
-            raise ValueError(f"warm-up call {call.key}: this ControlNet takes no mask")
-        keep = (torch.rand((1, 1, *shape[2:]), generator=generator) > 0.5).float()
-        masked = torch.randn(shape, generator=generator)
-    context = ControlContext(control_context(latents, runner.in_dim, keep, masked), DEFAULT_CONTROL_SCALE)
-    return [context] + [None] * (call.batch - 1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deployments.denoiser.control import DEFAULT_CONTROL_SCALE
-from deployments.denoiser.control_warmup import controlled, serving_control_calls, warmup_controls
+from deployments.denoiser.control_warmup import controlled, serving_control_calls
 from deployments.denoiser.dit.warmup import WarmupCall, run_calls, serving_calls
 from deployments.local_pipeline import GenerationSpec, LocalPipeline
 from deployments.weights.controlnet_source import resolve_controlnet
@@ -96,7 +96,7 @@ def test_controlled_calls_need_a_controlnet(local):
     call = WarmupCall("512x512/b1/control", 512, 512, (40,), control="control")
     with pytest.raises(ValueError, match="no ControlNet"):
         run_calls(local.loop.transformer, [call], save=False)
-    contexts = warmup_controls(local.control, WarmupCall("b3", 512, 640, (9, 9, 9), control="mask"))
+    contexts = local.control.warmup_controls(WarmupCall("b3", 512, 640, (9, 9, 9), control="mask"))
     assert contexts[0].context.shape == (33, 1, 80, 64) and contexts[1:] == [None, None]
     assert [c.key for c in controlled([call], takes_mask=False)] == ["512x512/b1/control/control"]
 

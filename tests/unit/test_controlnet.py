@@ -137,6 +137,32 @@ def test_controlled_and_plain_jobs_share_a_step_batch(controlled):
     assert np.abs(alone[0] - alone[1]).max() > 10  # same seed and prompt: the control changed it
 
 
+def test_adapters_and_control_on_different_rows_of_one_batch(controlled, tmp_path):
+    """LoRA adapters with control in one step batch: the ControlNet runs the transformer's refiners on
+    the controlled rows only, with those rows' adapters; each image as alone."""
+    from deployments.denoiser.lora.adapter import LoraAdapter
+    from tests.lora_files import random_factors
+
+    slots = controlled.loop.lora_slots
+    transformer = controlled.loop.transformer
+    ink = slots.lay_out(LoraAdapter("ink", random_factors(transformer, rank=4, seed=7, strength=0.3)))
+    specs = [
+        GenerationSpec("a boat", 512, 512, steps=2, seed=1, loras=((ink, 0.8),)),
+        GenerationSpec("a cat", 512, 512, steps=2, seed=2, control_image=edges(512, 512, 2), control_scale=0.7),
+        GenerationSpec("a cow", 512, 512, steps=2, seed=3, loras=((ink, -0.5),), control_image=edges(512, 512, 3)),
+    ]
+    alone = [pixels(controlled.generate([spec])[0]) for spec in specs]
+    loop = controlled.loop
+    controlled.loop = DenoiseLoop(loop.transformer, loop.schedules._scheduler, CPU, F32, batch_invariant=False,
+                                  control=controlled.control)
+    try:
+        together = [pixels(image) for image in controlled.generate(specs)]
+    finally:
+        controlled.loop = loop
+    for mine, theirs in zip(together, alone):
+        assert np.abs(mine - theirs).max() <= MAX_PIXEL_DIFF
+
+
 def test_uncontrolled_rows_get_zero_hints_and_scales_apply_per_row(controlled):
     runner = controlled.control
     torch.manual_seed(0)

@@ -69,6 +69,34 @@ def test_cache_refuses_a_replica_without_adapter_support_and_files_that_do_not_f
     assert (error.status, error.param) == (400, "loras") and "layers.0.attention.to_out.0.lora_A" in error.message
 
 
+def test_eviction_between_steps_leaves_running_jobs_their_factors(directory, transformer, tiny_source):
+    """Running jobs hold their adapters: with the cache at capacity 0, each step is followed by a request
+    for another adapter, which evicts theirs; they finish with the latents of an undisturbed run."""
+    from deployments.contracts import DenoiseJob
+    from deployments.denoiser.loop import DenoiseLoop
+
+    loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), torch.device("cpu"), torch.float32,
+                       batch_invariant=False)
+    cache = AdapterCache(LoraLibrary(LoraSettings(lora_dir=str(directory))), loop.lora_slots, capacity_bytes=0)
+
+    def job(name: str, seed: int) -> DenoiseJob:
+        caption = torch.randn(12, transformer.config.cap_feat_dim, generator=torch.Generator().manual_seed(seed))
+        refs = (LoraRef(name, 0.8),)
+        return DenoiseJob(caption=caption, width=256, height=256, steps=3, seed=seed, adapters=cache.resolve(refs),
+                          loras=refs)
+
+    with torch.inference_mode():
+        undisturbed = loop.run([job("one", 1), job("two", 2)])
+        states = [loop.start(job("one", 1)), loop.start(job("two", 2))]
+        evictions = cache.counts.evictions
+        while not all(state.done for state in states):
+            loop.step(states)
+            cache.resolve([LoraRef("three")])  # evicts "one" and "two", whose jobs are still running
+    assert cache.counts.evictions > evictions and "one" not in cache.resident_names()
+    for state, expected in zip(states, undisturbed):
+        assert torch.equal(state.result().latents, expected.latents)
+
+
 def test_the_ingress_checks_names_and_counts(directory):
     catalog = LoraCatalog({"lora_dir": str(directory)})
     limits = ApiLimits(max_loras_per_request=2)

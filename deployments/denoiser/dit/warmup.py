@@ -33,7 +33,8 @@ class WarmupCall:
     compiled graphs of forwards with adapters, which any adapter, rank or mix then reuses."""
     control: str = ""
     """"control" or "mask": the first image carries a random control input, plain or in the inpainting
-    layout (`denoiser.control_warmup`), so the ControlNet's first calls at this shape happen here."""
+    layout (`ControlNetRunner.warmup_controls`; the calls are planned by `denoiser.control_warmup`),
+    so the ControlNet's first calls at this shape happen here."""
 
     @property
     def batch(self) -> int:
@@ -91,12 +92,9 @@ def run_call(transformer: nn.Module, call: WarmupCall, generator: torch.Generato
     latents, t, captions = call_inputs(transformer, call, generator)
     forward = partial(transformer, return_dict=False)
     if call.control:
-        from deployments.denoiser.control_warmup import warmup_controls
-
         if control is None:
             raise ValueError(f"warm-up call {call.key} is controlled, and no ControlNet is loaded")
-        controls = warmup_controls(control, call, generator)
-        forward = partial(control.forward, controls=controls)
+        forward = partial(control.forward, controls=control.warmup_controls(call, generator))
     adapters = contextlib.nullcontext()
     if call.lora_rank:
         slots = transformer._lora_slots

@@ -64,6 +64,11 @@ class ForwardFactors:
     serial: int = field(default_factory=lambda: next(_SERIALS))  # these factors, not equal ones made again
     _views: dict[str, list[SlotTensors]] | None = None
 
+    def rows(self, indices: Sequence[int]) -> ForwardFactors:
+        """These factors for a forward over some of the rows only (the ControlNet's controlled rows)."""
+        picked = self.groups[torch.tensor(list(indices), dtype=torch.int64, device=self.groups.device)]
+        return ForwardFactors(picked, self.kinds, self.rank)
+
     def slot_views(self) -> dict[str, list[SlotTensors]]:
         """Per kind, each block's `(a, a_scale, b)` (made once)."""
         if self._views is None:
