@@ -40,7 +40,7 @@ def reference(y, x, a, a_scale, b, groups):
     return out.view(y.shape)
 
 
-@pytest.mark.parametrize("groups", [[0], [0, 2, 1, 0], [1, 1]])
+@pytest.mark.parametrize("groups", [[0], [0, 2, 1, 0], [1, 1], [0, 0]])
 @pytest.mark.parametrize("parts", [1, 3])
 def test_dense_rows(groups, parts):
     batch, seq, d_in, part_out, rank = len(groups), 5, 24, 8, 16
@@ -109,6 +109,7 @@ def test_a_forwards_factors_group_equal_rows_and_put_the_empty_group_first(trans
     kind = next(iter(alone.kinds))
     assert alone.groups.tolist() == [0]
     assert alone.kinds[kind].a.data_ptr() == one.kinds[kind].a.data_ptr()  # one image, one adapter: no copy
+    assert slots.plan([((one, 0.5),), ((one, 0.5),)]).groups.tolist() == [0, 0]  # one group, no empty one
     batch = slots.plan([((one, 0.5),), (), ((one, 0.5), (two, -1.0)), ((one, 0.5),)])
     assert batch.groups.tolist() == [1, 0, 2, 1]
     stacked = batch.kinds[kind]

@@ -4,9 +4,8 @@
 `LoraLinear` (`Fp8Weight`s carry adapters themselves), and groups them by kind (`layout`). A forward
 whose row (batch item) i has the adapters `rows[i]` gets a `ForwardFactors`:
 
-- groups: the distinct adapter sets of the rows, each row pointing at its own; with more than one
-  row, group 0 is the empty set (zeros), for rows without adapters and so that a batched graph never
-  sees one group;
+- groups: the distinct adapter sets of the rows, each row pointing at its own; where some row has
+  none, group 0 is the empty set (zeros);
 - per kind, the groups' factors stacked `[n_blocks, G, P, R, ...]`, R the largest padded rank; one
   image with one adapter at scale 1 reads the adapter's own tensors (views, nothing copied);
 - per slot, views of those for its block, where the update op finds them for the forward
@@ -124,7 +123,7 @@ class LoraSlots:
         return plan
 
     def _make_plan(self, rows: Sequence[RowAdapters], key: tuple) -> ForwardFactors:
-        sets: list[RowAdapters] = [()] if len(rows) > 1 else []
+        sets: list[RowAdapters] = [()] if not all(rows) else []
         index: dict[tuple, int] = {(): 0} if sets else {}
         for row, row_key in zip(rows, key):
             if row_key not in index:
