@@ -7,7 +7,7 @@ FP8 with the fused kernels, regional compile, CUDA graphs; on a CPU: float32 eag
 loads, optimizes, warms up and runs control exactly as served; nothing here builds a path of its own.
 Requests go through the handle API's planning and the Ingress's pipeline (no HTTP). In this order:
 
-  first    after ready and every warm-up after it, one plain request at the first size (the prompt and
+  first    each stage ready and its warm-ups after ready done, one plain request at the first size (the prompt and
            the plain path warm), then at each of `--first-sizes` (1024x1024 and a non-square preset)
            the first controlled request (an edge map, scale 0.75) against the same request again
            (median of `--repeats`): target at most 1.3x;
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-tokens", type=int, default=160)
     p.add_argument("--repeats", type=int, default=5, help="warm requests per size; timed jobs per side")
     p.add_argument("--requests", type=int, default=10, help="1-client requests per side of the inpaint figure")
-    p.add_argument("--warm-timeout", type=float, default=1200, help="seconds to wait for the warm-ups after ready")
+    p.add_argument("--warm-timeout", type=float, default=1200, help="seconds to wait for a stage's warm-ups after ready")
     p.add_argument("--json", default="controlnet.json")
     args = p.parse_args(argv)
     args.first_sizes = [parse_size(size) for size in args.first_sizes.split(",") if size.strip()]
@@ -237,7 +237,8 @@ def print_table(result: dict) -> None:
     meta = result["meta"]
     print(f"\ndevice {meta['device']} | model {meta['model']} | controlnet {meta['controlnet']} | commit "
           f"{meta['commit']} | {meta['date']}\nDenoiser: {meta['denoiser_speed']}")
-    print(f"ready after {result['ready_s']:.1f} s; warm-ups after ready done {result['warm_after_ready_s']:.1f} s later")
+    print("start, s: " + ", ".join(f"{name} ready {s['ready_s']:.1f} + warm {s['warm_after_ready_s']:.1f}"
+                                   for name, s in result["start_s"].items()))
     width = max(len(row["figure"]) for row in result["verdicts"])
     print(f"{'figure':<{width}}  {'ratio':>7}  {'target':>7}")
     for row in result["verdicts"]:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings["cache_dir"] = args.cache_dir
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    app = LocalApp(settings)
+    app = LocalApp(settings, args.warm_timeout)
     try:
         denoiser = app.stage("denoiser")
         result: dict = {
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "torch": torch.__version__, "model": args.model, "controlnet": args.controlnet,
                      "denoiser_speed": denoiser.speed.describe(denoiser.speed_keys),
                      "args": {k: str(v) for k, v in vars(args).items()}},
-            "ready_s": app.ready_s, "warm_after_ready_s": app.wait_warm(args.warm_timeout),
+            "start_s": app.start_s,
         }
         for name, figure in (("first", first_requests), ("inpaint", inpaint_against_plain), ("step", step_times)):
             result[name] = figure(app, args)

@@ -56,22 +56,29 @@ class _LocalMethod:
 
 
 class LocalApp:
-    """The four stages, the pipeline over them and an event loop of their own (`request` is blocking)."""
+    """The four stages, the pipeline over them and an event loop of their own (`request` is blocking).
 
-    def __init__(self, settings: dict, limits: ApiLimits | None = None):
+    The stages start one after another, each waited for until its warm-ups after ready are done, and
+    requests run one at a time: in one process the stages share one CUDA context, where a graph that
+    one stage's thread captures must not meet another's work (a replica has its own process)."""
+
+    def __init__(self, settings: dict, warm_timeout_s: float = 1200, limits: ApiLimits | None = None):
         import importlib
 
         from deployments.settings import ModelSettings
 
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        started = time.perf_counter()
         self.targets: dict[str, Any] = {}
+        self.start_s: dict[str, dict[str, float]] = {}  # per stage: seconds to ready, then to warm
         for name, path in STAGES.items():
             module, cls = path.split(":")
             deployment = getattr(importlib.import_module(module), cls)
-            self.targets[name] = deployment.func_or_class() if name == "styler" else deployment.func_or_class(settings)
-        self.ready_s = time.perf_counter() - started  # every stage built and warmed up before ready
+            started = time.perf_counter()
+            target = deployment.func_or_class() if name == "styler" else deployment.func_or_class(settings)
+            ready_s = time.perf_counter() - started
+            self.targets[name] = target
+            self.start_s[name] = {"ready_s": ready_s, "warm_after_ready_s": wait_warm(target, warm_timeout_s)}
         handles = {name: LocalHandle(target) for name, target in self.targets.items()}
         source = ModelSettings(**settings).source()
         self.model_name, self.limits = source.name, limits or ApiLimits()
@@ -80,16 +87,6 @@ class LocalApp:
 
     def stage(self, name: str) -> Any:
         return self.targets[name]
-
-    def wait_warm(self, timeout_s: float) -> float:
-        """Seconds until every warm-up after ready (batched graphs, shapes, the VAE's dynamic graph) is done."""
-        started = time.perf_counter()
-        for target in self.targets.values():
-            for warmup in (getattr(target, name, None) for name in ("after_ready", "shape_warmup")):
-                left = timeout_s - (time.perf_counter() - started)
-                if warmup is not None and not warmup.wait(max(left, 0.0)):
-                    raise TimeoutError(f"{type(target).__name__}'s warm-up after ready took over {timeout_s} s")
-        return time.perf_counter() - started
 
     def request(self, request: ImageRequest) -> tuple[ImageResult, float]:
         """The result and seconds of one request, from its bytes to its encoded images."""
@@ -104,3 +101,12 @@ class LocalApp:
 
     def close(self) -> None:
         self.loop.close()
+
+
+def wait_warm(target: Any, timeout_s: float) -> float:
+    """Seconds until a stage's warm-ups after ready (batched graphs, shapes, the VAE's dynamic graph) are done."""
+    started = time.perf_counter()
+    for warmup in (getattr(target, name, None) for name in ("after_ready", "shape_warmup")):
+        if warmup is not None and not warmup.wait(max(timeout_s - (time.perf_counter() - started), 0.0)):
+            raise TimeoutError(f"{type(target).__name__}'s warm-up after ready took over {timeout_s} s")
+    return time.perf_counter() - started
