@@ -124,6 +124,7 @@ def test_controlled_optimized_dit_against_eager(source, control, reference, prec
     check_output(controlled, err, BF16_TOL if precision == "bf16" else FP8_LIMIT)
 
 
+@pytest.mark.timeout(1600)  # the stages' cold start (compiles) and every figure, past pytest's 600 s
 def test_first_controlled_request_after_ready(tmp_path):
     """A fresh process (compiles and first calls are per process) builds the stages as a replica does,
     waits for every warm-up after ready, then sends the first controlled request at each size and
