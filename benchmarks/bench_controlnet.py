@@ -7,10 +7,10 @@ FP8 with the fused kernels, regional compile, CUDA graphs; on a CPU: float32 eag
 loads, optimizes, warms up and runs control exactly as served; nothing here builds a path of its own.
 Requests go through the handle API's planning and the Ingress's pipeline (no HTTP). In this order:
 
-  first    each stage ready and its warm-ups after ready done, one plain request at the first size (the prompt and
-           the plain path warm), then at each of `--first-sizes` (1024x1024 and a non-square preset)
-           the first controlled request (an edge map, scale 0.75) against the same request again
-           (median of `--repeats`): target at most 1.3x;
+  first    each stage ready and its warm-ups after ready done, one plain request at the first size
+           (the prompt and the plain path warm), then at each of `--first-sizes` (1024x1024 and a
+           non-square preset) the first controlled request (an edge map, scale 0.75) against the
+           same request again (median of `--repeats`): target at most 1.3x;
   inpaint  1 client: an inpainting edit with control (upload, mask and control image, fitted and
            encoded by the VAE) at `--size` against a plain generation at that size, p50 of
            `--requests` each, interleaved: target at most 1.7x;
