@@ -180,18 +180,45 @@ def served_config(model: str, device: str) -> Path:
     return path
 
 
-def main() -> None:
+START_LABELS = ("readme", "serve_config")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random")
     parser.add_argument("--device", default="cuda", help="the README's command's device (cpu for a smoke run)")
     parser.add_argument("--requests", type=int, default=20, help="1-client requests per size")
     parser.add_argument("--unseen", default="30,15", help="unseen lengths at 512x512 and 1024x1024")
     parser.add_argument("--ready-timeout", type=float, default=400)
-    parser.add_argument("--starts", default="readme,serve_config", help="which starts, in order")
+    parser.add_argument("--starts", default=",".join(START_LABELS), help="which starts, in order")
     parser.add_argument("--json", default="first_run.json")
     parser.add_argument("--no-wait-warm", action="store_true",
                         help="measure right after ready, while the warm-ups after ready still run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.starts = [label.strip() for label in args.starts.split(",") if label.strip()]
+    unknown = [label for label in args.starts if label not in START_LABELS]
+    if unknown or not args.starts:
+        parser.error(f"--starts takes some of {', '.join(START_LABELS)}; got {unknown or 'none'}")
+    try:
+        args.unseen = tuple(int(count) for count in args.unseen.split(","))
+    except ValueError:
+        args.unseen = ()
+    if len(args.unseen) != 2 or min(args.unseen) < 1 or args.requests < 1:
+        parser.error("--unseen takes two positive counts (512x512, 1024x1024); --requests a positive count")
+    return args
+
+
+def start_commands(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
+    """(label, `serve run` command, application name) of each start asked for, in order."""
+    commands = {
+        "readme": (["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"], "default"),
+        "serve_config": (["serve", "run", str(served_config(args.model, args.device))], "zimage"),
+    }
+    return [(label, *commands[label]) for label in args.starts]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     out = Path(args.json)
     logs = out.parent
     data: dict = {"meta": {"commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -203,12 +230,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
     env["ZIMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="zimage-first-run-")
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
-    unseen_512, unseen_1024 = (int(v) for v in args.unseen.split(","))
-    starts = [
-        ("readme", ["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"], "default"),
-        ("serve_config", ["serve", "run", str(served_config(args.model, args.device))], "zimage"),
-    ]
-    starts = [start for start in starts if start[0] in args.starts.split(",")]
+    unseen_512, unseen_1024 = args.unseen
+    starts = start_commands(args)
     for index, (label, command, app) in enumerate(starts):
         process = serve_run(command, logs / f"first_run_{label}.log", env)
         try:

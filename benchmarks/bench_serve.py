@@ -26,6 +26,17 @@ the adapters), one GPU, 20 clients at 1024x1024, each request one of 8 rank-32 a
         --skip-baseline --json benchmarks/results/serve_lora.json
 
 Before the first measurement every stage's warm-up after ready has finished (`warm_after_ready_s`).
+
+With `--control-fraction F` the app gets a ControlNet (`controlnet: random`, or `tiny` with the tiny
+model, unless `--set controlnet=...` names one) and each of our loads runs again with a share F of
+the requests carrying a control image (loadgen's `--control-fraction`: its photo-like default or
+`--control-image`, canny preprocessing on the server unless `--control-preprocess none`), after the
+load without control (`/fresh` with `--fresh-prompts`) and with its prompts: `load/<policy>/<load>/
+control`, its throughput as a ratio of that load's. Issue 31's comparison on one GPU (20 clients,
+1024x1024, half the requests controlled, fresh prompts; target at least 0.75x):
+
+    python benchmarks/bench_serve.py --one-gpu --loads 1024 --fresh-prompts --control-fraction 0.5 \
+        --skip-baseline --json benchmarks/results/serve_control.json
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_loras, parse_size_mix, run_load  # noqa: E402
+from benchmarks.loadgen.control import load_control_image  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
 
 APP = "zimage"
@@ -76,6 +88,10 @@ def app_config(args) -> dict:
     for item in args.set or []:
         key, _, value = item.partition("=")
         app["args"][key] = yaml.safe_load(value)
+    if getattr(args, "control_fraction", 0) and not app["args"].get("controlnet"):
+        if args.model not in ("random", "tiny"):
+            raise SystemExit("--control-fraction needs a ControlNet: --set controlnet=<hub id, directory or file>")
+        app["args"]["controlnet"] = args.model  # the random (or tiny) ControlNet beside the random (tiny) model
     if args.one_gpu:  # the autoscaler must not ask for replicas that a single GPU cannot place
         for deployment in app["deployments"]:
             if deployment["name"] in STAGES and "autoscaling_config" in deployment:
@@ -146,12 +162,12 @@ def reset_stats() -> None:
 
 
 def load(url: str, label: str, sizes: str, concurrency: int, steps: int, prompts: list[str], *,
-         duration_s: float | None = None, requests: int | None = None, warmup: int = 0,
-         fresh_prompts: bool = False, loras: list[str] | None = None, lora_scale: float = 1.0) -> dict:
+         duration_s: float | None = None, requests: int | None = None, warmup: int = 0, **options) -> dict:
+    """One loadgen run; `options` are `LoadConfig`'s (fresh prompts, adapters, control images)."""
     config = LoadConfig(
         url=url, concurrency=concurrency, duration_s=duration_s, requests=requests, warmup=warmup,
         size_mix=parse_size_mix(sizes), steps=steps, prompts=prompts, label=label, timeout_s=300,
-        slo_ms=None, fresh_prompts=fresh_prompts, loras=list(loras or ()), lora_scale=lora_scale,
+        slo_ms=None, **options,
     )
     report = asyncio.run(run_load(config))
     print(report.format_table(), flush=True)
@@ -292,6 +308,15 @@ def run_ours(args, recorder: Recorder, prompts: list[str]) -> None:
                     with_loras["throughput_vs_no_adapters"] = round(
                         with_loras["images_per_s"] / max(plain["images_per_s"], 1e-9), 4)
                     recorder.put(f"load/{policy}/{name}/loras", with_loras)
+                if args.control_fraction:  # the same load (fresh prompts or not), a share of it controlled
+                    reset_stats()
+                    controlled = load(url, f"ours {policy} c{args.concurrency} {name} control", LOADS[name],
+                                      args.concurrency, args.steps, prompts, duration_s=args.duration, warmup=2,
+                                      fresh_prompts=args.fresh_prompts, **control_options(args))
+                    controlled["batches"] = batch_summary()
+                    controlled["throughput_vs_plain"] = round(
+                        controlled["images_per_s"] / max(plain["images_per_s"], 1e-9), 4)
+                    recorder.put(f"load/{policy}/{name}/control", controlled)
         if loras:
             recorder.put("lora_targets", lora_targets(recorder.data))
     finally:
@@ -319,6 +344,12 @@ def lora_targets(data: dict) -> dict:
     print("LoRA targets: " + "; ".join(f"{k} {v['value']} ({v['target']}: {'met' if v['met'] else 'NOT met'})"
                                        for k, v in out.items()), flush=True)
     return out
+
+
+def control_options(args) -> dict:
+    """loadgen's control options from bench_serve's."""
+    return {"control_fraction": args.control_fraction, "control_image": load_control_image(args.control_image),
+            "control_preprocess": None if args.control_preprocess == "none" else args.control_preprocess}
 
 
 def run_baseline(args, recorder: Recorder, prompts: list[str]) -> None:
@@ -369,6 +400,8 @@ def summarize(data: dict) -> str:
             lines.append(f"  {key:<32} {value['images_per_s']:>8.3f} img/s  p50 {value['latency']['p50_ms']:>9.1f}")
             if "throughput_vs_no_adapters" in value:
                 lines.append(f"    {value['throughput_vs_no_adapters']:.3f}x the throughput without adapters")
+            if "throughput_vs_plain" in value:
+                lines.append(f"    {value['throughput_vs_plain']:.3f}x the throughput without control")
         if isinstance(value, dict) and "warm" in value:
             warm = value["warm"]
             lines.append(f"  {key + ' (warm)':<32} {warm['images_per_s']:>8.3f} img/s  p50 "
@@ -423,6 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-random", type=int, default=0, help="write N random adapters for the run instead")
     parser.add_argument("--lora-rank", type=int, default=32, help="their rank")
     parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--control-fraction", type=float, default=0.0, help="each load again with this share of "
+                        "requests carrying a control image (a ControlNet on the app)")
+    parser.add_argument("--control-image", default=None, help="that image (default: loadgen's photo-like JPEG)")
+    parser.add_argument("--control-preprocess", choices=("canny", "none"), default="canny")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="short loads (smoke test)")
@@ -431,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     args.loads = [p for p in args.loads.split(",") if p]
+    if not 0.0 <= args.control_fraction <= 1.0:
+        parser.error("--control-fraction takes a share within 0..1")
     if args.quick:
         args.duration, args.single_requests, args.concurrency = 5.0, 3, min(args.concurrency, 4)
     recorder = start_recording(args)

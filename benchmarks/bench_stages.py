@@ -2,7 +2,7 @@
 
     python benchmarks/bench_stages.py --json bench.json                 # H200, model `random`
     python benchmarks/bench_stages.py --quick --sizes 512,1024 --skip-fp8
-    python benchmarks/bench_stages.py --device cpu --model tiny --quick --sizes 512   # smoke run
+    python benchmarks/bench_stages.py --device cpu --model tiny --quick --sizes 512 --repeats 1   # smoke run
 
 What is compared (median of N timed runs after warm-up, CUDA events, batch 1):
 - text encoder, one ~256-token prompt: plain = the full Qwen3 model with `output_hidden_states`, padded

@@ -13,7 +13,8 @@ How it travels, in the OpenAI style:
 (`"canny"`: OpenCV's Canny edge detector on the server, so a user can send a plain photo) ride along.
 
 The control image is checked as an upload is (format, bytes, pixels before decoding), fitted to the
-generation size as an upload is (`fit_upload`), then preprocessed. Without `size`, a generation takes
+generation size as an upload is (`fit_upload`: centre-crop to the aspect, then resize, where diffusers'
+pipelines stretch; a tiny image is scaled up), then preprocessed. Without `size`, a generation takes
 the control image's fitted size, as diffusers' ControlNet pipeline takes the control image's.
 
 An edit with a control image is `ZImageControlNetInpaintPipeline`: it needs a mask (the ControlNet

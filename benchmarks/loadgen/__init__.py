@@ -12,6 +12,9 @@ Prompts come from a file (`--prompts`, one a line), or with `--fresh-prompts` ev
 never sent before, with the length of one drawn from the file (fresh.py): real traffic rarely repeats
 a prompt, and a server may cache by prompt or by its length. `--loras a,b,c` gives each request one
 of those LoRA adapters (the `loras` extension field), picked uniformly and seeded, at `--lora-scale`.
+`--control-fraction F` gives a share F of the requests a control image (a server with a ControlNet:
+`control_image`, `control_scale`, and `control_preprocess: canny` unless `--control-preprocess none`),
+picked seeded; control.py makes the default image, `--control-image` sends a file.
 
 Every 200 is checked (JSON shape, image count, base64 that decodes to PNG/JPEG/WebP bytes); a
 malformed 200 counts as an error. Warm-up requests run first, as their own phase, and are left out

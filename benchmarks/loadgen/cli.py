@@ -6,6 +6,7 @@ import argparse
 import asyncio
 
 from benchmarks.loadgen.client import run_load
+from benchmarks.loadgen.control import load_control_image
 from benchmarks.loadgen.config import (
     DEFAULT_PATH,
     DEFAULT_PROMPTS,
@@ -46,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "picked uniformly at random (seeded by --shuffle-seed); sizes, prompts and seeds stay those of "
                    "the run without adapters")
     p.add_argument("--lora-scale", type=float, default=1.0, help="the adapter's scale, -2..2 (default %(default)s)")
+    p.add_argument("--control-fraction", type=float, default=0.0,
+                   help="the share of requests with a control image, 0..1 (a server with a ControlNet); which "
+                        "requests is drawn from --shuffle-seed, sizes, prompts and seeds stay those of the run without")
+    p.add_argument("--control-image", default=None,
+                   help="the control image they send (PNG/JPEG/WebP); default: a photo-like 1024x1024 JPEG")
+    p.add_argument("--control-preprocess", choices=("canny", "none"), default="canny",
+                   help="canny: the server makes the edge map (default); none: the image is the control map")
+    p.add_argument("--control-scale", type=float, default=0.75, help="0..2 (default %(default)s)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--slo-ms", type=float, default=None, help="latency objective for goodput")
     p.add_argument("--json", dest="json_out", default=None, help="write the full report to this file")
@@ -81,6 +90,10 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         shuffle_seed=args.shuffle_seed,
         loras=parse_loras(args.loras),
         lora_scale=args.lora_scale,
+        control_fraction=args.control_fraction,
+        control_image=load_control_image(args.control_image) if args.control_fraction > 0 else None,
+        control_preprocess=None if args.control_preprocess == "none" else args.control_preprocess,
+        control_scale=args.control_scale,
         progress=not args.no_progress,
     )
 

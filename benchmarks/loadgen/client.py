@@ -18,6 +18,7 @@ import aiohttp
 from tqdm import tqdm
 
 from benchmarks.loadgen.config import DEFAULT_PROMPTS, LoadConfig, load_prompts
+from benchmarks.loadgen.control import default_control_image, encoded
 from benchmarks.loadgen.fresh import FreshPrompts
 from benchmarks.loadgen.report import LoadReport, RequestRecord, build_report
 
@@ -115,6 +116,7 @@ class _Runner:
             self.headers["Authorization"] = f"Bearer {config.api_key}"
         self.prompts = config.prompts
         self.fresh = FreshPrompts(config.prompts, config.shuffle_seed) if config.fresh_prompts else None
+        self.control_b64 = encoded(config.control_image) if config.control_fraction > 0 else None
         self.in_flight = 0
         self.max_seen_in_flight = 0
         self.cut_records: list[RequestRecord] = []
@@ -129,9 +131,9 @@ class _Runner:
         progress.update(done)
 
     def request_body(self, index: int) -> tuple[dict[str, Any], str, int | None]:
-        """Prompt, size and adapter depend only on the request's index, so runs are comparable; with
-        fresh prompts, or with adapters, the sizes and seeds are those of the same run without them (the
-        adapter is drawn from a generator of its own)."""
+        """Prompt, size, adapter and control depend only on the request's index, so runs are comparable;
+        with fresh prompts, adapters or control images, the sizes and seeds are those of the same run
+        without them (the adapter and whether a request is controlled are drawn from generators of their own)."""
         rng = random.Random(self.config.shuffle_seed * 1_000_003 + index)
         prompt = self.prompts[rng.randrange(len(self.prompts))]
         if self.fresh is not None:
@@ -153,7 +155,16 @@ class _Runner:
         if self.config.loras:
             pick = random.Random(f"lora:{self.config.shuffle_seed}:{index}").randrange(len(self.config.loras))
             body["loras"] = [{"name": self.config.loras[pick], "scale": self.config.lora_scale}]
+        if self.controlled(index):
+            body.update(control_image=self.control_b64, control_scale=self.config.control_scale)
+            if self.config.control_preprocess is not None:
+                body["control_preprocess"] = self.config.control_preprocess
         return body, choice.size, seed
+
+    def controlled(self, index: int) -> bool:
+        """Whether request `index` carries the control image: a `control_fraction` share, seeded."""
+        fraction = self.config.control_fraction
+        return fraction > 0 and random.Random(f"control:{self.config.shuffle_seed}:{index}").random() < fraction
 
     async def one_request(self, index: int, phase_start: float, warmup: bool, progress: tqdm) -> RequestRecord:
         body, size, seed = self.request_body(index)
@@ -162,7 +173,7 @@ class _Runner:
         sent = time.perf_counter()
         record = RequestRecord(
             index=index, start_s=sent - phase_start, latency_ms=0.0, size=size, n=self.config.n,
-            seed=seed, status=None, ok=False, images=0, warmup=warmup,
+            seed=seed, status=None, ok=False, images=0, warmup=warmup, control="control_image" in body,
         )
         try:
             timeout = aiohttp.ClientTimeout(total=self.config.timeout_s)
@@ -275,6 +286,8 @@ async def run_load(config: LoadConfig) -> LoadReport:
     """Runs the warm-up phase, then the measured phase, and returns the report."""
     if not config.prompts:
         config.prompts = load_prompts(DEFAULT_PROMPTS)
+    if config.control_fraction > 0 and config.control_image is None:
+        config.control_image = default_control_image()
     config.validate()
     cap = config.in_flight_cap
     connector = aiohttp.TCPConnector(limit=cap, force_close=False)

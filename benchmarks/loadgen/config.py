@@ -100,6 +100,10 @@ class LoadConfig:
     shuffle_seed: int = 0  # drives prompt, size and adapter choice and the arrival times
     loras: list[str] = field(default_factory=list)  # each request uses one, picked uniformly (seeded); empty: none
     lora_scale: float = 1.0
+    control_fraction: float = 0.0  # the share of requests with a control image (ControlNet), picked seeded
+    control_image: bytes | None = None  # what they send (PNG/JPEG/WebP bytes); None: control.default_control_image()
+    control_preprocess: str | None = "canny"  # the server turns the image into an edge map; None: sent as is
+    control_scale: float = 0.75
     progress: bool = False
 
     def validate(self) -> None:
@@ -129,6 +133,12 @@ class LoadConfig:
             raise ValueError("loras must be distinct, non-empty adapter names")
         if not -2.0 <= self.lora_scale <= 2.0:
             raise ValueError("lora_scale must be within -2..2")
+        if not 0.0 <= self.control_fraction <= 1.0:
+            raise ValueError("control_fraction must be within 0..1")
+        if not 0.0 <= self.control_scale <= 2.0:
+            raise ValueError("control_scale must be within 0..2")
+        if self.control_preprocess not in (None, "canny"):
+            raise ValueError("control_preprocess must be 'canny' or None")
 
     @property
     def in_flight_cap(self) -> int:
@@ -142,6 +152,7 @@ class LoadConfig:
         """The config as written to the report (prompts by count, not text)."""
         out = asdict(self)
         out["prompts"] = len(self.prompts)
+        out["control_image"] = None if self.control_image is None else f"{len(self.control_image)} bytes"
         out["size_mix"] = {s.size: round(s.weight, 6) for s in self.size_mix}
         out.pop("api_key")
         out["api_key_set"] = self.api_key is not None

@@ -66,6 +66,7 @@ class RequestRecord:
     error_kind: str | None = None  # the status as text, or the exception type name
     warmup: bool = False
     server_timings: dict[str, float] | None = None  # the 200's `timings` object (ms), when the server sends one
+    control: bool = False  # the request carried the control image (`control_fraction`)
 
 
 def goodput(records: list[RequestRecord], wall_s: float, slo_ms: float | None) -> float:
@@ -95,6 +96,7 @@ class LoadReport:
     goodput_images_per_s: float
     latency: LatencyStats
     latency_by_size: dict[str, LatencyStats]
+    latency_by_control: dict[str, LatencyStats]  # "control" and "plain" requests, with a control fraction
     server_timings_count: int  # successful requests whose response had a `timings` object
     server_timings_p50_ms: dict[str, float]  # field -> median over those requests, in the server's order
     outside_server_p50_ms: float  # median of (latency - timings.total_ms): NaN without server timings
@@ -123,6 +125,10 @@ class LoadReport:
             title += ", fresh prompts"
         if self.config.get("loras"):
             title += f", one of {len(self.config['loras'])} LoRA adapters per request (scale {self.config['lora_scale']:g})"
+        if self.config.get("control_fraction"):
+            preprocess = self.config.get("control_preprocess")
+            title += (f", a control image in {self.config['control_fraction']:.0%} of requests (scale "
+                      f"{self.config['control_scale']:g}{', ' + preprocess if preprocess else ''})")
         lines = [title, ""]
         summary = [
             ("wall time", f"{self.wall_s:.2f} s"),
@@ -144,7 +150,7 @@ class LoadReport:
         lines += ["", "  latency of successful requests (ms)"]
         header = f"  {'size':<12}{'count':>7}{'p50':>10}{'p90':>10}{'p99':>10}{'mean':>10}{'max':>10}"
         lines += [header, "  " + "-" * (len(header) - 2)]
-        rows = [("all", self.latency)] + sorted(self.latency_by_size.items())
+        rows = [("all", self.latency)] + sorted(self.latency_by_size.items()) + list(self.latency_by_control.items())
         for name, st in rows:
             lines.append(
                 f"  {name:<12}{st.count:>7}{_ms(st.p50_ms):>10}{_ms(st.p90_ms):>10}{_ms(st.p99_ms):>10}"
@@ -229,6 +235,9 @@ def build_report(
         goodput_images_per_s=goodput(records, wall_s, config.slo_ms),
         latency=LatencyStats.of([r.latency_ms for r in ok]),
         latency_by_size={size: LatencyStats.of(values) for size, values in sorted(by_size.items())},
+        latency_by_control={} if not config.control_fraction else {
+            name: LatencyStats.of([r.latency_ms for r in ok if r.control == (name == "control")])
+            for name in ("control", "plain")},
         server_timings_count=len(timed),
         server_timings_p50_ms={name: percentile(values, 50) for name, values in by_field.items()},
         outside_server_p50_ms=percentile(outside, 50),

@@ -2,13 +2,16 @@
 
 - a hub id or a local directory in diffusers layout (`config.json` and weights of a
   `ZImageControlNetModel`, as `save_pretrained` writes it), or a published single file
-  (`.safetensors`, e.g. Z-Image-Turbo-Fun-Controlnet-Union 2.1) read by diffusers' `from_single_file`;
+  (`.safetensors`: Z-Image-Turbo-Fun-Controlnet-Union 1.0, 2.0 or 2.1) read by diffusers'
+  `from_single_file` with the config of its layout, shipped in the project (`weights.controlnet_files`):
+  no network;
 - `tiny`: a small random ControlNet for the `tiny` checkpoint, built deterministically on first use
   into the cache beside it (as `tiny_checkpoint` builds the model) and loaded through the same
   `from_pretrained` path. Its zero-initialised projections (`before_proj`, `after_proj`, which a
   trained ControlNet has learnt away from zero) are drawn at random too, so that its hints change
   the image and a test comparing with and without control can fail;
-- `random`: the full-size Union 2.x architecture with random weights, for speed and memory work.
+- `random`: the full-size Union 2.1 architecture (its shipped config) with random weights, for speed
+  and memory work.
 
 The Union 2.x layout takes 33 control channels (control latents, then the inpainting mask and the
 masked image's latents), so one model serves plain control and control with a mask. The Union 1.0
@@ -25,10 +28,12 @@ from typing import Literal
 
 import torch
 
+from deployments.weights.controlnet_files import file_layout, load_single_file, union_config
 from deployments.weights.model_source import ModelSourceError, WeightsSource, default_cache_dir
 from deployments.weights.tiny_checkpoint import TINY_TRANSFORMER_CONFIG, build_once
 
 TINY_CONTROLNET_VERSION = "tiny-controlnet-v1"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")
 
 TINY_CONTROLNET_CONFIG = {
     "control_layers_places": [0, 1],
@@ -48,22 +53,9 @@ TINY_CONTROLNET_CONFIG = {
 # Union 1.0's layout at the tiny size: 16 control channels (no mask), no control refiner of its own.
 TINY_CONTROL_ONLY_CONFIG = {**TINY_CONTROLNET_CONFIG, "control_in_dim": 16, "add_control_noise_refiner": None}
 
-# Union 2.1's shape (VideoX-Fun's Z-Image-Turbo-Fun-Controlnet-Union-2.1): a control block after every
-# other main layer (15 of 30), two control refiner blocks, 33 control channels.
-FULL_CONTROLNET_CONFIG = {
-    "control_layers_places": list(range(0, 30, 2)),
-    "control_refiner_layers_places": [0, 1],
-    "control_in_dim": 33,
-    "add_control_noise_refiner": "control_noise_refiner",
-    "all_patch_size": (2,),
-    "all_f_patch_size": (1,),
-    "dim": 3840,
-    "n_refiner_layers": 2,
-    "n_heads": 30,
-    "n_kv_heads": 30,
-    "norm_eps": 1e-5,
-    "qk_norm": True,
-}
+# Union 2.1's shape: a control block after every other main layer (15 of 30), two control refiner
+# blocks, 33 control channels.
+FULL_CONTROLNET_CONFIG = union_config("2.1")
 
 
 @dataclass(frozen=True)
@@ -82,7 +74,9 @@ def resolve_controlnet(setting: str, cache_dir: str | Path | None = None) -> Con
         path = ensure_tiny_controlnet(Path(cache_dir) if cache_dir else default_cache_dir())
         return ControlNetSource("pretrained", "tiny", str(path))
     path = Path(setting).expanduser()
-    if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth", ".ckpt"):
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        if path.suffix == ".safetensors":
+            file_layout(path)  # a file of no published layout fails here, when the app is built
         return ControlNetSource("single_file", setting, str(path.resolve()))
     if path.exists() or setting.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
@@ -104,7 +98,7 @@ def load_controlnet(source: ControlNetSource, device: torch.device, dtype: torch
             model = ZImageControlNetModel(**FULL_CONTROLNET_CONFIG).to(dtype)
         _randomize_zero_projections(model)
     elif source.kind == "single_file":
-        model = ZImageControlNetModel.from_single_file(source.location, torch_dtype=dtype)
+        model = load_single_file(source.location, dtype)
     else:
         model = ZImageControlNetModel.from_pretrained(source.location, torch_dtype=dtype)
     if not isinstance(model, ZImageControlNetModel):

@@ -1,14 +1,15 @@
 """The ControlNet on the GPU (full-size random model, random Union 2.1-shaped ControlNet, bf16).
 
 One controlled 8-step 1024x1024 job, same caption, control latents and seed: diffusers' eager DiT and
-ControlNet (complex RoPE) first, then the optimized DiT (real RoPE, fused projections, FP8 with the
-shipped `auto` kernels, regional compile) with the ControlNet attached to it (its control blocks on
-the real-valued processor, in bf16). The FP8 path's error against eager bf16 is measured and
-reported; the bound is the plain DiT's FP8 bound (tests/gpu/test_gpu_dit.py), as the control blocks
-run in bf16. Also timed: one controlled step against one plain step, on the optimized DiT.
-Also: the first controlled request at a warm-up size (1024x1024, one step) after the Denoiser's
-start-up warm-up against a warm one, each in a fresh process (benchmarks/bench_controlnet.py
-`--no-flops`), with the ControlNet's warm-up calls (at most 1.5x) and without them (reported).
+ControlNet (complex RoPE) first, then the optimized DiT (real RoPE, fused projections, FP8 or bf16 with
+the rest of the speed settings as `auto` resolves them here: `ModelSettings.resolve_speed`) with the
+ControlNet attached to it (its control blocks on the real-valued processor, in bf16). The FP8 path's
+error against eager bf16 is measured and reported; the bound is the plain DiT's FP8 bound
+(tests/gpu/test_gpu_dit.py), as the control blocks run in bf16. Also timed: one controlled step
+against one plain step, on the optimized DiT.
+Also: the first controlled request after ready against a warm one, at 1024x1024 and at a non-square
+preset, in a fresh process through the served stages (benchmarks/bench_controlnet.py, every setting
+`auto`): at most 1.5x here (the benchmark prints it against issue 31's 1.3x).
 With `ZIMAGE_GPU_REPORT=path.json` the figures are written there.
 
     pytest -q -s -m gpu tests/gpu/test_gpu_controlnet.py
@@ -37,7 +38,7 @@ pytestmark = [
 
 DEVICE = torch.device("cuda")
 BF16_TOL = 2e-2  # the optimized bf16 path against eager, as the plain DiT's
-FIRST_OVER_WARM = 1.5  # the first controlled request at a warm-up size against a warm one
+FIRST_OVER_WARM = 1.5  # the first controlled request after ready against a warm one, at each size
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -72,10 +73,11 @@ def build(source, precision: str | None):
     from deployments.weights.loading import load_transformer
 
     transformer = load_transformer(source, DEVICE, torch.bfloat16)
-    if precision is not None:
-        kernels = ModelSettings(fp8_kernels="auto").dit_fp8_kernels(DEVICE) if precision == "fp8" else "inductor"
-        optimize_transformer(transformer, precision, compile=True, fp8_kernels=kernels)
-        record(**{f"controlnet_{precision}_kernels": kernels})
+    if precision is not None:  # as the Denoiser's `optimize`, from the settings resolved on this device
+        speed = ModelSettings(device="cuda", precision=precision).resolve_speed(DEVICE)
+        kernels = speed.fp8_kernels.value or "inductor"
+        optimize_transformer(transformer, speed.precision.value, speed.compile.value, fp8_kernels=kernels)
+        record(**{f"controlnet_{precision}_kernels": speed.fp8_kernels.value})
     controlnet = load_controlnet(resolve_controlnet("random"), DEVICE, torch.bfloat16)
     return ControlNetRunner(controlnet, transformer)
 
@@ -122,22 +124,21 @@ def test_controlled_optimized_dit_against_eager(source, control, reference, prec
     check_output(controlled, err, BF16_TOL if precision == "bf16" else FP8_LIMIT)
 
 
-@pytest.mark.parametrize("warmup", ["control", "plain"])
-def test_first_controlled_request_after_the_warmup(tmp_path, warmup):
-    """A fresh process (compiles and first calls are per process) runs the start-up warm-up at
-    1024x1024, then one controlled request, then warm ones. `plain`: the warm-up without its
-    controlled calls, the figure they improve on (not bounded)."""
+@pytest.mark.timeout(1600)  # the stages' cold start (compiles) and every figure, past pytest's 600 s
+def test_first_controlled_request_after_ready(tmp_path):
+    """A fresh process (compiles and first calls are per process) builds the stages as a replica does,
+    waits for every warm-up after ready, then sends the first controlled request at each size and
+    the same request warm (benchmarks/bench_controlnet.py; its other figures are reported too)."""
     free_gpu()
-    out = tmp_path / "first.json"
+    out = tmp_path / "controlnet.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "benchmarks/bench_controlnet.py", "--size", str(SIZE), "--repeats", "3",
-                    "--no-flops", "--warmup", warmup, "--json", str(out)], cwd=ROOT, env=env, check=True,
-                   timeout=1500)
+    subprocess.run([sys.executable, "benchmarks/bench_controlnet.py", "--repeats", "3", "--requests", "3",
+                    "--json", str(out)], cwd=ROOT, env=env, check=True, timeout=1500)
     result = json.loads(out.read_text())
-    record(**{f"controlnet_first_request_ms_{warmup}_warmup": result["first_controlled_ms"],
-              f"controlnet_warm_request_ms_{warmup}_warmup": result["step_ms"]["controlled"],
-              f"controlnet_first_over_warm_{warmup}_warmup": result["first_over_warm"]})
-    print(f"warm-up {warmup}: first controlled request {result['first_controlled_ms']:.1f} ms, warm "
-          f"{result['step_ms']['controlled']:.1f} ms ({result['first_over_warm']:.2f}x)")
-    if warmup == "control":
-        assert result["first_over_warm"] <= FIRST_OVER_WARM
+    for row in result["first"]:
+        record(**{f"controlnet_first_request_ms_{row['size']}": row["first_ms"],
+                  f"controlnet_warm_request_ms_{row['size']}": row["warm_ms"]})
+        print(f"first controlled request {row['size']}: {row['first_ms']:.1f} ms, warm {row['warm_ms']:.1f} ms "
+              f"({row['ratio']:.2f}x)")
+    record(controlnet_verdicts=result["verdicts"])
+    assert all(row["ratio"] <= FIRST_OVER_WARM for row in result["first"]), result["first"]

@@ -1,6 +1,7 @@
 """ControlNet through the served app: the official client's generations and inpainting edits with a
 control image against diffusers' `ZImageControlNetPipeline` and `ZImageControlNetInpaintPipeline` on
-the tiny checkpoint and the tiny ControlNet, canny preprocessing, and bad control input over real HTTP.
+the tiny checkpoint and the tiny ControlNet, canny preprocessing, bad control input over real HTTP
+(1x1 and 20000x20000 control images among it), and the load generator's controlled requests.
 
 The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
 it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels), and the
@@ -178,6 +179,71 @@ def test_bad_control_input_gets_an_error_naming_its_field(controlled, http):
     for response, status, param in cases:
         assert response.status_code == status, response.text
         assert error_of(response)["param"] == param, response.text
+
+
+def huge_png(side: int) -> bytes:
+    """A black 1-bit PNG of `side` x `side` pixels written row by row (about 50 KB at 20000: a
+    decompression bomb, which nothing here decodes)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    compressor, row = zlib.compressobj(9), b"\x00" * (1 + (side + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_1x1_control_image_is_resized_and_a_20000x20000_one_refused_and_the_replicas_keep_serving(controlled,
+                                                                                                     http):
+    """A 1x1 control image is fitted as any upload is (scaled up to the size asked, or without `size`
+    to 512x512, the smallest fitted size), with canny and in an inpainting edit too; a 20000x20000 one
+    is over the upload pixel cap and refused from its header, a 400 naming control_image. Afterwards the
+    same replicas serve (no Ingress replica started again, the Denoiser's and VAE's processes the same)."""
+    import glob
+
+    from tests.integration.conftest import APP_NAME
+
+    ingress_logs = lambda: set(glob.glob(f"{controlled.logs_dir()}/serve/replica_{APP_NAME}_Ingress_*.log"))  # noqa: E731
+    before = (ingress_logs(), controlled.stats("Denoiser")["pid"], controlled.stats("VaeDecoder")["pid"])
+    dot = base64.b64encode(png(Image.new("RGB", (1, 1), (255, 255, 255)))).decode()
+    asked = {"prompt": "a red boat", "seed": SEED, "num_inference_steps": 1}
+    for extra, size in (({"size": "640x512"}, (640, 512)), ({}, (512, 512)), ({"control_preprocess": "canny"}, (512, 512))):
+        response = http.post(GEN, json={**asked, **extra, "control_image": dot})
+        assert response.status_code == 200, response.text
+        assert pixels(response.json()["data"][0]["b64_json"]).shape[:2] == (size[1], size[0])
+    edit = http.post(EDIT, data={"prompt": "a red boat", "num_inference_steps": "1"}, files={
+        "image": ("in.png", png(photo(512, 512, 1))), "mask": ("m.png", png(alpha_mask(512, 512, (0, 0, 128, 128)))),
+        "control_image": ("c.png", png(Image.new("RGB", (1, 1))))})
+    assert edit.status_code == 200, edit.text
+    huge = huge_png(20_000)
+    assert len(huge) < controlled.args["api"]["max_upload_bytes"]  # refused for its pixels, not its bytes
+    for response in (http.post(GEN, json={**asked, "control_image": base64.b64encode(huge).decode()}),
+                     http.post(EDIT, data={"prompt": "x"}, files={"image": ("in.png", png(photo(512, 512, 1))),
+                                                                   "mask": ("m.png", png(alpha_mask(512, 512, None))),
+                                                                   "control_image": ("c.png", huge)})):
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert (error["param"], error["code"]) == ("control_image", "image_too_large") and "limit" in error["message"]
+    again = http.post(GEN, json={**asked, "size": "512x512", "control_image": B64})
+    assert again.status_code == 200, again.text
+    assert (ingress_logs(), controlled.stats("Denoiser")["pid"], controlled.stats("VaeDecoder")["pid"]) == before
+
+
+def test_loadgen_controlled_requests_are_served(controlled, tmp_path):
+    """The load generator's `--control-fraction` bodies (its default photo, canny on the server) against
+    the real app: every request succeeds, half of them controlled."""
+    import asyncio
+
+    from benchmarks.loadgen import LoadConfig, parse_size_mix, run_load
+
+    report = asyncio.run(run_load(LoadConfig(
+        url=controlled.url, concurrency=2, requests=4, size_mix=parse_size_mix("512x512"), steps=1,
+        prompts=["a harbour at night", "a red boat"], control_fraction=0.5, shuffle_seed=9, timeout_s=300)))
+    assert (report.ok, report.failed) == (4, 0), report.error_samples
+    assert report.latency_by_control["control"].count == 2 and report.latency_by_control["plain"].count == 2
 
 
 def test_a_big_control_image_fits_the_raised_json_cap(controlled, http):
