@@ -29,6 +29,9 @@ def test_new_adapters_compile_nothing_after_the_warm_up(compiled):
     warmup.run_calls(ours, single + batched, save=False)
     warmed = len(graphs)
     assert warmed > 0  # the warm-up compiled the blocks: what follows must add no graph to these
+    # a forward without adapters runs graphs with no trace of them (no update op, nothing to guard on)
+    with_update = [graph for graph in graphs if "lora_add_" in graph.code]
+    assert 0 < len(with_update) < warmed
 
     def adapter(model, rank, seed, targets=None):
         slots = model._lora_slots
