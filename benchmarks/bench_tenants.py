@@ -110,15 +110,16 @@ async def client_loop(client: httpx.AsyncClient, args, key: str, phase: Phase, s
     sent = 0
     while not stop.is_set() and (requests is None or sent < requests):
         seeds[0] += 1
+        seed = seeds[0]  # the clients share the counter: this request's own
         started = time.monotonic()
-        phase.open[seeds[0]] = (key, started)
+        phase.open[seed] = (key, started)
         try:
-            response = await client.post(GENERATIONS, json=body(args, seeds[0]), headers=headers)
+            response = await client.post(GENERATIONS, json=body(args, seed), headers=headers)
             status = response.status_code
         except httpx.HTTPError:
             status = 0
         finally:
-            phase.open.pop(seeds[0], None)
+            phase.open.pop(seed, None)
         phase.done.append(Done(key, status, started, time.monotonic()))
         sent += 1
 
