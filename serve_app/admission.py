@@ -4,8 +4,9 @@ A request over its key's limits gets a 429 (serve_app.tenants.ledger), and one o
 `api.max_inflight_requests` a 503, at once rather than queued behind work it would wait for, and
 before its body is read or its upload decoded, so that a refusal costs next to nothing while the
 server is busiest. Either says when to come back (serve_app.backlog). An admitted request waits in
-the Ingress until the fair release sends it on (serve_app.tenants.release), then runs; the wait and
-the run are under its deadline (the client's `X-Request-Timeout` or the handle API's `timeout_s`,
+the Ingress until the fair release sends it on (serve_app.tenants.release), then runs, and holds its
+room in the release window until it is answered, its response encoded (the Ingress's encoding
+threads are a first-come queue too); the wait and the run are under its deadline (the client's `X-Request-Timeout` or the handle API's `timeout_s`,
 capped by `api.request_timeout_s`), which travels with it to the stages, so the Denoiser drops its
 work when it passes.
 """
@@ -53,6 +54,7 @@ class Ticket:
         self.planned = False
         self.work = 0.0  # megapixel-steps, once planned
         self.images = 1  # its `n`, once planned
+        self.sent_on = False  # released into the pipeline: its room in the window is held until `release`
         self.completed = False
         self.released = False
         self.streaming = False  # a started stream's generator owns the ticket and releases it
@@ -66,9 +68,17 @@ class Ticket:
         self.held_images = self.admission.ledger.take_images(self.tenant, plan.n, self.held_images)
         self.planned = True
 
+    async def send_on(self) -> None:
+        """Waits for the fair release into the pipeline (serve_app.tenants.release)."""
+        await self.admission.gate.acquire(self.tenant, self.work, self.images)
+        self.sent_on = True
+
     def release(self) -> None:
+        """The request was answered (or failed): its places, and its room in the release window, go back."""
         if not self.released:
             self.released = True
+            if self.sent_on:
+                self.admission.gate.leave(self.images)
             self.admission.backlog.finish(self.number, self.completed)
             self.admission.ledger.leave(self.tenant, self.number, 0 if self.planned else self.held_images)
             self.admission.gauge.set(self.admission.inflight)
@@ -115,8 +125,8 @@ class Admission:
         deadline = time.time() + timeout
 
         async def released_run() -> ImageResult:
-            async with self.gate.released(ticket.tenant, ticket.work, ticket.images):
-                return await pipeline.run(plan, deadline)
+            await ticket.send_on()
+            return await pipeline.run(plan, deadline)
 
         try:
             result = await asyncio.wait_for(released_run(), timeout=timeout)
@@ -133,7 +143,7 @@ class Admission:
             ticket.describe(plan)
             deadline = time.monotonic() + timeout
             try:
-                await asyncio.wait_for(self.gate.acquire(ticket.tenant, ticket.work, ticket.images), timeout=timeout)
+                await asyncio.wait_for(ticket.send_on(), timeout=timeout)
             except asyncio.TimeoutError:
                 raise deadline_exceeded(timeout) from None
             items = pipeline.stream(replace(plan, tenant=ticket.tenant.tag()), partial_images,
@@ -148,7 +158,6 @@ class Admission:
                     except asyncio.TimeoutError:
                         raise deadline_exceeded(timeout) from None
             finally:
-                self.gate.leave(ticket.images)
                 await items.aclose()
         finally:
             ticket.release()

@@ -286,7 +286,8 @@ class Ingress:
                 result = await self._run(planned.plan, timeout, record, ticket)
                 result = await stored(result, self.images, planned.options.response_format,
                                       request_base_url(request))
-            return self.responder.answered(record, await images_response(result, self.limits.served_model_name))
+                response = await images_response(result, self.limits.served_model_name)  # still in its window
+            return self.responder.answered(record, response)
         except asyncio.CancelledError:
             self.responder.finish(record, 499, "client_closed_request")
             raise
