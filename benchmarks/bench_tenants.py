@@ -157,15 +157,20 @@ async def run_phase(url: str, args, a_clients: int, b_requests: int, duration_s:
     return phase
 
 
-def drained(timeout_s: float = 300) -> None:
-    """Until the Denoiser holds no image: the cancelled requests of a phase must not slow the next."""
+def drained(timeout_s: float = 300, quiet_s: float = 3.0) -> None:
+    """Until the Denoiser holds no image and the VaeDecoder has decoded nothing for `quiet_s`: the
+    cancelled requests of a phase must not slow the next."""
     deadline = time.monotonic() + timeout_s
+    decoded, since = None, time.monotonic()
     while time.monotonic() < deadline:
         work = stage_stats("Denoiser")["pending_work"]
-        if work["queued_images"] == 0 and work["running_images"] == 0:
+        now_decoded = sum(m["items"] for m in stage_stats("VaeDecoder")["methods"].values())
+        if now_decoded != decoded:
+            decoded, since = now_decoded, time.monotonic()
+        if work["queued_images"] == 0 and work["running_images"] == 0 and time.monotonic() - since >= quiet_s:
             return
         time.sleep(1.0)
-    raise TimeoutError("the Denoiser did not drain")
+    raise TimeoutError("the server did not drain")
 
 
 def summary(phase: Phase, args, label: str) -> dict:
@@ -176,7 +181,8 @@ def summary(phase: Phase, args, label: str) -> dict:
             "b_p50_is_lower_bound": bool(open_waits) and percentile(b, 50) >= open_waits[0],
             "a_images_per_s": round(phase.images_per_s("A", args.n), 3),
             "a_p50_s": round(percentile([d.seconds for d in phase.ended("A")], 50), 3),
-            "measured_s": round(phase.measured_to - phase.measured_from, 1), "statuses": phase.statuses()}
+            "measured_s": round(phase.measured_to - phase.measured_from, 1), "statuses": phase.statuses(),
+            "load_average_1m": round(os.getloadavg()[0], 1)}
 
 
 def measure(url: str, args, label: str) -> dict:
