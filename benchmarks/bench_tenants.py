@@ -24,7 +24,6 @@ named keys: the figure of the server without per-key fairness.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json

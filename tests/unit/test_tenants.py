@@ -15,7 +15,7 @@ from serve_app.errors import ApiError
 from serve_app.ingress import merged_config
 from serve_app.tenants.bucket import TokenBucket
 from serve_app.tenants.headers import openai_duration
-from serve_app.tenants.keys import ANONYMOUS, UNNAMED, KeyTable, Tenant, TenantKey, node_keys
+from serve_app.tenants.keys import ANONYMOUS, UNNAMED, KeyTable, Tenant, TenantKey, node_keys, with_node_keys
 from serve_app.tenants.ledger import Ledger
 from serve_app.tenants.release import ReleaseGate
 
@@ -100,8 +100,6 @@ def test_node_keys_take_names_and_the_limits_config_gives_those_names(tmp_path):
         ("team-a", digest("sk-a"), "ZIMAGE_API_KEYS entry 1"), (None, digest("sk-plain-1"), "ZIMAGE_API_KEYS entry 2"),
         ("team-b", digest("sk-b"), "ZIMAGE_API_KEYS_FILE line 1"),
         (None, digest("sk-plain-2"), "ZIMAGE_API_KEYS_FILE line 3")]
-    from serve_app.tenants.keys import with_node_keys
-
     config = (TenantKey(name="team-a", max_in_flight=2, weight=3), TenantKey(name="handle-jobs", weight=0.5))
     keys, unnamed = with_node_keys(config, (), found)
     table = KeyTable(keys, unnamed)
@@ -115,14 +113,9 @@ def test_node_keys_take_names_and_the_limits_config_gives_those_names(tmp_path):
     with pytest.raises(ValueError, match="ZIMAGE_API_KEYS entry 2 names 'team-a', to which api.keys.0. already"):
         with_node_keys((TenantKey(name="team-a", digest=digest("x")),), (), node_keys(
             {"ZIMAGE_API_KEYS": "sk-other,team-a:sk-a"}))
+    keys_file.write_text("sk-x\n")
     with pytest.raises(ValueError, match=r"ZIMAGE_API_KEYS entry 1 and ZIMAGE_API_KEYS_FILE line 1 are the same key"):
-        with_node_keys((), (), node_keys({"ZIMAGE_API_KEYS": "sk-x", "ZIMAGE_API_KEYS_FILE": str(_file(tmp_path))}))
-
-
-def _file(tmp_path):
-    path = tmp_path / "same"
-    path.write_text("sk-x\n")
-    return path
+        with_node_keys((), (), node_keys({"ZIMAGE_API_KEYS": "sk-x", "ZIMAGE_API_KEYS_FILE": str(keys_file)}))
 
 
 def test_a_live_override_merges_keys_by_name_so_a_limit_changes_without_its_digest():
