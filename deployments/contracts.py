@@ -142,6 +142,15 @@ class LoraRef:
 
 
 @dataclass(frozen=True)
+class TenantTag:
+    """Whose work a job is, for the Denoiser's fair order (deployments/runtime/fair_share.py): the
+    tenant's name (an API key's name, never the key) and its weight in the share of the GPU."""
+
+    name: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DenoiseRequest:
     """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
     upload posterior) travel beside it as separate arguments, so a request's images share one copy.
@@ -166,6 +175,8 @@ class DenoiseRequest:
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
     loras: tuple[LoraRef, ...] = ()
     """LoRA adapters by the operator's names, with their scales (deployments.denoiser.lora)."""
+    tenant: TenantTag = TenantTag()
+    """Whose image it is: the Denoiser's queue takes the jobs of several tenants by weighted fair share."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,9 +14,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from serve_app.protocol import ImageResult, Timings
+
+if TYPE_CHECKING:
+    from serve_app.tenants.keys import Tenant
 
 logger = logging.getLogger("ray.serve")
 Item = TypeVar("Item")
@@ -40,6 +43,7 @@ class AccessRecord:
     """What one request did, filled in as it goes; `fields()` is the access-log line."""
 
     route: str
+    tenant: Tenant | None = None  # whose request: its name is the line's `key=` (never the key)
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     code: str | None = None
@@ -65,6 +69,11 @@ class AccessRecord:
         self.images, self.timings = len(result.images), result.timings
 
     @property
+    def key(self) -> str:
+        """The key's name; `anonymous` before (or without) a key."""
+        return self.tenant.name if self.tenant is not None else "anonymous"
+
+    @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
@@ -74,7 +83,8 @@ class AccessRecord:
 
     def fields(self) -> dict[str, Any]:
         data = {
-            "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
+            "request_id": current_request_id(), "route": self.route, "key": self.key, "status": self.status,
+            "code": self.code,
             "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "loras": self.loras,
             "images": self.images,
             "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
+from deployments.contracts import (
+    DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt, TenantTag,
+)
 from deployments.denoiser.inpaint import default_strength
 from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
@@ -64,13 +66,14 @@ class RequestPlan:
     mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
     loras: tuple[LoraSpec, ...] = ()  # names checked against the adapters offered (serve_app.loras)
     control: ControlPlan | None = None  # the ControlNet's inputs (serve_app.control)
+    tenant: TenantTag = TenantTag()  # whose images: the Denoiser's queue orders tenants by fair share
 
     def denoise_request(self, index: int, deadline: float | None) -> DenoiseRequest:
         """What the Denoiser is asked for image `index` (seed + index) of this request."""
         return DenoiseRequest(width=self.width, height=self.height, steps=self.steps, seed=self.seed + index,
                               guidance_scale=self.guidance_scale, strength=self.strength, mask=self.mask,
                               control_scale=None if self.control is None else self.control.scale, deadline=deadline,
-                              loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras))
+                              loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras), tenant=self.tenant)
 
 
 def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,

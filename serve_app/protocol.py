@@ -208,6 +208,32 @@ class ProgressEvent(BaseModel):
     elapsed: float  # seconds since the request arrived
 
 
+class UsageLimits(BaseModel):
+    """A key's limits on the Ingress replica that answered (its share of each; None: no limit)."""
+
+    max_in_flight: int | None
+    images_per_minute: int | None
+    weight: float
+
+
+class KeyUsage(BaseModel):
+    """`GET /v1/usage`: the caller's own key, as the Ingress replica that answered counts it."""
+
+    object: Literal["usage"] = "usage"
+    key: str
+    """The key's name (`unnamed`, `anonymous` for keys without one, or with keys off)."""
+    ingress_replicas: int
+    """The Ingress replicas sharing the key's limits; each counts only what it admitted itself."""
+    limits: UsageLimits
+    in_flight: int
+    """Requests of the key admitted here and not finished, `waiting` of them not yet released."""
+    waiting: int
+    images_last_minute: int
+    images_remaining: int | None
+    refused: dict[str, int]
+    """Refusals here since the replica started: in_flight and images_per_minute (429), capacity (503)."""
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -259,6 +285,9 @@ class ImageRequest:
     control_scale: float | None = None  # None: 0.75
     control_preprocess: Literal["canny"] | None = None
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
+    tenant: str | None = None
+    """The name of the key whose limits and share of the GPU this request takes (None: `anonymous`).
+    A handle call carries no key, so its tenant is trusted as declared; a name no key has is a 400."""
 
 
 @dataclass(frozen=True)
