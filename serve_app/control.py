@@ -146,7 +146,8 @@ def control_from_request(asked: dict, data: bytes | str | None, max_bytes: int, 
 def plan_control(control: Image.Image, scale: float | None, preprocess: ControlPreprocess | None,
                  size: tuple[int, int], init: Image.Image | None = None, mask: Image.Image | None = None,
                  strength: float | None = None) -> ControlPlan:
-    """The control image fitted (and preprocessed) at `size`; for an edit, the fitted upload and mask."""
+    """The control image fitted (and preprocessed) at `size`; for an edit, the upload and its mask,
+    both already fitted to `size` (serve_app.masks.plan_mask)."""
     if init is not None and mask is None:
         raise bad_request("An edit with a control_image needs a mask: the ControlNet repaints the masked area "
                           "(ZImageControlNetInpaintPipeline). For control over a whole image, send it to "
@@ -159,7 +160,7 @@ def plan_control(control: Image.Image, scale: float | None, preprocess: ControlP
         fitted = canny(fitted)
     masked = None
     if init is not None:
-        masked = MaskedUpload(image=init, mask=fit_upload(mask, size, mode="L"))
+        masked = MaskedUpload(image=init, mask=mask)
     return ControlPlan(image=fitted, scale=DEFAULT_CONTROL_SCALE if scale is None else scale, masked=masked)
 
 

@@ -109,7 +109,7 @@ def test_the_official_client_inpaints_with_control_as_diffusers_does(client, dif
     image, mask = photo(512, 512, 4), alpha_mask(512, 512, (96, 128, 416, 352))
     result = client.images.edit(image=("in.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
                                 prompt="a red boat", extra_body={"seed": SEED, "num_inference_steps": STEPS,
-                                                                 "control_image": B64})
+                                                                 "control_image": B64, "keep_unmasked": False})
     expected = diffusers_control_inpaint(
         "a red boat", image=image, mask_image=as_white_is_edit(mask), control_image=CONTROL, width=512, height=512,
         num_inference_steps=STEPS, guidance_scale=0.0,  # scale: 0.75
