@@ -32,7 +32,7 @@ from PIL import Image
 
 from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
 from deployments.denoiser.lora.library import adapter_set_id
-from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
+from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem, size_rule
 from deployments.inpaint_mask import UploadOverlay, default_strength
 from serve_app.config import ApiLimits
 from serve_app.control import ControlPlan, plan_control
@@ -100,7 +100,7 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
         width, height = parse_size(req.size)
     problem = size_problem(width, height, limits.max_pixels)
     if problem:
-        raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
+        raise bad_request(f"Invalid size '{width}x{height}': {problem}. {size_rule(limits.max_pixels)}.", param="size")
     loras = tuple(req.loras or ())
     if len(loras) > limits.max_loras_per_request:
         raise bad_request(f"At most {limits.max_loras_per_request} LoRA adapters per request.", param="loras")
