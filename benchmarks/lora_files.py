@@ -30,7 +30,7 @@ def transformer_shapes(model: str, cache_dir: str | None = None):
 
 def write_random_adapters(transformer, directory: Path, count: int, rank: int, prefix: str = "bench") -> list[str]:
     """Writes `count` adapters `<prefix>0 ..` for `transformer`'s linears into `directory`; their names."""
-    from tests.lora_files import diffusers_state, random_factors, write
+    from deployments.denoiser.lora.random_adapters import diffusers_state, random_factors, write
 
     names = []
     for index in range(count):

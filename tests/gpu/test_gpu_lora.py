@@ -41,7 +41,7 @@ def source():
 
 @pytest.fixture(scope="module")
 def factors(source):
-    from tests.lora_files import random_factors
+    from deployments.denoiser.lora.random_adapters import random_factors
 
     transformer = load(source)
     made = [random_factors(transformer, RANK, seed=s, strength=0.05) for s in (1, 2)]

@@ -336,7 +336,7 @@ def test_transform_makes_the_number_of_images_asked_for(served, browser, http, t
 def page_loras(served, cache_dir, pipeline) -> list[str]:
     """Five adapters (one more than a request may use by default), both formats, written into the
     served app's adapter directory while it serves."""
-    from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+    from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
 
     transformer = pipeline.loop.transformer
     names = [f"page-{i}" for i in range(5)]
