@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
 from serve_app import access_log
-from serve_app.access_log import AccessRecord
+from serve_app.access_log import LOGGED_BY_ROUTE, AccessLogMiddleware, AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, if_authorized
 from serve_app.config import ApiLimits
@@ -55,6 +55,7 @@ app = FastAPI(
     openapi_url=None,
 )
 app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+app.add_middleware(AccessLogMiddleware)  # a line for each request the image routes do not log themselves
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -254,7 +255,8 @@ class Ingress:
     async def _images(self, request: Request, route: str,
                       plan_route: Callable[[Request, ApiLimits, str], Awaitable[PlannedRequest]]) -> Response:
         """Both image routes: key, deadline, body to plan, then a JSON answer or a stream."""
-        record = AccessRecord(route)
+        record = AccessRecord(route, method=request.method)
+        request.scope.setdefault("state", {})[LOGGED_BY_ROUTE] = True  # its line has the request's fields
         try:
             authorize(request.headers, self.limits.api_key_sha256)
             timeout = timeout_s(request.headers.get(TIMEOUT_HEADER), self.limits.request_timeout_s)
