@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +42,8 @@ from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, LATENT_CHANNELS
 from deployments.geometry import fit_upload
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import decode_upload
+
+logger = logging.getLogger("ray.serve")
 
 ControlPreprocess = Literal["canny"]
 CONTROL_FIELDS = ("control_image", "control_scale", "control_preprocess")
@@ -93,9 +98,12 @@ def check_control_fields(asked: dict, controlnet_loaded: bool) -> None:
 class ControlNetInfo:
     """What the Ingress knows of the Denoiser's ControlNet: whether one is configured (the `controlnet`
     setting, known when the app is built) and whether it takes a mask (its control channels, read from
-    the loaded model: a hub id or a single file says so only once loaded). The Denoiser is asked once,
-    by the first edit with a control image, and its answer kept (the setting cannot change under a
-    running Ingress: both are built from the same args)."""
+    the loaded model: a hub id or a single file says so only once loaded). `learn_in_background` asks
+    the Denoiser once, from a thread, as soon as a replica can answer (the handle call waits for one to
+    be ready), so the page's settings say it (`/page/settings`: the Transform tab offers control only
+    with a ControlNet that inpaints); an edit with a control image that comes first asks and waits
+    itself. The answer is kept: the setting cannot change under a running Ingress (both are built from
+    the same args)."""
 
     def __init__(self, setting: str | None, denoiser=None):
         self.setting = setting
@@ -105,6 +113,30 @@ class ControlNetInfo:
     @property
     def loaded(self) -> bool:
         return self.setting is not None
+
+    @property
+    def channels(self) -> int | None:
+        """The control channels once known (16: control only; 33, Union 2.x: also a mask), else None."""
+        return self._channels
+
+    @property
+    def inpaints(self) -> bool | None:
+        """Whether an edit may carry a control image (with its mask); None until the channels are known."""
+        return None if self._channels is None else self._channels > LATENT_CHANNELS
+
+    def learn_in_background(self) -> None:
+        if self.loaded and self.denoiser is not None:
+            threading.Thread(target=self._learn, name="controlnet-channels", daemon=True).start()
+
+    def _learn(self) -> None:
+        wait_s = 1.0
+        while self._channels is None:
+            try:
+                self._channels = int(self.denoiser.control_channels.remote().result())
+            except Exception as exc:  # the Denoiser died or was replaced before it answered: ask again
+                logger.info("asking the Denoiser for its ControlNet's channels again in %.0f s: %s", wait_s, exc)
+                time.sleep(wait_s)
+                wait_s = min(2 * wait_s, 30.0)
 
     async def control_channels(self) -> int:
         if self._channels is None:

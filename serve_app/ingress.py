@@ -111,6 +111,7 @@ class Ingress:
         self.model_name = model_name
         self.random_weights = random_weights
         self.controlnet = ControlNetInfo(controlnet, denoiser)  # control fields need one; edits, one that inpaints
+        self.controlnet.learn_in_background()  # for the page's settings, once the Denoiser is ready
         self.metrics = IngressMetrics()
         self.admission = Admission(self.metrics.in_flight)
         self.responder = Responder(self.metrics, self.admission.retry_after_s)
@@ -204,6 +205,9 @@ class Ingress:
             "max_steps": limits.max_steps, "default_steps": limits.default_steps,
             "max_images": limits.max_images_per_request, "api_keys_required": bool(limits.api_key_sha256),
             "controlnet": self.controlnet.loaded, "max_loras": limits.max_loras_per_request,
+            # the ControlNet's channels, and whether an edit may use it (it inpaints); null until the
+            # Denoiser has answered (serve_app.control.ControlNetInfo)
+            "control_channels": self.controlnet.channels, "controlnet_inpaints": self.controlnet.inpaints,
         })
 
     @app.post("/page/control-preview", include_in_schema=False)

@@ -279,6 +279,19 @@ function applySettings(settings) {
   if (settings.api_keys_required && !state.key) $("key-box").open = true;
 }
 
+// With a ControlNet whose channels the server does not know yet (its Denoiser still starting), the
+// settings are asked again until it does: Transform's Control section depends on them.
+async function awaitControlChannels(settings) {
+  for (let wait = 1000; settings.controlnet && settings.control_channels === null; wait = Math.min(2 * wait, 30000)) {
+    await new Promise((resolve) => setTimeout(resolve, wait));
+    try { settings = await getJson("/page/settings"); } catch (_) { continue; }
+  }
+  if (settings !== state.settings) {
+    state.settings = settings;
+    if (window.zimageControl) window.zimageControl.apply(settings);
+  }
+}
+
 function ratio(w, h) {
   const gcd = (a, b) => (b ? gcd(b, a % b) : a);
   const d = gcd(w, h);
@@ -508,6 +521,7 @@ async function main() {
   try {
     state.settings = await getJson("/page/settings");
     applySettings(state.settings);
+    awaitControlChannels(state.settings);
   } catch (error) {
     showError(error);
   }
