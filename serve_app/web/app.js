@@ -412,6 +412,7 @@ async function onTransform(event) {
   };
   const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
   const control = window.zimageControl ? await window.zimageControl.fields("t", true) : null;  // control.js
+  if (control) delete settings.strength;  // the ControlNet repaints the mask from noise: none is sent or shown
   const loras = window.zimageLora ? window.zimageLora.chosen("t") : null;  // lora.js
   // As on Generate: one streamed edit per image, image i with seed + i, as the API's n gives them.
   await runAll((i) => {
