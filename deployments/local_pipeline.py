@@ -33,12 +33,12 @@ class GenerationSpec:
     guidance_scale: float = 0.0
     negative_prompt: str = ""
     init_image: Image.Image | None = None  # already fitted to width x height
-    strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
+    strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.inpaint_mask)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
-    keep_unmasked: bool = True  # with a mask: the upload's own pixels outside it (deployments.inpaint_mask)
     loras: tuple = ()  # (lora.adapter.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
     control_image: Image.Image | None = None  # ControlNet: already fitted to width x height
     control_scale: float = DEFAULT_CONTROL_SCALE
+    keep_unmasked: bool = True  # with a mask: the upload's own pixels outside it (deployments.inpaint_mask)
 
     def request(self) -> DenoiseRequest:
         """What the Ingress would ask the Denoiser for this image."""
