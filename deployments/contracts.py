@@ -167,7 +167,7 @@ class DenoiseRequest:
     """Image-to-image only: a job without an upload always runs every step (`DenoiseJob.from_request`)."""
     mask: torch.Tensor | None = None
     """Inpainting (with an upload): `[1, 1, H/8, W/8]` of 1 (edit) and 0 (keep), from
-    `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
+    `deployments.inpaint_mask.InpaintMask.latents`; small, so it travels in the request."""
     control_scale: float | None = None
     """Set for a controlled image (its `ControlLatents` travel beside the request); with a mask the
     ControlNet inpaints (the mask enters its control channels, no blend, no strength)."""

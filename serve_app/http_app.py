@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
+from serve_app.access_log import AccessLogMiddleware
 from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.protocol import ImageEditRequest
 
@@ -26,6 +27,7 @@ app = FastAPI(
     openapi_url=None,
 )
 app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+app.add_middleware(AccessLogMiddleware)  # a line for each request the image routes do not log themselves
 
 
 @app.exception_handler(StarletteHTTPException)

@@ -163,6 +163,14 @@ def json_with_base64_images(payload: dict, images: list[bytes]) -> bytes:
     return b"".join(pieces)
 
 
+def byte_size(count: int) -> str:
+    """`20971520` as "20 MiB (20971520 bytes)"; a count that is no whole MiB or KiB as bytes alone."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale and count % scale == 0:
+            return f"{count // scale} {unit} ({count} bytes)"
+    return f"{count} bytes"
+
+
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:
     """Validates an uploaded image and returns it as RGB (see `open_upload`)."""
     return open_upload(data, max_bytes, max_pixels, param).convert("RGB")
@@ -174,8 +182,8 @@ def open_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "imag
     The format and the pixel count are read from the header before decoding, so a decompression
     bomb is refused without allocating its pixels; a truncated or corrupt file is a 400.
     """
-    if len(data) > max_bytes:
-        raise ApiError(413, f"The uploaded image is {len(data)} bytes, over the limit of {max_bytes}.", param=param,
+    if len(data) > max_bytes:  # the body is read only to the cap and one byte more: its size is not known here
+        raise ApiError(413, f"The uploaded image is over the limit of {byte_size(max_bytes)}.", param=param,
                        code="image_too_large")
     if not data:
         raise bad_request("The uploaded image is empty.", param=param, code="invalid_image")

@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
 from serve_app import access_log
-from serve_app.access_log import AccessRecord
+from serve_app.access_log import LOGGED_BY_ROUTE, AccessLogMiddleware, AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, declared_tenant, if_authorized
 from serve_app.config import ApiLimits, config_problem
@@ -88,6 +88,7 @@ class Ingress:
         self.model_name = model_name
         self.random_weights = random_weights
         self.controlnet = ControlNetInfo(controlnet, denoiser)  # control fields need one; edits, one that inpaints
+        self.controlnet.learn_in_background()  # for the page's settings, once the Denoiser is ready
         if random_weights:
             logger.warning("serving model %r with RANDOM weights: images carry no meaning", model_name)
 
@@ -217,6 +218,9 @@ class Ingress:
             "max_steps": limits.max_steps, "default_steps": limits.default_steps,
             "max_images": limits.max_images_per_request, "api_keys_required": self.keys.required,
             "controlnet": self.controlnet.loaded, "max_loras": limits.max_loras_per_request,
+            # the ControlNet's channels, and whether an edit may use it (it inpaints); null until the
+            # Denoiser has answered (serve_app.control.ControlNetInfo)
+            "control_channels": self.controlnet.channels, "controlnet_inpaints": self.controlnet.inpaints,
         })
 
     @app.post("/page/control-preview", include_in_schema=False)
@@ -275,7 +279,8 @@ class Ingress:
     async def _images(self, request: Request, route: str,
                       plan_route: Callable[[Request, ApiLimits, str], Awaitable[PlannedRequest]]) -> Response:
         """Both image routes: key, deadline, body to plan, then a JSON answer or a stream."""
-        record = AccessRecord(route)
+        record = AccessRecord(route, method=request.method)
+        request.scope.setdefault("state", {})[LOGGED_BY_ROUTE] = True  # its line has the request's fields
         try:
             record.tenant = authorize(request.headers, self.keys)
             timeout = timeout_s(request.headers.get(TIMEOUT_HEADER), self.limits.request_timeout_s)

@@ -42,6 +42,7 @@ from deployments.denoiser.lora.library import LoraLibrary
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
+from deployments.runtime.quiet import say_why_where_fp8_runs
 from deployments.runtime.stage import StageConfig
 
 logger = logging.getLogger("ray.serve")
@@ -68,6 +69,8 @@ class Denoiser(ModelStage):
         self._init_model_stage(settings, base_config)
         self.warmup_seconds: dict[str, float] = {}
         self.fp8_kernels: str | None = self.speed.fp8_kernels.value  # GPU, FP8 only
+        if self.speed.precision.value == "fp8":
+            say_why_where_fp8_runs()  # the torchao warnings silenced here concern FP8 (runtime.quiet)
         self.step_graphs: GraphedTransformerFn | None = None
         self.expired = 0  # jobs dropped because their request's deadline passed
         self.denoiser_metrics = DenoiserMetrics(POLICIES)

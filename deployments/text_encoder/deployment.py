@@ -53,8 +53,8 @@ class TextEncoder(ModelStage):
         self.graphs = self.encoder.warmup()
 
     def ready_line(self) -> str:
-        return (f"{super().ready_line()} dtype={self.dtype} cuda_graphs={self.graphs} "
-                f"batch_invariant={self.encoder.batch_invariant}")
+        graphs = f" cuda_graphs={self.graphs}" if self.device.type == "cuda" else ""  # what the device uses
+        return f"{super().ready_line()} dtype={self.dtype}{graphs} batch_invariant={self.encoder.batch_invariant}"
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()

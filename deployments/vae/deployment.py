@@ -144,7 +144,8 @@ class VaeDecoder(ModelStage):
         save_compile_artifacts(self.settings.compile_cache_dir(), "vae")
 
     def ready_line(self) -> str:
-        return f"{super().ready_line()} dtype={self.dtype} compiled={self.compiled}"
+        compiled = f" compiled={self.compiled}" if self.device.type == "cuda" else ""  # the CPU runs eager
+        return f"{super().ready_line()} dtype={self.dtype}{compiled}"
 
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""

@@ -51,6 +51,16 @@ class ServeRun:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def lines_of(self, request_id: str, settle_s: float = 3.0) -> list[str]:
+        """The output's lines that carry `request_id`, once its access line is there and `settle_s` more
+        have passed (Ray forwards each replica's lines on its own schedule)."""
+        deadline = time.monotonic() + 60
+        while not any(request_id in line and " access " in line for line in list(self.lines)):
+            assert time.monotonic() < deadline, f"no access line for {request_id}:\n{self.output()[-3000:]}"
+            time.sleep(0.5)
+        time.sleep(settle_s)
+        return [line for line in list(self.lines) if request_id in line]
+
     def ray_processes(self) -> list[str]:
         """Command lines of live processes started for this instance (their paths name its folder)."""
         found = []
@@ -96,6 +106,25 @@ def test_ready_is_answered_when_the_command_says_ready(serve_run):
     assert response.json()["stages"] == dict.fromkeys(["PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder"], True)
     body = {"prompt": "a lighthouse", "size": "512x512", "num_inference_steps": 2, "seed": 1}
     assert httpx.post(f"{serve_run.url}/v1/images/generations", json=body, timeout=300).status_code == 200
+
+
+def test_each_request_leaves_one_line_in_its_terminal(serve_run):
+    """A generation and a wrong method each add one line that names them, the Ingress's access line
+    with the path asked for and the status (Ray's own per-request lines are off: serve_app.builder);
+    the start showed no progress bar, no FP8 note on a CPU, and no choice the CPU does not use."""
+    ok = httpx.post(f"{serve_run.url}/v1/images/generations", timeout=300, headers={"X-Request-ID": "first-hour-ok"},
+                    json={"prompt": "a lighthouse", "size": "512x512", "num_inference_steps": 1, "seed": 2})
+    assert ok.status_code == 200, ok.text
+    wrong = httpx.get(f"{serve_run.url}/v1/images/generations", headers={"X-Request-ID": "first-hour-405"})
+    assert wrong.status_code == 405
+    for request_id, expected in (("first-hour-ok", "access method=POST route=/v1/images/generations status=200 "),
+                                 ("first-hour-405", "access method=GET route=/v1/images/generations status=405 ")):
+        lines = serve_run.lines_of(request_id)
+        assert len(lines) == 1 and expected in lines[0], lines
+    started = serve_run.output()
+    for noise in ("Loading weights", "Writing model shards", "it/s]", "Silenced known harmless", "cuda_graphs=",
+                  "compiled=False"):
+        assert noise not in started, noise
 
 
 def test_sigterm_stops_it_as_ctrl_c_does(serve_run):

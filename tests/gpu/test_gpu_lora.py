@@ -55,7 +55,7 @@ def source():
 def factors(source):
     """Each (rank, seed, targets) adapter's factors, on the CPU, strong enough to move the image."""
     from benchmarks.lora_files import transformer_shapes
-    from tests.lora_files import TARGETS, random_factors
+    from deployments.denoiser.lora.random_adapters import TARGETS, random_factors
 
     shapes = transformer_shapes("random")
     made = {}

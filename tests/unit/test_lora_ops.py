@@ -11,7 +11,7 @@ from deployments.denoiser.lora import layout, ops
 from deployments.denoiser.lora.adapter import LoraAdapter
 from deployments.denoiser.lora.slots import GraphFactors, install_lora
 from deployments.weights import loading
-from tests.lora_files import random_factors
+from deployments.denoiser.lora.random_adapters import random_factors
 
 CPU = torch.device("cpu")
 
