@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
 from serve_app import access_log
-from serve_app.access_log import LOGGED_BY_ROUTE, AccessLogMiddleware, AccessRecord
+from serve_app.access_log import LOGGED_BY_ROUTE, AccessRecord
 from serve_app.admission import TIMEOUT_HEADER, Admission, Ticket, timeout_s
 from serve_app.auth import authorize, declared_tenant, if_authorized
 from serve_app.config import ApiLimits, config_problem
