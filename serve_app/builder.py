@@ -55,5 +55,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
                 model_name=source.name, random_weights=source.random_weights,
                 image_store=config.image_store.model_dump(mode="json"),
-                lora_settings=config.model_settings().lora_settings().model_dump(),
+                lora_settings=config.model_settings().lora_fields(),
                 controlnet=config.controlnet)

@@ -24,14 +24,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
-from deployments.denoiser.inpaint import default_strength
-from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
 from serve_app.config import ApiLimits
 from serve_app.control import ControlPlan, plan_control
@@ -39,7 +36,11 @@ from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.masks import plan_mask
 from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, LoraSpec, PartialImage, StepDone, Timings
+from serve_app.replica_imports import import_request_path
 from serve_app.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SIZE = (1024, 1024)
 
@@ -78,6 +79,8 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`.
     `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it; `control` is the
     decoded control image (serve_app.control), fitted to the generation size."""
+    from deployments.denoiser.inpaint import default_strength
+
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
@@ -140,6 +143,7 @@ class Conditioning:
 class ImagePipeline:
     def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False,
                  retry: RetryPolicy | None = None):
+        import_request_path()  # here, before the Ingress is ready: its requests import nothing
         self.styler = styler
         self.text_encoder = text_encoder
         self.denoiser = denoiser
@@ -234,6 +238,8 @@ class ImagePipeline:
     def _denoiser_for(self, request: DenoiseRequest) -> Any:
         """A request with LoRA adapters goes preferably to a Denoiser replica that holds its adapter set
         (Ray Serve's model multiplexing; the ID: `lora.library.adapter_set_id`)."""
+        from deployments.denoiser.lora.library import adapter_set_id
+
         if not request.loras:
             return self.denoiser
         return self.denoiser.options(multiplexed_model_id=adapter_set_id(lora.name for lora in request.loras))

@@ -1,4 +1,8 @@
-"""Denoiser deployment: the DiT (bf16 or FP8) on a GPU fraction, scheduled by a configurable policy."""
+"""Denoiser deployment: the DiT (bf16 or FP8) on a GPU fraction, scheduled by a configurable policy.
+
+The model code (torch, the loop, the DiT, adapters, control) is imported by the replica where it
+is first used, so that the builder imports this shell without it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from itertools import chain
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 from ray import serve
 
-from deployments.weights import loading
 from deployments.contracts import (
     CaptionEmbedding,
     ControlLatents,
@@ -26,25 +29,19 @@ from deployments.contracts import (
     StageTime,
 )
 from deployments.runtime.deadlines import DeadlineExceeded
-from deployments.denoiser.loop import (
-    DenoiseLoop,
-    DenoiseState,
-    clean_estimate,
-    diffusers_transformer_fn,
-    preview_steps,
-)
-from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
-from deployments.denoiser.control import ControlContext, ControlNetRunner
-from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
-from deployments.weights.controlnet_source import load_controlnet
-from deployments.denoiser.pending_work import PendingWork, measure
-from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
-from deployments.denoiser.lora.cache import AdapterCache
-from deployments.denoiser.lora.library import LoraLibrary
+from deployments.denoiser.policies import POLICIES, SchedulingPolicy
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
 from deployments.runtime.stage import StageConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.denoiser.control import ControlContext
+    from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
+    from deployments.denoiser.loop import DenoiseState
+    from deployments.denoiser.pending_work import PendingWork
 
 logger = logging.getLogger("ray.serve")
 
@@ -83,6 +80,9 @@ class Denoiser(ModelStage):
         self.denoiser_metrics.batched_ready.set(float(self.after_ready.ready.is_set()))
 
     def load(self) -> None:
+        from deployments.weights import loading
+        from deployments.weights.controlnet_source import load_controlnet
+
         self.transformer = loading.load_transformer(self.source, self.device, self.dtype)
         control_source = self.settings.controlnet_source()  # the ControlNet: part of the Denoiser's weights
         self.controlnet = None if control_source is None else load_controlnet(control_source, self.device, self.dtype)
@@ -91,7 +91,17 @@ class Denoiser(ModelStage):
         """On the GPU, real-valued RoPE and fused projections always; FP8 and regional compile as
         resolved (the compile wraps the blocks and loads its cache; it compiles in `warm_up`); the
         CUDA graphs' wrapper; then the loop and the schedulers around them. The CPU runs float32 eager."""
+        import torch
+
+        from deployments.denoiser.control import ControlNetRunner
+        from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
         from deployments.denoiser.dit.optimize import optimize_transformer
+        from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
+        from deployments.denoiser.lora.cache import AdapterCache
+        from deployments.denoiser.lora.library import LoraLibrary
+        from deployments.denoiser.loop import DenoiseLoop, diffusers_transformer_fn
+        from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
+        from deployments.weights import loading
 
         if self.device.type == "cuda":
             self.transformer = optimize_transformer(
@@ -245,6 +255,8 @@ class Denoiser(ModelStage):
         clean-latent estimate at `previews` evenly spread steps, then the result (the very latents
         `denoise` returns). Closing the stream (the client went away) cancels the job, which the
         scheduler drops at its next step."""
+        from deployments.denoiser.loop import clean_estimate, preview_steps
+
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[DenoiseProgress | None] = asyncio.Queue()
@@ -293,6 +305,8 @@ class Denoiser(ModelStage):
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
         """(latents, seconds the job waited before its first step), under the live scheduling policy."""
+        from deployments.denoiser.scheduling import run_grouped
+
         try:
             if self.config.scheduling == "continuous":
                 return await self.batcher.submit_timed(job)
@@ -315,6 +329,8 @@ class Denoiser(ModelStage):
     def pending_work(self) -> PendingWork:
         """The images waiting for this replica's GPU and the steps they have left (jobs under the
         `batch` and `single` policies count as queued: their progress is not tracked)."""
+        from deployments.denoiser.pending_work import measure
+
         return measure(chain(self.batcher.queued_jobs(), self.unbatched_jobs), self.batcher.running_jobs())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

@@ -7,9 +7,7 @@ from dataclasses import replace
 
 from pydantic import Field
 
-from deployments.weights import loading
 from deployments.contracts import CaptionEmbedding, ImageTrace, StageTime
-from deployments.text_encoder.encoding import PromptEncoder
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
 from deployments.runtime.stage import StageConfig
 
@@ -28,10 +26,14 @@ class TextEncoder(ModelStage):
     speed_part = "text_encoder"
 
     def load(self) -> None:
+        from deployments.weights import loading  # the model code: imported by the replica, not the builder
+
         self.model = loading.load_text_encoder(self.source, self.device, self.dtype)
         self.tokenizer = loading.load_tokenizer(self.source)
 
     def optimize(self) -> None:
+        from deployments.text_encoder.encoding import PromptEncoder
+
         if self.speed.text_encoder_compile.value:
             from deployments.runtime.compile_cache import configure_compile_cache
             from deployments.text_encoder.compile import optimize_text_encoder
