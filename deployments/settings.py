@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.geometry import parse_size
+from deployments.runtime.artifact_store import SharedCompileCache
 from deployments.speed import SPEED_FIELDS, Hardware, Speed, resolve_speed
 from deployments.weights.model_source import ModelSource, default_cache_dir, resolve_model_source
 
@@ -36,6 +37,13 @@ class ModelSettings(BaseModel):
     compile: bool | Literal["auto"] = "auto"
     """Regional compile of the DiT blocks, cached on disk (`auto`: on where Triton runs; GPU only)."""
     cache_dir: str | None = None
+    compile_cache: SharedCompileCache | None = None
+    """A store every node shares for the stages' compiled code (`runtime.compile_cache`), beside each
+    node's own copy under `cache_dir`: `{directory: /mnt/shared/zimage-compile}` (a filesystem mounted
+    on every node) or `{s3: {bucket, prefix, endpoint_url, region}}` (credentials from the replicas'
+    environment, as the image store's). A replica fetches its stage's file at start and writes it after
+    its warm-ups when it compiled something the file lacked; `zimage-serve-cache build` fills it ahead of
+    a rollout. None: each node caches for itself."""
     max_prompt_tokens: int = Field(512, ge=16, le=4096)
     vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
     vae_batched_decode: bool = False

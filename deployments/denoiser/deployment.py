@@ -62,6 +62,9 @@ class DenoiserConfig(StageConfig):
 class Denoiser(ModelStage):
     config_model = DenoiserConfig
     speed_part = "denoiser"
+    model_modules = (*ModelStage.model_modules, "diffusers:ZImageTransformer2DModel", "deployments.denoiser.loop",
+                     "deployments.denoiser.scheduling", "deployments.denoiser.dit.optimize",
+                     "deployments.denoiser.lora.cache", "deployments.denoiser.control")
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
         self._init_model_stage(settings, base_config)
@@ -106,7 +109,7 @@ class Denoiser(ModelStage):
         if self.device.type == "cuda":
             self.transformer = optimize_transformer(
                 self.transformer, self.speed.precision.value, self.speed.compile.value,
-                self.settings.compile_cache_dir(), attention=self.settings.attention,
+                self.compile_cache(attention=self.settings.attention), attention=self.settings.attention,
                 fp8_kernels=self.fp8_kernels or "inductor",
             )
             torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced

@@ -4,8 +4,12 @@ Serve options. PromptStyler, on the CPU with no model, is a plain `StageBase`.""
 
 from __future__ import annotations
 
+from typing import Any
+
 from ray import serve
 
+from deployments.runtime.compile_cache import CompileCache, compile_cache_status
+from deployments.runtime.compile_counters import CompileCounts
 from deployments.runtime.stage import StageBase
 from deployments.settings import ModelSettings
 from deployments.speed import STAGE_CHOICES, StagePart
@@ -33,6 +37,8 @@ class ModelStage(StageBase):
     """A stage that runs part of the model. Serve constructs it with the application's `model` settings
     (a `ModelSettings` dict) and its bound live config; it binds them to its device, then starts."""
 
+    model_modules = ("torch", "deployments.weights.loading")
+
     speed_part: StagePart
     """Its key in `Speed.summary`, in `STAGE_CHOICES` and in each result's `speed` (what ran, by stage)."""
 
@@ -56,3 +62,16 @@ class ModelStage(StageBase):
     def ready_line(self) -> str:
         """The model and device; a stage adds its own choices after them."""
         return f"model={self.source.name} device={self.device}"
+
+    def compile_cache(self, **choices: object) -> CompileCache:
+        """Where this stage's compiled code is cached: the node's `cache_dir`, shared through the
+        `compile_cache` setting, its files keyed by the model, the stage's resolved speed choices and
+        `choices` (whatever else shapes its graphs)."""
+        resolved = {name: choice.value for name, choice in self.speed.choices(self.speed_keys).items()}
+        return CompileCache(self.settings.compile_cache_dir(), {"model": self.source.name, **resolved, **choices},
+                            self.settings.compile_cache)
+
+    def stats(self) -> dict[str, Any]:
+        """Adds what torch.compile did in this replica (`compile`: FX-graph cache hits and misses,
+        dynamo's seconds) and its compile cache's files (`compile_cache`)."""
+        return {**super().stats(), "compile": CompileCounts.read().as_dict(), "compile_cache": compile_cache_status()}

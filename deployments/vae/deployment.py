@@ -37,6 +37,8 @@ class VaeDecoderConfig(StageConfig):
 class VaeDecoder(ModelStage):
     config_model = VaeDecoderConfig
     speed_part = "vae"
+    model_modules = (*ModelStage.model_modules, "diffusers:AutoencoderKL", "deployments.vae.codec",
+                     "deployments.vae.compile")
 
     @property
     def compiled(self) -> bool:
@@ -57,8 +59,9 @@ class VaeDecoder(ModelStage):
             from deployments.runtime.compile_cache import configure_compile_cache, load_compile_artifacts
             from deployments.vae.compile import optimize_vae
 
-            configure_compile_cache(self.settings.compile_cache_dir())
-            load_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+            self.artifacts = self.compile_cache()
+            configure_compile_cache(self.artifacts)
+            load_compile_artifacts(self.artifacts, "vae")
             self.vae = optimize_vae(self.vae, compile=True, channels_last=True, dynamic_warm=False)
         self.codec = VaeCodec(
             self.vae,
@@ -147,7 +150,7 @@ class VaeDecoder(ModelStage):
         from deployments.runtime.compile_cache import save_compile_artifacts
 
         self.codec.vae.decoder.forward.dynamic_warm = True
-        save_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+        save_compile_artifacts(self.artifacts, "vae")
 
     def ready_line(self) -> str:
         return f"{super().ready_line()} dtype={self.dtype} compiled={self.compiled}"
