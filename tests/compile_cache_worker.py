@@ -1,9 +1,10 @@
 """A replica's start, reduced to its compile cache, in a process of its own (torch's caches are
-process-wide): configure the cache, load the stage's file, compile and run a tiny module with
-inductor (a matrix product: inductor calls an extern kernel, so no C++ compiler runs and it takes
+process-wide): configure the cache, load the stage's file, compile and run tiny functions with
+inductor (matrix products: inductor calls an extern kernel, so no C++ compiler runs and it takes
 seconds on a CPU), save after the "warm-up", and print what happened as one JSON line.
 
-    python -m tests.compile_cache_worker '{"directory": ..., "identity": {...}, "shared": {...}}'
+    python -m tests.compile_cache_worker '{"directory": ..., "identity": {...}, "shared": {...},
+                                           "functions": ["square", "gram"]}'
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+
+
+FUNCTIONS = {"square": lambda x: x @ x, "gram": lambda x: x @ x.t(), "cube": lambda x: x @ x @ x}
 
 
 class Recorder(logging.Handler):
@@ -44,9 +48,9 @@ def main() -> None:
     configured = configure_compile_cache(cache)
     loaded = load_compile_artifacts(cache, "tiny")
     before = CompileCounts.read()
-    compiled = torch.compile(lambda x: x @ x, backend="inductor")
-    result = compiled(torch.eye(8) * 2)
-    assert torch.equal(result, torch.eye(8) * 4)
+    for name in spec.get("functions", ["square"]):
+        result = torch.compile(FUNCTIONS[name], backend="inductor")(torch.eye(8) * 2)
+        assert torch.equal(result, FUNCTIONS[name](torch.eye(8) * 2))
     counts = CompileCounts.read() - before
     written = save_compile_artifacts(cache, "tiny")
     uploads_ok = wait_for_uploads(60)

@@ -9,8 +9,8 @@ the model, the stage's choices, library versions, the GPU kind). At start, `load
 reads the stage's file (the node's copy, else the shared one) into torch's caches, so the warm-up's
 graphs come from the FX-graph cache instead of being compiled; after the warm-ups,
 `save_compile_artifacts` writes the file where it is missing or stale (something was compiled that
-no file held). A file for another key is never loaded; a corrupt one is ignored with a warning and
-rewritten after the warm-ups. A cache directory that cannot be written, or a store that cannot be
+no file held), never replacing it with one that lacks an entry it had. A file for another key is
+never loaded; a corrupt one is ignored with a warning and rewritten after the warm-ups. A cache directory that cannot be written, or a store that cannot be
 reached, costs one warning and a start that compiles, never a failed start.
 """
 
@@ -67,8 +67,11 @@ class ArtifactState:
     """One artifact file in this process: where it was loaded from and what was written since."""
 
     file: str
+    cache: CompileCache
     loaded_from: str | None = None
     """The store whose copy was loaded; None: none was (absent, invalid or unreachable)."""
+    entries: set[tuple[str, str]] | None = None
+    """The entries of the file as loaded or last written (torch's CacheInfo)."""
     problems: list[str] = field(default_factory=list)
     written_to: list[str] = field(default_factory=list)
     baseline: CompileCounts = field(default_factory=CompileCounts)
@@ -139,17 +142,19 @@ def configure_compile_cache(cache_dir: str | os.PathLike[str] | None) -> Path | 
     return path
 
 
-def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str = "dit") -> bool:
+def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str = "dit",
+                           *, use_files: bool = True) -> bool:
     """Loads the file of artifact `name` for this cache's key into torch's caches: the node's copy,
-    else the shared store's (then kept on the node too). Whether one was loaded."""
+    else the shared store's (then kept on the node too). Whether one was loaded. `use_files=False`
+    (a cache build) loads none and writes a new file after the warm-ups."""
     import torch
 
     if cache_dir is None or not hasattr(torch.compiler, "load_cache_artifacts"):
         return False
     cache = as_cache(cache_dir)
     key = cache.key(name)
-    state = _states[name] = ArtifactState(key.file_name)
-    stores = cache.stores()
+    state = _states[name] = ArtifactState(key.file_name, cache)
+    stores = cache.stores() if use_files else []
     for store in stores:
         try:
             data = store.get(key.file_name)
@@ -160,14 +165,14 @@ def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
         if data is None:
             continue
         try:
-            torch.compiler.load_cache_artifacts(unpack(key, data))
+            info = torch.compiler.load_cache_artifacts(unpack(key, data))
         except Exception as exc:  # CacheFileError, or torch's: a foreign or broken file never stops a start
             logger.warning("ignoring compiled artifacts %s/%s: %s; compiling, and rewriting it after the warm-up",
                            store.where, key.file_name, exc)
             state.problems.append(f"{store.where}: {exc}")
             continue
         logger.info("loaded compiled artifacts %s/%s (%d bytes)", store.where, key.file_name, len(data))
-        state.loaded_from = store.where
+        state.loaded_from, state.entries = store.where, _entries(info)
         if store is not stores[0]:
             _write(stores[0], key.file_name, data, state, _place(cache, stores[0]))  # for the node's next start
         break
@@ -176,21 +181,24 @@ def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
 
 
 def save_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str = "dit") -> Path | None:
-    """After a warm-up: writes everything compiled in this process as artifact `name`'s file, to the
-    node and the shared store, unless the file loaded at start already held it all. The node's file
-    is written here; the shared store's in the background (`wait_for_uploads`). Returns the node's
-    file when written."""
+    """After a warm-up: writes artifact `name`'s file (the node's copy here, the shared store's in
+    the background: `wait_for_uploads`) when this process compiled something the loaded file lacked,
+    or none was loaded. torch serializes only what this process used, so a file is replaced only by
+    one that holds every entry of the loaded one. With nothing new, a shared store that lacks the
+    node's file gets it. Returns the node's file when written."""
     import torch
 
     if cache_dir is None or not hasattr(torch.compiler, "save_cache_artifacts"):
         return None
     cache = as_cache(cache_dir)
     key = cache.key(name)
-    state = _states.setdefault(name, ArtifactState(key.file_name))
-    stale = (CompileCounts.read() - state.baseline).compiled_anything or state.loaded_from is None
+    state = _states.setdefault(name, ArtifactState(key.file_name, cache))
     local, *shared = cache.stores()
-    shared = [store for store in shared if stale or state.loaded_from != store.where]  # may lack the file
-    if not stale and not shared:
+    fresh = state.loaded_from is None and not state.written_to  # nothing loaded, nothing written yet
+    if not ((CompileCounts.read() - state.baseline).compiled_anything or fresh):
+        for store in shared:
+            if store.where != state.loaded_from and store.where not in state.written_to:
+                _in_background(_share_node_copy, local, store, key.file_name, state, _place(cache, store))
         return None
     try:
         result = torch.compiler.save_cache_artifacts()
@@ -199,32 +207,57 @@ def save_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
         return None
     if not result:
         return None
+    entries = _entries(result[1])
+    if entries is None or (state.entries or set()) - entries:
+        logger.info("kept compiled artifacts %s: this process has not yet used every entry the file holds",
+                    key.file_name)
+        return None
     data = pack(key, result[0])
-    state.baseline = CompileCounts.read()
-    written = None
-    if stale and _write(local, key.file_name, data, state, _place(cache, local)):
-        written = local.directory / key.file_name
+    state.baseline, state.entries = CompileCounts.read(), entries
+    written = local.directory / key.file_name if _write(local, key.file_name, data, state, _place(cache, local)) \
+        else None
     for store in shared:
-        with _lock:
-            _pending.append(_uploads.submit(_publish, store, key.file_name, data, state, stale, _place(cache, store)))
+        _in_background(_write, store, key.file_name, data, state, _place(cache, store))
     return written
+
+
+def save_every_artifact() -> None:
+    """`save_compile_artifacts` for each artifact this process loaded or saved (a cache build, once
+    every warm-up has run)."""
+    for name, state in list(_states.items()):
+        save_compile_artifacts(state.cache, name)
+
+
+def _entries(info) -> set[tuple[str, str]] | None:
+    """The (kind, key) of each entry a CacheInfo lists; None where torch's CacheInfo does not say."""
+    artifacts = getattr(info, "artifacts", None)
+    if artifacts is None:
+        return None
+    return {(kind, key) for kind, keys in artifacts.items() for key in keys}
+
+
+def _in_background(fn, *args) -> None:
+    with _lock:
+        _pending.append(_uploads.submit(fn, *args))
 
 
 def _place(cache: CompileCache, store: ArtifactStore) -> str:
     """What a warning is about: the node's cache directory (its own copy lives inside), or the store."""
-    return str(cache.directory) if isinstance(store, DirectoryStore) and store.directory.parent == cache.directory \
-        else store.where
+    inside = isinstance(store, DirectoryStore) and store.directory.parent == cache.directory
+    return str(cache.directory) if inside else store.where
 
 
-def _publish(store: ArtifactStore, file: str, data: bytes, state: ArtifactState, stale: bool, place: str) -> None:
-    """The shared store's copy: written when stale, or when the store lacks the file the node had."""
+def _share_node_copy(local: ArtifactStore, store: ArtifactStore, file: str, state: ArtifactState, place: str) -> None:
+    """The node's file to a shared store that lacks it (the node had it before the store was set)."""
     try:
-        if not stale and file in store.names():
+        if file in store.names():
             return
+        data = local.get(file)
     except StoreUnavailable as exc:
         _warn_once(place, "compile cache %s unavailable (%s): not shared", store.where, exc)
         return
-    _write(store, file, data, state, place)
+    if data is not None:
+        _write(store, file, data, state, place)
 
 
 def _write(store: ArtifactStore, file: str, data: bytes, state: ArtifactState, place: str) -> bool:
