@@ -87,6 +87,7 @@ _warned: set[str] = set()
 _uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-cache-upload")
 _pending: list[Future] = []
 _lock = threading.Lock()
+_rebuilding = False
 
 
 def _warn_once(place: str, message: str, *args) -> None:
@@ -142,11 +143,17 @@ def configure_compile_cache(cache_dir: str | os.PathLike[str] | None) -> Path | 
     return path
 
 
-def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str = "dit",
-                           *, use_files: bool = True) -> bool:
+def rebuild_files() -> None:
+    """From now on this process loads no file and writes new ones after its warm-ups, holding exactly
+    what they compiled (a cache build: `zimage-serve-cache build`). Inductor's and Triton's
+    directories still serve what they hold; their hits go into the new files too."""
+    global _rebuilding
+    _rebuilding = True
+
+
+def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str = "dit") -> bool:
     """Loads the file of artifact `name` for this cache's key into torch's caches: the node's copy,
-    else the shared store's (then kept on the node too). Whether one was loaded. `use_files=False`
-    (a cache build) loads none and writes a new file after the warm-ups."""
+    else the shared store's (then kept on the node too). Whether one was loaded."""
     import torch
 
     if cache_dir is None or not hasattr(torch.compiler, "load_cache_artifacts"):
@@ -154,7 +161,7 @@ def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
     cache = as_cache(cache_dir)
     key = cache.key(name)
     state = _states[name] = ArtifactState(key.file_name, cache)
-    stores = cache.stores() if use_files else []
+    stores = [] if _rebuilding else cache.stores()
     for store in stores:
         try:
             data = store.get(key.file_name)
