@@ -2,9 +2,19 @@
 then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:8000.
 
     python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
+    python benchmarks/bench_first_run.py --json start_budget.json --starts readme,readme_warm,new_node --budget-only
 
-For each start: seconds from `serve run` to `/health/ready` answering 200 (the first start with a fresh
-ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, the
+Starts (`--starts`, in order): `readme`, the README's command with a fresh ZIMAGE_CACHE_DIR (cold);
+`readme_warm`, the same again on that directory (the second start on a machine); `new_node`, the same
+with another fresh ZIMAGE_CACHE_DIR (fresh inductor and Triton caches) whose `compile_cache` is the
+first directory's compiled-artifact files, as a node that fetches them from a shared store;
+`serve_config`, serve_config.yaml on the first directory (its bucket replaced by those files).
+
+For each start: its budget (benchmarks/start_budget.py: from `serve run` to ready, the application's
+milestones, and each replica from the controller's request to its ready, phase by phase, compile
+and dynamo's part of it apart), printed as tables and kept in the JSON; seconds from `serve run` to
+`/health/ready` answering 200, each stage's start phases and compile counts (FX-graph cache hits and
+misses), and, unless `--budget-only`, the
 seconds after that until every warm-up after ready is done (the measurements below start then;
 `--no-wait-warm` starts them at ready, while those warm-ups still take turns on the GPU), and the
 1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen sends it and then
@@ -20,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -39,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
 from benchmarks.run_info import commit  # noqa: E402
+from benchmarks.start_budget import TimedOutput, budget, format_budget  # noqa: E402
 from deployments.geometry import SIZE_PRESETS, format_size  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -46,10 +59,13 @@ WORDS = ("lighthouse harbour granite tide lantern gull cliff storm amber dusk qu
          "copper glass velvet ember frost orchard tower bridge market canal lantern willow falcon cedar").split()
 
 
-def serve_run(command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    """`serve run ...` in its own process group, its output to a log file."""
-    log = open(log_path, "w")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def serve_run(command: list[str], log_path: Path, env: dict) -> tuple[subprocess.Popen, TimedOutput]:
+    """`serve run ...` in its own process group; its output to a log file, each line timed on arrival."""
+    output = TimedOutput(time.time())
+    process = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output.follow(process.stdout, log_path)
+    return process, output
 
 
 def wait_ready(process: subprocess.Popen, timeout_s: float) -> float:
@@ -66,33 +82,54 @@ def wait_ready(process: subprocess.Popen, timeout_s: float) -> float:
     raise TimeoutError("not ready")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops `serve run`; then make sure no Ray instance is left for the next start."""
+def stop(process: subprocess.Popen, ray_tmp: str) -> None:
+    """Ctrl-C, as a user stops `serve run`; then make sure none of this start's Ray processes (their
+    command lines name its RAY_TMPDIR) is left for the next start. Other Ray instances are left alone."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    deadline = time.monotonic() + 30
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in ray_processes(ray_tmp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def stages_info(app: str) -> dict:
+def ray_processes(ray_tmp: str) -> list[int]:
+    """Live processes whose command line names `ray_tmp` (Ray's processes of one instance)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if ray_tmp.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stages_info(app: str, env: dict) -> dict:
     """Each stage's start phases and resolved speed settings, read through Ray as an operator would."""
     code = (
         "import json, ray; from ray import serve; ray.init(address='auto', logging_level='ERROR'); out = {}\n"
         "for name in ('TextEncoder', 'Denoiser', 'VaeDecoder'):\n"
         f"    s = serve.get_deployment_handle(name, {app!r}).stats.remote().result(timeout_s=60)\n"
         "    out[name] = {k: s.get(k) for k in ('start_phases', 'speed', 'fp8_kernels', 'step_graphs',\n"
-        "                                        'warm_after_ready', 'shape_warmup')}\n"
+        "                                        'warm_after_ready', 'shape_warmup', 'compile', 'compile_cache')}\n"
         "print('STAGES ' + json.dumps(out, default=str))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("STAGES ")]
     return json.loads(lines[-1].removeprefix("STAGES ")) if lines else {"error": out.stderr[-2000:]}
 
 
-def wait_warm(app: str, timeout_s: float) -> float:
+def wait_warm(app: str, timeout_s: float, env: dict) -> float:
     """Seconds until every stage's warm-up after ready is done (the batched graphs, the VAE's dynamic
     graph, the Denoiser's caption-bucket graphs and preset forwards), polled through Ray."""
     code = (
@@ -107,7 +144,8 @@ def wait_warm(app: str, timeout_s: float) -> float:
         "print('WARM', time.perf_counter() - start)\n" % app
     )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120, cwd=ROOT,
+                   env=env)
     return time.perf_counter() - started
 
 
@@ -171,9 +209,10 @@ def presets_first_and_warm(client: httpx.Client) -> list[dict]:
              "ratio": round(first[k] / warm[k], 3)} for k in first]
 
 
-def served_config(model: str, device: str) -> Path:
+def served_config(model: str, device: str, shared: Path) -> Path:
+    """serve_config.yaml on this machine: its bucket for compiled code replaced by a directory."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"].update(model=model, device=device)
+    config["applications"][0]["args"].update(model=model, device=device, compile_cache={"directory": str(shared)})
     config["http_options"]["host"] = "127.0.0.1"
     path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -191,6 +230,8 @@ def main() -> None:
     parser.add_argument("--json", default="first_run.json")
     parser.add_argument("--no-wait-warm", action="store_true",
                         help="measure right after ready, while the warm-ups after ready still run")
+    parser.add_argument("--budget-only", action="store_true",
+                        help="each start's budget and stats only: no requests, no waiting for the warm-ups after ready")
     args = parser.parse_args()
     out = Path(args.json)
     logs = out.parent
@@ -201,24 +242,40 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2))
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
-    env["ZIMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="zimage-first-run-")
+    first_dir = tempfile.mkdtemp(prefix="zimage-first-run-")
+    shared = Path(first_dir) / "compile" / "mega"  # the first start's files: a new node's shared store
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
     unseen_512, unseen_1024 = (int(v) for v in args.unseen.split(","))
-    starts = [
-        ("readme", ["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"], "default"),
-        ("serve_config", ["serve", "run", str(served_config(args.model, args.device))], "zimage"),
-    ]
-    starts = [start for start in starts if start[0] in args.starts.split(",")]
-    for index, (label, command, app) in enumerate(starts):
-        process = serve_run(command, logs / f"first_run_{label}.log", env)
+    readme = ["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"]
+    starts = {  # label: (command, app, ZIMAGE_CACHE_DIR, cache)
+        "readme": (readme, "default", first_dir, "cold"),
+        "readme_warm": (readme, "default", first_dir, "warm"),
+        "new_node": (readme + [f"compile_cache.directory={shared}"], "default",
+                     tempfile.mkdtemp(prefix="zimage-new-node-"), "new node: fresh directory, shared files"),
+        "serve_config": (["serve", "run", str(served_config(args.model, args.device, shared))], "zimage", first_dir,
+                         "warm"),
+    }
+    for label in args.starts.split(","):
+        command, app, cache_dir, cache = starts[label]
+        ray_tmp = tempfile.mkdtemp(prefix="zfr", dir="/tmp")  # short: Ray's socket paths live under it
+        start_env = {**env, "ZIMAGE_CACHE_DIR": cache_dir, "RAY_TMPDIR": ray_tmp}
+        process, output = serve_run(command, logs / f"first_run_{label}.log", start_env)
         try:
             ready_s = wait_ready(process, args.ready_timeout)
-            result = {"command": " ".join(command), "cache": "cold" if index == 0 else "warm",
-                      "ready_s": round(ready_s, 1), "stages": stages_info(app)}
+            time.sleep(2)  # the replicas' last log lines reach `serve run` within about a second
+            result = {"command": " ".join(command), "cache": cache,
+                      "ready_s": round(ready_s, 1), "budget": budget(output.lines), "stages": stages_info(app, start_env)}
             print(f"{label}: ready after {ready_s:.1f} s ({result['cache']} cache)", flush=True)
+            print(format_budget(result["budget"]), flush=True)
+            print("  compile per stage: " + "; ".join(
+                f"{name} {info.get('compile')}" for name, info in result["stages"].items()), flush=True)
+            data[label] = result
+            save()
+            if args.budget_only:
+                continue
             if not args.no_wait_warm:  # measured with every warm-up after ready done, the time it took said
-                result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout), 1)
-                result["stages_warm"] = stages_info(app)
+                result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout, start_env), 1)
+                result["stages_warm"] = stages_info(app, start_env)
                 print(f"  every warm-up after ready done {result['warm_after_ready_s']} s later", flush=True)
             data[label] = result
             save()
@@ -227,7 +284,7 @@ def main() -> None:
                     result[key] = single_client(size, args.requests, prompts, fresh)
                     print(f"  {key}: {result[key]}", flush=True)
                     save()
-            if index == 0:
+            if label == "readme":
                 with httpx.Client(base_url=URL, timeout=600) as client:
                     result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),
                                         unseen_lengths(client, "1024x1024", unseen_1024, 1)]
@@ -239,17 +296,22 @@ def main() -> None:
                     print(f"  presets: worst first/warm {worst}", flush=True)
                     save()
         finally:
-            stop(process)
-    if "readme" in data and "serve_config" in data:
+            stop(process, ray_tmp)
+    if all("c1 512x512" in data.get(label, {}) for label in ("readme", "serve_config")):
         data["readme_vs_serve_config"] = {
             size: round(data["readme"][f"c1 {size}"]["p50_ms"] / data["serve_config"][f"c1 {size}"]["p50_ms"], 3)
             for size in ("512x512", "1024x1024")
         }
     save()
     print("\nsummary")
-    for label in ("readme", "serve_config"):
+    for label in starts:
         if label in data:
             row = data[label]
+            replicas = row["budget"]["replicas"]
+            slowest = max(replicas, key=lambda name: replicas[name].get("request_to_ready_s") or 0, default=None)
+            if slowest:
+                print(f"  {label:<13} slowest replica {slowest}: {replicas[slowest].get('request_to_ready_s')} s "
+                      f"from its request to ready")
             print(f"  {label:<13} ready {row['ready_s']:6.1f} s ({row['cache']})  c1 512 p50 "
                   f"{row.get('c1 512x512', {}).get('p50_ms')}  c1 1024 p50 {row.get('c1 1024x1024', {}).get('p50_ms')}")
     for row in data.get("readme", {}).get("unseen", []):

@@ -10,6 +10,8 @@ only where a GPU is in use, and binds every stage to its complete live config. A
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from ray.serve import Application
@@ -24,6 +26,8 @@ from serve_app.config import AppArgs
 from serve_app.ingress import Ingress
 from serve_app.sigterm import stop_on_sigterm_as_on_ctrl_c
 
+logger = logging.getLogger("ray.serve")
+
 
 def stage_options(deployment: Deployment, args: AppArgs, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Serve `.options()`, complete live config) for one stage: its defaults, then `args`' overrides."""
@@ -37,7 +41,10 @@ def stage_options(deployment: Deployment, args: AppArgs, stage: str) -> tuple[di
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """Validates `args` once (serve_config.yaml's `args`, or `serve run ... key=value`) and binds the graph."""
+    """Validates `args` once (serve_config.yaml's `args`, or `serve run ... key=value`) and binds the graph.
+    Logs one line with its seconds (benchmarks/start_budget.py reads it: the application's import is
+    what comes before it)."""
+    started = time.perf_counter()
     config = AppArgs.from_args(args)
     stop_on_sigterm_as_on_ctrl_c()  # `serve run`'s driver: SIGTERM stops it as Ctrl-C does
     source = config.model_settings().source()  # fails here, before any replica starts, on a bad model
@@ -52,8 +59,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     text_encoder = bind(TextEncoder, "text_encoder", settings)
     denoiser = bind(Denoiser, "denoiser", settings)
     vae = bind(VaeDecoder, "vae", settings)
-    return bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
-                model_name=source.name, random_weights=source.random_weights,
-                image_store=config.image_store.model_dump(mode="json"),
-                lora_settings=config.model_settings().lora_fields(),
-                controlnet=config.controlnet)
+    app = bind(Ingress, "ingress", styler, text_encoder, denoiser, vae,
+               model_name=source.name, random_weights=source.random_weights,
+               image_store=config.image_store.model_dump(mode="json"),
+               lora_settings=config.model_settings().lora_fields(),
+               controlnet=config.controlnet)
+    logger.info("zimage-serve application built in %.2f s (build_app)", time.perf_counter() - started)
+    return app

@@ -255,6 +255,7 @@ class StageBase:
             "state": self.state,
             "speed": None if self.speed is None else self.speed.as_dict(self.speed_keys),
             "start_phases": self.start_phases.as_dict(),
+            "ready_at": self.start_phases.ready_at,
             "warm_after_ready": self.after_ready.as_dict(),
             "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
         }

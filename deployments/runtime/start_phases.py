@@ -69,6 +69,7 @@ class StartPhases:
         self.seconds: dict[str, float | None] = dict.fromkeys(PHASES + OF_WHICH + AFTER_READY, 0.0)
         self.seconds.update(dict.fromkeys(TOTALS))
         self.started = time.perf_counter()
+        self.ready_at: float | None = None  # wall-clock (time.time()) of ready, to line up with Ray's records
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -92,6 +93,7 @@ class StartPhases:
         """The stage reported ready: its start from the constructor, and from the process's start."""
         self.seconds["ready"] = time.perf_counter() - self.started
         self.seconds["process"] = process_age_seconds()
+        self.ready_at = time.time()
 
     def add(self, name: str, seconds: float) -> None:
         """Seconds of a phase timed elsewhere (one that runs after the replica reported ready)."""
