@@ -16,6 +16,11 @@ from deployments.speed import STAGE_CHOICES, StagePart
 
 STAGE_CPUS = 0.25  # a model stage's CPU share: its event loop and the launches of its model thread
 QUEUED_PER_ONGOING = 8  # a replica queues up to this many times the requests it takes at once
+HEALTH_CHECK_PERIOD_S = 2.0
+"""How often Serve's controller calls `check_health` (Serve's default: 10 s). The controller learns that a
+replica's process died from this call's failure, and only then starts the replacement: every second
+here is a second more that the stage's requests wait (they queue at the callers' handles meanwhile,
+or go to a surviving replica). The check reads the model thread's state, so it costs nothing."""
 
 
 def model_stage_deployment(name: str, *, num_gpus: float, max_ongoing_requests: int,
@@ -23,13 +28,15 @@ def model_stage_deployment(name: str, *, num_gpus: float, max_ongoing_requests: 
     """Serve's `deployment` decorator with a model stage's options: a CPU share, a fraction of one GPU
     (`num_gpus`; the builder sets 0 where no GPU is in use), the requests it takes at once and queues
     (`QUEUED_PER_ONGOING` times as many), and how long a replica Serve stops may take to finish its
-    queued and running work. serve_config.yaml's standard fields override any of them."""
+    queued and running work, and how soon a dead replica is noticed (`HEALTH_CHECK_PERIOD_S`).
+    serve_config.yaml's standard fields override any of them."""
     return serve.deployment(
         name=name,
         ray_actor_options={"num_cpus": STAGE_CPUS, "num_gpus": num_gpus},
         max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=QUEUED_PER_ONGOING * max_ongoing_requests,
         graceful_shutdown_timeout_s=graceful_shutdown_timeout_s,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     )
 
 
