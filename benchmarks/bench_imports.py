@@ -37,8 +37,9 @@ PROCESSES = {
     "builder": ("serve_app.builder", None,
                 "import yaml; from pathlib import Path; from serve_app.builder import build_app\n"
                 "build_app(yaml.safe_load(Path('serve_config.yaml').read_text())['applications'][0]['args'])"),
-    "Ingress": ("serve_app.ingress", None,
-                "from serve_app.replica_imports import import_request_path; import_request_path()"),
+    "Ingress": ("serve_app.ingress", None,  # (a checkout without replica_imports imports it all with the module)
+                "try:\n    from serve_app.replica_imports import import_request_path\nexcept ImportError:\n"
+                "    import_request_path = lambda: None\nimport_request_path()"),
     "PromptStyler": ("deployments.style.deployment", "deployments.style",
                      "from deployments.style.deployment import PromptStyler; PromptStyler.func_or_class()"),
     "TextEncoder": ("deployments.text_encoder.deployment", "deployments.text_encoder",

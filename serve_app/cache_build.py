@@ -13,8 +13,9 @@ writes its file to the node's cache directory and to the args' `compile_cache` s
 directory or a bucket). A file is named by what made it (model, the stage's choices, library
 versions, GPU kind: `deployments/runtime/cache_key.py`), so build where those match the cluster's.
 
-Exit status: 0 when every stage that compiles wrote its file; 1 when a stage failed; 2 when nothing
-was compiled (no GPU here, or compile off): there is nothing to cache.
+Exit status: 0 when every stage that compiles wrote its file to the node and the shared store; 1 when
+a stage failed or a store could not be written; 2 when nothing was compiled (no GPU here, or compile
+off): there is nothing to cache.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def build(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if any("error" in r or not r["warm"] or not r["uploaded"] for r in results):
+        return 1
+    unwritten = [f"{f['file']}: {problem}" for r in results for f in r["files"].values() for problem in f["problems"]]
+    if unwritten:  # a store that could not be written: the rollout would not find these files there
+        print("not written everywhere: " + "; ".join(unwritten))
         return 1
     if not any(r["files"] for r in results):
         print("nothing was compiled (no GPU here, or compile off): there is no compile cache to build")
