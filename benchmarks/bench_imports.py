@@ -11,8 +11,10 @@ replica, one fresh interpreter each, with Ray Serve imported first as a replica'
   on serve_config.yaml's args;
 - which heavy packages were loaded, and modules of another stage's package (a replica should import
   only its own stage's code).
-Seconds are -X importtime's cumulative figures of the top-level imports in each part; importing
-is CPU-bound, so a loaded machine stretches them (compare rows of one run).
+Seconds are -X importtime's cumulative figures of the top-level imports in each part (wall clock),
+and the process's CPU seconds in each part (`cpu s`: module + start; the start's includes the work
+besides imports: loading, warming). A loaded machine stretches the wall-clock figures much more than
+the CPU ones: compare rows of one run.
 """
 
 from __future__ import annotations
@@ -56,13 +58,17 @@ PROCESSES = {
 
 def script(module: str, start: str) -> str:
     return "\n".join([
-        "import sys, json",
+        "import sys, json, time",
         "import ray.serve  # a replica's worker has it before our code",
         f"sys.stderr.write('{MARK} module\\n'); sys.stderr.flush()",
+        "cpu = [time.process_time()]",
         f"import {module}",
+        "cpu.append(time.process_time())",
         f"sys.stderr.write('{MARK} start\\n'); sys.stderr.flush()",
         start,
+        "cpu.append(time.process_time())",
         f"sys.stderr.write('{MARK} end\\n'); sys.stderr.flush()",
+        "print('CPU ' + json.dumps([cpu[1] - cpu[0], cpu[2] - cpu[1]]))",
         "print('MODULES ' + json.dumps(sorted(sys.modules)))",
     ])
 
@@ -96,10 +102,12 @@ def measure(root: Path, name: str, env: dict) -> dict:
             continue
         parts.setdefault(current, []).append(line)
     modules = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("MODULES "))[8:])
+    module_cpu, start_cpu = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("CPU "))[4:])
     tops = {m.split(".")[0] for m in modules}
     others = sorted({pkg for pkg in STAGE_PACKAGES if pkg != own and any(m.startswith(pkg + ".") for m in modules)})
     return {"module": module, "module_s": round(top_level_seconds(parts.get("module", [])), 3),
             "start_s": round(top_level_seconds(parts.get("start", [])), 3),
+            "module_cpu_s": round(module_cpu, 3), "start_cpu_s": round(start_cpu, 3),
             "heavy": [pkg for pkg in HEAVY if pkg in tops], "other_stages": others,
             "modules": len(modules), "wall_s": round(wall_s, 1)}
 
@@ -121,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
            or tempfile.mkdtemp(prefix="zimage-imports-")}
     data = {"meta": {"root": str(root), "commit": root_commit(root), "python": sys.version.split()[0],
                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, "rows": {}}
-    print(f"{'process':<13} {'module s':>9} {'start s':>8}  heavy packages loaded; other stages' code")
+    print(f"{'process':<13} {'module s':>9} {'start s':>8} {'cpu s':>12}  heavy packages loaded; other stages' code")
     for name in args.processes.split(","):
         row = data["rows"][name] = measure(root, name, env)
         if "error" in row:
             print(f"{name:<13} error: {row['error'][-300:]}")
             continue
-        print(f"{name:<13} {row['module_s']:>9.2f} {row['start_s']:>8.2f}  {' '.join(row['heavy'])}"
+        cpu = f"{row['module_cpu_s']:.2f}+{row['start_cpu_s']:.2f}"
+        print(f"{name:<13} {row['module_s']:>9.2f} {row['start_s']:>8.2f} {cpu:>12}  {' '.join(row['heavy'])}"
               f"{'; ' + ' '.join(row['other_stages']) if row['other_stages'] else ''}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=2))

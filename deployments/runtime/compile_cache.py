@@ -215,7 +215,8 @@ def save_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
     if not result:
         return None
     entries = _entries(result[1])
-    if entries is None or (state.entries or set()) - entries:
+    replaces = state.loaded_from is not None or bool(state.written_to)  # a file this process knows of
+    if replaces and (entries is None or state.entries is None or state.entries - entries):
         logger.info("kept compiled artifacts %s: this process has not yet used every entry the file holds",
                     key.file_name)
         return None

@@ -25,7 +25,7 @@ class TextEncoder(ModelStage):
     config_model = TextEncoderConfig
     speed_part = "text_encoder"
     model_modules = (*ModelStage.model_modules, "transformers:Qwen3Model", "transformers:AutoTokenizer",
-                     "deployments.text_encoder.encoding", "deployments.text_encoder.compile")
+                     "deployments.text_encoder.encoding")  # its compile module: in `optimize`, when it compiles
 
     def load(self) -> None:
         from deployments.weights import loading  # the model code: imported by the replica, not the builder

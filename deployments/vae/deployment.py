@@ -37,8 +37,8 @@ class VaeDecoderConfig(StageConfig):
 class VaeDecoder(ModelStage):
     config_model = VaeDecoderConfig
     speed_part = "vae"
-    model_modules = (*ModelStage.model_modules, "diffusers:AutoencoderKL", "deployments.vae.codec",
-                     "deployments.vae.compile")
+    model_modules = (*ModelStage.model_modules, "diffusers:AutoencoderKL", "deployments.vae.codec")
+    # its compile module: in `optimize`, when it compiles
 
     @property
     def compiled(self) -> bool:
