@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
-from benchmarks.run_info import commit  # noqa: E402
+from benchmarks.run_info import commit, commit_of  # noqa: E402
 from benchmarks.start_budget import TimedOutput, budget, format_budget  # noqa: E402
 from deployments.geometry import SIZE_PRESETS, format_size  # noqa: E402
 
@@ -59,10 +59,10 @@ WORDS = ("lighthouse harbour granite tide lantern gull cliff storm amber dusk qu
          "copper glass velvet ember frost orchard tower bridge market canal lantern willow falcon cedar").split()
 
 
-def serve_run(command: list[str], log_path: Path, env: dict) -> tuple[subprocess.Popen, TimedOutput]:
-    """`serve run ...` in its own process group; its output to a log file, each line timed on arrival."""
+def serve_run(command: list[str], log_path: Path, env: dict, cwd: Path) -> tuple[subprocess.Popen, TimedOutput]:
+    """`serve run ...` in `cwd`, in its own process group; its output to a log file, each line timed on arrival."""
     output = TimedOutput(time.time())
-    process = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output.follow(process.stdout, log_path)
     return process, output
@@ -209,10 +209,14 @@ def presets_first_and_warm(client: httpx.Client) -> list[dict]:
              "ratio": round(first[k] / warm[k], 3)} for k in first]
 
 
-def served_config(model: str, device: str, shared: Path) -> Path:
-    """serve_config.yaml on this machine: its bucket for compiled code replaced by a directory."""
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"].update(model=model, device=device, compile_cache={"directory": str(shared)})
+def served_config(root: Path, model: str, device: str, shared: Path) -> Path:
+    """`root`'s serve_config.yaml on this machine: its bucket for compiled code (if it names one)
+    replaced by a directory."""
+    config = yaml.safe_load((root / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args.update(model=model, device=device)
+    if "compile_cache" in args:
+        args["compile_cache"] = {"directory": str(shared)}
     config["http_options"]["host"] = "127.0.0.1"
     path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -228,6 +232,9 @@ def main() -> None:
     parser.add_argument("--ready-timeout", type=float, default=400)
     parser.add_argument("--starts", default="readme,serve_config", help="which starts, in order")
     parser.add_argument("--json", default="first_run.json")
+    parser.add_argument("--root", default=None, help="serve another checkout of this project (an earlier commit: "
+                        "its application and replicas import from there; the tables are this checkout's; "
+                        "new_node needs a checkout with the compile_cache setting)")
     parser.add_argument("--no-wait-warm", action="store_true",
                         help="measure right after ready, while the warm-ups after ready still run")
     parser.add_argument("--budget-only", action="store_true",
@@ -242,6 +249,10 @@ def main() -> None:
         out.write_text(json.dumps(data, indent=2))
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
+    root = Path(args.root).resolve() if args.root else ROOT
+    if args.root:  # the driver, Ray's workers and so the replicas import that checkout first
+        env["PYTHONPATH"] = str(root)
+        data["meta"].update(root=str(root), served_commit=commit_of(root))
     first_dir = tempfile.mkdtemp(prefix="zimage-first-run-")
     shared = Path(first_dir) / "compile" / "mega"  # the first start's files: a new node's shared store
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
@@ -252,14 +263,14 @@ def main() -> None:
         "readme_warm": (readme, "default", first_dir, "warm"),
         "new_node": (readme + [f"compile_cache.directory={shared}"], "default",
                      tempfile.mkdtemp(prefix="zimage-new-node-"), "new node: fresh directory, shared files"),
-        "serve_config": (["serve", "run", str(served_config(args.model, args.device, shared))], "zimage", first_dir,
+        "serve_config": (["serve", "run", str(served_config(root, args.model, args.device, shared))], "zimage", first_dir,
                          "warm"),
     }
     for label in args.starts.split(","):
         command, app, cache_dir, cache = starts[label]
         ray_tmp = tempfile.mkdtemp(prefix="zfr", dir="/tmp")  # short: Ray's socket paths live under it
         start_env = {**env, "ZIMAGE_CACHE_DIR": cache_dir, "RAY_TMPDIR": ray_tmp}
-        process, output = serve_run(command, logs / f"first_run_{label}.log", start_env)
+        process, output = serve_run(command, logs / f"first_run_{label}.log", start_env, root)
         try:
             ready_s = wait_ready(process, args.ready_timeout)
             time.sleep(2)  # the replicas' last log lines reach `serve run` within about a second

@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run_info import commit_of  # noqa: E402
 HEAVY = ("torch", "diffusers", "transformers", "torchao", "triton", "safetensors", "accelerate", "imagecodecs",
          "cv2", "PIL", "numpy", "ray", "fastapi")
 STAGE_PACKAGES = ("deployments.style", "deployments.text_encoder", "deployments.denoiser", "deployments.vae")
@@ -112,12 +115,6 @@ def measure(root: Path, name: str, env: dict) -> dict:
             "modules": len(modules), "wall_s": round(wall_s, 1)}
 
 
-def root_commit(root: Path) -> str:
-    """The measured checkout's commit (`ZIMAGE_COMMIT` for a copy without git metadata)."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    return done.stdout.strip() or os.environ.get("ZIMAGE_COMMIT", "unknown")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=str(ROOT), help="the checkout to measure (default: this one)")
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.root).resolve()
     env = {**os.environ, "PYTHONPATH": str(root), "ZIMAGE_CACHE_DIR": os.environ.get("ZIMAGE_CACHE_DIR")
            or tempfile.mkdtemp(prefix="zimage-imports-")}
-    data = {"meta": {"root": str(root), "commit": root_commit(root), "python": sys.version.split()[0],
+    data = {"meta": {"root": str(root), "commit": commit_of(root), "python": sys.version.split()[0],
                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, "rows": {}}
     print(f"{'process':<13} {'module s':>9} {'start s':>8} {'cpu s':>12}  heavy packages loaded; other stages' code")
     for name in args.processes.split(","):
