@@ -23,9 +23,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deployments.runtime.artifact_store import ArtifactStore, DirectoryStore, SharedCompileCache, StoreUnavailable
-from deployments.runtime.artifact_store import shared_store
-from deployments.runtime.cache_key import CacheFileError, CacheKey, pack, unpack
+from deployments.runtime.artifact_store import (
+    ArtifactStore,
+    DirectoryStore,
+    SharedCompileCache,
+    StoreUnavailable,
+    shared_store,
+)
+from deployments.runtime.cache_key import CacheKey, pack, unpack
 from deployments.runtime.compile_counters import CompileCounts
 
 logger = logging.getLogger(__name__)
@@ -174,8 +179,8 @@ def load_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
         try:
             info = torch.compiler.load_cache_artifacts(unpack(key, data))
         except Exception as exc:  # CacheFileError, or torch's: a foreign or broken file never stops a start
-            logger.warning("ignoring compiled artifacts %s/%s: %s; compiling, and rewriting it after the warm-up",
-                           store.where, key.file_name, exc)
+            logger.warning("ignoring compiled artifacts %s/%s (%s): a valid copy replaces it (the shared "
+                           "store's, or this start's after its warm-up)", store.where, key.file_name, exc)
             state.problems.append(f"{store.where}: {exc}")
             continue
         logger.info("loaded compiled artifacts %s/%s (%d bytes)", store.where, key.file_name, len(data))

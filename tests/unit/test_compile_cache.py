@@ -43,38 +43,33 @@ def s3():
 
 
 def test_a_new_node_starts_from_the_shared_bucket_and_compiles_nothing(tmp_path, s3):
+    """Three starts on three nodes: cold (compiles, writes the node and the bucket), a node with a corrupt
+    copy (hits only, from the bucket), a node that compiles something new but never uses an entry."""
     first = start(tmp_path / "node-a", s3, ("square", "gram"))
     assert not first["loaded"] and first["counts"]["fx_misses"] >= 2  # compiled, cold
     assert first["status"]["written_to"] == [str(tmp_path / "node-a" / "mega"), "s3://zimage-compile-unit/compile"]
     assert first["uploads_ok"] and first["warnings"] == []
 
-    second = start(tmp_path / "node-b", s3)  # another node: its own directory is empty
+    # Another node, whose own copy is corrupt (cut short): ignored with a warning, the bucket's loaded and
+    # kept in its place.
+    whole = (tmp_path / "node-a" / "mega" / first["file"]).read_bytes()
+    corrupt = tmp_path / "node-b" / "mega" / first["file"]
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(whole[: len(whole) // 2])
+    second = start(tmp_path / "node-b", s3)
     assert second["loaded"] and second["status"]["loaded_from"] == "s3://zimage-compile-unit/compile"
     counts = second["counts"]
     assert counts["fx_hits"] >= 1 and counts["fx_misses"] == 0 and counts["aot_misses"] == 0, counts
     assert counts["frames"] >= 1 and counts["dynamo_s"] > 0  # dynamo still traced, and was timed apart
     assert second["status"]["written_to"] == [str(tmp_path / "node-b" / "mega")]  # the node's copy; S3 had it
-    assert second["warnings"] == []
-    assert (tmp_path / "node-b" / "mega" / second["file"]).read_bytes() == \
-        (tmp_path / "node-a" / "mega" / first["file"]).read_bytes()
+    assert len(second["warnings"]) == 1 and "corrupt payload" in second["warnings"][0], second["warnings"]
+    assert corrupt.read_bytes() == whole
 
     # A start that compiled something new but never used one of the file's entries keeps the file:
     # torch would serialize only what this process used, and the next start would lose `gram`.
     third = start(tmp_path / "node-c", s3, ("square", "cube"))
     assert third["loaded"] and third["counts"]["fx_misses"] >= 1 and third["written"] is None
     assert third["status"]["written_to"] == [str(tmp_path / "node-c" / "mega")]  # only the copy of the loaded file
-
-
-def test_a_corrupt_file_is_ignored_with_a_warning_and_rewritten_after_the_warm_up(tmp_path):
-    probe = CompileCache(tmp_path, {"model": "tiny-test"})
-    (tmp_path / "mega").mkdir(parents=True)
-    file = tmp_path / "mega" / probe.key("tiny").file_name
-    file.write_bytes(b"zimage-compile-cache 1\n{}\nnot what the header says")
-    result = start(tmp_path)
-    assert not result["loaded"] and result["counts"]["frames"] >= 1
-    assert len(result["warnings"]) == 1 and "rewriting it after the warm-up" in result["warnings"][0]
-    assert result["written"] == str(file)
-    unpack(probe.key("tiny"), file.read_bytes())  # valid now
 
 
 def test_an_unwritable_directory_and_an_unreachable_bucket_each_warn_once_and_the_start_compiles(tmp_path):
