@@ -278,8 +278,11 @@ def main() -> None:
                       "ready_s": round(ready_s, 1), "budget": budget(output.lines), "stages": stages_info(app, start_env)}
             print(f"{label}: ready after {ready_s:.1f} s ({result['cache']} cache)", flush=True)
             print(format_budget(result["budget"]), flush=True)
-            print("  compile per stage: " + "; ".join(
-                f"{name} {info.get('compile')}" for name, info in result["stages"].items()), flush=True)
+            if "error" in result["stages"]:
+                print(f"  stats not read: {result['stages']['error'][-500:]}", flush=True)
+            else:
+                print("  compile per stage: " + "; ".join(
+                    f"{name} {info.get('compile')}" for name, info in result["stages"].items()), flush=True)
             data[label] = result
             save()
             if args.budget_only:
