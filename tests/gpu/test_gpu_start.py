@@ -95,42 +95,41 @@ print("RESULT " + json.dumps({"warm": all(warm), "at_ready": at_ready, "compile"
 """
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """`zimage-serve-cache build` on serve_config.yaml (model random, one warm-up size), its files in a
-    directory that later starts share; the inputs each stage's replica gets from that config."""
-    root = tmp_path_factory.mktemp("compile-cache")
+def build(root: Path, stage: str) -> tuple[dict, dict]:
+    """`zimage-serve-cache build --stages <stage>` on serve_config.yaml (model random, one warm-up
+    size), its files in a directory that later starts share: (the stage's replica inputs from that
+    config, the build's report)."""
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["applications"][0]["args"].update(ARGS, cache_dir=str(root / "build-node"),
                                              compile_cache={"directory": str(root / "shared")})
     (root / "serve_config.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run([sys.executable, "-m", "serve_app.cache_build", "build", "--config",
-                           str(root / "serve_config.yaml"), "--json", str(root / "build.json")],
+                           str(root / "serve_config.yaml"), "--stages", stage, "--json", str(root / "build.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     from serve_app.cache_build import application, stage_inputs
 
-    inputs = stage_inputs(application(str(root / "serve_config.yaml"), None))
-    return root, inputs, {r["stage"]: r for r in json.loads((root / "build.json").read_text())}
+    inputs = stage_inputs(application(str(root / "serve_config.yaml"), None))[stage]
+    (report,) = json.loads((root / "build.json").read_text())
+    return inputs, report
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_a_start_from_a_filled_cache_compiles_nothing_with_inductor(built, stage):
-    root, inputs, reports = built
-    build = reports[stage]
-    assert build["compile"]["fx_misses"] + build["compile"]["fx_hits"] > 0, build  # the build compiled its graphs
-    settings = {**inputs[stage]["settings"], "cache_dir": str(root / f"new-node-{stage}")}  # empty caches
-    done = subprocess.run([sys.executable, "-c", START, stage, json.dumps(settings),
-                           json.dumps(inputs[stage]["base_config"])],
+def test_a_start_from_a_filled_cache_compiles_nothing_with_inductor(tmp_path, stage):
+    """One stage: its build, then its start on a new node (`-k Denoiser` runs one, a few minutes)."""
+    inputs, build_report = build(tmp_path, stage)
+    assert build_report["compile"]["fx_misses"] + build_report["compile"]["fx_hits"] > 0, build_report
+    settings = {**inputs["settings"], "cache_dir": str(tmp_path / "new-node")}  # empty inductor and Triton caches
+    done = subprocess.run([sys.executable, "-c", START, stage, json.dumps(settings), json.dumps(inputs["base_config"])],
                           cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     phases, counts = result["start_phases"], result["compile"]
     print(f"{stage} from the cache: start phases {phases}; compile at ready {result['at_ready']}, "
-          f"after every warm-up {counts}; build's {build['start_phases']}")
+          f"after every warm-up {counts}; the build's start phases {build_report['start_phases']}")
     assert result["warm"]
     (file,) = result["compile_cache"].values()
-    assert file["loaded_from"] == str(root / "shared"), file
+    assert file["loaded_from"] == str(tmp_path / "shared"), file
     assert counts["fx_hits"] > 0 and counts["fx_misses"] == 0 and counts["aot_misses"] == 0, counts
     assert phases["compile_dynamo_s"] > 0 and phases["compile_s"] >= phases["compile_dynamo_s"], phases
