@@ -3,6 +3,8 @@ then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:80
 
     python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
     python benchmarks/bench_first_run.py --json start_budget.json --starts readme,readme_warm,new_node --budget-only
+    python benchmarks/bench_first_run.py --json before.json --root <a checkout of an earlier commit> \
+        --starts readme,readme_warm --budget-only      # the same start-up budget of that commit
 
 Starts (`--starts`, in order): `readme`, the README's command with a fresh ZIMAGE_CACHE_DIR (cold);
 `readme_warm`, the same again on that directory (the second start on a machine); `new_node`, the same
@@ -14,9 +16,9 @@ For each start: its budget (benchmarks/start_budget.py: from `serve run` to read
 milestones, and each replica from the controller's request to its ready, phase by phase, compile
 and dynamo's part of it apart), printed as tables and kept in the JSON; seconds from `serve run` to
 `/health/ready` answering 200, each stage's start phases and compile counts (FX-graph cache hits and
-misses), and, unless `--budget-only`, the
-seconds after that until every warm-up after ready is done (the measurements below start then;
-`--no-wait-warm` starts them at ready, while those warm-ups still take turns on the GPU), and the
+misses), the seconds after that until every warm-up after ready is done (the next start's compile
+cache is complete only then; the measurements below start then; `--no-wait-warm` starts them at
+ready, while those warm-ups still take turns on the GPU), and, unless `--budget-only`, the
 1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen sends it and then
 with loadgen's fresh prompts (each request a prompt never sent before, `c1 <size> fresh`). On the first
 start also:
@@ -238,7 +240,8 @@ def main() -> None:
     parser.add_argument("--no-wait-warm", action="store_true",
                         help="measure right after ready, while the warm-ups after ready still run")
     parser.add_argument("--budget-only", action="store_true",
-                        help="each start's budget and stats only: no requests, no waiting for the warm-ups after ready")
+                        help="each start's budget and stats only (and its warm-ups after ready, unless --no-wait-warm): "
+                             "no requests")
     args = parser.parse_args()
     out = Path(args.json)
     logs = out.parent
@@ -285,14 +288,17 @@ def main() -> None:
                     f"{name} {info.get('compile')}" for name, info in result["stages"].items()), flush=True)
             data[label] = result
             save()
-            if args.budget_only:
-                continue
-            if not args.no_wait_warm:  # measured with every warm-up after ready done, the time it took said
+            # Measured with every warm-up after ready done (the time it took said); a start's compile-cache
+            # files are complete only then (the VaeDecoder writes its file after its dynamic graph), and the
+            # next start reads them.
+            if not args.no_wait_warm:
                 result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout, start_env), 1)
                 result["stages_warm"] = stages_info(app, start_env)
                 print(f"  every warm-up after ready done {result['warm_after_ready_s']} s later", flush=True)
             data[label] = result
             save()
+            if args.budget_only:
+                continue
             for size in ("512x512", "1024x1024"):
                 for key, fresh in ((f"c1 {size}", False), (f"c1 {size} fresh", True)):
                     result[key] = single_client(size, args.requests, prompts, fresh)
