@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a tensor is made: the builder names these types without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class LatentPosterior:
     """The upload's time in the VAE encoder (`trace.image_encode`)."""
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
         eps = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
         x = self.mean + self.std * eps
         return (x - self.shift_factor) * self.scaling_factor

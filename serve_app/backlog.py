@@ -22,12 +22,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from deployments.denoiser.loop import first_step_index
 from deployments.denoiser.pending_work import REFERENCE_PIXELS
 
 
 def plan_work(n: int, width: int, height: int, steps: int, strength: float, edit: bool) -> float:
     """A request's Denoiser work in megapixel-steps: an edit runs only its last `steps * strength` steps."""
+    from deployments.denoiser.loop import first_step_index  # the loop's torch: a replica's, not the builder's
+
     run = steps - first_step_index(steps, strength) if edit else steps
     return n * run * width * height / REFERENCE_PIXELS
 

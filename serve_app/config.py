@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE
-from deployments.denoiser.scheduling import SchedulingPolicy
+from deployments.denoiser.policies import SchedulingPolicy
 from deployments.style.presets import DEFAULT_STYLE, configured_table
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
@@ -224,16 +224,15 @@ class AppArgs(ModelSettings):
 
     def uses_gpu(self) -> bool:
         """Whether replicas get GPU shares: `auto` asks the Ray cluster (the builder runs on the head
-        node, which may have no GPU of its own), or this machine when Ray is not running."""
+        node, which may have no GPU of its own), or, when Ray is not running yet (`serve run` builds
+        the application first), the GPUs Ray will find on this machine (`local_gpus`)."""
         if self.device != "auto":
             return self.device == "cuda"
         import ray
 
         if ray.is_initialized():
             return ray.cluster_resources().get("GPU", 0) > 0
-        import torch
-
-        return torch.cuda.is_available()
+        return local_gpus() > 0
 
     def stage_user_config(self, stage: str) -> dict[str, Any]:
         """The live config `args` give a stage, before its own defaults fill the rest."""
@@ -246,3 +245,14 @@ class AppArgs(ModelSettings):
         elif stage == "ingress":
             derived = {"api": self.ingress_limits().model_dump(mode="json")}
         return deep_merge(derived, getattr(self, stage).user_config)
+
+
+def local_gpus() -> int:
+    """The GPUs `ray.init` registers on this machine, counted as Ray counts them (NVML, within
+    CUDA_VISIBLE_DEVICES): the builder asks without importing torch, which only replicas need."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))

@@ -39,7 +39,6 @@ import numpy as np
 from PIL import Image
 
 from deployments.contracts import MaskedUpload
-from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, LATENT_CHANNELS
 from deployments.geometry import fit_upload
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import decode_upload
@@ -123,6 +122,8 @@ class ControlNetInfo:
     @property
     def inpaints(self) -> bool | None:
         """Whether an edit may carry a control image (with its mask); None until the channels are known."""
+        from deployments.denoiser.control import LATENT_CHANNELS  # torch: the replica's (replica_imports)
+
         return None if self._channels is None else self._channels > LATENT_CHANNELS
 
     def learn_in_background(self) -> None:
@@ -146,6 +147,8 @@ class ControlNetInfo:
 
     async def check_inpaints(self) -> None:
         """A 400 naming `control_image` when the loaded ControlNet has no mask channels."""
+        from deployments.denoiser.control import LATENT_CHANNELS  # torch: the replica's (replica_imports)
+
         channels = await self.control_channels()
         if channels <= LATENT_CHANNELS:
             raise bad_request(f"This server's ControlNet ({channels} control channels, as Union 1.0) cannot "
@@ -181,6 +184,8 @@ def plan_control(control: Image.Image, scale: float | None, preprocess: ControlP
                  strength: float | None = None) -> ControlPlan:
     """The control image fitted (and preprocessed) at `size`; for an edit, the upload and its mask,
     both already fitted to `size` (serve_app.masks.plan_mask)."""
+    from deployments.denoiser.control import DEFAULT_CONTROL_SCALE  # torch: the replica's (replica_imports)
+
     if init is not None and mask is None:
         raise bad_request("An edit with a control_image needs a mask: the ControlNet repaints the masked area "
                           "(ZImageControlNetInpaintPipeline). For control over a whole image, send it to "

@@ -12,14 +12,15 @@ import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import imagecodecs
 import numpy as np
-
-import torch
 from PIL import Image
 
 from serve_app.errors import ApiError, bad_request
+
+if TYPE_CHECKING:  # the replica imports both before it is ready (serve_app.replica_imports)
+    import torch
 
 ALLOWED_UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than Pillow's default for a few % more bytes
@@ -44,6 +45,8 @@ def encode_output(pixels: torch.Tensor, output_format: str, compression: int | N
         return encode_png(pixels.numpy(), PNG_COMPRESS_LEVEL)
     quality = DEFAULT_LOSSY_QUALITY if compression is None else max(1, 100 - compression)
     if output_format == "jpeg":
+        import imagecodecs
+
         # the decoder's pixels are a permuted (non-contiguous) view; libjpeg reads rows contiguously
         return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels.numpy()), level=quality))
     buffer = io.BytesIO()

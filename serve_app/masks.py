@@ -7,15 +7,21 @@ problem is a 400 (413 for bytes over the cap, as for the image) naming `mask`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from PIL import Image
 
-from deployments.inpaint_mask import InpaintMask, mask_from_upload
 from serve_app.errors import bad_request
 from serve_app.image_io import open_upload
+
+if TYPE_CHECKING:
+    from deployments.inpaint_mask import InpaintMask
 
 
 def decode_mask(data: bytes, image_size: tuple[int, int], max_bytes: int, max_pixels: int) -> Image.Image:
     """The mask as greyscale, 255 = edit, at the size of the upload it belongs to."""
+    from deployments.inpaint_mask import mask_from_upload  # torch: imported by the replica (replica_imports)
+
     upload = open_upload(data, max_bytes, max_pixels, param="mask")
     if upload.size != image_size:
         raise bad_request(f"The mask is {upload.width}x{upload.height} but the image is {image_size[0]}x"
@@ -26,6 +32,8 @@ def decode_mask(data: bytes, image_size: tuple[int, int], max_bytes: int, max_pi
 def plan_mask(mask: Image.Image, width: int, height: int) -> InpaintMask:
     """The mask after the image's own crop and resize, binarised and on the latents' grid; a mask that
     leaves nothing to edit at that grid is refused rather than returning the upload unchanged."""
+    from deployments.inpaint_mask import InpaintMask
+
     planned = InpaintMask.plan(mask, (width, height))
     if not planned.repaints_anything:
         raise bad_request("The mask marks nothing to edit: make a region fully transparent (or, in a mask "

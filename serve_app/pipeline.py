@@ -25,24 +25,27 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from deployments.contracts import (
     DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt, TenantTag,
 )
-from deployments.denoiser.lora.library import adapter_set_id
 from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem, size_rule
-from deployments.inpaint_mask import UploadOverlay, default_strength
 from serve_app.config import ApiLimits
 from serve_app.control import ControlPlan, plan_control
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.masks import plan_mask
 from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, LoraSpec, PartialImage, StepDone, Timings
+from serve_app.replica_imports import import_request_path
 from serve_app.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.inpaint_mask import UploadOverlay
 
 DEFAULT_SIZE = (1024, 1024)
 
@@ -83,6 +86,8 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`.
     `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it; `control` is the
     decoded control image (serve_app.control), fitted to the generation size."""
+    from deployments.inpaint_mask import default_strength  # torch: imported by the replica (replica_imports)
+
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
@@ -135,6 +140,8 @@ def encode_image(pixels: torch.Tensor, plan: RequestPlan, overlay: UploadOverlay
     """Decoded pixels as the request's output file; with an inpainting overlay, the upload pasted back
     outside the mask first (deployments.inpaint_mask says why here)."""
     if overlay is not None:
+        import torch
+
         pixels = torch.from_numpy(overlay.apply(pixels.numpy()))
     return encode_output(pixels, plan.output_format, plan.output_compression)
 
@@ -155,6 +162,7 @@ class Conditioning:
 class ImagePipeline:
     def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False,
                  retry: RetryPolicy | None = None):
+        import_request_path()  # here, before the Ingress is ready: its requests import nothing
         self.styler = styler
         self.text_encoder = text_encoder
         self.denoiser = denoiser
@@ -254,6 +262,8 @@ class ImagePipeline:
     def _denoiser_for(self, request: DenoiseRequest) -> Any:
         """A request with LoRA adapters goes preferably to a Denoiser replica that holds its adapter set
         (Ray Serve's model multiplexing; the ID: `lora.library.adapter_set_id`)."""
+        from deployments.denoiser.lora.library import adapter_set_id
+
         if not request.loras:
             return self.denoiser
         return self.denoiser.options(multiplexed_model_id=adapter_set_id(lora.name for lora in request.loras))

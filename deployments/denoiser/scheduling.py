@@ -22,8 +22,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from deployments.denoiser.policies import POLICIES, SchedulingPolicy  # noqa: F401 (named here too)
 from deployments.runtime.batching import BatchObserver, Queued, QueueDrainer
 from deployments.contracts import DenoiseJob, Latents
 from deployments.runtime.deadlines import DeadlineExceeded, past
@@ -34,9 +34,6 @@ from deployments.denoiser.pending_work import job_steps, step_cost
 from deployments.denoiser.step_timer import StepRecorder, StepTimer
 
 logger = logging.getLogger(__name__)
-
-SchedulingPolicy = Literal["single", "batch", "continuous"]
-POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
 
 # A StepRecorder hears each batched step's image count and device seconds (with
 # `DenoiseLoop.batch_invariant`, the CPU default, a step makes one DiT call per job; see denoising.py).
