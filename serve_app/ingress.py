@@ -61,6 +61,15 @@ def merged_config(base: dict, override: dict | None) -> dict:
     return merged
 
 
+def start_routers(*handles) -> None:
+    """Each stage handle's router, started with the replica rather than by its first request: that
+    request then waits for no router to learn the stage's replicas, and Ray's one-time router line
+    goes to the replica's log as a start-up line, not into the first request's terminal output."""
+    for handle in handles:
+        if not handle.is_initialized:
+            handle._init()  # Ray Serve's own way to initialize a handle before its first `.remote()`
+
+
 # A replica Serve stops answers its in-flight requests first, up to the default request timeout.
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512,
                   graceful_shutdown_timeout_s=600)
@@ -72,6 +81,7 @@ class Ingress:
                  base_config: dict | None = None, image_store: dict | None = None, lora_settings: dict | None = None,
                  controlnet: str | None = None):
         self.styler = styler
+        start_routers(styler, text_encoder, denoiser, vae)
         self.loras = LoraCatalog(lora_settings)  # the adapters requests may name (serve_app.loras)
         self.images = replica_store(image_store)  # response_format "url" (serve_app.image_store)
         context = serve.get_replica_context()

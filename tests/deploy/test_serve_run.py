@@ -123,10 +123,10 @@ def test_each_request_leaves_one_line_in_its_terminal(serve_run):
     assert ok.status_code == 200, ok.text
     wrong = httpx.get(f"{serve_run.url}/v1/images/generations", headers={"X-Request-ID": "first-hour-405"})
     assert wrong.status_code == 405
-    for request_id, expected in (("first-hour-ok", "access method=POST route=/v1/images/generations status=200 "),
-                                 ("first-hour-405", "access method=GET route=/v1/images/generations status=405 ")):
+    for request_id, expected in (("first-hour-ok", "access method=POST route=/v1/images/generations key=anonymous status=200 "),
+                                 ("first-hour-405", "access method=GET route=/v1/images/generations key=anonymous status=405 ")):
         lines = serve_run.lines_of(request_id)
-        assert len(lines) == 1 and expected in lines[0], lines
+        assert len(lines) == 1 and expected in lines[0], "\n".join(lines)
     started = serve_run.output()
     for noise in ("Loading weights", "Writing model shards", "it/s]", "Silenced known harmless", "cuda_graphs=",
                   "compiled=False"):

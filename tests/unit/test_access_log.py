@@ -71,7 +71,7 @@ def test_every_http_request_gets_one_line_with_the_path_asked_for(caplog):
         assert client.post("/v1/images/generations").status_code == 200
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("access ")]
     assert len(lines) == 3, lines
-    assert lines[0].startswith("access method=GET route=/health/live status=200 ")
-    assert lines[1].startswith("access method=GET route=/nowhere status=404 ")
-    assert lines[2].startswith("access method=GET route=/v1/images/generations status=405 ")
+    assert lines[0].startswith("access method=GET route=/health/live key=anonymous status=200 ")
+    assert lines[1].startswith("access method=GET route=/nowhere key=anonymous status=404 ")
+    assert lines[2].startswith("access method=GET route=/v1/images/generations key=anonymous status=405 ")
     assert all("bytes_out=" in line and "bytes_out=0" not in line for line in lines)
