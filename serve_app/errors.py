@@ -130,4 +130,5 @@ def error_response(error: ApiError) -> JSONResponse:
 
 def retry_after_headers(seconds: float) -> dict[str, str]:
     """`Retry-After` in whole seconds (HTTP's form) and `retry-after-ms`, which OpenAI's clients read first."""
-    return {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, round(seconds * 1000)))}
+    ms = max(1, math.ceil(seconds * 1000))  # the seconds from the milliseconds: both name the same wait
+    return {"Retry-After": str(max(1, math.ceil(ms / 1000))), "retry-after-ms": str(ms)}

@@ -25,7 +25,12 @@ from tests.integration.conftest import free_port
 pytestmark = pytest.mark.integration
 
 GEN = "/v1/images/generations"
-SCRAPE_TIMEOUT_S = 60
+SCRAPE_TIMEOUT_S = 90
+# Ray's metrics page grows with every replica the session has started (each has its own series) and
+# takes most of a second to render on a busy 2-core machine: a 1 s scrape then times out, and a failed
+# scrape marks every series stale, so the queries see nothing. 3 s leaves room; the waits below count
+# only polls whose last scrape succeeded.
+SCRAPE_INTERVAL_S = 3
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,8 @@ def prometheus(served, tmp_path_factory) -> Iterator[str]:
         pytest.fail("prometheus is not installed (apt-get install prometheus); ZIMAGE_SKIP_PROMETHEUS=1 skips")
     work = tmp_path_factory.mktemp("prometheus")
     (work / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"global: {{scrape_interval: {SCRAPE_INTERVAL_S}s, scrape_timeout: {SCRAPE_INTERVAL_S}s, "
+        "evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: ray\n    static_configs: [{{targets: ['127.0.0.1:{served.metrics_port}']}}]\n"
     )
@@ -76,17 +82,30 @@ def query(prom: str, promql: str) -> float | None:
     return float(result[0]["value"][1]) if result else None
 
 
-def settled(prom: str, queries: dict[str, str], quiet_s: float = 4.0) -> dict[str, float]:
-    """Each query's value once none has changed for `quiet_s` (exports and scrapes caught up)."""
+def scrape_health(prom: str) -> str:
+    """What Prometheus says of its scrape of Ray's metrics port (for a failure's message)."""
+    targets = httpx.get(f"{prom}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return "; ".join(f"{t['scrapeUrl']} {t['health']} {t['lastError']!r} at {t['lastScrape']} took {t['lastScrapeDuration']:.2f} s" for t in targets)
+
+
+def scraped(prom: str) -> bool:
+    """Whether Prometheus's last scrape of Ray's metrics page succeeded (after a failed one every
+    series reads as absent)."""
+    return query(prom, 'up{job="ray"}') == 1
+
+
+def settled(prom: str, queries: dict[str, str], quiet_s: float = 2.5 * SCRAPE_INTERVAL_S) -> dict[str, float]:
+    """Each query's value once none has changed for `quiet_s` of successful scrapes (exports and
+    scrapes caught up)."""
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     last, since = None, time.monotonic()
     while True:
-        now = {name: query(prom, q) or 0.0 for name, q in queries.items()}
-        if now != last:
+        now = {name: query(prom, q) or 0.0 for name, q in queries.items()} if scraped(prom) else None
+        if now is None or now != last:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
             return now
-        assert time.monotonic() < deadline, f"metrics never settled: {now}"
+        assert time.monotonic() < deadline, f"metrics never settled: {now}; {scrape_health(prom)}"
         time.sleep(0.5)
 
 
@@ -94,9 +113,9 @@ def moved_by(prom: str, queries: dict[str, str], before: dict[str, float], expec
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
     while True:
         deltas = {name: (query(prom, q) or 0.0) - before[name] for name, q in queries.items()}
-        if all(abs(deltas[name] - expected[name]) < 1e-9 for name in expected):
+        if scraped(prom) and all(abs(deltas[name] - expected[name]) < 1e-9 for name in expected):
             return
-        assert time.monotonic() < deadline, f"deltas {deltas} never reached {expected}"
+        assert time.monotonic() < deadline, f"deltas {deltas} never reached {expected}; {scrape_health(prom)}"
         time.sleep(0.5)
 
 
@@ -130,7 +149,7 @@ def idle(prom: str) -> None:
 
 def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_stage(served, prometheus):
     idle(prometheus)
-    before = settled(prometheus, COUNTS, quiet_s=6.0)
+    before = settled(prometheus, COUNTS)
     request_id = f"obs-{uuid.uuid4().hex}"
     body = {"prompt": "a lighthouse at dusk", "size": "512x512", "num_inference_steps": 2, "seed": 3}
     with httpx.Client(base_url=served.url, timeout=120) as http:
@@ -157,7 +176,7 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
         "prompts_encoded": 2, "encode_waits": 2, "image_steps": 6, "denoise_waits": 3, "decoded": 3, "styled": 3,
         "style_errors": 1,
     })  # the bad size and the 404 fail before a size is planned (class "none"); the bad style after
-    after = settled(prometheus, COUNTS, quiet_s=2.0)
+    after = settled(prometheus, COUNTS)
     assert 2 <= after["steps_run"] - before["steps_run"] <= 6  # the n=2 request's images may share steps
     assert 2 <= after["decode_batches"] - before["decode_batches"] <= 3
     policy = 'ray_zimage_denoiser_scheduling_policy{{policy="{}"}}'

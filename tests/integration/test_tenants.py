@@ -23,7 +23,12 @@ import pytest
 from serve_app.errors import ApiError
 from serve_app.protocol import ImageRequest
 from tests.integration.conftest import APP_NAME, ServedApp, off_loop
-from tests.integration.test_observability import prometheus, query  # noqa: F401  (a module's own Prometheus)
+from tests.integration.test_observability import (  # noqa: F401  (a module's own Prometheus)
+    prometheus,
+    query,
+    scrape_health,
+    scraped,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +188,11 @@ def test_metrics_and_logs_name_the_key_never_the_key_or_its_digest(tenants, prom
         "single_latency": f'sum(ray_zimage_request_seconds_count{{route="{GEN}",key="single"}})',
         "handle_jobs": 'sum(ray_zimage_requests_total{route="handle:generate",key="handle-jobs"})',
     }
-    wait_for(lambda: all((query(prometheus, q) or 0) >= 1 for q in counts.values()), timeout_s=90)
+    deadline = time.monotonic() + 120
+    while not (scraped(prometheus) and all((query(prometheus, q) or 0) >= 1 for q in counts.values())):
+        assert time.monotonic() < deadline, f"{ {n: query(prometheus, q) for n, q in counts.items()} }; " \
+                                            f"{scrape_health(prometheus)}"
+        time.sleep(0.5)
     series = httpx.get(f"{prometheus}/api/v1/series", params={"match[]": '{__name__=~"ray_zimage_.*"}'},
                        timeout=30).json()["data"]
     labels = json.dumps(series)

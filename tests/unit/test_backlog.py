@@ -89,7 +89,8 @@ def test_a_failed_request_does_not_count_towards_the_rate(clock):
     assert not backlog.running
 
 
-@pytest.mark.parametrize(("seconds", "after", "after_ms"), [(0.3, "1", "300"), (2.4, "3", "2400"), (7.0, "7", "7000")])
+@pytest.mark.parametrize(("seconds", "after", "after_ms"), [(0.3, "1", "300"), (2.4, "3", "2400"), (7.0, "7", "7000"),
+                                                       (46.0004, "47", "46001")])
 def test_a_503_says_when_to_come_back_in_seconds_and_milliseconds(seconds, after, after_ms):
     response = error_response(ApiError(503, "busy", code="overloaded", retry_after_s=seconds))
     assert response.headers["retry-after"] == after and response.headers["retry-after-ms"] == after_ms
