@@ -12,6 +12,10 @@ blocks take every step the DiT's blocks took (`optimize_transformer`), read from
 - fused projections (`fusion`);
 - FP8: the fused FP8 block with the DiT's attention choice (`fused_block`), or torchao's linears
   with the DiT's options (`fp8.quantize_fp8_blocks`);
+- the DiT's adapter carriers: where its dense linears are wrapped to carry LoRA adapters
+  (`lora.linear.LoraLinear`), the control blocks' are wrapped alike (never given adapters: the
+  ControlNet takes none), so that a compiled control block meets the module types the DiT's graphs
+  were traced on (the fused blocks' `Fp8Weight`s carry adapters themselves);
 - regional compile with the DiT's compiler (`regional_compile.BlockCompiler`): a control block is
   a block of the DiT's class, so it runs the DiT's compiled graphs (per input variant), and the
   warm-up's controlled calls (`denoiser.control_warmup`) leave nothing to compile for a request.
@@ -40,6 +44,8 @@ from deployments.denoiser.dit.fp8 import quantize_fp8_blocks, torchao_fp8
 from deployments.denoiser.dit.fused_block import FusedFp8Block, fuse_fp8_blocks, unfused_class
 from deployments.denoiser.dit.fusion import fuse_block_projections
 from deployments.denoiser.dit.regional_compile import block_compiler
+from deployments.denoiser.lora.linear import LoraLinear
+from deployments.denoiser.lora.slots import carrier_at
 
 PROJECTIONS = ("before_proj", "after_proj")
 
@@ -70,6 +76,10 @@ def join_dit(controlnet: nn.Module, transformer: nn.Module) -> None:
     elif torchao_fp8(transformer) is not None and not getattr(controlnet, "_torchao_fp8", None):
         quantize_fp8_blocks(blocks, **torchao_fp8(transformer))
         controlnet._torchao_fp8 = torchao_fp8(transformer)
+    carried = [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
+    for block in blocks:
+        for path in carried:
+            carrier_at(block, path)
     compiler = block_compiler(transformer)
     if compiler is not None:
         compiler.compile(blocks)

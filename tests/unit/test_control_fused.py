@@ -6,9 +6,9 @@ runs it all on a GPU. Tiny checkpoint, tiny Union 2.x ControlNet.
 - a control block on the fused path against diffusers' `ZImageControlTransformerBlock` (complex RoPE,
   bf16), one image and a ragged batch; the controlled forward against diffusers' bf16 ControlNet and
   DiT, within 1.5x of the plain fused forward's own error against diffusers' plain forward;
-- compiled (its ops as on a GPU), after the serving warm-up with the ControlNet's calls, controlled
-  forwards at new sizes, caption lengths, scales, in the inpainting layout, with adapters and in mixed
-  batches compile nothing;
+- compiled (its ops as on a GPU; the fused FP8 blocks, and dense linears carrying adapters), after
+  the serving warm-up with the ControlNet's calls, controlled forwards at new sizes, caption lengths,
+  scales, in the inpainting layout, with adapters and in mixed batches compile nothing;
 - a mixed batch (controlled, plain, with LoRA, both) equals each row alone, on the fused blocks and
   on the dense linears; its plain row equals the same batch with no control and no adapters.
 """
@@ -123,20 +123,29 @@ def test_the_fused_controlled_forward_errs_as_the_plain_one(tiny_source):
 
 
 @pytest.mark.usefixtures("ops_as_on_a_gpu")
-def test_compiled_controlled_forwards_after_the_warmup_compile_nothing(tiny_source):
+@pytest.mark.parametrize("family", ["fused", "dense"])
+def test_compiled_controlled_forwards_after_the_warmup_compile_nothing(tiny_source, family):
     """The serving warm-up (plain and LoRA calls, one size) compiles every graph the ControlNet's own
-    warm-up calls then run (the control blocks run the DiT's graphs); after those, new sizes, caption
-    lengths, scales, the inpainting layout, adapters and mixed batches run without a compile."""
+    warm-up calls then run (the control blocks run the DiT's graphs: on the fused FP8 blocks, and on
+    dense linears carrying adapters as the DiT's do); after those, new sizes, caption lengths, scales,
+    the inpainting layout, adapters and mixed batches run without a compile."""
     from deployments.denoiser.control_warmup import serving_control_calls
     from deployments.denoiser.dit import regional_compile, warmup
 
     torch._dynamo.reset()
-    dit = fused_dit(tiny_source, attention="fp8", lora=True)
+    if family == "fused":
+        dit = fused_dit(tiny_source, attention="fp8", lora=True)
+    else:
+        dit = loading.load_transformer(tiny_source, CPU, BF16)
+        rotary.install_real_rope(dit)
+        fusion.fuse_projections(dit)
+        install_lora(dit)
     regional_compile.compile_blocks(dit, None, backend="eager")
     runner = ControlNetRunner(tiny_controlnet(), dit)
     single, batched = warmup.serving_calls([64], 3, 32, lora=True)
     before, with_batches, with_shapes = serving_control_calls(single, batched, runner.takes_mask, [(128, 64)])
     warmup.run_calls(dit, single + batched, save=False)
+    assert {type(b.attention.to_out[0]) for b in runner.controlnet.control_layers} == {type(dit.layers[0].attention.to_out[0])}
     with torch.compiler.set_stance("fail_on_recompile"):
         warmup.run_calls(dit, before + with_batches + with_shapes, save=False, control=runner)
     adapter = dit._lora_slots.lay_out(LoraAdapter("ink", random_factors(dit, 4, seed=2, strength=0.3)))
