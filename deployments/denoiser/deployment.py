@@ -95,9 +95,10 @@ class Denoiser(ModelStage):
         if self.device.type == "cuda":
             self.transformer = optimize_as_resolved(self.transformer, self.speed, self.settings.compile_cache_dir(),
                                                     self.settings.attention)
-            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
         # joined after the DiT's optimization: its control blocks take the DiT's block path (`control_blocks`)
         self.control = None if self.controlnet is None else ControlNetRunner(self.controlnet, self.transformer)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced (both models')
         self.step_graphs = graphed_transformer_fn(self.transformer, self.speed, self.device, self.control)
         self.loop = DenoiseLoop(
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
