@@ -51,6 +51,7 @@ def serve_config(args) -> dict:
     config = yaml.safe_load((ROOT / args.config).read_text())
     app = copy.deepcopy(config["applications"][0])
     app["args"].update(model=args.model, device=args.device)
+    app["args"].pop("compile_cache", None)  # no bucket here: the replacement starts from the node's own cache
     for deployment in app["deployments"]:
         if args.device != "cuda":  # the file's GPU shares would leave the replicas pending on a CPU
             deployment.get("ray_actor_options", {}).pop("num_gpus", None)

@@ -1,7 +1,10 @@
 """No cold path: the first request at each of the 18 size presets and a first edit, against the same
-again warm; and start-up, from deploy to ready, with each stage's start split into load, quantize,
-compile and warm-up (`stats()["start_phases"]`), for a cold compile cache and then a warm one, and
-how long after ready the Denoiser's batched graphs (compiled in the background) took.
+again warm; and start-up, from deploy to ready, with each stage's replica from the controller's
+request to its ready split into the worker process's start, the process before the constructor, and
+the stage's phases (imports, load, optimize, compile and dynamo's part of it, warm-up:
+`stats()["start_phases"]`, benchmarks/start_budget.py's table), and its compile counts (FX-graph cache
+hits and misses), for a cold compile cache and then a warm one, and how long after ready the
+Denoiser's batched graphs (compiled in the background) took.
 
     python benchmarks/bench_cold_path.py --json cold_path.json                       # H200, model=random
     python benchmarks/bench_cold_path.py --model tiny --device cpu --cpus 16 --gpus 1 --sizes 512x512,1024x1024 --steps 2
@@ -26,7 +29,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serve import STAGES, Recorder, app_config, app_parser, deploy, local_serve, stage_stats, start_recording  # noqa: E402
+from benchmarks.bench_serve import APP, STAGES, Recorder, app_config, app_parser, deploy, local_serve, stage_stats, start_recording  # noqa: E402
+from benchmarks.start_budget import format_replicas, replica_rows_from_stats, replica_start_times  # noqa: E402
 from deployments.geometry import SIZE_PRESETS  # noqa: E402
 
 TARGET_RATIO = 1.5
@@ -71,13 +75,17 @@ def one_start(args, label: str, recorder: Recorder, with_requests: bool) -> None
         ready_s = deploy(app_config(args))
         stages = {name: stage_stats(name) for name in STAGES}
         start = {"ray_start_s": round(ray_s, 2), "deploy_to_ready_s": round(ready_s, 2),
-                 "phases": {name: s.get("start_phases") for name, s in stages.items()}}
+                 "phases": {name: s.get("start_phases") for name, s in stages.items()},
+                 "replicas": replica_rows_from_stats(stages, replica_start_times(APP)),
+                 "compile": {name: s.get("compile") for name, s in stages.items()},
+                 "compile_cache": {name: s.get("compile_cache") for name, s in stages.items()}}
         recorder.put(f"start/{label}", start)
         start["denoiser_constructor_s"] = stages["Denoiser"].get("load_seconds")
         print(f"\nstart ({label} cache): ready {ready_s:.1f} s after deploy (Ray {ray_s:.1f} s); "
               f"Denoiser constructor {start['denoiser_constructor_s'] or 0:.1f} s (target 30 s with a warm cache)")
-        for name, phases in start["phases"].items():
-            print(f"  {name:<12} " + "  ".join(f"{k} {v:7.2f}" for k, v in (phases or {}).items() if v is not None))
+        print(format_replicas(start["replicas"]))
+        for name, counts in start["compile"].items():
+            print(f"  {name:<12} compile: {counts}")
         if not with_requests:
             start["batched"] = wait_for_batched_graphs()
         recorder.put(f"start/{label}", start)

@@ -2,11 +2,23 @@
 then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:8000.
 
     python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
+    python benchmarks/bench_first_run.py --json start_budget.json --starts readme,readme_warm,new_node --budget-only
+    python benchmarks/bench_first_run.py --json before.json --root <a checkout of an earlier commit> \
+        --starts readme,readme_warm --budget-only      # the same start-up budget of that commit
 
-For each start: seconds from `serve run` to `/health/ready` answering 200 (the first start with a fresh
-ZIMAGE_CACHE_DIR, cold; the second on the same directory, warm), each stage's start phases, the
-seconds after that until every warm-up after ready is done (the measurements below start then;
-`--no-wait-warm` starts them at ready, while those warm-ups still take turns on the GPU), and the
+Starts (`--starts`, in order): `readme`, the README's command with a fresh ZIMAGE_CACHE_DIR (cold);
+`readme_warm`, the same again on that directory (the second start on a machine); `new_node`, the same
+with another fresh ZIMAGE_CACHE_DIR (fresh inductor and Triton caches) whose `compile_cache` is the
+first directory's compiled-artifact files, as a node that fetches them from a shared store;
+`serve_config`, serve_config.yaml on the first directory (its bucket replaced by those files).
+
+For each start: its budget (benchmarks/start_budget.py: from `serve run` to ready, the application's
+milestones, and each replica from the controller's request to its ready, phase by phase, compile
+and dynamo's part of it apart), printed as tables and kept in the JSON; seconds from `serve run` to
+`/health/ready` answering 200, each stage's start phases and compile counts (FX-graph cache hits and
+misses), the seconds after that until every warm-up after ready is done (the next start's compile
+cache is complete only then; the measurements below start then; `--no-wait-warm` starts them at
+ready, while those warm-ups still take turns on the GPU), and, unless `--budget-only`, the
 1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen sends it and then
 with loadgen's fresh prompts (each request a prompt never sent before, `c1 <size> fresh`). On the first
 start also:
@@ -20,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
-from benchmarks.run_info import commit  # noqa: E402
+from benchmarks.run_info import commit, commit_of  # noqa: E402
+from benchmarks.start_budget import TimedOutput, budget, format_budget  # noqa: E402
 from deployments.geometry import SIZE_PRESETS, format_size  # noqa: E402
 
 URL = "http://127.0.0.1:8000"
@@ -46,10 +61,13 @@ WORDS = ("lighthouse harbour granite tide lantern gull cliff storm amber dusk qu
          "copper glass velvet ember frost orchard tower bridge market canal lantern willow falcon cedar").split()
 
 
-def serve_run(command: list[str], log_path: Path, env: dict) -> subprocess.Popen:
-    """`serve run ...` in its own process group, its output to a log file."""
-    log = open(log_path, "w")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def serve_run(command: list[str], log_path: Path, env: dict, cwd: Path) -> tuple[subprocess.Popen, TimedOutput]:
+    """`serve run ...` in `cwd`, in its own process group; its output to a log file, each line timed on arrival."""
+    output = TimedOutput(time.time())
+    process = subprocess.Popen(command, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output.follow(process.stdout, log_path)
+    return process, output
 
 
 def wait_ready(process: subprocess.Popen, timeout_s: float) -> float:
@@ -66,33 +84,54 @@ def wait_ready(process: subprocess.Popen, timeout_s: float) -> float:
     raise TimeoutError("not ready")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops `serve run`; then make sure no Ray instance is left for the next start."""
+def stop(process: subprocess.Popen, ray_tmp: str) -> None:
+    """Ctrl-C, as a user stops `serve run`; then make sure none of this start's Ray processes (their
+    command lines name its RAY_TMPDIR) is left for the next start. Other Ray instances are left alone."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    deadline = time.monotonic() + 30
+    while ray_processes(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(1)
+    for pid in ray_processes(ray_tmp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def stages_info(app: str) -> dict:
+def ray_processes(ray_tmp: str) -> list[int]:
+    """Live processes whose command line names `ray_tmp` (Ray's processes of one instance)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if ray_tmp.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def stages_info(app: str, env: dict) -> dict:
     """Each stage's start phases and resolved speed settings, read through Ray as an operator would."""
     code = (
         "import json, ray; from ray import serve; ray.init(address='auto', logging_level='ERROR'); out = {}\n"
         "for name in ('TextEncoder', 'Denoiser', 'VaeDecoder'):\n"
         f"    s = serve.get_deployment_handle(name, {app!r}).stats.remote().result(timeout_s=60)\n"
         "    out[name] = {k: s.get(k) for k in ('start_phases', 'speed', 'fp8_kernels', 'step_graphs',\n"
-        "                                        'warm_after_ready', 'shape_warmup')}\n"
+        "                                        'warm_after_ready', 'shape_warmup', 'compile', 'compile_cache')}\n"
         "print('STAGES ' + json.dumps(out, default=str))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("STAGES ")]
     return json.loads(lines[-1].removeprefix("STAGES ")) if lines else {"error": out.stderr[-2000:]}
 
 
-def wait_warm(app: str, timeout_s: float) -> float:
+def wait_warm(app: str, timeout_s: float, env: dict) -> float:
     """Seconds until every stage's warm-up after ready is done (the batched graphs, the VAE's dynamic
     graph, the Denoiser's caption-bucket graphs and preset forwards), polled through Ray."""
     code = (
@@ -107,7 +146,8 @@ def wait_warm(app: str, timeout_s: float) -> float:
         "print('WARM', time.perf_counter() - start)\n" % app
     )
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s + 120, cwd=ROOT,
+                   env=env)
     return time.perf_counter() - started
 
 
@@ -171,16 +211,21 @@ def presets_first_and_warm(client: httpx.Client) -> list[dict]:
              "ratio": round(first[k] / warm[k], 3)} for k in first]
 
 
-def served_config(model: str, device: str) -> Path:
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"].update(model=model, device=device)
+def served_config(root: Path, model: str, device: str, shared: Path) -> Path:
+    """`root`'s serve_config.yaml on this machine: its bucket for compiled code (if it names one)
+    replaced by a directory."""
+    config = yaml.safe_load((root / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    args.update(model=model, device=device)
+    if "compile_cache" in args:
+        args["compile_cache"] = {"directory": str(shared)}
     config["http_options"]["host"] = "127.0.0.1"
     path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-START_LABELS = ("readme", "serve_config")
+START_LABELS = ("readme", "readme_warm", "new_node", "serve_config")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,10 +235,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20, help="1-client requests per size")
     parser.add_argument("--unseen", default="30,15", help="unseen lengths at 512x512 and 1024x1024")
     parser.add_argument("--ready-timeout", type=float, default=400)
-    parser.add_argument("--starts", default=",".join(START_LABELS), help="which starts, in order")
+    parser.add_argument("--starts", default="readme,serve_config", help=f"which starts, in order: {START_LABELS}")
     parser.add_argument("--json", default="first_run.json")
+    parser.add_argument("--root", default=None, help="serve another checkout of this project (an earlier commit: "
+                        "its application and replicas import from there; the tables are this checkout's; "
+                        "new_node needs a checkout with the compile_cache setting)")
     parser.add_argument("--no-wait-warm", action="store_true",
                         help="measure right after ready, while the warm-ups after ready still run")
+    parser.add_argument("--budget-only", action="store_true",
+                        help="each start's budget and stats only (and its warm-ups after ready, unless --no-wait-warm): "
+                             "no requests")
     args = parser.parse_args(argv)
     args.starts = [label.strip() for label in args.starts.split(",") if label.strip()]
     unknown = [label for label in args.starts if label not in START_LABELS]
@@ -208,13 +259,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def start_commands(args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
-    """(label, `serve run` command, application name) of each start asked for, in order."""
-    commands = {
-        "readme": (["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"], "default"),
-        "serve_config": (["serve", "run", str(served_config(args.model, args.device))], "zimage"),
+def start_commands(args: argparse.Namespace, root: Path = ROOT) -> list[tuple[str, list[str], str, str, str]]:
+    """(label, `serve run` command, application name, its ZIMAGE_CACHE_DIR, the cache it starts with) of
+    each start asked for, in order (see the module docstring)."""
+    first_dir = tempfile.mkdtemp(prefix="zimage-first-run-")
+    shared = Path(first_dir) / "compile" / "mega"  # the first start's files: a new node's shared store
+    readme = ["serve", "run", "serve_app:build_app", f"model={args.model}", f"device={args.device}"]
+    starts = {
+        "readme": (readme, "default", first_dir, "cold"),
+        "readme_warm": (readme, "default", first_dir, "warm"),
+        "new_node": (readme + [f"compile_cache.directory={shared}"], "default",
+                     tempfile.mkdtemp(prefix="zimage-new-node-"), "new node: fresh directory, shared files"),
+        "serve_config": (["serve", "run", str(served_config(root, args.model, args.device, shared))], "zimage",
+                         first_dir, "warm"),
     }
-    return [(label, *commands[label]) for label in args.starts]
+    return [(label, *starts[label]) for label in args.starts]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,29 +287,48 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(data, indent=2))
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
-    env["ZIMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="zimage-first-run-")
+    root = Path(args.root).resolve() if args.root else ROOT
+    if args.root:  # the driver, Ray's workers and so the replicas import that checkout first
+        env["PYTHONPATH"] = str(root)
+        data["meta"].update(root=str(root), served_commit=commit_of(root))
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
     unseen_512, unseen_1024 = args.unseen
-    starts = start_commands(args)
-    for index, (label, command, app) in enumerate(starts):
-        process = serve_run(command, logs / f"first_run_{label}.log", env)
+    starts = start_commands(args, root)
+    for label, command, app, cache_dir, cache in starts:
+        ray_tmp = tempfile.mkdtemp(prefix="zfr", dir="/tmp")  # short: Ray's socket paths live under it
+        start_env = {**env, "ZIMAGE_CACHE_DIR": cache_dir, "RAY_TMPDIR": ray_tmp}
+        process, output = serve_run(command, logs / f"first_run_{label}.log", start_env, root)
         try:
             ready_s = wait_ready(process, args.ready_timeout)
-            result = {"command": " ".join(command), "cache": "cold" if index == 0 else "warm",
-                      "ready_s": round(ready_s, 1), "stages": stages_info(app)}
+            time.sleep(2)  # the replicas' last log lines reach `serve run` within about a second
+            result = {"command": " ".join(command), "cache": cache,
+                      "ready_s": round(ready_s, 1), "budget": budget(output.lines), "stages": stages_info(app, start_env)}
             print(f"{label}: ready after {ready_s:.1f} s ({result['cache']} cache)", flush=True)
-            if not args.no_wait_warm:  # measured with every warm-up after ready done, the time it took said
-                result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout), 1)
-                result["stages_warm"] = stages_info(app)
+            print(format_budget(result["budget"]), flush=True)
+            if "error" in result["stages"]:
+                print(f"  stats not read: {result['stages']['error'][-500:]}", flush=True)
+            else:
+                print("  compile per stage: " + "; ".join(
+                    f"{name} {info.get('compile')}" for name, info in result["stages"].items()), flush=True)
+            data[label] = result
+            save()
+            # Measured with every warm-up after ready done (the time it took said); a start's compile-cache
+            # files are complete only then (the VaeDecoder writes its file after its dynamic graph), and the
+            # next start reads them.
+            if not args.no_wait_warm:
+                result["warm_after_ready_s"] = round(wait_warm(app, args.ready_timeout, start_env), 1)
+                result["stages_warm"] = stages_info(app, start_env)
                 print(f"  every warm-up after ready done {result['warm_after_ready_s']} s later", flush=True)
             data[label] = result
             save()
+            if args.budget_only:
+                continue
             for size in ("512x512", "1024x1024"):
                 for key, fresh in ((f"c1 {size}", False), (f"c1 {size} fresh", True)):
                     result[key] = single_client(size, args.requests, prompts, fresh)
                     print(f"  {key}: {result[key]}", flush=True)
                     save()
-            if index == 0:
+            if label == "readme":
                 with httpx.Client(base_url=URL, timeout=600) as client:
                     result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),
                                         unseen_lengths(client, "1024x1024", unseen_1024, 1)]
@@ -262,17 +340,22 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"  presets: worst first/warm {worst}", flush=True)
                     save()
         finally:
-            stop(process)
-    if "readme" in data and "serve_config" in data:
+            stop(process, ray_tmp)
+    if all("c1 512x512" in data.get(label, {}) for label in ("readme", "serve_config")):
         data["readme_vs_serve_config"] = {
             size: round(data["readme"][f"c1 {size}"]["p50_ms"] / data["serve_config"][f"c1 {size}"]["p50_ms"], 3)
             for size in ("512x512", "1024x1024")
         }
     save()
     print("\nsummary")
-    for label in ("readme", "serve_config"):
+    for label in args.starts:
         if label in data:
             row = data[label]
+            replicas = row["budget"]["replicas"]
+            slowest = max(replicas, key=lambda name: replicas[name].get("request_to_ready_s") or 0, default=None)
+            if slowest:
+                print(f"  {label:<13} slowest replica {slowest}: {replicas[slowest].get('request_to_ready_s')} s "
+                      f"from its request to ready")
             print(f"  {label:<13} ready {row['ready_s']:6.1f} s ({row['cache']})  c1 512 p50 "
                   f"{row.get('c1 512x512', {}).get('p50_ms')}  c1 1024 p50 {row.get('c1 1024x1024', {}).get('p50_ms')}")
     for row in data.get("readme", {}).get("unseen", []):

@@ -9,10 +9,11 @@ graphs), one run, figures side by side:
   adapter, one rank-32 adapter on all seven target linears (target: at most 1.08x the plain step);
 - a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
-- per linear kind (FP8 only, `--kernels`): the base FP8 GEMM alone, with the update
-  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the two
-  down-projections the fused path could read (FP8 rows, or a bf16 copy of them that the row kernels
-  would have to write), and a read and write of the output (the in-place update's floor);
+- per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
+  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
+  down-projections the fused path could use (FP8 rows through our Triton kernel or through cuBLAS's
+  `_scaled_mm`, or a bf16 copy of the rows that the row kernels would have to write), and a read and
+  write of the output (the in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -74,6 +75,7 @@ def gpu_us(fn, repeats: int = 50) -> float:
 
 def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
     """Per linear kind at `rows` tokens, one block's linear: see the module docstring."""
+    from deployments.denoiser.lora.down_kernel import down_kernel
     from deployments.denoiser.lora.layout import padded_rank, quantize_rows
     from deployments.denoiser.lora.ops import update
 
@@ -93,9 +95,11 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         figures = {
             "base_us": gpu_us(lambda: module(xq, xs)),
             "base_plus_update_us": gpu_us(lambda: update(module(xq, xs), xq, xs, a, a_scale, b, groups)),
-            "down_fp8_rows_us": gpu_us(lambda: torch._scaled_mm(xq, a.reshape(-1, d_in).t(), scale_a=xs,
-                                                                scale_b=a_scale.reshape(1, -1),
-                                                                out_dtype=torch.bfloat16, use_fast_accum=True)),
+            "down_fp8_rows_us": gpu_us(lambda: down_kernel(xq, xs, a.reshape(-1, d_in), a_scale.reshape(1, -1),
+                                                           torch.bfloat16)),
+            "down_fp8_rows_cublas_us": gpu_us(lambda: torch._scaled_mm(
+                xq, a.reshape(-1, d_in).t(), scale_a=xs, scale_b=a_scale.reshape(1, -1), out_dtype=torch.bfloat16,
+                use_fast_accum=True)),
             # a bf16 side output: the row kernel also writes its rows in bf16 (one write), the GEMM reads them
             "down_bf16_side_output_us": gpu_us(lambda: (x_side.zero_(), torch.mm(x, a_dense.t()))),
             "output_read_write_us": gpu_us(lambda: torch.empty_like(y).copy_(y)),

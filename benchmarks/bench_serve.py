@@ -85,6 +85,9 @@ def app_config(args) -> dict:
     config = yaml.safe_load((ROOT / args.config).read_text())
     app = copy.deepcopy(config["applications"][0])
     app["args"].update(model=args.model, device=args.device)
+    # The shipped bucket for compiled code is not reachable from a benchmark machine: the node caches for
+    # itself under ZIMAGE_CACHE_DIR (`--set 'compile_cache={directory: ...}'` names a shared one).
+    app["args"].pop("compile_cache", None)
     for item in args.set or []:
         key, _, value = item.partition("=")
         app["args"][key] = yaml.safe_load(value)

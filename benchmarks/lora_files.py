@@ -2,8 +2,8 @@
 feed-forward linear of the model's DiT, in diffusers' format, bf16 (a rank-32 adapter of the full-size
 model is about 160 MB, the size of published ones).
 
-The shapes come from the model's transformer built on the meta device for `random` (no weights, no
-GPU), or from the loaded checkpoint otherwise (`tiny`, a local directory).
+The shapes come from the model's transformer built on the meta device from its config (no weights,
+no GPU): `lora.random_adapters.transformer_on_meta`, as `zimage-lora random` does.
 """
 
 from __future__ import annotations
@@ -14,23 +14,16 @@ import torch
 
 
 def transformer_shapes(model: str, cache_dir: str | None = None):
-    """A transformer whose linears have the model's shapes (their weights are not needed)."""
-    from deployments.weights.loading import load_transformer
+    """A transformer whose linears have the model's shapes, on the meta device (no weights read or made)."""
+    from deployments.denoiser.lora.random_adapters import transformer_on_meta
     from deployments.weights.model_source import resolve_model_source
 
-    if model == "random":
-        from diffusers import ZImageTransformer2DModel
-
-        from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
-
-        with torch.device("meta"):
-            return ZImageTransformer2DModel(**FULL_TRANSFORMER_CONFIG)
-    return load_transformer(resolve_model_source(model, cache_dir), torch.device("cpu"), torch.float32)
+    return transformer_on_meta(resolve_model_source(model, cache_dir))
 
 
 def write_random_adapters(transformer, directory: Path, count: int, rank: int, prefix: str = "bench") -> list[str]:
     """Writes `count` adapters `<prefix>0 ..` for `transformer`'s linears into `directory`; their names."""
-    from tests.lora_files import diffusers_state, random_factors, write
+    from deployments.denoiser.lora.random_adapters import diffusers_state, random_factors, write
 
     names = []
     for index in range(count):

@@ -9,9 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where a tensor is made: the builder names these types without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,8 @@ class LatentPosterior:
     """The upload's time in the VAE encoder (`trace.image_encode`)."""
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
+        import torch
+
         eps = torch.randn(self.mean.shape, generator=generator, device="cpu", dtype=self.mean.dtype)
         x = self.mean + self.std * eps
         return (x - self.shift_factor) * self.scaling_factor
@@ -142,6 +145,15 @@ class LoraRef:
 
 
 @dataclass(frozen=True)
+class TenantTag:
+    """Whose work a job is, for the Denoiser's fair order (deployments/runtime/fair_share.py): the
+    tenant's name (an API key's name, never the key) and its weight in the share of the GPU."""
+
+    name: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DenoiseRequest:
     """What the Ingress asks the Denoiser for one image; the tensors (caption, negative caption,
     upload posterior) travel beside it as separate arguments, so a request's images share one copy.
@@ -158,7 +170,7 @@ class DenoiseRequest:
     """Image-to-image only: a job without an upload always runs every step (`DenoiseJob.from_request`)."""
     mask: torch.Tensor | None = None
     """Inpainting (with an upload): `[1, 1, H/8, W/8]` of 1 (edit) and 0 (keep), from
-    `deployments.denoiser.inpaint.latent_mask`; small, so it travels in the request."""
+    `deployments.inpaint_mask.InpaintMask.latents`; small, so it travels in the request."""
     control_scale: float | None = None
     """Set for a controlled image (its `ControlLatents` travel beside the request); with a mask the
     ControlNet inpaints (the mask enters its control channels, no blend, no strength)."""
@@ -166,6 +178,8 @@ class DenoiseRequest:
     """Wall-clock time (`time.time()`) after which the image is no longer wanted (deployments.runtime.deadlines)."""
     loras: tuple[LoraRef, ...] = ()
     """LoRA adapters by the operator's names, with their scales (deployments.denoiser.lora)."""
+    tenant: TenantTag = TenantTag()
+    """Whose image it is: the Denoiser's queue takes the jobs of several tenants by weighted fair share."""
 
 
 @dataclass(frozen=True, kw_only=True)

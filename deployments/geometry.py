@@ -55,6 +55,13 @@ def size_problem(width: int, height: int, max_pixels: int) -> str | None:
     return None
 
 
+def size_rule(max_pixels: int) -> str:
+    """The whole rule for a size, as an error message states it (the presets within `max_pixels`)."""
+    presets = ", ".join(format_size(w, h) for w, h in SIZE_PRESETS if w * h <= max_pixels)
+    return (f"A size is WIDTHxHEIGHT with each side a multiple of {SIDE_MULTIPLE} within {MIN_SIDE}..{MAX_SIDE} "
+            f"and at most {max_pixels} pixels in all, such as the presets {presets}")
+
+
 def latent_shape(channels: int, width: int, height: int) -> tuple[int, int, int, int]:
     """The VAE latents of one image: `[1, C, H/8, W/8]` (whole DiT patches)."""
     return (1, channels, PATCH * (height // PIXELS_PER_TOKEN), PATCH * (width // PIXELS_PER_TOKEN))

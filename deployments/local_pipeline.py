@@ -5,7 +5,7 @@ It runs exactly the code the deployments wrap, in the same order as the served r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -13,7 +13,7 @@ from PIL import Image
 from deployments.weights import loading
 from deployments.contracts import ControlLatents, DecodedImage, DenoiseJob, DenoiseRequest, LoraRef, MaskedUpload
 from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, ControlNetRunner
-from deployments.denoiser.inpaint import default_strength, latent_mask
+from deployments.inpaint_mask import InpaintMask, default_strength
 from deployments.denoiser.loop import DenoiseLoop
 from deployments.weights.controlnet_source import ControlNetSource, load_controlnet
 from deployments.weights.model_source import ModelSource
@@ -33,21 +33,33 @@ class GenerationSpec:
     guidance_scale: float = 0.0
     negative_prompt: str = ""
     init_image: Image.Image | None = None  # already fitted to width x height
-    strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.denoiser.inpaint)
+    strength: float | None = None  # None: 0.6, or 1.0 with a mask (deployments.inpaint_mask)
     mask: Image.Image | None = None  # inpainting: a greyscale mask (white = edit) at width x height
     loras: tuple = ()  # (lora.layout.LaidOutAdapter, scale) pairs, laid out for this pipeline's DiT
     control_image: Image.Image | None = None  # ControlNet: already fitted to width x height
     control_scale: float = DEFAULT_CONTROL_SCALE
+    keep_unmasked: bool = True  # with a mask: the upload's own pixels outside it (deployments.inpaint_mask)
 
     def request(self) -> DenoiseRequest:
         """What the Ingress would ask the Denoiser for this image."""
         return DenoiseRequest(
             width=self.width, height=self.height, steps=self.steps, seed=self.seed, guidance_scale=self.guidance_scale,
             strength=default_strength(self.strength, self.mask is not None),
-            mask=latent_mask(self.mask) if self.mask is not None else None,
+            mask=self.planned_mask().latents if self.mask is not None else None,
             loras=tuple(LoraRef(adapter.name, scale) for adapter, scale in self.loras),
             control_scale=self.control_scale if self.control_image is not None else None,
         )
+
+
+    def planned_mask(self) -> InpaintMask:
+        return InpaintMask.plan(self.mask, (self.width, self.height))
+
+    def paste_upload(self, decoded: DecodedImage) -> DecodedImage:
+        """With a mask and `keep_unmasked`, the upload pasted back outside the mask, as the Ingress does."""
+        if self.mask is None or not self.keep_unmasked:
+            return decoded
+        pixels = self.planned_mask().overlay(self.init_image).apply(decoded.pixels.numpy())
+        return replace(decoded, pixels=torch.from_numpy(pixels))
 
 
 class LocalPipeline:
@@ -83,7 +95,7 @@ class LocalPipeline:
                 posterior=next(posteriors) if spec.init_image is not None and control is None else None,
                 adapters=spec.loras, control=control,
             ))
-        return self.codec.decode(self.loop.run(jobs))
+        return [spec.paste_upload(image) for spec, image in zip(specs, self.codec.decode(self.loop.run(jobs)))]
 
     def control_latents(self, control_image: Image.Image, init_image: Image.Image | None = None,
                         mask: Image.Image | None = None) -> ControlLatents:

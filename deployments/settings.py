@@ -1,17 +1,23 @@
-"""The settings every model-holding stage receives: which weights, where, in what precision."""
+"""The settings every model-holding stage receives: which weights, where, in what precision.
+
+The builder validates them where no model runs (a CPU head node), so this module imports no torch:
+what needs it (the device, the dtype) imports it when a replica asks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deployments.geometry import parse_size
+from deployments.runtime.artifact_store import SharedCompileCache
 from deployments.speed import SPEED_FIELDS, Hardware, Speed, resolve_speed
-from deployments.weights.loading import resolve_device
 from deployments.weights.model_source import ModelSource, default_cache_dir, resolve_model_source
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelSettings(BaseModel):
@@ -31,6 +37,13 @@ class ModelSettings(BaseModel):
     compile: bool | Literal["auto"] = "auto"
     """Regional compile of the DiT blocks, cached on disk (`auto`: on where Triton runs; GPU only)."""
     cache_dir: str | None = None
+    compile_cache: SharedCompileCache | None = None
+    """A store every node shares for the stages' compiled code (`runtime.compile_cache`), beside each
+    node's own copy under `cache_dir`: `{directory: /mnt/shared/zimage-compile}` (a filesystem mounted
+    on every node) or `{s3: {bucket, prefix, endpoint_url, region}}` (credentials from the replicas'
+    environment, as the image store's). A replica fetches its stage's file at start and writes it after
+    its warm-ups when it compiled something the file lacked; `zimage-serve-cache build` fills it ahead of
+    a rollout. None: each node caches for itself."""
     max_prompt_tokens: int = Field(512, ge=16, le=4096)
     vae_tile_above_px: int = Field(1024 * 1024, ge=512 * 512)
     vae_batched_decode: bool = False
@@ -89,18 +102,25 @@ class ModelSettings(BaseModel):
     lora_max_rank: int = Field(256, ge=1)
     lora_max_files: int = Field(1000, ge=1)
 
+    def lora_fields(self) -> dict:
+        """`lora_settings()`'s fields as plain values: the builder hands them to the Ingress without
+        importing the adapters' code (and torch)."""
+        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
+        return {"lora_dir": lora_dir, "max_file_bytes": self.lora_max_file_bytes, "max_rank": self.lora_max_rank,
+                "max_files": self.lora_max_files, "hub": dict(self.lora_hub), "hub_cache_dir": self.lora_hub_cache_dir}
+
     def lora_settings(self):
         from deployments.denoiser.lora.library import LoraSettings
 
-        lora_dir = self.lora_dir or (str(Path(self.cache_dir).expanduser() / "loras") if self.cache_dir else None)
-        return LoraSettings(lora_dir=lora_dir, max_file_bytes=self.lora_max_file_bytes,
-                            max_rank=self.lora_max_rank, max_files=self.lora_max_files,
-                            hub=dict(self.lora_hub), hub_cache_dir=self.lora_hub_cache_dir)
+        return LoraSettings(**self.lora_fields())
 
     @field_validator("lora_hub")
     @classmethod
     def _check_lora_hub(cls, value: dict[str, str]) -> dict[str, str]:
-        """A bad alias or hub file fails when the app is built, not at a request."""
+        """A bad alias or hub file fails when the app is built, not at a request. (The name pattern
+        lives with the adapters' code, which imports torch: only aliases that are set are checked.)"""
+        if not value:
+            return value
         from deployments.denoiser.lora.hub import parse_aliases
         from deployments.denoiser.lora.library import NAME_PATTERN
 
@@ -129,10 +149,14 @@ class ModelSettings(BaseModel):
         return resolve_controlnet(self.controlnet, self.cache_dir)
 
     def torch_device(self) -> torch.device:
+        from deployments.weights.loading import resolve_device
+
         return resolve_device(self.device)
 
     def dtype(self) -> torch.dtype:
         """bf16 on the GPU (fp8 applies to the DiT's linear layers on top); float32 on the CPU."""
+        import torch
+
         return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
 
     def compile_cache_dir(self) -> str:

@@ -1,5 +1,11 @@
 """One access-log line per request at the Ingress, and the request's ID from Serve's request context.
 
+The image routes and the handle API write theirs with what the request asked and what it took
+(`AccessRecord`); every other HTTP request (the page, health, listings, a 404 or 405) gets a short
+line from `AccessLogMiddleware`, with the path the client asked for, not Serve's route prefix. With
+Ray's own per-request lines off (serve_app.builder, serve_config.yaml's `logging_config`), this is
+the one line a request leaves in the logs.
+
 Serve's proxy takes a client's `X-Request-ID` (or makes one), returns it as a response header and
 puts it in the request context, which deployment handles carry to every stage; Serve's logger adds
 it to every replica log line made in that context. The line's fields also travel as
@@ -14,9 +20,12 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from serve_app.protocol import ImageResult, Timings
+
+if TYPE_CHECKING:
+    from serve_app.tenants.keys import Tenant
 
 logger = logging.getLogger("ray.serve")
 Item = TypeVar("Item")
@@ -40,6 +49,8 @@ class AccessRecord:
     """What one request did, filled in as it goes; `fields()` is the access-log line."""
 
     route: str
+    method: str | None = None  # HTTP requests: GET, POST...; None for the handle API
+    tenant: Tenant | None = None  # whose request: its name is the line's `key=` (never the key)
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
     code: str | None = None
@@ -65,6 +76,11 @@ class AccessRecord:
         self.images, self.timings = len(result.images), result.timings
 
     @property
+    def key(self) -> str:
+        """The key's name; `anonymous` before (or without) a key."""
+        return self.tenant.name if self.tenant is not None else "anonymous"
+
+    @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
 
@@ -74,7 +90,8 @@ class AccessRecord:
 
     def fields(self) -> dict[str, Any]:
         data = {
-            "request_id": current_request_id(), "route": self.route, "status": self.status, "code": self.code,
+            "request_id": current_request_id(), "method": self.method, "route": self.route, "key": self.key, "status": self.status,
+            "code": self.code,
             "size": self.size, "n": self.n, "steps": self.steps, "style": self.style, "loras": self.loras,
             "images": self.images,
             "duration_ms": round(self.seconds * 1000, 2), "bytes_out": self.bytes_out,
@@ -98,3 +115,37 @@ def write(record: AccessRecord) -> None:
     fields = record.fields()
     text = " ".join(f"{key}={value}" for key, value in fields.items() if key != "request_id")
     logger.info("access %s", text, extra={"ray_serve_extra_fields": fields})
+
+
+LOGGED_BY_ROUTE = "access_logged"  # set in a request's scope state by a route that writes its own line
+
+
+class AccessLogMiddleware:
+    """ASGI middleware: the access line of each HTTP request whose route does not write its own (the
+    image routes do, with their fields), written when the response has gone out."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        record = AccessRecord(scope["path"], method=scope["method"])  # the whole path, prefix included
+        state = scope.setdefault("state", {})
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+            elif message["type"] == "http.response.body":
+                record.bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except BaseException:
+            record.status = record.status or 500
+            raise
+        finally:
+            if not state.get(LOGGED_BY_ROUTE):
+                write(record)

@@ -22,12 +22,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from deployments.denoiser.loop import first_step_index
 from deployments.denoiser.pending_work import REFERENCE_PIXELS
 
 
 def plan_work(n: int, width: int, height: int, steps: int, strength: float, edit: bool) -> float:
     """A request's Denoiser work in megapixel-steps: an edit runs only its last `steps * strength` steps."""
+    from deployments.denoiser.loop import first_step_index  # the loop's torch: a replica's, not the builder's
+
     run = steps - first_step_index(steps, strength) if edit else steps
     return n * run * width * height / REFERENCE_PIXELS
 
@@ -94,6 +95,21 @@ class Backlog:
         works = [w for _, w, _ in self.done] or [r.work for r in self.running.values() if r.work > 0]
         return sum(works) / len(works) if works else 0.0
 
+    def _first_free(self, entries: list[Running], rate: float, now: float) -> float:
+        """Seconds until the first of `entries` finishes, each progressing at rate / admitted."""
+        mean = self.mean_work()
+        share = rate / max(1, len(self.running))
+        return min((max(0.0, (r.work or mean) / share - (now - r.started)) for r in entries), default=0.0)
+
+    def first_free_s(self, tickets) -> float:
+        """When the first of these admitted requests should finish (one key's: its place frees then),
+        clamped as `retry_after_s`; it counts no refused client as told."""
+        rate = self.rate()
+        if rate is None:
+            return self.min_s
+        entries = [self.running[t] for t in tickets if t in self.running]
+        return min(self.max_s, max(self.min_s, self._first_free(entries, rate, time.monotonic())))
+
     def retry_after_s(self) -> float:
         """The wait to tell a refused client; each call counts it as told (see the module's text)."""
         now = time.monotonic()
@@ -102,9 +118,7 @@ class Backlog:
         if rate is None:
             return self.min_s
         mean = self.mean_work()
-        share = rate / max(1, len(self.running))
-        first_free = min((max(0.0, (r.work or mean) / share - (now - r.started)) for r in self.running.values()),
-                         default=0.0)
+        first_free = self._first_free(list(self.running.values()), rate, now)
         wait = first_free + len(self.promised) * mean / rate
         wait = min(self.max_s, max(self.min_s, wait))
         self.promised.append(now + wait)

@@ -6,24 +6,20 @@ limits, the style presets, the Denoiser's scheduling policy and per-stage deploy
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE
-from deployments.denoiser.scheduling import SchedulingPolicy
+from deployments.denoiser.policies import SchedulingPolicy
 from deployments.style.presets import DEFAULT_STYLE, configured_table
 from deployments.settings import ModelSettings
 from deployments.runtime.stage import deep_merge
 from serve_app.image_store.config import ImageStoreConfig, ingress_replicas_problem
-
-API_KEYS_ENV = "ZIMAGE_API_KEYS"
-API_KEYS_FILE_ENV = "ZIMAGE_API_KEYS_FILE"  # a file on the node: one key per line
-DIGEST_PREFIX = "sha256:"
-DIGEST_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+from serve_app.tenants.keys import (
+    API_KEYS_ENV, API_KEYS_FILE_ENV, DIGEST_PATTERN, DIGEST_PREFIX, TenantKey, distinct_problem, labelled, node_keys,
+    with_node_keys,
+)
 
 # Ray Serve deployment options a stage's entry in `args` may set, named as in a Serve config file.
 SERVE_OPTION_NAMES = (
@@ -65,11 +61,16 @@ class StageOptions(BaseModel):
 class ApiLimits(BaseModel):
     """What the HTTP API accepts; the ingress enforces these before any stage sees a request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused live update must not repeat a digest into the logs or status.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     served_model_name: str = "z-image-turbo"
     api_key_sha256: tuple[str, ...] = ()
-    """SHA-256 of each accepted key: the keys themselves never reach logs, status or user_config."""
+    """SHA-256 of each accepted key without a name: the keys themselves never reach logs, status or
+    user_config. Such keys are unlimited, with weight 1, and share the label `unnamed`."""
+    keys: tuple[TenantKey, ...] = ()
+    """Named keys: `{name, digest, max_in_flight, images_per_minute, weight}` (serve_app.tenants.keys).
+    A live override's entries merge by name into these, so a limit changes without its digest."""
     max_images_per_request: int = Field(10, ge=1, le=64)
     min_steps: int = Field(1, ge=1)
     max_steps: int = Field(16, ge=1, le=100)
@@ -81,6 +82,12 @@ class ApiLimits(BaseModel):
     max_inflight_requests: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     max_loras_per_request: int = Field(4, ge=0, le=16)
+    release_window: int | None = Field(24, ge=1)
+    """Images that the Ingress replicas together keep in flight past the Ingress per running Denoiser
+    replica; the rest of the admitted work waits in the Ingress and is released by fair share
+    between keys (serve_app.tenants.release). Below the Denoiser's `max_ongoing_requests` (32
+    shipped), so that nothing released waits in Ray's router queue. None: no holding back, every
+    admitted request goes on at once, first come first served."""
 
     @model_validator(mode="after")
     def _steps_in_range(self):
@@ -88,26 +95,43 @@ class ApiLimits(BaseModel):
             raise ValueError("need min_steps <= default_steps <= max_steps")
         return self
 
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digest_shape(cls, digests: tuple[str, ...]) -> tuple[str, ...]:
+        for index, digest in enumerate(digests):
+            if not DIGEST_PATTERN.match(digest):
+                raise ValueError(f"api_key_sha256[{index}] is not a SHA-256 digest (64 lowercase hex, from "
+                                 "`printf %s KEY | sha256sum`); raw keys go in the replicas' environment")
+        return digests
+
+    @model_validator(mode="after")
+    def _keys_distinct(self):
+        problem = distinct_problem(labelled("api.keys", self.keys), labelled("api.api_key_sha256", self.api_key_sha256))
+        if problem:
+            raise ValueError(problem)
+        return self
+
     def with_env_keys(self) -> "ApiLimits":
         """Raw keys come only from the Ingress replica's node: its environment (ZIMAGE_API_KEYS, comma
-        separated) or a file named by ZIMAGE_API_KEYS_FILE (one key per line); they never pass
-        through Ray (args, user_config, logs, `serve status`), which sees their digests at most."""
-        raw = split_keys(os.environ.get(API_KEYS_ENV, ""))
-        path = os.environ.get(API_KEYS_FILE_ENV)
-        if path:
-            with open(path, encoding="utf-8") as handle:
-                raw += split_keys(handle.read().splitlines())
-        extra = hash_keys(raw)
-        return self.model_copy(update={"api_key_sha256": tuple(dict.fromkeys(self.api_key_sha256 + extra))})
+        separated) or a file named by ZIMAGE_API_KEYS_FILE (one key per line), each `key` or
+        `name:key`; they never pass through Ray (args, user_config, logs, `serve status`), which sees
+        their digests at most. A name given on the node takes the limits of config's entry of that name."""
+        keys, unnamed = with_node_keys(self.keys, self.api_key_sha256, node_keys())
+        return self.model_copy(update={"keys": keys, "api_key_sha256": unnamed})
 
 
-def split_keys(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+def config_problem(exc: Exception) -> str:
+    """Why a config does not validate, on one line: each problem with where it is (a log line, a status)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'config'}: "
+                         f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
+    return str(exc)
+
+
+def split_keys(value: str | tuple | list) -> tuple:
+    """`api_keys` as one comma-separated string, or a list whose strings are stripped and mappings kept."""
     items = value.split(",") if isinstance(value, str) else value
-    return tuple(k.strip() for k in items if k and k.strip())
-
-
-def hash_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(hashlib.sha256(k.encode()).hexdigest() for k in keys)
+    return tuple(k.strip() if isinstance(k, str) else k for k in items if not isinstance(k, str) or k.strip())
 
 
 class AppArgs(ModelSettings):
@@ -116,8 +140,10 @@ class AppArgs(ModelSettings):
     # hide_input_in_errors: an error about a key must not repeat it into the controller's status.
     model_config = ConfigDict(extra="forbid", frozen=False, hide_input_in_errors=True)
 
-    api_keys: tuple[str, ...] = ()
-    """Digests of accepted keys, each `sha256:<hex>`; raw keys belong in the replicas' environment."""
+    api_keys: tuple[str | TenantKey, ...] = ()
+    """Accepted keys by digest: `sha256:<hex>` for a key without a name, or a named key's mapping
+    `{name, digest, max_in_flight, images_per_minute, weight}`; raw keys belong in the replicas'
+    environment."""
     api: ApiLimits = Field(default_factory=ApiLimits)
     styles: dict[str, str] | None = None
     replace_styles: bool = False
@@ -139,9 +165,10 @@ class AppArgs(ModelSettings):
 
     @field_validator("api_keys")
     @classmethod
-    def _digests_only(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+    def _digests_only(cls, keys: tuple) -> tuple:
         for key in keys:
-            if not (key.startswith(DIGEST_PREFIX) and DIGEST_PATTERN.match(key.removeprefix(DIGEST_PREFIX))):
+            if isinstance(key, str) and not (key.startswith(DIGEST_PREFIX)
+                                             and DIGEST_PATTERN.match(key.removeprefix(DIGEST_PREFIX))):
                 raise ValueError(
                     "api_keys takes digests only, as 'sha256:<64 lowercase hex>' (e.g. from "
                     "`printf %s KEY | sha256sum`): args reach Ray's logs and status. Give raw keys to the "
@@ -149,6 +176,23 @@ class AppArgs(ModelSettings):
                     f"{API_KEYS_FILE_ENV} (one key per line)."
                 )
         return keys
+
+    @model_validator(mode="after")
+    def _keys_distinct(self):
+        self.ingress_limits()  # a name or a digest twice, across `api_keys` and `api`, refuses the build
+        return self
+
+    def ingress_limits(self) -> ApiLimits:
+        """`api` with the keys of `api_keys` added (named ones to `api.keys`, digests to `api_key_sha256`)."""
+        digests = [(f"api_keys[{i}]", k.removeprefix(DIGEST_PREFIX)) for i, k in enumerate(self.api_keys)
+                   if isinstance(k, str)]
+        named = [(f"api_keys[{i}]", k) for i, k in enumerate(self.api_keys) if isinstance(k, TenantKey)]
+        problem = distinct_problem(labelled("api.keys", self.api.keys) + named,
+                                   labelled("api.api_key_sha256", self.api.api_key_sha256) + digests)
+        if problem:
+            raise ValueError(problem)
+        return self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + tuple(d for _, d in digests),
+                                           "keys": self.api.keys + tuple(k for _, k in named)})
 
     @model_validator(mode="after")
     def _styles_are_valid(self):
@@ -180,16 +224,15 @@ class AppArgs(ModelSettings):
 
     def uses_gpu(self) -> bool:
         """Whether replicas get GPU shares: `auto` asks the Ray cluster (the builder runs on the head
-        node, which may have no GPU of its own), or this machine when Ray is not running."""
+        node, which may have no GPU of its own), or, when Ray is not running yet (`serve run` builds
+        the application first), the GPUs Ray will find on this machine (`local_gpus`)."""
         if self.device != "auto":
             return self.device == "cuda"
         import ray
 
         if ray.is_initialized():
             return ray.cluster_resources().get("GPU", 0) > 0
-        import torch
-
-        return torch.cuda.is_available()
+        return local_gpus() > 0
 
     def stage_user_config(self, stage: str) -> dict[str, Any]:
         """The live config `args` give a stage, before its own defaults fill the rest."""
@@ -200,7 +243,16 @@ class AppArgs(ModelSettings):
         elif stage == "denoiser":
             derived = {"scheduling": self.denoiser_scheduling}
         elif stage == "ingress":
-            digests = tuple(key.removeprefix(DIGEST_PREFIX) for key in self.api_keys)
-            limits = self.api.model_copy(update={"api_key_sha256": self.api.api_key_sha256 + digests})
-            derived = {"api": limits.model_dump(mode="json")}
+            derived = {"api": self.ingress_limits().model_dump(mode="json")}
         return deep_merge(derived, getattr(self, stage).user_config)
+
+
+def local_gpus() -> int:
+    """The GPUs `ray.init` registers on this machine, counted as Ray counts them (NVML, within
+    CUDA_VISIBLE_DEVICES): the builder asks without importing torch, which only replicas need."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    manager = get_accelerator_manager_for_resource("GPU")
+    count = manager.get_current_node_num_accelerators()
+    visible = manager.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))

@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,10 +39,11 @@ import numpy as np
 from PIL import Image
 
 from deployments.contracts import MaskedUpload
-from deployments.denoiser.control import DEFAULT_CONTROL_SCALE, LATENT_CHANNELS
 from deployments.geometry import fit_upload
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import decode_upload
+
+logger = logging.getLogger("ray.serve")
 
 ControlPreprocess = Literal["canny"]
 CONTROL_FIELDS = ("control_image", "control_scale", "control_preprocess")
@@ -94,9 +98,12 @@ def check_control_fields(asked: dict, controlnet_loaded: bool) -> None:
 class ControlNetInfo:
     """What the Ingress knows of the Denoiser's ControlNet: whether one is configured (the `controlnet`
     setting, known when the app is built) and whether it takes a mask (its control channels, read from
-    the loaded model: a hub id or a single file says so only once loaded). The Denoiser is asked once,
-    by the first edit with a control image, and its answer kept (the setting cannot change under a
-    running Ingress: both are built from the same args)."""
+    the loaded model: a hub id or a single file says so only once loaded). `learn_in_background` asks
+    the Denoiser once, from a thread, as soon as a replica can answer (the handle call waits for one to
+    be ready), so the page's settings say it (`/page/settings`: the Transform tab offers control only
+    with a ControlNet that inpaints); an edit with a control image that comes first asks and waits
+    itself. The answer is kept: the setting cannot change under a running Ingress (both are built from
+    the same args)."""
 
     def __init__(self, setting: str | None, denoiser=None):
         self.setting = setting
@@ -107,6 +114,32 @@ class ControlNetInfo:
     def loaded(self) -> bool:
         return self.setting is not None
 
+    @property
+    def channels(self) -> int | None:
+        """The control channels once known (16: control only; 33, Union 2.x: also a mask), else None."""
+        return self._channels
+
+    @property
+    def inpaints(self) -> bool | None:
+        """Whether an edit may carry a control image (with its mask); None until the channels are known."""
+        from deployments.denoiser.control import LATENT_CHANNELS  # torch: the replica's (replica_imports)
+
+        return None if self._channels is None else self._channels > LATENT_CHANNELS
+
+    def learn_in_background(self) -> None:
+        if self.loaded and self.denoiser is not None:
+            threading.Thread(target=self._learn, name="controlnet-channels", daemon=True).start()
+
+    def _learn(self) -> None:
+        wait_s = 1.0
+        while self._channels is None:
+            try:
+                self._channels = int(self.denoiser.control_channels.remote().result())
+            except Exception as exc:  # the Denoiser died or was replaced before it answered: ask again
+                logger.info("asking the Denoiser for its ControlNet's channels again in %.0f s: %s", wait_s, exc)
+                time.sleep(wait_s)
+                wait_s = min(2 * wait_s, 30.0)
+
     async def control_channels(self) -> int:
         if self._channels is None:
             self._channels = int(await self.denoiser.control_channels.remote())
@@ -114,6 +147,8 @@ class ControlNetInfo:
 
     async def check_inpaints(self) -> None:
         """A 400 naming `control_image` when the loaded ControlNet has no mask channels."""
+        from deployments.denoiser.control import LATENT_CHANNELS  # torch: the replica's (replica_imports)
+
         channels = await self.control_channels()
         if channels <= LATENT_CHANNELS:
             raise bad_request(f"This server's ControlNet ({channels} control channels, as Union 1.0) cannot "
@@ -147,7 +182,10 @@ def control_from_request(asked: dict, data: bytes | str | None, max_bytes: int, 
 def plan_control(control: Image.Image, scale: float | None, preprocess: ControlPreprocess | None,
                  size: tuple[int, int], init: Image.Image | None = None, mask: Image.Image | None = None,
                  strength: float | None = None) -> ControlPlan:
-    """The control image fitted (and preprocessed) at `size`; for an edit, the fitted upload and mask."""
+    """The control image fitted (and preprocessed) at `size`; for an edit, the upload and its mask,
+    both already fitted to `size` (serve_app.masks.plan_mask)."""
+    from deployments.denoiser.control import DEFAULT_CONTROL_SCALE  # torch: the replica's (replica_imports)
+
     if init is not None and mask is None:
         raise bad_request("An edit with a control_image needs a mask: the ControlNet repaints the masked area "
                           "(ZImageControlNetInpaintPipeline). For control over a whole image, send it to "
@@ -160,7 +198,7 @@ def plan_control(control: Image.Image, scale: float | None, preprocess: ControlP
         fitted = canny(fitted)
     masked = None
     if init is not None:
-        masked = MaskedUpload(image=init, mask=fit_upload(mask, size, mode="L"))
+        masked = MaskedUpload(image=init, mask=mask)
     return ControlPlan(image=fitted, scale=DEFAULT_CONTROL_SCALE if scale is None else scale, masked=masked)
 
 

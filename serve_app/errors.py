@@ -32,7 +32,12 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or default_type(status)
-        self.retry_after_s = retry_after_s  # when to come back: a 503's Retry-After (serve_app.backlog)
+        self.retry_after_s = retry_after_s  # when to come back: a 503's or 429's Retry-After
+
+    def __reduce__(self):
+        """Pickled whole, so that a handle caller (another Ray process) gets it back with its status,
+        code and Retry-After, not an exception Ray could not rebuild."""
+        return type(self), (self.status, self.message, self.param, self.code, self.type, self.retry_after_s)
 
 
 def default_type(status: int) -> str:
@@ -40,6 +45,8 @@ def default_type(status: int) -> str:
         return "authentication_error"
     if status == 404:
         return "not_found_error"
+    if status == 429:
+        return "rate_limit_exceeded"
     if status == 503:
         return "server_overloaded"
     if status == 504:

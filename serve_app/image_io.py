@@ -12,14 +12,15 @@ import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import imagecodecs
 import numpy as np
-
-import torch
 from PIL import Image
 
 from serve_app.errors import ApiError, bad_request
+
+if TYPE_CHECKING:  # the replica imports both before it is ready (serve_app.replica_imports)
+    import torch
 
 ALLOWED_UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 PNG_COMPRESS_LEVEL = 1  # zlib level: 1 is several times faster than Pillow's default for a few % more bytes
@@ -44,6 +45,8 @@ def encode_output(pixels: torch.Tensor, output_format: str, compression: int | N
         return encode_png(pixels.numpy(), PNG_COMPRESS_LEVEL)
     quality = DEFAULT_LOSSY_QUALITY if compression is None else max(1, 100 - compression)
     if output_format == "jpeg":
+        import imagecodecs
+
         # the decoder's pixels are a permuted (non-contiguous) view; libjpeg reads rows contiguously
         return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(pixels.numpy()), level=quality))
     buffer = io.BytesIO()
@@ -163,6 +166,14 @@ def json_with_base64_images(payload: dict, images: list[bytes]) -> bytes:
     return b"".join(pieces)
 
 
+def byte_size(count: int) -> str:
+    """`20971520` as "20 MiB (20971520 bytes)"; a count that is no whole MiB or KiB as bytes alone."""
+    for unit, scale in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= scale and count % scale == 0:
+            return f"{count // scale} {unit} ({count} bytes)"
+    return f"{count} bytes"
+
+
 def decode_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "image") -> Image.Image:
     """Validates an uploaded image and returns it as RGB (see `open_upload`)."""
     return open_upload(data, max_bytes, max_pixels, param).convert("RGB")
@@ -174,8 +185,8 @@ def open_upload(data: bytes, max_bytes: int, max_pixels: int, param: str = "imag
     The format and the pixel count are read from the header before decoding, so a decompression
     bomb is refused without allocating its pixels; a truncated or corrupt file is a 400.
     """
-    if len(data) > max_bytes:
-        raise ApiError(413, f"The uploaded image is {len(data)} bytes, over the limit of {max_bytes}.", param=param,
+    if len(data) > max_bytes:  # the body is read only to the cap and one byte more: its size is not known here
+        raise ApiError(413, f"The uploaded image is over the limit of {byte_size(max_bytes)}.", param=param,
                        code="image_too_large")
     if not data:
         raise bad_request("The uploaded image is empty.", param=param, code="invalid_image")

@@ -15,7 +15,6 @@ import re
 from typing import Any
 
 from deployments.denoiser.lora.errors import UnknownLoraError
-from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from serve_app.errors import ApiError, bad_request
 
 _INDEXED = re.compile(r"^loras\[(\d*)\]\[(name|scale)\]$")
@@ -23,6 +22,8 @@ _INDEXED = re.compile(r"^loras\[(\d*)\]\[(name|scale)\]$")
 
 class LoraCatalog:
     def __init__(self, settings: dict | None = None):
+        from deployments.denoiser.lora.library import LoraLibrary, LoraSettings  # torch: the replica's
+
         self.library = LoraLibrary(LoraSettings(**(settings or {})), fetch_hub=False)
 
     def check(self, loras) -> None:

@@ -1,6 +1,7 @@
 """The request path as plain asyncio: plan a request, then drive it through the four stages.
 
-    style -> encode prompt (and negative) -> [encode upload] -> denoise each image -> decode -> encode output
+    style -> encode prompt (and negative) -> [encode upload] -> denoise each image -> decode
+          -> [paste the upload back outside an inpainting mask] -> encode output
 
 `ImagePipeline.run` returns the finished images; `ImagePipeline.stream` runs the same path for one
 image and yields progress on the way (each step, and previews decoded from the Denoiser's estimate).
@@ -24,22 +25,27 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
-from deployments.contracts import DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt
-from deployments.denoiser.inpaint import default_strength
-from deployments.denoiser.lora.library import adapter_set_id
-from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem
+from deployments.contracts import (
+    DecodedImage, DenoiseRequest, ImageTrace, Latents, LoraRef, StageTime, StyledPrompt, TenantTag,
+)
+from deployments.geometry import fit_upload, fitted_size, parse_size, size_problem, size_rule
 from serve_app.config import ApiLimits
 from serve_app.control import ControlPlan, plan_control
 from serve_app.errors import ApiError, bad_request
 from serve_app.image_io import encode_output
 from serve_app.masks import plan_mask
 from serve_app.protocol import GeneratedImage, ImageOptions, ImageResult, LoraSpec, PartialImage, StepDone, Timings
+from serve_app.replica_imports import import_request_path
 from serve_app.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.inpaint_mask import UploadOverlay
 
 DEFAULT_SIZE = (1024, 1024)
 
@@ -62,15 +68,17 @@ class RequestPlan:
     init_image: Image.Image | None = None
     strength: float = 1.0
     mask: torch.Tensor | None = None  # inpainting: the Denoiser's latent-grid mask (serve_app.masks)
+    overlay: UploadOverlay | None = None  # inpainting with keep_unmasked: the upload pasted back outside the mask
     loras: tuple[LoraSpec, ...] = ()  # names checked against the adapters offered (serve_app.loras)
     control: ControlPlan | None = None  # the ControlNet's inputs (serve_app.control)
+    tenant: TenantTag = TenantTag()  # whose images: the Denoiser's queue orders tenants by fair share
 
     def denoise_request(self, index: int, deadline: float | None) -> DenoiseRequest:
         """What the Denoiser is asked for image `index` (seed + index) of this request."""
         return DenoiseRequest(width=self.width, height=self.height, steps=self.steps, seed=self.seed + index,
                               guidance_scale=self.guidance_scale, strength=self.strength, mask=self.mask,
                               control_scale=None if self.control is None else self.control.scale, deadline=deadline,
-                              loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras))
+                              loras=tuple(LoraRef(lora.name, lora.scale) for lora in self.loras), tenant=self.tenant)
 
 
 def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits, model_name: str,
@@ -78,6 +86,8 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     """Applies the server's limits and defaults to a parsed request; a problem is a 4xx `ApiError`.
     `mask` (serve_app.masks.decode_mask) belongs to `init` and is fitted with it; `control` is the
     decoded control image (serve_app.control), fitted to the generation size."""
+    from deployments.inpaint_mask import default_strength  # torch: imported by the replica (replica_imports)
+
     if req.model is not None and req.model not in (limits.served_model_name, model_name):
         raise ApiError(404, f"The model '{req.model}' does not exist; this server serves "
                             f"'{limits.served_model_name}'.", param="model", code="model_not_found")
@@ -98,7 +108,7 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
         width, height = parse_size(req.size)
     problem = size_problem(width, height, limits.max_pixels)
     if problem:
-        raise bad_request(f"Invalid size '{width}x{height}': {problem}.", param="size")
+        raise bad_request(f"Invalid size '{width}x{height}': {problem}. {size_rule(limits.max_pixels)}.", param="size")
     loras = tuple(req.loras or ())
     if len(loras) > limits.max_loras_per_request:
         raise bad_request(f"At most {limits.max_loras_per_request} LoRA adapters per request.", param="loras")
@@ -108,20 +118,32 @@ def plan_request(req: ImageOptions, init: Image.Image | None, limits: ApiLimits,
     if mask is not None and init is None:
         raise bad_request("A mask needs an image to edit.", param="mask", code="invalid_mask")
     fitted_init = fit_upload(init, (width, height)) if init is not None else None
+    inpaint = plan_mask(mask, width, height) if mask is not None else None
     control_plan = None
     if control is not None:
         control_plan = plan_control(control, req.control_scale, req.control_preprocess, (width, height), fitted_init,
-                                    mask, getattr(req, "strength", None))
+                                    None if inpaint is None else inpaint.fitted, getattr(req, "strength", None))
     return RequestPlan(
         prompt=req.prompt, n=n, width=width, height=height, steps=steps, seed=seed, style=req.style,
         guidance_scale=req.guidance_scale, negative_prompt=req.negative_prompt or "",
         output_format=req.output_format or "png", output_compression=req.output_compression,
         init_image=fitted_init,
         strength=default_strength(getattr(req, "strength", None), mask is not None) if init is not None else 1.0,
-        mask=plan_mask(mask, width, height) if mask is not None else None,
+        mask=None if inpaint is None else inpaint.latents,
+        overlay=inpaint.overlay(fitted_init) if inpaint is not None and getattr(req, "keep_unmasked", True) else None,
         loras=loras,
         control=control_plan,
     )
+
+
+def encode_image(pixels: torch.Tensor, plan: RequestPlan, overlay: UploadOverlay | None) -> bytes:
+    """Decoded pixels as the request's output file; with an inpainting overlay, the upload pasted back
+    outside the mask first (deployments.inpaint_mask says why here)."""
+    if overlay is not None:
+        import torch
+
+        pixels = torch.from_numpy(overlay.apply(pixels.numpy()))
+    return encode_output(pixels, plan.output_format, plan.output_compression)
 
 
 @dataclass(frozen=True)
@@ -140,6 +162,7 @@ class Conditioning:
 class ImagePipeline:
     def __init__(self, styler: Any, text_encoder: Any, denoiser: Any, vae: Any, random_weights: bool = False,
                  retry: RetryPolicy | None = None):
+        import_request_path()  # here, before the Ingress is ready: its requests import nothing
         self.styler = styler
         self.text_encoder = text_encoder
         self.denoiser = denoiser
@@ -177,7 +200,9 @@ class ImagePipeline:
                      ) -> AsyncIterator[StepDone | PartialImage | ImageResult]:
         """`run` for one image, step by step: a `StepDone` after every denoising step, a `PartialImage`
         (the VaeDecoder's preview of the Denoiser's clean-latent estimate) at `partial_images` steps spread
-        over the run, then the `ImageResult`, whose pixels are those `run` gives. Closing this generator
+        over the run, then the `ImageResult`, whose pixels are those `run` gives. An inpainting preview
+        gets the upload pasted back outside the mask as the image does (at the preview's size), so it
+        shows the repainted area forming inside an unchanging upload. Closing this generator
         cancels the Denoiser's job. (A stream's items cannot be passed on unresolved, so here the final
         latents, 1 MiB at 1024x1024 (16 x 128 x 128 float32), come through the Ingress on their way to the decoder.) A stream is
         not retried after a replica dies: its events have already reached the client."""
@@ -189,6 +214,7 @@ class ImagePipeline:
         )
         latents: Latents | None = None
         previews = 0
+        preview_overlay = plan.overlay  # scaled to the previews' size at the first one
         try:
             async for update in updates:
                 if update.result is not None:
@@ -197,8 +223,10 @@ class ImagePipeline:
                 yield StepDone(update.step, update.steps, time.perf_counter() - started)
                 if update.preview is not None:
                     preview: DecodedImage = await self.vae.preview.remote(update.preview)
-                    data = await asyncio.to_thread(encode_output, preview.pixels, plan.output_format,
-                                                   plan.output_compression)
+                    if preview_overlay is not None:
+                        preview_overlay = await asyncio.to_thread(preview_overlay.scaled, preview.width,
+                                                                  preview.height)
+                    data = await asyncio.to_thread(encode_image, preview.pixels, plan, preview_overlay)
                     yield PartialImage(previews, data, preview.width, preview.height)
                     previews += 1
         except BaseException:  # failed, or closed by the consumer: stop the Denoiser's job too
@@ -234,6 +262,8 @@ class ImagePipeline:
     def _denoiser_for(self, request: DenoiseRequest) -> Any:
         """A request with LoRA adapters goes preferably to a Denoiser replica that holds its adapter set
         (Ray Serve's model multiplexing; the ID: `lora.library.adapter_set_id`)."""
+        from deployments.denoiser.lora.library import adapter_set_id
+
         if not request.loras:
             return self.denoiser
         return self.denoiser.options(multiplexed_model_id=adapter_set_id(lora.name for lora in request.loras))
@@ -254,7 +284,7 @@ class ImagePipeline:
     async def _encode(plan: RequestPlan, seed: int, cond: Conditioning, decoded: DecodedImage
                       ) -> tuple[GeneratedImage, DecodedImage, float]:
         start = time.perf_counter()
-        data = await asyncio.to_thread(encode_output, decoded.pixels, plan.output_format, plan.output_compression)
+        data = await asyncio.to_thread(encode_image, decoded.pixels, plan, plan.overlay)
         image = GeneratedImage(data=data, format=plan.output_format, seed=seed, width=plan.width,
                                height=plan.height, revised_prompt=cond.styled.text, loras=plan.loras)
         return image, decoded, (time.perf_counter() - start) * 1000

@@ -85,6 +85,7 @@ async def plan_handle_request(request: ImageRequest, limits: ApiLimits, model_na
         await controlnet.check_inpaints()
     if init is not None:
         fields["strength"] = request.strength
+        fields["keep_unmasked"] = request.keep_unmasked
     if request.loras:
         fields["loras"] = [lora if isinstance(lora, dict) else lora.model_dump() for lora in request.loras]
     try:

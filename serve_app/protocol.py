@@ -100,9 +100,16 @@ class ImageGenerationRequest(ImageOptions):
 class ImageEditRequest(ImageOptions):
     """`POST /v1/images/edits` (multipart); the `image` file, and the optional `mask` and
     `control_image` files, travel beside these fields. `strength` defaults to 0.6, or to 1.0 with a
-    mask (as diffusers' inpainting); an edit with a control image needs a mask and takes no strength."""
+    mask (as diffusers' inpainting); an edit with a control image needs a mask and takes no strength.
+
+    `keep_unmasked` (a Z-Image extension; only with a mask): true (default), the output outside the
+    mask is the upload's own pixels, blended with the repainted area over a feathered band at the
+    mask's edge (deployments.inpaint_mask); false, every pixel is the model's decode, which outside the
+    mask is the VAE's round trip of the upload (what diffusers' `ZImageInpaintPipeline` returns;
+    OpenAI's newer image models likewise give back a wholly regenerated image)."""
 
     strength: float | None = Field(None, ge=0.1, le=1.0)
+    keep_unmasked: bool = True
 
 
 class ImageObject(BaseModel):
@@ -208,6 +215,32 @@ class ProgressEvent(BaseModel):
     elapsed: float  # seconds since the request arrived
 
 
+class UsageLimits(BaseModel):
+    """A key's limits on the Ingress replica that answered (its share of each; None: no limit)."""
+
+    max_in_flight: int | None
+    images_per_minute: int | None
+    weight: float
+
+
+class KeyUsage(BaseModel):
+    """`GET /v1/usage`: the caller's own key, as the Ingress replica that answered counts it."""
+
+    object: Literal["usage"] = "usage"
+    key: str
+    """The key's name (`unnamed`, `anonymous` for keys without one, or with keys off)."""
+    ingress_replicas: int
+    """The Ingress replicas sharing the key's limits; each counts only what it admitted itself."""
+    limits: UsageLimits
+    in_flight: int
+    """Requests of the key admitted here and not finished, `waiting` of them not yet released."""
+    waiting: int
+    images_last_minute: int
+    images_remaining: int | None
+    refused: dict[str, int]
+    """Refusals here since the replica started: in_flight and images_per_minute (429), capacity (503)."""
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -236,7 +269,8 @@ class ImageRequest:
 
     `init_image` (encoded PNG/JPEG/WebP bytes) turns the request into an edit with `strength`;
     `mask` (bytes of an image of the same size: fully transparent, or without alpha white = edit)
-    makes it an inpainting edit. `strength` None: 0.6, or 1.0 with a mask.
+    makes it an inpainting edit. `strength` None: 0.6, or 1.0 with a mask. `keep_unmasked`: as the
+    edits route's field (`ImageEditRequest`).
     """
 
     prompt: str
@@ -253,12 +287,16 @@ class ImageRequest:
     init_image: bytes | None = None
     strength: float | None = None
     mask: bytes | None = None
+    keep_unmasked: bool = True  # with a mask: the upload's own pixels outside it
     loras: tuple[LoraSpec | dict, ...] = ()  # LoraSpec(name=..., scale=...) or {"name": ..., "scale": ...}
     response_format: Literal["b64_json", "url"] = "b64_json"  # url: each image stored, GeneratedImage.url set
     control_image: bytes | None = None  # ControlNet (serve_app.control); with init_image it needs a mask
     control_scale: float | None = None  # None: 0.75
     control_preprocess: Literal["canny"] | None = None
     timeout_s: float | None = None  # this request's deadline in seconds, capped by the server's api.request_timeout_s
+    tenant: str | None = None
+    """The name of the key whose limits and share of the GPU this request takes (None: `anonymous`).
+    A handle call carries no key, so its tenant is trusted as declared; a name no key has is a 400."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ a stage's queue is full, so a busy server looked down. Instead a thread of the I
 is ready when it has at least one RUNNING replica (constructed, model loaded, health checks passed).
 A snapshot older than `stale_s` (the controller is unreachable) counts as not ready.
 
+The snapshot also counts each deployment's RUNNING replicas: the Ingress divides its keys' limits
+and its release window by them (serve_app.tenants).
+
 A snapshot that says not ready is read again before the answer (`check`): otherwise the route said
 503 for up to `refresh_s` plus a status read after the controller (and `serve run`'s "is ready" line)
 said every stage was running. Only a not-ready server pays that read, one at a time; a ready one
@@ -29,6 +32,11 @@ logger = logging.getLogger("ray.serve")
 class Readiness:
     stages: dict[str, bool] = field(default_factory=dict)
     taken_at: float = 0.0  # time.monotonic() of the status read; 0 = none yet
+    replicas: dict[str, int] = field(default_factory=dict)  # RUNNING replicas of each of the app's deployments
+
+    def running(self, deployment: str) -> int:
+        """Its RUNNING replicas, at least 1 (this one, before the first read)."""
+        return max(1, self.replicas.get(deployment, 1))
 
     def ready(self, stale_s: float) -> bool:
         fresh = self.taken_at > 0 and time.monotonic() - self.taken_at <= stale_s
@@ -41,11 +49,8 @@ def read_readiness(app_name: str, stage_names: list[str]) -> Readiness:
     app = serve.status().applications.get(app_name)
     deployments = app.deployments if app is not None else {}
 
-    def running(name: str) -> bool:
-        status = deployments.get(name)
-        return status is not None and status.replica_states.get("RUNNING", 0) > 0
-
-    return Readiness({name: running(name) for name in stage_names}, time.monotonic())
+    replicas = {name: status.replica_states.get("RUNNING", 0) for name, status in deployments.items()}
+    return Readiness({name: replicas.get(name, 0) > 0 for name in stage_names}, time.monotonic(), replicas)
 
 
 @dataclass(eq=False)

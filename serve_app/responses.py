@@ -20,6 +20,7 @@ from serve_app.image_io import json_with_base64_images
 from serve_app.metrics import IngressMetrics
 from serve_app.protocol import ImageObject, ImageResult, ImagesResponse
 from serve_app.streaming import SSE_HEADERS, StreamEvents, StreamItem, sse_body
+from serve_app.tenants.keys import Tenant
 
 RANDOM_WEIGHTS_HEADER = {"X-Random-Weights": "true"}
 
@@ -51,12 +52,20 @@ async def images_response(result: ImageResult, served_model_name: str) -> Respon
 
 
 class Responder:
-    """Ends requests: records each one's outcome (access log, metrics) exactly once, and gives every
-    503 a `Retry-After` from `retry_after` (seconds; serve_app.backlog's estimate)."""
+    """Ends requests: records each one's outcome (access log, metrics) exactly once, gives every 503 a
+    `Retry-After` from `retry_after` (seconds; serve_app.backlog's estimate), and every answer to a
+    limited key its rate-limit headers from `rate_headers` (serve_app.tenants.headers)."""
 
-    def __init__(self, metrics: IngressMetrics, retry_after: Callable[[], float]) -> None:
+    def __init__(self, metrics: IngressMetrics, retry_after: Callable[[], float],
+                 rate_headers: Callable[[Tenant], dict[str, str]] = lambda tenant: {}) -> None:
         self.metrics = metrics
         self.retry_after = retry_after
+        self.rate_headers = rate_headers
+
+    def with_rate_headers(self, response: Response, tenant: Tenant | None) -> Response:
+        if tenant is not None:
+            response.headers.update(self.rate_headers(tenant))
+        return response
 
     def with_retry_after(self, error: ApiError) -> ApiError:
         if error.status == 503 and error.retry_after_s is None:
@@ -72,20 +81,21 @@ class Responder:
     def answered(self, record: AccessRecord, response: Response) -> Response:
         record.bytes_out = len(response.body)
         self.finish(record, response.status_code)
-        return response
+        return self.with_rate_headers(response, record.tenant)
 
     def failed(self, record: AccessRecord, error: ApiError) -> Response:
         response = error_response(self.with_retry_after(error))
         record.bytes_out = len(response.body)
         self.finish(record, error.status, error.code)
-        return response
+        return self.with_rate_headers(response, record.tenant)
 
     def stream(self, first: StreamItem, rest: AsyncIterator[StreamItem], events: StreamEvents,
                record: AccessRecord, random_weights: bool) -> StreamingResponse:
         """Server-sent events; `first` was awaited before the headers go out, so a request that could
         not start got a JSON error with its status instead."""
         self.metrics.streamed(record)
-        headers = {**SSE_HEADERS, **(RANDOM_WEIGHTS_HEADER if random_weights else {})}
+        headers = {**SSE_HEADERS, **(RANDOM_WEIGHTS_HEADER if random_weights else {}),
+                   **(self.rate_headers(record.tenant) if record.tenant is not None else {})}
         body = self._logged(sse_body(first, rest, events), record)
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 

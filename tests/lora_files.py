@@ -1,4 +1,7 @@
-"""Random LoRA adapter files for the tiny model, in diffusers' format and in the kohya/ComfyUI trainer format."""
+"""A LoRA file placed in a Hugging Face hub cache as the hub client leaves it, for offline hub tests.
+
+The adapter writers themselves are the package's (deployments.denoiser.lora.random_adapters).
+"""
 
 from __future__ import annotations
 
@@ -6,52 +9,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
-from deployments.denoiser.lora.adapter import model_slots
-
-TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
-           "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
-
-def random_factors(transformer, rank: int, seed: int, strength: float = 0.5,
-                   targets: tuple[str, ...] = TARGETS) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """`{module: (A [r, in], B [out, r])}` on every targeted block linear, big enough to change the image."""
-    generator = torch.Generator().manual_seed(seed)
-    factors = {}
-    for slot in model_slots(transformer).values():
-        for part in slot.parts:
-            if part.name.split(".", 2)[2] in targets:
-                a = torch.randn(rank, slot.in_features, generator=generator) / slot.in_features**0.5
-                b = torch.randn(part.out_features, rank, generator=generator) * strength / rank**0.5
-                factors[part.name] = (a, b)
-    return factors
-
-
-def diffusers_state(factors) -> dict[str, torch.Tensor]:
-    state = {}
-    for module, (a, b) in factors.items():
-        state[f"transformer.{module}.lora_A.weight"] = a.contiguous()
-        state[f"transformer.{module}.lora_B.weight"] = b.contiguous()
-    return state
-
-
-def kohya_state(factors, alpha: float) -> dict[str, torch.Tensor]:
-    """`lora_unet_layers_0_attention_to_q.lora_down.weight` with `.alpha`: the update is
-    `alpha / rank * up @ down`, so diffusers' converter folds alpha / rank into the factors."""
-    state = {}
-    for module, (a, b) in factors.items():
-        base = "lora_unet_" + module.replace(".", "_")
-        state[f"{base}.lora_down.weight"] = a.contiguous()
-        state[f"{base}.lora_up.weight"] = b.contiguous()
-        state[f"{base}.alpha"] = torch.tensor(float(alpha))
-    return state
-
-
-def write(directory: Path, name: str, state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.safetensors"
-    save_file(state, str(path), metadata=metadata)
-    return path
 
 
 def hub_cache(cache: Path, repo_id: str, filename: str, state: dict[str, torch.Tensor],

@@ -1,4 +1,8 @@
-"""Denoiser deployment: the DiT (bf16 or FP8) on a GPU fraction, scheduled by a configurable policy."""
+"""Denoiser deployment: the DiT (bf16 or FP8) on a GPU fraction, scheduled by a configurable policy.
+
+The model code (torch, the loop, the DiT, adapters, control) is imported by the replica where it
+is first used, so that the builder imports this shell without it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from functools import partial
 from itertools import chain
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import Field
 from ray import serve
 
-from deployments.weights import loading
 from deployments.contracts import (
     CaptionEmbedding,
     ControlLatents,
@@ -26,23 +29,20 @@ from deployments.contracts import (
     StageTime,
 )
 from deployments.runtime.deadlines import DeadlineExceeded
-from deployments.denoiser.loop import (
-    DenoiseLoop,
-    DenoiseState,
-    clean_estimate,
-    preview_steps,
-)
-from deployments.denoiser.control import ControlContext, ControlNetRunner
-from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
-from deployments.weights.controlnet_source import load_controlnet
-from deployments.denoiser.pending_work import PendingWork, measure
-from deployments.denoiser.scheduling import POLICIES, ContinuousBatcher, SchedulingPolicy, run_grouped
-from deployments.denoiser.lora.cache import AdapterCache
-from deployments.denoiser.lora.library import LoraLibrary
+from deployments.denoiser.policies import POLICIES, SchedulingPolicy
 from deployments.denoiser.metrics import DenoiserMetrics
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
+from deployments.runtime.quiet import say_why_where_fp8_runs
 from deployments.runtime.stage import StageConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from deployments.denoiser.control import ControlContext
+    from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
+    from deployments.denoiser.loop import DenoiseState
+    from deployments.denoiser.pending_work import PendingWork
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,11 +63,16 @@ class DenoiserConfig(StageConfig):
 class Denoiser(ModelStage):
     config_model = DenoiserConfig
     speed_part = "denoiser"
+    model_modules = (*ModelStage.model_modules, "diffusers:ZImageTransformer2DModel", "deployments.denoiser.loop",
+                     "deployments.denoiser.scheduling", "deployments.denoiser.dit.optimize",
+                     "deployments.denoiser.lora.cache", "deployments.denoiser.control")
 
     def __init__(self, settings: dict, base_config: dict | None = None) -> None:
         self._init_model_stage(settings, base_config)
         self.warmup_seconds: dict[str, float] = {}
         self.fp8_kernels: str | None = self.speed.fp8_kernels.value  # GPU, FP8 only
+        if self.speed.precision.value == "fp8":
+            say_why_where_fp8_runs()  # the torchao warnings silenced here concern FP8 (runtime.quiet)
         self.step_graphs: GraphedTransformerFn | None = None
         self.expired = 0  # jobs dropped because their request's deadline passed
         self.denoiser_metrics = DenoiserMetrics(POLICIES)
@@ -81,6 +86,9 @@ class Denoiser(ModelStage):
         self.denoiser_metrics.batched_ready.set(float(self.after_ready.ready.is_set()))
 
     def load(self) -> None:
+        from deployments.weights import loading
+        from deployments.weights.controlnet_source import load_controlnet
+
         self.transformer = loading.load_transformer(self.source, self.device, self.dtype)
         control_source = self.settings.controlnet_source()  # the ControlNet: part of the Denoiser's weights
         self.controlnet = None if control_source is None else load_controlnet(control_source, self.device, self.dtype)
@@ -90,10 +98,19 @@ class Denoiser(ModelStage):
         resolved (the compile wraps the blocks and loads its cache; it compiles in `warm_up`); the
         ControlNet's blocks joined to that path; the CUDA graphs' wrapper; then the loop and the
         schedulers around them. The CPU runs float32 eager."""
+        import torch
+
+        from deployments.denoiser.control import ControlNetRunner
         from deployments.denoiser.dit.optimize import graphed_transformer_fn, optimize_as_resolved
+        from deployments.denoiser.lora.cache import AdapterCache
+        from deployments.denoiser.lora.library import LoraLibrary
+        from deployments.denoiser.loop import DenoiseLoop
+        from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
+        from deployments.weights import loading
 
         if self.device.type == "cuda":
-            self.transformer = optimize_as_resolved(self.transformer, self.speed, self.settings.compile_cache_dir(),
+            self.transformer = optimize_as_resolved(self.transformer, self.speed,
+                                                    self.compile_cache(attention=self.settings.attention),
                                                     self.settings.attention)
         # joined after the DiT's optimization: its control blocks take the DiT's block path (`control_blocks`)
         self.control = None if self.controlnet is None else ControlNetRunner(self.controlnet, self.transformer)
@@ -253,6 +270,8 @@ class Denoiser(ModelStage):
         clean-latent estimate at `previews` evenly spread steps, then the result (the very latents
         `denoise` returns). Closing the stream (the client went away) cancels the job, which the
         scheduler drops at its next step."""
+        from deployments.denoiser.loop import clean_estimate, preview_steps
+
         start = time.perf_counter()
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[DenoiseProgress | None] = asyncio.Queue()
@@ -301,6 +320,8 @@ class Denoiser(ModelStage):
 
     async def _run(self, job: DenoiseJob) -> tuple[Latents, float]:
         """(latents, seconds the job waited before its first step), under the live scheduling policy."""
+        from deployments.denoiser.scheduling import run_grouped
+
         try:
             if self.config.scheduling == "continuous":
                 return await self.batcher.submit_timed(job)
@@ -323,6 +344,8 @@ class Denoiser(ModelStage):
     def pending_work(self) -> PendingWork:
         """The images waiting for this replica's GPU and the steps they have left (jobs under the
         `batch` and `single` policies count as queued: their progress is not tracked)."""
+        from deployments.denoiser.pending_work import measure
+
         return measure(chain(self.batcher.queued_jobs(), self.unbatched_jobs), self.batcher.running_jobs())
 
     async def record_autoscaling_stats(self) -> dict[str, float]:

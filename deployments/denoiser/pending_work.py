@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from deployments.contracts import DenoiseJob
-from deployments.denoiser.loop import first_step_index
 
 REFERENCE_PIXELS = 1024 * 1024
 
@@ -20,6 +19,8 @@ def job_steps(job: DenoiseJob) -> int:
     """Steps the job runs: image-to-image skips the noisiest `steps * (1 - strength)`."""
     if job.init_posterior is None:
         return job.steps
+    from deployments.denoiser.loop import first_step_index  # the Ingress's backlog imports this module too
+
     return job.steps - first_step_index(job.steps, job.strength)
 
 

@@ -6,7 +6,10 @@ Three policies, chosen in config (`denoiser_scheduling`):
 - `continuous`: step-level continuous batching. Requests join the running batch between steps and
   leave it as soon as their own last step is done, each at its own timestep; running work is
   bucketed by resolution and buckets take turns step by step. A request whose caller went away is
-  dropped at the next step boundary.
+  dropped at the next step boundary. Waiting requests join by weighted fair share between tenants
+  (`DenoiseRequest.tenant`; deployments/runtime/fair_share.py, each job costing its megapixel-steps),
+  so one tenant's flood does not hold back another's next job; a tenant's jobs of one size keep
+  their order, and a job in the running batch is never taken out of it for another.
 Under every policy a job past its deadline (`DenoiseJob.deadline`) is dropped before it starts or
 at the next step boundary, and its caller gets `DeadlineExceeded`.
 """
@@ -19,20 +22,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
+from deployments.denoiser.policies import POLICIES, SchedulingPolicy  # noqa: F401 (named here too)
 from deployments.runtime.batching import BatchObserver, Queued, QueueDrainer
 from deployments.contracts import DenoiseJob, Latents
 from deployments.runtime.deadlines import DeadlineExceeded, past
 from deployments.denoiser.loop import DenoiseLoop, DenoiseState
+from deployments.runtime.fair_share import FairShare
 from deployments.runtime.gpu_lane import GpuLane
-from deployments.denoiser.pending_work import job_steps
+from deployments.denoiser.pending_work import job_steps, step_cost
 from deployments.denoiser.step_timer import StepRecorder, StepTimer
 
 logger = logging.getLogger(__name__)
-
-SchedulingPolicy = Literal["single", "batch", "continuous"]
-POLICIES: tuple[str, ...] = ("single", "batch", "continuous")
 
 # A StepRecorder hears each batched step's image count and device seconds (with
 # `DenoiseLoop.batch_invariant`, the CPU default, a step makes one DiT call per job; see denoising.py).
@@ -102,6 +103,7 @@ class ContinuousBatcher(QueueDrainer):
         self.lane = lane or GpuLane("denoise")
         self.running: dict[tuple[int, int], list[_Entry]] = {}
         self._turns: collections.deque[tuple[int, int]] = collections.deque()
+        self.waiting: FairShare[_Entry] = FairShare()  # arrivals move here from `queue` before each step
         self.cancelled = 0
 
     def _queued(self, job: DenoiseJob, future: asyncio.Future) -> _Entry:
@@ -109,7 +111,8 @@ class ContinuousBatcher(QueueDrainer):
 
     def queued_jobs(self) -> list[DenoiseJob]:
         """Jobs waiting to join the running batch (their callers still there)."""
-        return [e.job for e in list(self.queue) if not e.future.done()]  # list(): one step, safe from a thread
+        waiting = list(self.queue) + self.waiting.items()  # each copy one step: safe from a thread
+        return [e.job for e in waiting if not e.future.done()]
 
     def running_jobs(self) -> list[tuple[DenoiseJob, int]]:
         """(job, steps it has left) for each job in the running batch."""
@@ -117,27 +120,31 @@ class ContinuousBatcher(QueueDrainer):
                 for entries in list(self.running.values()) for e in list(entries) if not e.future.done()]
 
     def _admit(self) -> list[_Entry]:
-        admitted, kept = [], collections.deque()
+        """Arrivals join their tenant's queue; then, in fair order, every waiting job whose size has
+        room in the running batch joins it."""
         while self.queue:
             entry = self.queue.popleft()
-            if entry.future.done():  # the caller went away while waiting
-                self._cancel(1)
-                continue
-            if self._expire(entry):
-                continue
+            job = entry.job
+            self.waiting.push(job.tenant.name, entry, job_steps(job) * step_cost(job), job.tenant.weight)
+        gone = self.waiting.remove(lambda entry: entry.future.done())  # the caller went away while waiting
+        if gone:
+            self._cancel(len(gone))
+        self.waiting.remove(self._expire)
+
+        def has_room(entry: _Entry) -> bool:
+            return len(self.running.get((entry.job.width, entry.job.height), [])) < self.max_batch_size
+
+        admitted = []
+        while (entry := self.waiting.pop(has_room)) is not None:
             bucket = (entry.job.width, entry.job.height)
-            if len(self.running.get(bucket, [])) < self.max_batch_size:
-                self.running.setdefault(bucket, []).append(entry)
-                if bucket not in self._turns:
-                    self._turns.append(bucket)
-                admitted.append(entry)
-            else:
-                kept.append(entry)
-        self.queue = kept
+            self.running.setdefault(bucket, []).append(entry)
+            if bucket not in self._turns:
+                self._turns.append(bucket)
+            admitted.append(entry)
         now = time.monotonic()
         for entry in admitted:
             entry.started = now
-        self.observer.waiting(len(kept))
+        self.observer.waiting(len(self.waiting))
         self.observer.admitted([now - entry.arrived for entry in admitted])
         self.observer.running(sum(len(entries) for entries in self.running.values()))
         return admitted
@@ -174,7 +181,7 @@ class ContinuousBatcher(QueueDrainer):
 
     async def _drive(self) -> None:
         while True:
-            if not self.queue and not any(self.running.values()):
+            if not self.queue and not self.waiting and not any(self.running.values()):
                 self._arrival.clear()
                 await self._arrival.wait()
             admitted = self._admit()
@@ -209,7 +216,7 @@ class ContinuousBatcher(QueueDrainer):
                     continue
                 remaining.append(entry)
             self.running[bucket] = remaining
-            if not self.queue and not any(self.running.values()):
+            if not self.queue and not self.waiting and not any(self.running.values()):
                 self.observer.running(0)
                 await self.lane.run(self.timer.flush)  # idle: the last steps' device times
 

@@ -14,12 +14,11 @@ progress started (a call stuck far past its expected time means the same).
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
-
-import torch
 
 T = TypeVar("T")
 
@@ -28,7 +27,9 @@ FATAL_DEVICE_ERRORS = ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-sid
 
 
 def is_fatal_device_error(exc: BaseException) -> bool:
-    return isinstance(exc, torch.AcceleratorError) or any(text in str(exc) for text in FATAL_DEVICE_ERRORS)
+    # read from sys.modules: a process that never imported torch (PromptStyler) has no device error
+    accelerator_error = getattr(sys.modules.get("torch"), "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or any(text in str(exc) for text in FATAL_DEVICE_ERRORS)
 
 
 class GpuLane:

@@ -11,6 +11,7 @@ replicas' environment turns them all into no-ops, for measuring what they cost.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -130,9 +131,8 @@ class StageMetrics:
         self.gpu_memory()
 
     def gpu_memory(self) -> None:
-        import torch
-
-        if torch.cuda.is_initialized():
+        torch = sys.modules.get("torch")  # a stage that never imported torch has no GPU memory
+        if torch is not None and torch.cuda.is_initialized():
             self.gpu_allocated.set(torch.cuda.memory_allocated())
             self.gpu_reserved.set(torch.cuda.memory_reserved())
 

@@ -4,8 +4,10 @@ sizes, one GPU lane, and one answer to "can this replica serve?".
 Deployments stay thin: they own batching, config and metrics; the maths lives beside each shell, in its stage package.
 
 Lifecycle (as LitServe's `setup` before `predict`, one contract for every stage): a stage's
-constructor binds its settings and calls `start()`, which runs the stage's declared phases in order,
-each timed as a start phase (`runtime.start_phases`): `load()` (weights onto the device),
+constructor first imports the model code it declares in `model_modules` (its module imports that code
+where it is used, so that the builder never loads torch; timed as the start phase `imports`), binds
+its settings and calls `start()`, which runs the stage's declared phases in order, each timed as a
+start phase (`runtime.start_phases`): `load()` (weights onto the device),
 `optimize()` (quantize, wrap for compile and CUDA graphs; nothing runs yet), `warm_up()` (on the
 model thread that serves: compile and capture what requests need), then the replica is ready, and
 `warm_up_after_ready()`'s calls run in the background, one at a time between requests
@@ -22,8 +24,10 @@ changes only what it names, and removing it brings back the shipped values.
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +103,9 @@ class StageBase:
 
     config_model: type[StageConfig] = StageConfig
     speed_keys: tuple[str, ...] = ()  # the resolved speed settings this stage applies (`deployments.speed`)
+    model_modules: tuple[str, ...] = ()
+    """What the `imports` phase imports: modules (`torch`) or a library's attribute (`diffusers:AutoencoderKL`,
+    which loads the library's parts for it), so a replica's import time is a figure of its own."""
 
     def _init_stage(self, name: str, base_config: dict[str, Any] | None = None) -> None:
         self.stage_name = name
@@ -109,11 +116,22 @@ class StageBase:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.start_phases = StartPhases()  # each stage times its own start: load, optimize, compile, warm-up
         self.metrics = StageMetrics()
-        self.state = "starting"  # then one of LIFECYCLE while it runs, then "ready"
         self.speed = None  # a model stage's `deployments.speed.Speed`, resolved on its own device
         self.after_ready = BackgroundWarmup(self.gpu_lane, None, self._warm_after_ready, name=name)
+        self.state = "imports"  # then "starting", one of LIFECYCLE while it runs, then "ready"
+        with self.start_phases.phase("imports"):
+            self.import_modules()
+        self.state = "starting"
 
     # ---- the lifecycle: what a stage declares (each a no-op unless overridden) ----
+
+    def import_modules(self) -> None:
+        """Imports `model_modules` (from `_init_stage`, first in the constructor)."""
+        for name in self.model_modules:
+            module, _, attribute = name.partition(":")
+            imported = importlib.import_module(module)
+            if attribute:
+                getattr(imported, attribute)
 
     def load(self) -> None:
         """Reads the stage's weights onto its device (or builds them: `model=random`)."""
@@ -221,10 +239,9 @@ class StageBase:
         self.metrics.watch_compiles(expected_compiles)
 
     def stats(self) -> dict[str, Any]:
-        import torch
-
+        torch = sys.modules.get("torch")  # PromptStyler never imports it
         gpu = {}
-        if torch.cuda.is_available():
+        if torch is not None and torch.cuda.is_available():
             gpu = {
                 "gpu_peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3),
                 "gpu_peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
@@ -238,6 +255,7 @@ class StageBase:
             "state": self.state,
             "speed": None if self.speed is None else self.speed.as_dict(self.speed_keys),
             "start_phases": self.start_phases.as_dict(),
+            "ready_at": self.start_phases.ready_at,
             "warm_after_ready": self.after_ready.as_dict(),
             "methods": {name: s.as_dict() for name, s in self.stats_by_method.items()},
         }

@@ -1,11 +1,12 @@
 """Where a replica's start goes, in seconds: the stage lifecycle's phases and what hides inside them.
 
-`StageBase.start` runs `load`, `optimize` and `warmup` (the stage's own code) and times each here.
+`StageBase.start` runs `imports`, `load`, `optimize` and `warmup` (the stage's own code) and times each here.
 Two kinds of work happen inside other phases and are moved out into phases of their own, read from
 process-wide counters, so that each figure says what it costs:
 - `compile`: torch.compile's dynamo/inductor time (a compiled module compiles on its first call,
-  during the warm-up); with a warm compile cache it shrinks to the cache loads, which is what a
-  fast start shows;
+  during the warm-up); with a warm compile cache it shrinks to the cache loads and dynamo's tracing,
+  which is what a fast start shows. `compile_dynamo` says how much of it was dynamo's own (tracing
+  and guards: no cache of compiled code saves it); it is part of `compile`, not added to it;
 - `random_init`: building the full-size architecture with random weights (`model=random`), which
   real weights do not pay (they pay reading their files instead, inside `load`).
 
@@ -20,28 +21,33 @@ no phase of ours covers.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 
-PHASES = ("load", "random_init", "optimize", "compile", "warmup")
+from deployments.runtime.compile_counters import CompileCounts
+
+PHASES = ("imports", "load", "random_init", "optimize", "compile", "warmup")
+OF_WHICH = ("compile_dynamo",)  # part of a phase above, said apart
 AFTER_READY = ("warmup_after_ready", "warmup_shapes")
 TOTALS = ("ready", "process")
 
 
 def compile_seconds() -> float:
     """Seconds torch.compile has spent in this process so far (dynamo's `_compile.compile_inner`)."""
-    try:
-        from torch._dynamo.utils import compilation_time_metrics
-    except ImportError:  # a torch without dynamo compiles nothing
-        return 0.0
-    return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+    return CompileCounts.read().compile_s
+
+
+def dynamo_seconds() -> float:
+    """Of `compile_seconds`, dynamo's own (tracing and guards; the rest is AOTAutograd and inductor)."""
+    return CompileCounts.read().dynamo_s
 
 
 def random_init_seconds() -> float:
-    """Seconds this process has spent building random-weight models (`weights.loading`)."""
-    from deployments.weights.loading import random_init_seconds as seconds
-
-    return seconds()
+    """Seconds this process has spent building random-weight models (`weights.loading`; read only
+    where a stage imported it, so that a stage without a model never imports torch for it)."""
+    loading = sys.modules.get("deployments.weights.loading")
+    return loading.random_init_seconds() if loading is not None else 0.0
 
 
 def process_age_seconds() -> float | None:
@@ -60,9 +66,10 @@ MOVED: dict[str, Callable[[], float]] = {"compile": compile_seconds, "random_ini
 
 class StartPhases:
     def __init__(self) -> None:
-        self.seconds: dict[str, float | None] = dict.fromkeys(PHASES + AFTER_READY, 0.0)
+        self.seconds: dict[str, float | None] = dict.fromkeys(PHASES + OF_WHICH + AFTER_READY, 0.0)
         self.seconds.update(dict.fromkeys(TOTALS))
         self.started = time.perf_counter()
+        self.ready_at: float | None = None  # wall-clock (time.time()) of ready, to line up with Ray's records
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -70,9 +77,11 @@ class StartPhases:
         if name not in PHASES or name in MOVED:
             raise ValueError(f"unknown start phase {name!r}; one of {[p for p in PHASES if p not in MOVED]}")
         before, start = {key: read() for key, read in MOVED.items()}, time.perf_counter()
+        dynamo_before = dynamo_seconds()
         try:
             yield
         finally:
+            self.seconds["compile_dynamo"] += dynamo_seconds() - dynamo_before
             elapsed = time.perf_counter() - start
             for key, read in MOVED.items():
                 moved = read() - before[key]
@@ -84,6 +93,7 @@ class StartPhases:
         """The stage reported ready: its start from the constructor, and from the process's start."""
         self.seconds["ready"] = time.perf_counter() - self.started
         self.seconds["process"] = process_age_seconds()
+        self.ready_at = time.time()
 
     def add(self, name: str, seconds: float) -> None:
         """Seconds of a phase timed elsewhere (one that runs after the replica reported ready)."""

@@ -37,6 +37,9 @@ class PromptStyler(StageBase):
         self.apply_config(self.config)
         self.start()  # nothing to load or warm: ready at once, through the same lifecycle as the model stages
 
+    def serving(self, expected_compiles=None) -> None:
+        """No model: nothing compiles here, so no compile watch (which would import torch)."""
+
     def ready_line(self) -> str:
         return f"{len(self.table.styles)} styles, default {self.table.default_style!r}"
 

@@ -7,9 +7,7 @@ from dataclasses import replace
 
 from pydantic import Field
 
-from deployments.weights import loading
 from deployments.contracts import CaptionEmbedding, ImageTrace, StageTime
-from deployments.text_encoder.encoding import PromptEncoder
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
 from deployments.runtime.stage import StageConfig
 
@@ -26,17 +24,26 @@ class TextEncoderConfig(StageConfig):
 class TextEncoder(ModelStage):
     config_model = TextEncoderConfig
     speed_part = "text_encoder"
+    model_modules = (*ModelStage.model_modules, "transformers:Qwen3Model", "transformers:AutoTokenizer",
+                     "deployments.text_encoder.encoding")  # its compile module: in `optimize`, when it compiles
 
     def load(self) -> None:
+        from deployments.weights import loading  # the model code: imported by the replica, not the builder
+
         self.model = loading.load_text_encoder(self.source, self.device, self.dtype)
         self.tokenizer = loading.load_tokenizer(self.source)
 
     def optimize(self) -> None:
+        from deployments.text_encoder.encoding import PromptEncoder
+
+        self.artifacts = None  # the compile cache, with text_encoder_compile
         if self.speed.text_encoder_compile.value:
-            from deployments.runtime.compile_cache import configure_compile_cache
+            from deployments.runtime.compile_cache import configure_compile_cache, load_compile_artifacts
             from deployments.text_encoder.compile import optimize_text_encoder
 
-            configure_compile_cache(self.settings.compile_cache_dir())
+            self.artifacts = self.compile_cache()
+            configure_compile_cache(self.artifacts)
+            load_compile_artifacts(self.artifacts, "text_encoder")
             self.model = optimize_text_encoder(self.model, compile=True)
         self.graphs = 0  # CUDA graphs captured by `warm_up`
         self.encoder = PromptEncoder(
@@ -50,11 +57,17 @@ class TextEncoder(ModelStage):
         self.encoding = self.add_batcher("encode", self.encoder.encode)
 
     def warm_up(self) -> None:
+        """Compiles (or loads from the cache) and captures every prompt length's graphs, then writes
+        the compile cache's file where it lacked what was compiled."""
         self.graphs = self.encoder.warmup()
+        if self.artifacts is not None:
+            from deployments.runtime.compile_cache import save_compile_artifacts
+
+            save_compile_artifacts(self.artifacts, "text_encoder")
 
     def ready_line(self) -> str:
-        return (f"{super().ready_line()} dtype={self.dtype} cuda_graphs={self.graphs} "
-                f"batch_invariant={self.encoder.batch_invariant}")
+        graphs = f" cuda_graphs={self.graphs}" if self.device.type == "cuda" else ""  # what the device uses
+        return f"{super().ready_line()} dtype={self.dtype}{graphs} batch_invariant={self.encoder.batch_invariant}"
 
     async def encode(self, prompt: str) -> CaptionEmbedding:
         start = time.perf_counter()

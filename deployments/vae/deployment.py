@@ -7,10 +7,10 @@ import time
 from dataclasses import replace
 from functools import partial
 
-from PIL import Image
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 
-from deployments.weights import loading
 from deployments.contracts import (
     ControlLatents,
     DecodedImage,
@@ -20,10 +20,12 @@ from deployments.contracts import (
     MaskedUpload,
     StageTime,
 )
-from deployments.vae.codec import VaeCodec
 from deployments.runtime.background_warmup import WarmupStep
 from deployments.runtime.model_stage import ModelStage, model_stage_deployment
 from deployments.runtime.stage import StageConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class VaeDecoderConfig(StageConfig):
@@ -35,24 +37,31 @@ class VaeDecoderConfig(StageConfig):
 class VaeDecoder(ModelStage):
     config_model = VaeDecoderConfig
     speed_part = "vae"
+    model_modules = (*ModelStage.model_modules, "diffusers:AutoencoderKL", "deployments.vae.codec")
+    # its compile module: in `optimize`, when it compiles
 
     @property
     def compiled(self) -> bool:
         return self.speed.vae_compile.value
 
     def load(self) -> None:
+        from deployments.weights import loading  # the model code: imported by the replica, not the builder
+
         self.vae = loading.load_vae(self.source, self.device, self.dtype)
 
     def optimize(self) -> None:
         """Channels-last and, with `vae_compile`, the compiled decoder: its compiled code cached under
         the node's ZIMAGE_CACHE_DIR as the other stages' (a new pod with that volume compiles nothing),
         its dynamic graph compiled after ready (`warm_up_after_ready`)."""
+        from deployments.vae.codec import VaeCodec
+
         if self.compiled:
             from deployments.runtime.compile_cache import configure_compile_cache, load_compile_artifacts
             from deployments.vae.compile import optimize_vae
 
-            configure_compile_cache(self.settings.compile_cache_dir())
-            load_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+            self.artifacts = self.compile_cache()
+            configure_compile_cache(self.artifacts)
+            load_compile_artifacts(self.artifacts, "vae")
             self.vae = optimize_vae(self.vae, compile=True, channels_last=True, dynamic_warm=False)
         self.codec = VaeCodec(
             self.vae,
@@ -141,10 +150,11 @@ class VaeDecoder(ModelStage):
         from deployments.runtime.compile_cache import save_compile_artifacts
 
         self.codec.vae.decoder.forward.dynamic_warm = True
-        save_compile_artifacts(self.settings.compile_cache_dir(), "vae")
+        save_compile_artifacts(self.artifacts, "vae")
 
     def ready_line(self) -> str:
-        return f"{super().ready_line()} dtype={self.dtype} compiled={self.compiled}"
+        compiled = f" compiled={self.compiled}" if self.device.type == "cuda" else ""  # the CPU runs eager
+        return f"{super().ready_line()} dtype={self.dtype}{compiled}"
 
     async def decode(self, latents: Latents) -> DecodedImage:
         """Takes the Denoiser's result straight from it (the Ingress passes the response on)."""

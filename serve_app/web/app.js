@@ -39,7 +39,9 @@ async function getJson(path) {
   return body;
 }
 
-// Reads a text/event-stream body and calls onEvent(type, data) for each event.
+// Reads a text/event-stream body and calls onEvent(type, data) for each event, until the body ends or
+// onEvent returns true (the last event wanted): the rest of the body is then read in the background,
+// so the server sees the stream to its end, and the caller goes on at once.
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
@@ -58,9 +60,18 @@ async function readEvents(response, onEvent) {
         if (line.startsWith("event:")) type = line.slice(6).trim();
         else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
       }
-      if (data.length) onEvent(type, JSON.parse(data.join("\n")));
+      if (data.length && onEvent(type, JSON.parse(data.join("\n")))) {
+        drain(reader);
+        return;
+      }
     }
   }
+}
+
+async function drain(reader) {
+  try {
+    while (!(await reader.read()).done);
+  } catch (_) { /* the image is in hand: a late network error changes nothing */ }
 }
 
 async function streamImage(path, init, card) {
@@ -72,6 +83,7 @@ async function streamImage(path, init, card) {
     if (data.type === "zimage.progress") card.progress(data.step, data.steps);
     else if (data.type.endsWith(".partial_image")) card.partial(data);
     else if (data.type.endsWith(".completed")) completed = data;
+    return completed !== null;  // the image is here: the request is over for the page
   });
   if (!completed) throw new Error("The stream ended before the image was complete.");
   return completed;
@@ -88,6 +100,7 @@ function showError(error) {
   }
   box.textContent = text;
   box.hidden = false;
+  box.scrollIntoView({ block: "nearest", behavior: "smooth" });  // on a phone the form is far below it
 }
 
 function clearError() {
@@ -131,6 +144,7 @@ function makeCard(label) {
       const src = "data:" + mimeOf(event.output_format) + ";base64," + event.b64_json;
       showFinal(card, src, event, settings);
       addHistory(src, event, settings);
+      if (card === $("cards").querySelector(".card")) card.scrollIntoView({ block: "nearest", behavior: "smooth" });
     },
     fail(error) {
       card.classList.add("failed");
@@ -153,7 +167,7 @@ function showFinal(card, src, event, settings) {
   const meta = card.querySelector(".meta");
   const rows = [["Seed", event.seed], ["Size", event.size], ["Steps", settings.steps], ["Style", settings.style || "None"]];
   if (settings.strength) rows.push(["Strength", settings.strength]);
-  if (event.loras) rows.push(["LoRA", event.loras.map((l) => l.name + " " + l.scale).join(", ")]);
+  if (event.loras) rows.push(["LoRA", event.loras.map((l) => l.name + " × " + l.scale).join(", ")]);  // name × scale
   rows.push(["Time", (event.timings.total_ms / 1000).toFixed(1) + " s"]);
   meta.innerHTML = "";
   for (const [name, value] of rows) {
@@ -265,6 +279,19 @@ function applySettings(settings) {
   if (settings.api_keys_required && !state.key) $("key-box").open = true;
 }
 
+// With a ControlNet whose channels the server does not know yet (its Denoiser still starting), the
+// settings are asked again until it does: Transform's Control section depends on them.
+async function awaitControlChannels(settings) {
+  for (let wait = 1000; settings.controlnet && settings.control_channels === null; wait = Math.min(2 * wait, 30000)) {
+    await new Promise((resolve) => setTimeout(resolve, wait));
+    try { settings = await getJson("/page/settings"); } catch (_) { continue; }
+  }
+  if (settings !== state.settings) {
+    state.settings = settings;
+    if (window.zimageControl) window.zimageControl.apply(settings);
+  }
+}
+
 function ratio(w, h) {
   const gcd = (a, b) => (b ? gcd(b, a % b) : a);
   const d = gcd(w, h);
@@ -300,27 +327,45 @@ function generateSize() {
   return aspect === "custom" ? $("g-width").value + "x" + $("g-height").value : aspect;
 }
 
-async function runAll(form, makeRequest, count) {
-  clearError();
-  const button = form.querySelector("button[type=submit]");
-  button.disabled = true;
-  clearCards();
-  try {
-    const jobs = [];
-    for (let i = 0; i < count; i++) {
-      const card = makeCard(count > 1 ? "Image " + (i + 1) + ": waiting…" : "Waiting…");
-      const { path, init, settings } = makeRequest(i);
-      jobs.push(streamImage(path, init, card).then((event) => card.done(event, settings), (error) => {
-        card.fail(error);
-        throw error;
-      }));
+// A tab's submit handler, wrapped: its button says the run is on from the tap until the run ends, and
+// comes back as it was however it ends (images, an API error, a dropped connection, a page error).
+function submitting(handler) {
+  return async (event) => {
+    event.preventDefault();
+    const button = event.target.querySelector("button[type=submit]");
+    if (button.disabled) return;
+    const label = button.textContent;
+    button.disabled = true;
+    button.setAttribute("aria-busy", "true");
+    button.textContent = label + "…";
+    try {
+      await handler(event);
+    } catch (error) {
+      showError(error);
+    } finally {
+      button.disabled = false;
+      button.removeAttribute("aria-busy");
+      button.textContent = label;
     }
-    const outcomes = await Promise.allSettled(jobs);
-    const failed = outcomes.find((o) => o.status === "rejected");
-    if (failed) showError(failed.reason);
-  } finally {
-    button.disabled = false;
+  };
+}
+
+// One streamed request per image, each with its card; the first failure is shown once all have ended.
+async function runAll(makeRequest, count) {
+  clearError();
+  clearCards();
+  const jobs = [];
+  for (let i = 0; i < count; i++) {
+    const card = makeCard(count > 1 ? "Image " + (i + 1) + ": waiting…" : "Waiting…");
+    const { path, init, settings } = makeRequest(i);
+    jobs.push(streamImage(path, init, card).then((event) => card.done(event, settings), (error) => {
+      card.fail(error);
+      throw error;
+    }));
   }
+  const outcomes = await Promise.allSettled(jobs);
+  const failed = outcomes.find((o) => o.status === "rejected");
+  if (failed) showError(failed.reason);
 }
 
 async function onGenerate(event) {
@@ -332,7 +377,7 @@ async function onGenerate(event) {
   const control = window.zimageControl ? await window.zimageControl.fields("g") : null;  // control.js
   const loras = window.zimageLora ? window.zimageLora.chosen("g") : null;  // lora.js
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
-  await runAll(event.target, (i) => ({
+  await runAll((i) => ({
     path: "/v1/images/generations",
     settings,
     init: {
@@ -367,9 +412,10 @@ async function onTransform(event) {
   };
   const mask = window.zimageMask ? await window.zimageMask.blob() : null;  // the brush's (mask.js)
   const control = window.zimageControl ? await window.zimageControl.fields("t", true) : null;  // control.js
+  if (control) delete settings.strength;  // the ControlNet repaints the mask from noise: none is sent or shown
   const loras = window.zimageLora ? window.zimageLora.chosen("t") : null;  // lora.js
   // As on Generate: one streamed edit per image, image i with seed + i, as the API's n gives them.
-  await runAll(event.target, (i) => {
+  await runAll((i) => {
     const body = new FormData();
     body.append("image", file);
     if (mask) body.append("mask", mask, "mask.png");
@@ -398,12 +444,9 @@ async function refreshStylesQuietly() {
 function setUpUpload() {
   const input = $("t-file");
   const drop = $("drop");
-  const show = () => {
+  const show = () => {  // the image appears with its mask canvas once loaded (mask.js)
     const file = input.files[0];
-    const preview = $("t-preview");
-    if (!file) { preview.hidden = true; return; }
-    preview.src = URL.createObjectURL(file);
-    preview.hidden = false;
+    if (file) $("t-preview").src = URL.createObjectURL(file);
   };
   input.addEventListener("change", show);
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -467,8 +510,8 @@ async function main() {
   setUpUpload();
   setUpExamples();
   $("g-aspect").addEventListener("change", () => { $("g-custom").hidden = $("g-aspect").value !== "custom"; });
-  $("panel-generate").addEventListener("submit", onGenerate);
-  $("panel-transform").addEventListener("submit", onTransform);
+  $("panel-generate").addEventListener("submit", submitting(onGenerate));
+  $("panel-transform").addEventListener("submit", submitting(onTransform));
   $("api-key").value = state.key;
   $("key-save").addEventListener("click", () => {
     state.key = $("api-key").value.trim();
@@ -479,6 +522,7 @@ async function main() {
   try {
     state.settings = await getJson("/page/settings");
     applySettings(state.settings);
+    awaitControlChannels(state.settings);
   } catch (error) {
     showError(error);
   }

@@ -1,7 +1,10 @@
-// The Control section of Generate and Transform (shown when the server has a ControlNet): a control
-// image, its scale, and server-side canny edges with their preview (the server's own edge map, from
-// /page/control-preview). Loaded after app.js; app.js calls `window.zimageControl.apply(settings)` once
-// the page settings are known and asks `window.zimageControl.fields(prefix)` for a request's fields.
+// The Control section of Generate and Transform: a control image, its scale, and server-side canny
+// edges with their preview (the server's own edge map, from /page/control-preview). Generate shows it
+// when the server has a ControlNet. An edit with a control image is inpainting (the ControlNet repaints
+// the masked area), so Transform shows it only when the ControlNet takes a mask (the page settings'
+// `controlnet_inpaints`) and takes a control image only once a mask is painted: the page never sends
+// a form the server must refuse. Loaded after app.js; app.js calls `window.zimageControl.apply(settings)`
+// once the page settings are known and asks `window.zimageControl.fields(prefix)` for a request's fields.
 "use strict";
 
 (() => {
@@ -69,16 +72,31 @@
   function apply(settings) {
     for (const prefix of PREFIXES) {
       if (!byId(prefix + "-control")) build(prefix);
-      byId(prefix + "-control").hidden = !settings.controlnet;
+      byId(prefix + "-control").hidden = prefix === "g" ? !settings.controlnet : settings.controlnet_inpaints !== true;
       show(prefix);
     }
+    needsMask();
   }
+
+  // Transform: the control image waits for a mask (what the ControlNet repaints).
+  function needsMask() {
+    const file = byId("t-control-file");
+    if (!file) return;
+    const masked = Boolean(window.zimageMask && window.zimageMask.painted());
+    file.disabled = !masked;
+    const note = byId("t-control-needs");
+    note.hidden = masked;
+    note.textContent = "First paint on the image the area to repaint: with a control image, the ControlNet " +
+      "repaints that area from noise (strength does not apply), guided by the control image.";
+  }
+  document.addEventListener("zimage:mask", needsMask);
 
   // The request's control fields, or null when no control image is chosen (or the section is hidden):
   // the image as base64 for a JSON body, or with `asFile` the file itself for a multipart one.
   async function fields(prefix, asFile = false) {
     const box = byId(prefix + "-control");
-    const file = box && !box.hidden ? byId(prefix + "-control-file").files[0] : null;
+    const usable = box && !box.hidden && !byId(prefix + "-control-file").disabled;
+    const file = usable ? byId(prefix + "-control-file").files[0] : null;
     if (!file) return null;
     const image = asFile ? file : await base64Of(file);
     const out = { control_image: image, control_scale: Number(byId(prefix + "-control-scale").value) };

@@ -1,11 +1,13 @@
-// Transform's mask brush: paint over the uploaded image what the edit should repaint. The painting is
-// kept at the upload's own pixel size and sent as OpenAI's `mask` (a PNG, fully transparent where
-// painted, opaque elsewhere). Loaded after app.js; app.js asks `window.zimageMask.blob()` for the file.
+// Transform's upload and mask brush in one: the uploaded image is shown once, with a canvas over it on
+// which the user paints what the edit should repaint. The painting is kept at the upload's own pixel
+// size and sent as OpenAI's `mask` (a PNG, fully transparent where painted, opaque elsewhere). Loaded
+// after app.js; app.js asks `window.zimageMask.blob()` for the file, control.js `painted()` (and listens
+// for "zimage:mask" on document, sent whenever the painting changes).
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const box = $("t-mask"), stage = $("t-mask-image"), canvas = $("t-mask-canvas"), preview = $("t-preview");
+  const box = $("t-mask"), stage = $("t-stage"), canvas = $("t-mask-canvas"), preview = $("t-preview");
   const size = $("t-mask-size"), erase = $("t-mask-erase");
   const paint = canvas.getContext("2d", { willReadFrequently: true });
   const PAINT = "rgb(255, 64, 96)";
@@ -13,13 +15,18 @@
 
   // A new upload: the canvas takes its pixel size, and the painting starts empty.
   preview.addEventListener("load", () => {
-    stage.src = preview.src;
     canvas.width = preview.naturalWidth;
     canvas.height = preview.naturalHeight;
+    stage.hidden = box.hidden = false;
+    $("t-drop-hint").hidden = true;
     clear();
-    box.hidden = false;
   });
-  $("t-file").addEventListener("change", () => { if (!$("t-file").files[0]) box.hidden = true; });
+  $("t-file").addEventListener("change", () => {
+    if ($("t-file").files[0]) return;
+    stage.hidden = box.hidden = true;
+    $("t-drop-hint").hidden = false;
+    changed();
+  });
 
   function clear() {
     paint.clearRect(0, 0, canvas.width, canvas.height);
@@ -102,6 +109,16 @@
     $("t-mask-status").textContent = share > 0
       ? "Repaints " + (share * 100).toFixed(share < 0.01 ? 1 : 0) + "% of the image; the rest is kept."
       : "Nothing painted: the whole image is transformed.";
+    changed();
+  }
+
+  function changed() {
+    document.dispatchEvent(new CustomEvent("zimage:mask"));
+  }
+
+  // Whether an upload is shown with something painted on it.
+  function hasPainting() {
+    return !box.hidden && coverage() > 0;
   }
 
   // The mask file for the edit, or null when nothing is painted (a plain transform).
@@ -118,5 +135,5 @@
     return new Promise((resolve) => out.toBlob(resolve, "image/png"));
   }
 
-  window.zimageMask = { blob };
+  window.zimageMask = { blob, painted: hasPainting };
 })();

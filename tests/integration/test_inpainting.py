@@ -11,8 +11,9 @@ import numpy as np
 import openai
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
+from deployments.inpaint_mask import OVERLAY_BAND_PX, OVERLAY_BLUR_PX
 from serve_app.protocol import ImageRequest
 from tests.diffusers_reference import quiet
 from tests.integration.conftest import APP_NAME, decode_png, off_loop
@@ -64,16 +65,31 @@ IMAGE, MASK = photo(512, 512, 3), alpha_mask(512, 512, (96, 128, 416, 352))
 
 
 def test_the_official_client_inpaints_as_diffusers_does(client, diffusers_t2i):
+    """`keep_unmasked: false` gives `ZImageInpaintPipeline`'s image; the default gives that image with the
+    upload pasted back through diffusers' `blur` and `apply_overlay`: the upload itself past the band."""
     from diffusers import ZImageInpaintPipeline
+    from diffusers.image_processor import VaeImageProcessor
 
-    result = client.images.edit(image=("in.png", png(IMAGE), "image/png"), mask=("mask.png", png(MASK), "image/png"),
-                                prompt="a red boat on a lake", extra_body={"seed": SEED, "num_inference_steps": STEPS})
+    files = {"image": ("in.png", png(IMAGE), "image/png"), "mask": ("mask.png", png(MASK), "image/png")}
+    asked = {"seed": SEED, "num_inference_steps": STEPS}
+    kept = pixels(client.images.edit(**files, prompt="a red boat on a lake", extra_body=asked).data[0].b64_json)
+    plain = client.images.edit(**files, prompt="a red boat on a lake", extra_body={**asked, "keep_unmasked": False})
     reference = quiet(ZImageInpaintPipeline(**diffusers_t2i.components))
     expected = reference("a red boat on a lake", image=IMAGE, mask_image=as_white_is_edit(MASK), width=512, height=512,
                          num_inference_steps=STEPS, guidance_scale=0.0,  # strength: diffusers' default, 1.0
                          generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
-    ours = pixels(result.data[0].b64_json)
-    assert np.abs(ours - np.asarray(expected).astype(np.int16)).max() <= 1
+    assert np.abs(pixels(plain.data[0].b64_json) - np.asarray(expected).astype(np.int16)).max() <= 1
+    processor = VaeImageProcessor()
+    pasted = processor.apply_overlay(processor.blur(as_white_is_edit(MASK), OVERLAY_BLUR_PX), IMAGE, expected)
+    assert np.abs(kept - np.asarray(pasted).astype(np.int16)).max() <= 1
+    outside = far_outside(MASK, OVERLAY_BAND_PX)
+    assert np.array_equal(kept[outside], np.asarray(IMAGE).astype(np.int16)[outside])
+
+
+def far_outside(mask: Image.Image, band: int) -> np.ndarray:
+    """The pixels farther than `band` from the mask's area (a square's reach, as PIL's separable blur)."""
+    grown = as_white_is_edit(mask).filter(ImageFilter.MaxFilter(2 * band + 1))
+    return np.asarray(grown) == 0
 
 
 def test_n_images_and_a_stream_each_inpaint_their_seed(client):
@@ -87,6 +103,13 @@ def test_n_images_and_a_stream_each_inpaint_their_seed(client):
                                                                            "image_edit.completed"]
     assert np.array_equal(pixels(events[-1].b64_json), pixels(two.data[1].b64_json))
     assert np.abs(pixels(two.data[0].b64_json) - pixels(two.data[1].b64_json)).max() > 10
+    # the preview (half the image's side) has the upload pasted back too, at its own scale
+    preview = pixels(events[0].b64_json)
+    half = (IMAGE.width // 2, IMAGE.height // 2)
+    outside = far_outside(MASK.resize(half, Image.Resampling.NEAREST), OVERLAY_BAND_PX // 2 + 1)
+    scaled_upload = np.asarray(IMAGE.resize(half, Image.Resampling.BOX)).astype(np.int16)
+    assert preview.shape[:2] == outside.shape and outside.mean() > 0.3
+    assert np.array_equal(preview[outside], scaled_upload[outside])
 
 
 def test_the_handle_api_takes_a_mask(served, client):

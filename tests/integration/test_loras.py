@@ -19,7 +19,7 @@ from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from deployments.local_pipeline import GenerationSpec
 from serve_app.protocol import ImageRequest, LoraSpec
 from tests.integration.conftest import APP_NAME, off_loop
-from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
 
 pytestmark = pytest.mark.integration
 

@@ -168,11 +168,13 @@ def test_prometheus_sees_exactly_the_traffic_sent_and_request_ids_reach_every_st
     assert query(prometheus, "count(ray_zimage_stage_batch_size_count{replica!='',application='zimage'})") >= 4
 
     # The shipped dashboard: every query parses, and every metric it names is exported (GPU memory
-    # and compiles after ready are absent on a CPU where nothing compiles; cancels until one happens).
+    # and compiles after ready are absent on a CPU where nothing compiles; cancels, key refusals and
+    # requests waiting for their release until one happens).
     dashboard = json.loads((Path(__file__).parents[2] / "serve_app/dashboards/zimage.json").read_text())
     names = set(httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
     cpu_absent = {"ray_zimage_gpu_memory_allocated_bytes", "ray_zimage_gpu_memory_reserved_bytes",
-                  "ray_zimage_compiles_after_ready_total", "ray_zimage_stage_cancelled_total"}
+                  "ray_zimage_compiles_after_ready_total", "ray_zimage_stage_cancelled_total",
+                  "ray_zimage_refusals_total", "ray_zimage_release_waiting"}
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             response = httpx.get(f"{prometheus}/api/v1/query", params={"query": target["expr"]}, timeout=10)

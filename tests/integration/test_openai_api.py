@@ -106,6 +106,7 @@ BAD_GENERATIONS = [
     ({"prompt": "x", "n": 0}, 400, "n", "n"),
     ({"prompt": "x", "n": 5}, 400, "n", "at most 4"),
     ({"prompt": "x", "size": "1000x1024"}, 400, "size", "multiple of 16"),
+    ({"prompt": "x", "size": "100x100"}, 400, "size", "each side a multiple of 16 within 512..2048"),
     ({"prompt": "x", "size": "256x256"}, 400, "size", "outside 512..2048"),
     ({"prompt": "x", "size": "big"}, 400, "size", "WIDTHxHEIGHT"),
     ({"prompt": "x", "size": "4096x4096"}, 400, "size", "outside"),

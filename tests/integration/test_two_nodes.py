@@ -21,7 +21,8 @@ from PIL import Image
 
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from deployments.local_pipeline import GenerationSpec
-from tests.lora_files import diffusers_state, hub_cache, kohya_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
+from tests.lora_files import hub_cache
 
 pytestmark = pytest.mark.integration
 

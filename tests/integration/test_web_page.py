@@ -69,6 +69,39 @@ OVERFLOWING = """() => Array.from(document.querySelectorAll('body *'))
     .filter(el => el.getClientRects().length && el.getBoundingClientRect().right > window.innerWidth + 1)
     .map(el => el.id || el.className || el.tagName)"""
 
+# Every shown control whose text does not fit its box: a select's longest option (beside its arrow), an
+# input's value or placeholder (beside a number's spinner), any other box's content (its scroll width).
+CLIPPED = """() => {
+  const pen = document.createElement('canvas').getContext('2d');
+  const textWidth = (el, text) => { pen.font = getComputedStyle(el).font; return pen.measureText(text).width; };
+  const room = (el) => { const s = getComputedStyle(el);
+    return el.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight); };
+  const clipped = [];
+  for (const el of document.querySelectorAll('select, input, textarea, button, label, summary, output, a, p, dd')) {
+    if (!el.getClientRects().length || getComputedStyle(el).display === 'inline') continue;
+    const name = el.id || el.textContent.trim().slice(0, 30) || el.tagName;
+    if (el.tagName === 'SELECT') {
+      const longest = Math.max(0, ...Array.from(el.options, (o) => textWidth(el, o.text)));
+      if (longest > room(el) - 20) clipped.push(name + ': option of ' + Math.round(longest) + ' px in ' + room(el));
+    } else if (el.tagName === 'INPUT' && ['text', 'number', 'password'].includes(el.type)) {
+      const text = el.value || el.placeholder;
+      const spinner = el.type === 'number' ? 20 : 0;
+      if (text && textWidth(el, text) > room(el) - spinner) clipped.push(name + ': "' + text + '"');
+    } else if (el.scrollWidth > el.clientWidth + 1) {
+      clipped.push(name + ': ' + el.scrollWidth + ' px in ' + el.clientWidth);
+    }
+  }
+  return clipped;
+}"""
+
+# Whether the element is (at least partly) on screen.
+IN_VIEW = """(selector) => { const box = document.querySelector(selector).getBoundingClientRect();
+  return box.bottom > 0 && box.top < window.innerHeight; }"""
+
+# The submit button of a tab, as the page leaves it: [disabled, aria-busy, label].
+BUTTON_STATE = """(form) => { const b = document.querySelector(form + ' button[type=submit]');
+  return [b.disabled, b.getAttribute('aria-busy'), b.textContent]; }"""
+
 
 def upload_png(tmp_path: Path) -> Path:
     ys, xs = np.mgrid[0:640, 0:512]
@@ -79,6 +112,9 @@ def upload_png(tmp_path: Path) -> Path:
 
 
 def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, browser, tmp_path):
+    """Generate and Transform at 1280 px, then both tabs at 390 px: a result or an error arrives in view,
+    the submit button is back as it was after each outcome (an image, an API error, a dropped connection),
+    and every control's text fits its box. Screenshots of both tabs at both widths go to the artifacts."""
     ARTIFACTS.mkdir(exist_ok=True)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(served.url + "/")
@@ -86,6 +122,7 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     assert page.is_visible("#random-banner")  # tiny has random weights
     assert page.locator("#g-aspect option").count() == 19  # the 18 presets and "Custom"
     assert "Watercolor" in page.locator("#g-style").inner_text()
+    assert page.evaluate(CLIPPED) == []
 
     # keyboard: the tablist switches with the arrow keys
     page.focus("#tab-generate")
@@ -96,6 +133,8 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     assert page.is_visible("#panel-generate") and not page.is_visible("#panel-transform")
 
     # generate: an example fills the form; a custom small size, 4 steps, seed 7; progress is watched
+    ready_button = [False, None, "Generate"]
+    assert page.evaluate(BUTTON_STATE, "#panel-generate") == ready_button
     page.click("#examples button >> nth=0")
     assert "lighthouse" in page.input_value("#g-prompt")
     page.select_option("#g-aspect", "custom")
@@ -105,43 +144,76 @@ def test_the_page_generates_transforms_reports_errors_and_fits_a_phone(served, b
     page.fill("#g-seed", "7")
     page.evaluate(WATCH_PROGRESS)
     page.click("#panel-generate button[type=submit]")
+    assert page.evaluate(BUTTON_STATE, "#panel-generate") == [True, "true", "Generate…"]
     page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    assert page.evaluate(BUTTON_STATE, "#panel-generate") == ready_button  # back with the image, not later
     assert page.inner_text("#cards .seed") == "7"
     assert page.get_attribute("#cards .frame img", "src").startswith("data:image/png;base64,")
     seen = page.evaluate("window.seen")
     assert "Step 1 of 4" in seen["steps"] and "Step 4 of 4" in seen["steps"], seen
     assert seen["partials"] >= 1, seen
-    page.screenshot(path=str(ARTIFACTS / "page-desktop.png"))
+    page.screenshot(path=str(ARTIFACTS / "page-generate-1280.png"), full_page=True)
 
-    # an error from the API is shown as it comes
+    # an error from the API is shown as it comes, the whole size rule in it; then a dropped connection
     page.fill("#g-width", "500")
     page.click("#panel-generate button[type=submit]")
     page.wait_for_selector("#error:not([hidden])")
-    assert "not a multiple of 16" in page.inner_text("#error")
+    assert "not a multiple of 16" in page.inner_text("#error") and "512..2048" in page.inner_text("#error")
+    assert page.evaluate(BUTTON_STATE, "#panel-generate") == ready_button
+    page.fill("#g-width", "512")
+    page.route("**/v1/images/generations", lambda route: route.abort())
+    before = page.inner_text("#error")
+    page.click("#panel-generate button[type=submit]")
+    page.wait_for_function("(before) => { const e = document.getElementById('error');"
+                           " return !e.hidden && e.textContent && e.textContent !== before; }", arg=before)
+    assert page.evaluate(BUTTON_STATE, "#panel-generate") == ready_button
+    page.unroute("**/v1/images/generations")
 
-    # transform an uploaded file: the result follows the upload's size
+    # transform an uploaded file, shown once with its mask canvas over it: the result follows its size
     page.click("#tab-transform")
     page.set_input_files("#t-file", str(upload_png(tmp_path)))
     page.wait_for_selector("#t-preview", state="visible")  # once the file has loaded
+    assert page.locator("#panel-transform img:visible").count() == 1 and page.is_visible("#t-mask-canvas")
+    image_box, canvas_box = page.locator("#t-preview").bounding_box(), page.locator("#t-mask-canvas").bounding_box()
+    assert all(abs(image_box[k] - canvas_box[k]) <= 1 for k in ("x", "y", "width", "height"))
     page.fill("#t-prompt", "the same gradient at night")
     set_range(page, "#t-steps", 4)
     page.fill("#t-seed", "3")
     page.click("#panel-transform button[type=submit]")
     page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    assert page.evaluate(BUTTON_STATE, "#panel-transform") == [False, None, "Transform"]
     assert page.is_hidden("#error")
     assert page.inner_text("#cards .seed") == "3"
     assert "512x640" in page.inner_text("#cards .meta")
     assert page.locator("#history li").count() == 2
-    page.screenshot(path=str(ARTIFACTS / "page-transform.png"), full_page=True)
+    assert page.evaluate(CLIPPED) == []
+    page.screenshot(path=str(ARTIFACTS / "page-transform-1280.png"), full_page=True)
 
-    # a phone-width screen: nothing wider than the viewport
+    # a phone-width screen: nothing wider than the viewport, nothing clipped, on either tab
     page.set_viewport_size({"width": 390, "height": 844})
     page.click("#tab-generate")
-    assert page.evaluate(OVERFLOWING) == []
+    assert page.evaluate(OVERFLOWING) == [] and page.evaluate(CLIPPED) == []
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
-    page.screenshot(path=str(ARTIFACTS / "page-phone.png"), full_page=True)
-    print(f"screenshots in {ARTIFACTS}")
+    page.screenshot(path=str(ARTIFACTS / "page-generate-390.png"), full_page=True)
+    page.click("#tab-transform")
+    assert page.evaluate(OVERFLOWING) == [] and page.evaluate(CLIPPED) == []
+    page.screenshot(path=str(ARTIFACTS / "page-transform-390.png"), full_page=True)
 
+    # on the phone the form's button is far above the result and below the error: each comes into view
+    page.eval_on_selector("#panel-transform button[type=submit]", "b => b.scrollIntoView({block: 'end'})")
+    assert not page.evaluate(IN_VIEW, "#cards")
+    page.fill("#t-seed", "4")
+    page.click("#panel-transform button[type=submit]")
+    page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+    page.wait_for_function(IN_VIEW, arg="#cards .card", timeout=5_000)
+    page.fill("#t-seed", "-4")
+    page.eval_on_selector("#panel-transform button[type=submit]", "b => b.scrollIntoView({block: 'end'})")
+    assert not page.evaluate(IN_VIEW, "#error")
+    page.click("#panel-transform button[type=submit]")
+    page.wait_for_selector("#error:not([hidden])")
+    page.wait_for_function(IN_VIEW, arg="#error", timeout=5_000)
+    assert page.evaluate(BUTTON_STATE, "#panel-transform") == [False, None, "Transform"]
+    print(f"screenshots in {ARTIFACTS}")
 
 
 def test_with_keys_on_the_page_loads_without_one_and_sends_the_key_typed(served, browser):
@@ -235,7 +307,6 @@ def test_the_brush_paints_a_mask_that_the_transform_sends(served, browser, http,
     upload = upload_png(tmp_path)
     page.set_input_files("#t-file", str(upload))
     page.wait_for_selector("#t-mask", state="visible")
-    page.click("#t-mask summary")
     page.wait_for_selector("#t-mask-canvas", state="visible")
     assert page.evaluate("[document.getElementById('t-mask-canvas').width,"
                          " document.getElementById('t-mask-canvas').height]") == [512, 640]
@@ -336,7 +407,7 @@ def test_transform_makes_the_number_of_images_asked_for(served, browser, http, t
 def page_loras(served, cache_dir, pipeline) -> list[str]:
     """Five adapters (one more than a request may use by default), both formats, written into the
     served app's adapter directory while it serves."""
-    from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+    from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
 
     transformer = pipeline.loop.transformer
     names = [f"page-{i}" for i in range(5)]
@@ -410,7 +481,7 @@ def test_generate_with_adapters_picked_on_the_page_equals_the_api(served, browse
     assert body["loras"] == wanted
     page.wait_for_selector("#cards .meta:not([hidden])", timeout=120_000)
     assert page.is_hidden("#error")
-    assert f"{page_loras[2]} -0.75, {page_loras[4]} 1.5" in page.inner_text("#cards .meta")
+    assert f"{page_loras[2]} × -0.75, {page_loras[4]} × 1.5" in page.inner_text("#cards .meta")
     page.screenshot(path=str(ARTIFACTS / "page-loras.png"), full_page=True)
     page.set_viewport_size({"width": 390, "height": 844})  # the open picker fits a phone-width screen
     assert page.evaluate(OVERFLOWING) == []

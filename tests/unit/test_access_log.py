@@ -38,3 +38,40 @@ def test_size_classes_bound_the_latency_histogram():
     assert [size_class(*s) for s in [(512, 512), (768, 512), (1024, 1024), (1536, 1536), (2048, 2048)]] == [
         "512", "1024", "1024", "1536", "2048"]
     assert size_class(None, None) == "none"
+
+
+def test_every_http_request_gets_one_line_with_the_path_asked_for(caplog):
+    """The middleware writes the line of each request whose route does not write its own: the page's,
+    a 404, a 405 (with the path the client asked for, not a route prefix); a route that marks its
+    request as logged gets none from it."""
+    import logging
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_app.access_log import LOGGED_BY_ROUTE, AccessLogMiddleware
+
+    async def live(request):
+        return JSONResponse({"status": "alive"})
+
+    async def generations(request):  # as the image routes: it writes its own line
+        request.scope["state"][LOGGED_BY_ROUTE] = True
+        return JSONResponse({"data": []})
+
+    app = Starlette(routes=[Route("/health/live", live), Route("/v1/images/generations", generations,
+                                                                 methods=["POST"])])
+    app.add_middleware(AccessLogMiddleware)
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"), TestClient(app) as client:
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/nowhere").status_code == 404
+        assert client.get("/v1/images/generations").status_code == 405
+        assert client.post("/v1/images/generations").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("access ")]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("access method=GET route=/health/live key=anonymous status=200 ")
+    assert lines[1].startswith("access method=GET route=/nowhere key=anonymous status=404 ")
+    assert lines[2].startswith("access method=GET route=/v1/images/generations key=anonymous status=405 ")
+    assert all("bytes_out=" in line and "bytes_out=0" not in line for line in lines)

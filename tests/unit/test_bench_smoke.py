@@ -120,7 +120,7 @@ def test_bench_first_run_arguments_and_the_commands_it_starts():
 
     args = parse_args(["--model", "tiny", "--device", "cpu", "--unseen", "3,2", "--starts", "serve_config,readme"])
     assert args.unseen == (3, 2)
-    (first, config_command, app), (second, readme_command, readme_app) = start_commands(args)
+    (first, config_command, app, *_), (second, readme_command, readme_app, *_) = start_commands(args)
     assert (first, second, app, readme_app) == ("serve_config", "readme", "zimage", "default")
     assert readme_command[:3] == ["serve", "run", "serve_app:build_app"]
     assert "serve run serve_app:build_app" in (ROOT / "README.md").read_text()

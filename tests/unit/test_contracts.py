@@ -16,6 +16,7 @@ from deployments.contracts import (
     LatentPosterior,
     LoraRef,
     StageTime,
+    TenantTag,
 )
 from serve_app.protocol import Timings
 
@@ -33,7 +34,7 @@ def _request_with_every_field_set() -> DenoiseRequest:
     """A request whose every field differs from its default, so a field the job lost would show."""
     return DenoiseRequest(width=640, height=384, steps=5, seed=11, guidance_scale=2.5, strength=0.4,
                           mask=torch.ones(1, 1, 48, 80), deadline=time.time() + 60, loras=(LoraRef("ink", 0.5),),
-                          control_scale=0.6)
+                          control_scale=0.6, tenant=TenantTag("team-a", 2.0))
 
 
 def test_the_request_sets_no_field_to_its_default():

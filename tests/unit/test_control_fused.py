@@ -24,10 +24,10 @@ from deployments.denoiser.control import ControlContext, ControlNetRunner, contr
 from deployments.denoiser.dit import fused_block, fusion, rotary
 from deployments.denoiser.dit.blocks import iter_blocks
 from deployments.denoiser.lora.adapter import LoraAdapter
+from deployments.denoiser.lora.random_adapters import random_factors
 from deployments.denoiser.lora.slots import install_lora
 from deployments.weights import loading
 from deployments.weights.controlnet_source import TINY_CONTROLNET_CONFIG, build_tiny_controlnet
-from tests.lora_files import random_factors
 from tests.unit.test_controlnet_forward import diffusers_forward, rel_err
 from tests.unit.test_fused_fp8 import cpu_fp8_attention, ops_as_on_a_gpu  # noqa: F401 - fixtures
 

@@ -76,7 +76,7 @@ def test_control_with_a_mask_matches_diffusers_inpaint(controlled, diffusers_con
                                                        scale, seed):
     init, mask, control = make_photo(width, height, seed), blob_mask(width, height, seed), edges(width, height, seed)
     spec = GenerationSpec("a red boat", width, height, steps=steps, seed=seed, init_image=init, mask=mask,
-                          control_image=control, control_scale=scale)
+                          control_image=control, control_scale=scale, keep_unmasked=False)  # diffusers pastes nothing
     ours = pixels(controlled.generate([spec])[0])
     ref = diffusers_control_inpaint(
         spec.prompt, image=init, mask_image=mask, control_image=control, controlnet_conditioning_scale=scale,
@@ -141,7 +141,7 @@ def test_adapters_and_control_on_different_rows_of_one_batch(controlled, tmp_pat
     """LoRA adapters with control in one step batch: the ControlNet runs the transformer's refiners on
     the controlled rows only, with those rows' adapters; each image as alone."""
     from deployments.denoiser.lora.adapter import LoraAdapter
-    from tests.lora_files import random_factors
+    from deployments.denoiser.lora.random_adapters import random_factors
 
     slots = controlled.loop.lora_slots
     transformer = controlled.loop.transformer

@@ -143,3 +143,13 @@ def test_jpeg_output_is_byte_for_byte_what_pillow_writes(compression):
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, format="JPEG", quality=quality)
     assert encode_output(pixels, "jpeg", compression) == buffer.getvalue()
+
+
+@pytest.mark.parametrize("cap,stated", [(20 << 20, "20 MiB (20971520 bytes)"), (3000, "3000 bytes")])
+def test_an_upload_over_its_cap_states_the_limit_and_no_size_it_did_not_measure(cap, stated):
+    """The body is read to the cap and one byte more, so the bytes in hand are not the upload's size."""
+    read = b"\x89PNG" + b"0" * (cap - 3)  # what a 25 MB upload leaves after read(cap + 1)
+    with pytest.raises(image_io.ApiError) as error:
+        image_io.decode_upload(read, cap, 1 << 24, param="image")
+    assert error.value.status == 413 and error.value.param == "image"
+    assert str(error.value) == f"The uploaded image is over the limit of {stated}."

@@ -1,5 +1,6 @@
-"""Inpainting (deployments.denoiser.inpaint, serve_app.masks) against diffusers' `ZImageInpaintPipeline`
-on the tiny checkpoint (float32, CPU), and what the mask keeps.
+"""Inpainting (deployments.inpaint_mask, deployments.denoiser.inpaint, serve_app.masks) against diffusers'
+`ZImageInpaintPipeline` on the tiny checkpoint (float32, CPU), and what the mask keeps: the latents
+outside it, and with `keep_unmasked` (the default) the upload's own pixels past a feathered band.
 
 Every comparison runs diffusers itself in this process; tolerance one step of 255 per pixel channel.
 """
@@ -11,10 +12,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from deployments.contracts import DenoiseJob, Latents
-from deployments.denoiser.inpaint import latent_mask, mask_from_upload
+from deployments.inpaint_mask import (OVERLAY_BAND_PX, OVERLAY_BLUR_PX, InpaintMask, binarize, latent_mask,
+                                     mask_from_upload)
 from deployments.local_pipeline import GenerationSpec
 from serve_app.config import ApiLimits
 from serve_app.errors import ApiError
@@ -109,7 +111,8 @@ INPAINT_CASES = [  # width, height, steps, strength, seed, guidance
 def test_inpainting_matches_diffusers(pipeline, diffusers_inpaint, width, height, steps, strength, seed, guidance):
     init, mask = make_photo(width, height, seed), blob_mask(width, height, seed)
     spec = GenerationSpec("a red boat on a lake", width, height, steps=steps, seed=seed, init_image=init, mask=mask,
-                          strength=strength, guidance_scale=guidance, negative_prompt="fog" if guidance else "")
+                          strength=strength, guidance_scale=guidance, negative_prompt="fog" if guidance else "",
+                          keep_unmasked=False)
     ours = pixels(pipeline.generate([spec])[0])
     ref = diffusers_inpaint(
         spec.prompt, image=init, mask_image=mask, strength=strength, width=width, height=height,
@@ -121,7 +124,7 @@ def test_inpainting_matches_diffusers(pipeline, diffusers_inpaint, width, height
 
 def test_default_strength_with_a_mask_is_diffusers_default(pipeline, diffusers_inpaint):
     init, mask = make_photo(512, 512, 4), rect_mask(512, 512, (100, 120, 400, 300))
-    spec = GenerationSpec("a lighthouse", 512, 512, steps=4, seed=4, init_image=init, mask=mask)
+    spec = GenerationSpec("a lighthouse", 512, 512, steps=4, seed=4, init_image=init, mask=mask, keep_unmasked=False)
     ref = diffusers_inpaint(spec.prompt, image=init, mask_image=mask, width=512, height=512, num_inference_steps=4,
                             guidance_scale=0.0, generator=torch.Generator("cpu").manual_seed(4)).images[0]
     assert np.abs(pixels(pipeline.generate([spec])[0]) - pixels(ref)).max() <= MAX_PIXEL_DIFF
@@ -198,6 +201,72 @@ def test_outside_the_mask_pixels_stay_within_the_vae_round_trip(pipeline, seed):
     assert edited > 2 * leak  # and the edit did happen inside
 
 
+# ---- the upload pasted back (keep_unmasked) -----------------------------------------------------------
+
+
+def band_regions(mask: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(outside, inside): the pixels farther than the band from the binarised mask's edge, on each side.
+    PIL's Gaussian blur is separable (box passes along rows, then columns), so its reach is a square:
+    a max filter of that square finds the band."""
+    side = 2 * OVERLAY_BAND_PX + 1
+    binary = binarize(mask)
+    grown = np.asarray(binary.filter(ImageFilter.MaxFilter(side))) == 255
+    shrunk = np.asarray(binary.filter(ImageFilter.MinFilter(side))) == 255
+    return ~grown, shrunk
+
+
+@pytest.mark.parametrize("mask_kind", ["rect", "blob"])
+def test_the_upload_is_kept_outside_the_band_and_the_generation_inside(pipeline, mask_kind):
+    """With keep_unmasked (the default): past the band outside the mask, every pixel is the fitted upload's;
+    past it inside, the pipeline's own decode; in the band, a blend of the two; and the band is as wide as
+    documented (a pixel just inside its outer edge is blended)."""
+    init = make_photo(640, 512, 12)
+    mask = rect_mask(640, 512, (160, 96, 480, 400)) if mask_kind == "rect" else blob_mask(640, 512, 12)
+    kept, plain = (GenerationSpec("a red boat", 640, 512, steps=3, seed=12, init_image=init, mask=mask,
+                                  keep_unmasked=keep) for keep in (True, False))
+    ours, generated = (pixels(image) for image in pipeline.generate([kept, plain]))
+    outside, inside = band_regions(mask)
+    assert outside.mean() > 0.3 and inside.mean() > 0.05
+    assert np.array_equal(ours[outside], pixels(init)[outside])
+    assert np.array_equal(ours[inside], generated[inside])
+    band = ~outside & ~inside
+    low, high = np.minimum(pixels(init), generated), np.maximum(pixels(init), generated)
+    assert ((ours[band] >= low[band] - 1) & (ours[band] <= high[band] + 1)).all()  # between the two
+    assert np.abs(generated - pixels(init))[outside].mean() > 10  # without the paste, not the upload
+
+
+def test_the_band_is_as_wide_as_documented_and_scales_with_a_preview():
+    """The blurred edge reaches exactly OVERLAY_BAND_PX pixels to each side of the mask's edge (columns
+    160 and 480 here); a preview's paste is the same band at the preview's scale."""
+    overlay = InpaintMask.plan(rect_mask(640, 512, (160, 96, 480, 400)), (640, 512)).overlay(make_photo(640, 512, 1))
+    keep = np.asarray(overlay.keep)[250].astype(int)  # 255: the upload's pixel, 0: the generated one
+    band = OVERLAY_BAND_PX
+    assert keep[: 160 - band].min() == 255 and keep[160 - band] < 255  # outside, left
+    assert keep[160 + band - 1] > 0 and keep[160 + band: 480 - band].max() == 0  # inside
+    assert keep[480 + band - 1] < 255 and keep[480 + band:].min() == 255  # outside, right
+    half = overlay.scaled(320, 256)
+    assert half.upload.size == half.keep.size == (320, 256)
+    assert np.abs(np.asarray(half.keep).astype(int)[125] - keep.reshape(-1, 2).mean(axis=1)).max() <= 1
+
+
+def test_the_paste_is_diffusers_blur_and_apply_overlay(pipeline, diffusers_inpaint):
+    """Our default output against diffusers' own `ZImageInpaintPipeline` output passed through its
+    `VaeImageProcessor.blur` (of the binarised mask, at our radius) and `apply_overlay`: within the
+    pipelines' one grey level, and our paste of diffusers' pixels is its paste bit for bit."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    init, mask = make_photo(512, 512, 13), binarize(blob_mask(512, 512, 13))
+    spec = GenerationSpec("a lighthouse", 512, 512, steps=3, seed=13, init_image=init, mask=mask)
+    generated = diffusers_inpaint(spec.prompt, image=init, mask_image=mask, width=512, height=512,
+                                  num_inference_steps=3, guidance_scale=0.0,
+                                  generator=torch.Generator("cpu").manual_seed(13)).images[0]
+    processor = VaeImageProcessor()
+    expected = processor.apply_overlay(processor.blur(mask, blur_factor=OVERLAY_BLUR_PX), init, generated)
+    assert np.abs(pixels(pipeline.generate([spec])[0]) - pixels(expected)).max() <= MAX_PIXEL_DIFF
+    ours = spec.planned_mask().overlay(init).apply(np.asarray(generated))
+    assert np.array_equal(ours, np.asarray(expected))
+
+
 # ---- the Ingress's mask: decoding, fitting, refusals ----------------------------------------------
 
 
@@ -218,7 +287,7 @@ def test_mask_goes_through_the_image_fit():
                              LIMITS.max_upload_pixels)
     grey = decode_mask(png(rect_mask(600, 400, (300, 0, 600, 400))), (600, 400), LIMITS.max_upload_bytes,
                        LIMITS.max_upload_pixels)
-    a, b = plan_mask(from_alpha, 768, 512), plan_mask(grey, 768, 512)
+    a, b = plan_mask(from_alpha, 768, 512).latents, plan_mask(grey, 768, 512).latents
     assert a.shape == (1, 1, 64, 96) and torch.equal(a, b)
     assert a[..., :47].sum() == 0 and a[..., 49:].min() == 1  # the right half, scaled
 
@@ -259,6 +328,22 @@ def test_strength_defaults_to_one_with_a_mask():
     chosen = plan_request(ImageEditRequest(prompt="x", strength=0.4), init, LIMITS, "tiny", mask)
     assert (masked.strength, plain.strength, chosen.strength) == (1.0, 0.6, 0.4)
     assert masked.mask is not None and plain.mask is None
+    assert masked.overlay is not None and plain.overlay is None and chosen.overlay is not None
+
+
+def test_keep_unmasked_false_plans_no_paste_from_each_entry_point():
+    """The edit route's field and the handle API's: false leaves the decode as it is."""
+    import asyncio
+
+    from serve_app.planning import plan_handle_request
+    from serve_app.protocol import ImageRequest
+
+    init, mask = make_photo(512, 512, 2), rect_mask(512, 512, (0, 0, 256, 256))
+    assert plan_request(ImageEditRequest(prompt="x", keep_unmasked="false"), init, LIMITS, "tiny", mask).overlay is None
+    for keep in (True, False):
+        request = ImageRequest(prompt="x", init_image=png(init), mask=png(mask), keep_unmasked=keep)
+        plan = asyncio.run(plan_handle_request(request, LIMITS, "tiny"))
+        assert plan.mask is not None and (plan.overlay is not None) == keep
 
 
 def test_the_stages_inpaint_as_the_local_pipeline(loop, stages, pipeline):  # noqa: F811

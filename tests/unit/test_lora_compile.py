@@ -9,7 +9,7 @@ import torch
 
 from deployments.denoiser.dit import warmup
 from deployments.denoiser.lora.adapter import LoraAdapter
-from tests.lora_files import random_factors
+from deployments.denoiser.lora.random_adapters import random_factors
 from tests.unit.test_dit_speedups import compiled_blocks, forward, make_inputs, rel_err
 
 

@@ -13,7 +13,7 @@ from deployments.denoiser.lora.convert import to_diffusers_keys
 from deployments.denoiser.lora.errors import LoraFitError, LoraFormatError, UnknownLoraError
 from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
 from deployments.weights import loading
-from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,55 @@ def test_a_pickle_is_never_unpickled_even_named_safetensors(tmp_path, factors):
         with pytest.raises(LoraFormatError, match="not a readable safetensors file"):
             lib.load(name)
     assert not (tmp_path / "ran").exists()
+
+
+# ---- `zimage-lora random` (deployments.denoiser.lora.cli) -------------------------------------------
+
+
+def test_the_command_writes_an_adapter_the_server_offers_and_that_fits_the_model(tmp_path, cache_dir, transformer):
+    """The installed console script, as a user runs it: the file lands in the server's adapter folder
+    (lora_dir's default, under the cache), reads back at its rank and fits the served model; a second
+    run refuses to overwrite it, and a bad name is refused before anything is written."""
+    import shutil
+    import subprocess
+
+    from deployments.settings import ModelSettings
+
+    script = shutil.which("zimage-lora")
+    assert script, "the zimage-lora entry point is not installed: pip install -e ."
+    env = {**os.environ, "ZIMAGE_CACHE_DIR": str(cache_dir)}
+    done = subprocess.run([script, "random", "newcomer0", "--rank", "8", "--lora-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {tmp_path / 'newcomer0.safetensors'} (rank 8" in done.stdout
+    adapter, _ = library(tmp_path).load("newcomer0")
+    assert adapter.rank == 8 and len(adapter.targets) == 7
+    adapter.check_fit(model_slots(transformer))
+    again = subprocess.run([script, "random", "newcomer0", "--lora-dir", str(tmp_path)], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert again.returncode != 0 and "exists; pass --force" in again.stderr
+    default_dir = ModelSettings(cache_dir=str(cache_dir)).lora_settings().directory()
+    assert default_dir == cache_dir / "loras"  # where --lora-dir left out writes: what the server reads
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["random", "../escape"], "is not an adapter name"),
+    (["random", "ok", "--rank", "0"], "--rank must be within"),
+])
+def test_the_command_refuses_bad_arguments(tmp_path, argv, message):
+    from deployments.denoiser.lora.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, "--lora-dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_shapes_an_adapter_for_the_full_size_model(tmp_path):
+    """`--model random`: the full-size DiT's shapes from its config on the meta device (no weights)."""
+    from deployments.denoiser.lora.cli import main
+    from deployments.weights.random_model import FULL_TRANSFORMER_CONFIG
+
+    main(["random", "full", "--model", "random", "--rank", "1", "--format", "kohya", "--lora-dir", str(tmp_path)])
+    adapter, _ = library(tmp_path).load("full")
+    dim = FULL_TRANSFORMER_CONFIG["dim"]
+    assert adapter.rank == 1 and adapter.factors["layers.0.attention.to_q"][0].shape == (1, dim)

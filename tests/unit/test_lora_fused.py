@@ -20,7 +20,7 @@ from deployments.denoiser.dit.optimize import optimize_transformer
 from deployments.denoiser.lora.adapter import LoraAdapter
 from deployments.denoiser.lora.slots import install_lora
 from deployments.weights import loading
-from tests.lora_files import random_factors
+from deployments.denoiser.lora.random_adapters import random_factors
 
 CPU = torch.device("cpu")
 BF16 = torch.bfloat16

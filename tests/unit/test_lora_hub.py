@@ -25,7 +25,8 @@ from deployments.settings import ModelSettings
 from deployments.weights import loading
 from serve_app.errors import api_error_for
 from serve_app.loras import LoraCatalog
-from tests.lora_files import diffusers_state, hub_cache, kohya_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
+from tests.lora_files import hub_cache
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -11,7 +11,7 @@ from deployments.denoiser.lora import layout, ops
 from deployments.denoiser.lora.adapter import LoraAdapter
 from deployments.denoiser.lora.slots import GraphFactors, install_lora
 from deployments.weights import loading
-from tests.lora_files import random_factors
+from deployments.denoiser.lora.random_adapters import random_factors
 
 CPU = torch.device("cpu")
 
@@ -135,3 +135,24 @@ def test_graph_factors_take_any_rank_up_to_theirs_and_copy_only_new_factors(tran
     got.b.fill_(0)
     static.fill(small)  # the same factors again: nothing copied
     assert not got.b.any()
+
+
+@pytest.mark.parametrize("m,n,k", [(70, 40, 200), (64, 160, 128), (5, 32, 300)])
+def test_down_kernel_in_the_interpreter(m, n, k):
+    """The Triton down-projection (`lora.down_kernel`) against its function, in Triton's interpreter on
+    float32 stand-ins for the FP8 values (the interpreter's own FP8 casts truncate); rows, columns and
+    K that are not multiples of its blocks."""
+    from deployments.denoiser.lora import down_kernel
+
+    if down_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    from triton import knobs
+
+    if not knobs.runtime.interpret:
+        pytest.skip("the kernel was defined for the GPU (TRITON_INTERPRET unset)")
+    g = torch.Generator().manual_seed(m + n)
+    x, a = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    x_scale, a_scale = torch.rand(m, 1, generator=g) + 0.1, torch.rand(1, n, generator=g) + 0.1
+    got = down_kernel.down_kernel(x, x_scale, a, a_scale, torch.float32)
+    want = (x.double() @ a.double().t()) * x_scale.double() * a_scale.double()
+    assert got.shape == (m, n) and rel_err(got, want) < 1e-5

@@ -21,7 +21,7 @@ from deployments.denoiser.loop import DenoiseLoop
 from deployments.local_pipeline import GenerationSpec
 from deployments.weights import loading
 from tests.diffusers_reference import quiet
-from tests.lora_files import diffusers_state, kohya_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, kohya_state, random_factors, write
 from tests.unit.test_parity import MAX_PIXEL_DIFF, pixels
 
 CPU, F32 = torch.device("cpu"), torch.float32

@@ -17,7 +17,7 @@ from serve_app.errors import ApiError, api_error_for
 from serve_app.loras import LoraCatalog, form_loras
 from serve_app.pipeline import plan_request
 from serve_app.protocol import ImageGenerationRequest, LoraSpec
-from tests.lora_files import diffusers_state, random_factors, write
+from deployments.denoiser.lora.random_adapters import diffusers_state, random_factors, write
 
 
 @pytest.fixture(autouse=True)

@@ -86,6 +86,13 @@ def test_plan_refuses_what_the_limits_do_not_allow():
         plan_request(ImageGenerationRequest(prompt="x", n=3), None, limits, "tiny")
     with pytest.raises(ApiError, match="multiple of 16"):
         plan_request(ImageGenerationRequest(prompt="x", size="520x512"), None, limits, "tiny")
+    with pytest.raises(ApiError) as error:  # the whole rule, whichever part the size breaks
+        plan_request(ImageGenerationRequest(prompt="x", size="100x100"), None, ApiLimits(max_pixels=1536 * 1536),
+                     "tiny")
+    assert str(error.value).startswith("Invalid size '100x100': width 100 is not a multiple of 16. A size is "
+                                       "WIDTHxHEIGHT with each side a multiple of 16 within 512..2048 and at most "
+                                       "2359296 pixels in all, such as the presets 1024x1024, 1344x768")
+    assert "1536x1536" in str(error.value) and "2048x1536" not in str(error.value)  # the presets under the cap
     with pytest.raises(ApiError) as error:
         plan_request(ImageGenerationRequest(prompt="x", model="dall-e-3"), None, limits, "tiny")
     assert error.value.status == 404

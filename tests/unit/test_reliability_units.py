@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import pickle
 import time
 
 import pytest
@@ -149,3 +150,11 @@ def test_raw_api_keys_are_refused_in_args_and_come_from_the_node(tmp_path, monke
     limits = ApiLimits(api_key_sha256=(digest,)).with_env_keys()
     expected = [hashlib.sha256(k.encode()).hexdigest() for k in ("sk-env", "sk-file-1", "sk-file-2")]
     assert list(limits.api_key_sha256) == [digest, *expected]
+
+
+def test_an_api_error_crosses_a_process_whole():
+    """A handle caller gets the Ingress's error as raised: status, code, type and Retry-After."""
+    error = pickle.loads(pickle.dumps(ApiError(429, "slow down", param="n", code="rate_limit_exceeded",
+                                               retry_after_s=2.5)))
+    assert (error.status, error.message, error.param, error.code, error.type, error.retry_after_s) == (
+        429, "slow down", "n", "rate_limit_exceeded", "rate_limit_exceeded", 2.5)

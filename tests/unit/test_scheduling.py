@@ -1,15 +1,17 @@
 """Batching and Denoiser scheduling on the CPU: batches really form, requests join and leave between
-steps, cancelled requests are dropped, and a request's image does not depend on its batch."""
+steps, cancelled requests are dropped, waiting requests join by fair share between tenants, and a
+request's image does not depend on its batch."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import torch
 
 from deployments.runtime.batching import DynamicBatcher
-from deployments.contracts import DenoiseJob
+from deployments.contracts import DenoiseJob, TenantTag
 from deployments.denoiser.scheduling import ContinuousBatcher, run_grouped
 
 
@@ -156,3 +158,22 @@ def test_step_batches_never_exceed_the_limit(pipeline, policy_batch):
 
     run(scenario())
     assert max(sizes) == policy_batch and sum(sizes) == 10
+
+
+def test_waiting_jobs_join_by_fair_share_between_tenants_each_in_its_own_order(pipeline):
+    finished: list[str] = []
+
+    async def scenario():
+        batcher = ContinuousBatcher(pipeline.loop, max_batch_size=1, record=lambda n, s: None)
+
+        async def one(tenant: str, seed: int, weight: float = 1.0) -> None:
+            await batcher.submit(replace(job(10, (512, 512), 1, seed), tenant=TenantTag(tenant, weight)))
+            finished.append(f"{tenant}{seed}")
+
+        # all queued before the first step: a's flood first, then b's one job and c's two (weight 2)
+        await asyncio.gather(*(one("a", i) for i in range(4)), one("b", 9), one("c", 7, 2.0), one("c", 8, 2.0))
+
+    run(scenario())
+    # equal start tags: the job that finishes first in virtual time goes first (c's, at twice the weight);
+    # b's and c's jobs do not wait behind a's flood, and each tenant's jobs keep their order
+    assert finished == ["c7", "a0", "b9", "c8", "a1", "a2", "a3"]

@@ -131,7 +131,7 @@ def test_forwards_with_adapters_replay_one_graph_for_any_adapter_up_to_its_rank(
     from deployments.denoiser.lora.slots import install_lora
     from deployments.denoiser.loop import diffusers_transformer_fn
     from deployments.weights import loading
-    from tests.lora_files import random_factors
+    from deployments.denoiser.lora.random_adapters import random_factors
 
     model = loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
     slots = install_lora(model)
@@ -191,10 +191,10 @@ def controlled_tiny(tiny_source, tiny_controlnet):
     """The tiny DiT with the tiny ControlNet (Union 2.x layout) and one LoRA adapter, float32."""
     from deployments.denoiser.control import ControlNetRunner
     from deployments.denoiser.lora.adapter import LoraAdapter
+    from deployments.denoiser.lora.random_adapters import random_factors
     from deployments.denoiser.lora.slots import install_lora
     from deployments.weights import loading
     from deployments.weights.controlnet_source import load_controlnet
-    from tests.lora_files import random_factors
 
     model = loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
     slots = install_lora(model)

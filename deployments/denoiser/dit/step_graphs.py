@@ -28,7 +28,7 @@ LoRA: a one-image forward with adapters (`lora.slots`: the factors of the forwar
 `lora_rank` (`GraphFactors`, made at the first such capture): a replay first copies the forward's
 factors in, zero-padded, and only when they are not the ones copied last (a job's 8 steps copy once).
 So a new adapter, a new scale or a new rank up to `lora_rank` replays the same graph. A forward whose
-rank is over it, or with several images, runs plain (compiled, with its factors as inputs).
+rank is over it, or with several images, runs plain (compiled, its factors read by the update op).
 
 ControlNet: a one-image controlled forward (`denoiser.control`: the control inputs of the forward in
 flight, `ControlNetRunner.active`) replays a graph of its own per shape ("control", or "lora+control"
