@@ -1,35 +1,46 @@
 """ControlNet inside the Denoiser's step: what diffusers' `ZImageControlNetPipeline` and
 `ZImageControlNetInpaintPipeline` compute, cut per job so that one step batch mixes jobs with and
-without control.
+without control, on the DiT's fast path.
 
 A controlled job carries its control context (`ControlContext`): the control image's latents (the
 VAE posterior's mode, normalised, as the pipelines' `retrieve_latents(..., "argmax")`), then for the
 Union 2.x layout either zeros (plain control) or the keep-mask and the masked upload's latents
 (control with a mask), `[C_in, 1, h, w]`, and its scale. Each step, the ControlNet runs over the
-controlled rows of the batch only and returns one hint per chosen main layer; the transformer adds
-it to the residual stream after that layer (diffusers' `controlnet_block_samples`).
+controlled rows of the batch only, on the tokens the DiT's own forward made (`control_forward`),
+and its hints are added to the residual stream after the main layers they belong to (diffusers'
+`controlnet_block_samples`). Its blocks run the DiT's block path: fused, FP8, compiled where the
+DiT's are (`control_blocks`, which also says what stays bf16).
 
 The batching rule: jobs with and without control, at any scales, share a step batch. The ControlNet
-runs once over the controlled rows, with the scales as a `[B, 1, 1]` tensor where diffusers takes one
+runs once over the controlled rows, with the scales as a `[n, 1, 1]` tensor where diffusers takes one
 float (`hint * scale` is the same float32 product either way; the scale cannot be applied to the
 outputs afterwards, as Union 2.1's own refiner adds scaled hints inside the ControlNet); an
-uncontrolled row gets zero hints, and adding zero leaves its residual stream bitwise unchanged. A
+uncontrolled row gets no hints: its residual stream is left as it is (diffusers adds zeros). A
 guided job's negative pass takes the same control context, as diffusers repeats the control image.
 
-Where the DiT runs with real-valued RoPE (`dit.rotary`), the ControlNet shares the transformer's
-(real) rotary tables and its control blocks get the same real-valued attention processor.
+One mechanism for every forward, as LoRA adapters (`lora.slots`): the loop puts a forward's control
+inputs in effect (`ControlNetRunner.using`) and calls its `transformer_fn`; `run_transformer` is then
+the controlled forward. So a one-image controlled forward replays a CUDA graph whose static inputs
+are the control context and the scale (`dit.step_graphs`): the mask form (Union 2.x) is data of the
+same shape, so one graph serves both.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from deployments.contracts import ControlLatents
-from deployments.denoiser.dit.rotary import RealRopeAttnProcessor, RealRopeEmbedder
+from deployments.denoiser import control_forward
+from deployments.denoiser.control_blocks import join_dit
+from deployments.denoiser.dit import forward as dit_forward
+from deployments.denoiser.dit.blocks import model_device_dtype
 from deployments.geometry import latent_shape
 
 SEQ_MULTI_OF = 32  # diffusers pads the image and caption sequences to multiples of 32
@@ -72,22 +83,51 @@ def unified_length(latents: torch.Tensor, caption: torch.Tensor) -> int:
     return image + (-image) % SEQ_MULTI_OF + len(caption) + (-len(caption)) % SEQ_MULTI_OF
 
 
+@dataclass
+class ControlInputs:
+    """One forward's control inputs on the model's device: which rows are controlled (None: every row),
+    each one's context `[C_in, 1, h, w]` and their scales `[n, 1, 1]`. A CUDA graph of a controlled
+    forward reads a static copy of them (`static`) that each replay is `fill`ed from."""
+
+    rows: tuple[int, ...] | None
+    contexts: list[torch.Tensor]
+    scales: torch.Tensor
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # these inputs, not equal ones made again
+    holds: int | None = None  # a static copy: the serial of the inputs copied in last
+
+    def static(self) -> ControlInputs:
+        return ControlInputs(self.rows, [c.clone() for c in self.contexts], self.scales.clone(), holds=self.serial)
+
+    def fill(self, given: ControlInputs) -> None:
+        """Copies `given` (of the same shapes) in, unless they are the inputs copied last."""
+        if self.holds == given.serial or given is self:
+            return
+        for static, value in zip(self.contexts + [self.scales], given.contexts + [given.scales]):
+            static.copy_(value)
+        self.holds = given.serial
+
+
+_SERIALS = itertools.count(1)
+
+
 class ControlNetRunner:
-    """The loaded `ZImageControlNetModel`, attached to the Denoiser's transformer."""
+    """The loaded `ZImageControlNetModel` joined to the Denoiser's transformer: its blocks on the DiT's
+    block path (`control_blocks`), its forward on the DiT's tokens (`control_forward`).
 
-    def __init__(self, controlnet: nn.Module, transformer: nn.Module):
-        from diffusers import ZImageControlNetModel
+    A forward is controlled while its inputs are in effect (`using`, as `lora.slots` gives a forward
+    its adapters): any call of the transformer through `run_transformer` (the loop's, the caption
+    buckets', the CUDA graphs' captures) is then the controlled forward."""
 
-        self.controlnet = ZImageControlNetModel.from_transformer(controlnet, transformer)
+    def __init__(self, controlnet: nn.Module, transformer: nn.Module, plan_cache: int = 2):
+        self.controlnet = controlnet
         self.transformer = transformer
         self.in_dim = int(controlnet.config.control_in_dim)
         self.takes_mask = self.in_dim > LATENT_CHANNELS
-        if isinstance(transformer.rope_embedder, RealRopeEmbedder):
-            processor = RealRopeAttnProcessor()
-            for name in ("control_layers", "control_noise_refiner"):
-                for block in getattr(controlnet, name, None) or []:
-                    if hasattr(block, "attention"):
-                        block.attention.set_processor(processor)
+        self.active: ControlInputs | None = None
+        self._plans: OrderedDict[tuple, tuple[Sequence[ControlContext | None], ControlInputs]] = OrderedDict()
+        self._plan_cache = plan_cache
+        join_dit(controlnet, transformer)
+        transformer._controlnet = self
 
     def context(self, latents: ControlLatents, scale: float, mask: torch.Tensor | None = None) -> ControlContext:
         """A job's `ControlContext`; with the job's latent-grid `mask` (1 = edit), the inpainting layout."""
@@ -98,45 +138,79 @@ class ControlNetRunner:
         keep = None if mask is None else 1.0 - mask
         return ControlContext(control_context(latents.control, self.in_dim, keep, latents.masked_image), scale)
 
-    @torch.inference_mode()
-    def hints(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
-              controls: list[ControlContext | None]) -> dict[int, torch.Tensor] | None:
-        """`{layer: [B, S, dim]}` for the whole batch, or None when no row is controlled."""
-        rows = [i for i, control in enumerate(controls) if control is not None]
+    def plan(self, controls: Sequence[ControlContext | None]) -> ControlInputs | None:
+        """The inputs of a forward whose row i has `controls[i]`, on the model's device; None when no row
+        has any. The last few are kept (with their controls, so the identities in the key stay
+        theirs): a job's steps copy its context to the device once."""
+        rows = tuple(i for i, control in enumerate(controls) if control is not None)
         if not rows:
             return None
-        dtype = latents[0].dtype
-        # One scale per row, `[B, 1, 1]`: the scale also weights the hints inside the ControlNet's own
+        key = tuple(id(control) for control in controls)
+        cached = self._plans.get(key)
+        if cached is not None:
+            self._plans.move_to_end(key)
+            return cached[1]
+        device, dtype = model_device_dtype(self.transformer)
+        # One scale per row, `[n, 1, 1]`: the scale also weights the hints inside the ControlNet's own
         # refiner (Union 2.1), so it cannot be applied to its outputs afterwards.
         scales = torch.tensor([controls[i].scale for i in rows], dtype=torch.float32).view(-1, 1, 1)
-        with self._adapters_of(rows, len(controls)):
-            out = self.controlnet([latents[i] for i in rows], t[rows], [captions[i] for i in rows],
-                                  [controls[i].context.to(latents[i].device, dtype) for i in rows],
-                                  conditioning_scale=scales.to(latents[0].device, dtype))
-        lengths = [unified_length(x, c) for x, c in zip(latents, captions)]
-        if len(rows) == len(controls):
-            return out
-        hints = {}
-        for layer, hint in out.items():
-            full = hint.new_zeros(len(controls), max(lengths), hint.shape[-1])
-            for j, i in enumerate(rows):
-                full[i, : lengths[i]] = hint[j, : lengths[i]]
-            hints[layer] = full
-        return hints
+        inputs = ControlInputs(None if len(rows) == len(controls) else rows,
+                               [controls[i].context.to(device, dtype) for i in rows], scales.to(device, dtype))
+        self._plans[key] = (tuple(controls), inputs)
+        while len(self._plans) > self._plan_cache:
+            self._plans.popitem(last=False)
+        return inputs
 
-    def _adapters_of(self, rows: list[int], batch: int):
-        """The ControlNet runs the transformer's refiners on the controlled rows only: with LoRA
-        adapters in the forward (`lora.slots`), those rows' adapters, not the whole batch's."""
-        slots = getattr(self.transformer, "_lora_slots", None)
-        if slots is None or slots.active is None or len(rows) == batch:
-            return contextlib.nullcontext()
-        return slots.applied(slots.active.rows(rows))
+    @contextlib.contextmanager
+    def applied(self, inputs: ControlInputs | None) -> Iterator[None]:
+        """Within the block, the transformer's forwards are controlled by `inputs` (none: plain)."""
+        previous, self.active = self.active, inputs
+        try:
+            yield
+        finally:
+            self.active = previous
 
+    def using(self, controls: Sequence[ControlContext | None]) -> contextlib.AbstractContextManager:
+        """Within the block, a forward's row i is controlled by `controls[i]` (None: not controlled)."""
+        return self.applied(self.plan(controls))
+
+    def controlled(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]
+                   ) -> list[torch.Tensor]:
+        """The transformer's forward with the active inputs' hints added after the ControlNet's layers."""
+        made = dit_forward.tokens(self.transformer, latents, t, captions)
+        added = self._hints(made)
+        return dit_forward.finish(self.transformer, made, added.add)
+
+    def _hints(self, made: dit_forward.Tokens) -> control_forward.Hints:
+        inputs = self.active
+        if inputs.rows is not None and max(inputs.rows) >= len(made.image_lens):
+            raise ValueError(f"control inputs for rows {inputs.rows} in a forward of {len(made.image_lens)} images")
+        return control_forward.hints(self.controlnet, self.transformer, made, inputs.contexts, inputs.scales,
+                                     inputs.rows)
+
+    @torch.inference_mode()
     def forward(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
-                controls: list[ControlContext | None]) -> list[torch.Tensor]:
+                controls: Sequence[ControlContext | None]) -> list[torch.Tensor]:
         """The transformer's outputs with each row's hints added after the ControlNet's layers."""
-        hints = self.hints(latents, t, captions, controls)
-        return self.transformer(latents, t, captions, controlnet_block_samples=hints, return_dict=False)[0]
+        with self.using(controls):
+            return run_transformer(self.transformer, latents, t, captions)
+
+    @torch.inference_mode()
+    def hints(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
+              controls: Sequence[ControlContext | None]) -> dict[int, torch.Tensor] | None:
+        """`{layer: [B, S, dim]}` for the whole batch (zeros on uncontrolled rows), or None when no row is
+        controlled: what the controlled forward adds, for inspection."""
+        with self.using(controls):
+            if self.active is None:
+                return None
+            made = dit_forward.tokens(self.transformer, latents, t, captions)
+            added = self._hints(made)
+        length = made.joined[0].shape[1]
+        full = {}
+        for layer, hint in added.by_layer.items():
+            full[layer] = hint.new_zeros(len(latents), length, hint.shape[-1])
+            full[layer][added.rows if added.rows is not None else slice(None), : hint.shape[1]] = hint
+        return full
 
     def warmup_controls(self, call, generator: torch.Generator | None = None) -> list[ControlContext | None]:
         """A warm-up call's control inputs (`dit.warmup.WarmupCall` with `control` "control" or "mask"):
@@ -153,3 +227,13 @@ class ControlNetRunner:
             masked = torch.randn(shape, generator=generator)
         context = ControlContext(control_context(latents, self.in_dim, keep, masked), DEFAULT_CONTROL_SCALE)
         return [context] + [None] * (call.batch - 1)
+
+
+def run_transformer(transformer: nn.Module, latents: list[torch.Tensor], t: torch.Tensor,
+                    captions: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The DiT's call: diffusers' forward, or while a ControlNet's inputs are in effect
+    (`ControlNetRunner.using`), the controlled forward."""
+    runner = getattr(transformer, "_controlnet", None)
+    if runner is not None and runner.active is not None:
+        return runner.controlled(latents, t, captions)
+    return transformer(latents, t, captions, return_dict=False)[0]

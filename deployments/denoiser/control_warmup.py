@@ -16,7 +16,8 @@ job in a step batch (`denoiser.control`, the batching rule):
   layout (keep-mask and masked-image latents);
 - after ready, with the batches over one image (which gate batching): the same batches with one
   controlled image, equal and ragged captions;
-- after ready, with the shapes' warm-up (GPU): batch 1 at every other caption bucket, then one
+- after ready, with the shapes' warm-up (GPU): batch 1 at every other caption bucket (with CUDA
+  graphs, the controlled graphs' first forwards at the warm-up sizes stand for these), then one
   forward at each preset size not warmed (`dit.size_warmup` runs its plain first forwards there).
 
 They run only where the plain warm-up runs (compile on, `warmup_sizes` not empty): no setting of

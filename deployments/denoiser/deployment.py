@@ -96,7 +96,8 @@ class Denoiser(ModelStage):
     def optimize(self) -> None:
         """On the GPU, real-valued RoPE and fused projections always; FP8 and regional compile as
         resolved (the compile wraps the blocks and loads its cache; it compiles in `warm_up`); the
-        CUDA graphs' wrapper; then the loop and the schedulers around them. The CPU runs float32 eager."""
+        ControlNet's blocks joined to that path; the CUDA graphs' wrapper; then the loop and the
+        schedulers around them. The CPU runs float32 eager."""
         import torch
 
         from deployments.denoiser.control import ControlNetRunner
@@ -111,10 +112,11 @@ class Denoiser(ModelStage):
             self.transformer = optimize_as_resolved(self.transformer, self.speed,
                                                     self.compile_cache(attention=self.settings.attention),
                                                     self.settings.attention)
-            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced
-        self.step_graphs = graphed_transformer_fn(self.transformer, self.speed, self.device)
-        # attached after the DiT's optimization: its control blocks take the DiT's (real) RoPE
+        # joined after the DiT's optimization: its control blocks take the DiT's block path (`control_blocks`)
         self.control = None if self.controlnet is None else ControlNetRunner(self.controlnet, self.transformer)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand back the blocks of the bf16 weights that FP8 replaced (both models')
+        self.step_graphs = graphed_transformer_fn(self.transformer, self.speed, self.device, self.control)
         self.loop = DenoiseLoop(
             self.transformer, loading.load_scheduler(self.source), self.device, self.dtype,
             transformer_fn=self.step_graphs, batch_invariant=self.settings.batch_invariant,
@@ -173,8 +175,8 @@ class Denoiser(ModelStage):
         return steps + [("save_artifacts", partial(persist_artifacts, self.transformer))] if steps else []
 
     def _shape_steps(self) -> list[WarmupStep]:
-        """`dit.size_warmup`, on a GPU (where plans and graphs are made per shape; none on the CPU)."""
-        from deployments.denoiser.control_warmup import control_steps
+        """`dit.size_warmup`, on a GPU (where plans and graphs are made per shape; none on the CPU), with
+        the ControlNet's shape calls (`denoiser.control_warmup`) and its graphs where one is loaded."""
         from deployments.denoiser.dit.size_warmup import after_ready_steps
         from deployments.geometry import SIZE_PRESETS
 
@@ -183,8 +185,8 @@ class Denoiser(ModelStage):
         warm_sizes = self.settings.warmup_pixels()
         covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
         return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
-                                 self.settings.max_prompt_tokens, lora_graphs=self._offers_adapters()) + control_steps(
-            self.transformer, self.control, self._control_calls()[2])
+                                 self.settings.max_prompt_tokens, lora_graphs=self._offers_adapters(),
+                                 control=self.control, control_calls=self._control_calls()[2])
 
     def _offers_adapters(self) -> bool:
         """Whether the operator offers LoRA adapters at start (files in the directory, or hub aliases):
@@ -199,10 +201,12 @@ class Denoiser(ModelStage):
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
         if self.step_graphs is not None:
             graphs = self.step_graphs.as_dict()
-            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket; %d with LoRA adapters), "
-                        "%s MiB of graph memory (%s with adapters, plus %s MiB of their static factors)",
-                        graphs["graphs"], graphs["lora_graphs"], graphs["graph_pool_mib"],
-                        graphs["lora_graph_pool_mib"], graphs["lora_factors_mib"])
+            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket; %d with LoRA adapters, %d "
+                        "controlled), %s MiB of graph memory (%s with adapters, plus %s MiB of their static "
+                        "factors; %s controlled, plus %s MiB of their static inputs)",
+                        graphs["graphs"], graphs["lora_graphs"], graphs["control_graphs"], graphs["graph_pool_mib"],
+                        graphs["lora_graph_pool_mib"], graphs["lora_factors_mib"], graphs["control_graph_pool_mib"],
+                        graphs["control_inputs_mib"])
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from deployments.contracts import DenoiseJob, Latents
-from deployments.denoiser.control import ControlNetRunner
+from deployments.denoiser.control import ControlNetRunner, run_transformer
 from deployments.denoiser.inpaint import InpaintState
 from deployments.denoiser.lora.errors import LoraUnsupportedError
 from deployments.denoiser.lora.slots import LoraSlots, install_lora
@@ -152,8 +152,10 @@ TransformerFn = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor]],
 
 
 def diffusers_transformer_fn(transformer) -> TransformerFn:
+    """The transformer's forward (controlled while a ControlNet's inputs are in effect: `run_transformer`)."""
+
     def call(latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor]) -> list[torch.Tensor]:
-        return transformer(latents, t, captions, return_dict=False)[0]
+        return run_transformer(transformer, latents, t, captions)
 
     return call
 
@@ -297,12 +299,13 @@ class DenoiseLoop:
 
     def _forward(self, latents, t, captions, adapters, controls) -> list[torch.Tensor]:
         """One transformer call; row i with `adapters[i]` (`lora.slots`) and `controls[i]` (the
-        ControlNet's hints: deployments.denoiser.control). With adapters the call goes through
-        `transformer_fn` too (its CUDA graphs read the forward's factors: `dit.step_graphs`); a
-        controlled forward skips the graphs (they hold no control)."""
-        with self.lora_slots.using(adapters) if any(adapters) else contextlib.nullcontext():
+        ControlNet's hints: deployments.denoiser.control), both in effect around `transformer_fn`, whose
+        CUDA graphs take them as static inputs (`dit.step_graphs`)."""
+        with contextlib.ExitStack() as inputs:
+            if any(adapters):
+                inputs.enter_context(self.lora_slots.using(adapters))
             if any(c is not None for c in controls):
-                return self.control.forward(latents, t, captions, controls)
+                inputs.enter_context(self.control.using(controls))
             return self.transformer_fn(latents, t, captions)
 
     def run(self, jobs: Sequence[DenoiseJob]) -> list[Latents]:

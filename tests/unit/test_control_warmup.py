@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from deployments.denoiser import control_forward
 from deployments.denoiser.control import DEFAULT_CONTROL_SCALE
 from deployments.denoiser.control_warmup import controlled, serving_control_calls
 from deployments.denoiser.dit.warmup import WarmupCall, run_calls, serving_calls
@@ -52,7 +53,7 @@ def local(tiny_source, cache_dir) -> LocalPipeline:
                          controlnet=resolve_controlnet("tiny", cache_dir))
 
 
-def test_warmup_runs_the_controlnet_and_changes_no_image(local):
+def test_warmup_runs_the_controlnet_and_changes_no_image(local, monkeypatch):
     control = edges(256, 256, 7)
     specs = [  # a controlled generation, a controlled inpainting edit (the Union 2.x mask layout)
         GenerationSpec("a lighthouse", 256, 256, steps=2, seed=7, control_image=control, control_scale=0.6),
@@ -64,20 +65,18 @@ def test_warmup_runs_the_controlnet_and_changes_no_image(local):
     runner, transformer = local.control, local.loop.transformer
     assert runner.takes_mask
     seen = []  # (rows, control channels past the latents, any nonzero there, scales) per ControlNet call
+    hints = control_forward.hints
 
-    def record(module, args, kwargs):
-        contexts = args[3]
-        seen.append((len(contexts), [bool(c[16:].any()) for c in contexts],
-                     kwargs["conditioning_scale"].flatten().tolist()))
+    def record(controlnet, dit, made, contexts, scales, rows=None):
+        seen.append((len(contexts), [bool(c[16:].any()) for c in contexts], scales.flatten().tolist()))
+        return hints(controlnet, dit, made, contexts, scales, rows)
 
     single, batched = serving_calls([(256, 256)], 2, 40)
     before, with_batches, with_shapes = serving_control_calls(single, batched, runner.takes_mask)
     calls = before + with_batches + with_shapes
-    handle = runner.controlnet.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        timings = run_calls(transformer, calls, save=False, control=runner)
-    finally:
-        handle.remove()
+    monkeypatch.setattr(control_forward, "hints", record)
+    timings = run_calls(transformer, calls, save=False, control=runner)
+    monkeypatch.undo()
     assert list(timings) == [c.key for c in calls] and len(calls) == 2 + 2 + 2
     assert len(seen) == len(calls)
     for call, (rows, mask_channels, scales) in zip(calls, seen):

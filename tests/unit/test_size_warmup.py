@@ -68,3 +68,35 @@ def test_the_steps_capture_a_graph_per_bucket_then_run_the_sizes(tiny_source):
     with torch.inference_mode():  # a request of an unseen length replays from its first step
         graphs([torch.randn(16, 1, 16, 16)], torch.full((1,), 0.5), [torch.randn(45, 64)])
     assert graphs.stats["replays"] == 1 and graphs.stats["plain"] == 2
+
+
+def test_with_a_controlnet_the_steps_capture_controlled_graphs_too(tiny_source, tiny_controlnet):
+    """With a ControlNet the graphs of every bucket are captured controlled too; the ControlNet's
+    caption-bucket calls at the graphed size (their first forwards) do not run again, its preset
+    calls do; a controlled request of an unseen length then replays from its first step."""
+    from deployments.denoiser.control import ControlContext, ControlNetRunner, control_context
+    from deployments.denoiser.control_warmup import serving_control_calls
+    from deployments.denoiser.dit.warmup import serving_calls
+    from deployments.weights.controlnet_source import load_controlnet
+    from tests.unit.test_step_graphs import control_state_capture
+
+    transformer = loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
+    runner = ControlNetRunner(load_controlnet(tiny_controlnet, torch.device("cpu"), torch.float32), transformer)
+    graphs = GraphedTransformerFn(diffusers_transformer_fn(transformer), control_state_capture(runner, []),
+                                  padded=padded_transformer_fn(transformer), control=runner)
+    single, batched = serving_calls([(128, 128)], 2, 64)
+    shapes = serving_control_calls(single, batched, runner.takes_mask, [(128, 128), (256, 128)])[2]
+    assert [c.key for c in shapes] == ["128x128/b1/cap32/control", "128x128/b1/cap64/control", "256x128/b1/control"]
+    steps = after_ready_steps(transformer, graphs, [(128, 128)], [(128, 128)], [], max_caption_tokens=64,
+                              control=runner, control_calls=shapes)
+    keys = [key for key, _ in steps]
+    assert keys == ["128x128/graph/cap32", "128x128/graph/cap64", "128x128/graph/cap32/control",
+                    "128x128/graph/cap64/control", "256x128/b1/control"]
+    for _, step in steps:
+        step()
+    stats = graphs.as_dict()
+    assert stats["graphs"] == 4 and stats["control_graphs"] == 2 and stats["replays"] == 0
+    control = ControlContext(control_context(torch.randn(1, 16, 16, 16), 33), 0.4)
+    with torch.inference_mode(), runner.using([control]):
+        graphs([torch.randn(16, 1, 16, 16)], torch.full((1,), 0.5), [torch.randn(45, 64)])
+    assert graphs.stats["replays"] == 1

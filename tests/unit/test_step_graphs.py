@@ -163,3 +163,110 @@ def test_forwards_with_adapters_replay_one_graph_for_any_adapter_up_to_its_rank(
     assert log == ["capture"] and stats["lora_graphs"] == 1 and stats["captures"] == 1
     # plain: the first sight, rank 40 (48 padded), two adapters side by side (16 + 32), the batch of two
     assert stats["plain"] == 4 and stats["replays"] == 3
+
+
+def control_state_capture(runner, log):
+    """`stand_in_capture` that also keeps what a CUDA graph bakes in: the control inputs in effect at
+    capture (the static ones, `ControlInputs.static`), which its replays read whatever the forward has
+    put in effect since; so a replay is right only if the forward's inputs were copied into them."""
+
+    def capture(fn):
+        held = runner.active
+        outputs = fn()
+        log.append("capture")
+
+        def replay():
+            with runner.applied(held):
+                fresh = fn()
+            for out, value in zip(outputs, fresh):
+                out.copy_(value)
+
+        return replay, outputs
+
+    return capture
+
+
+@pytest.fixture(scope="module")
+def controlled_tiny(tiny_source, tiny_controlnet):
+    """The tiny DiT with the tiny ControlNet (Union 2.x layout) and one LoRA adapter, float32."""
+    from deployments.denoiser.control import ControlNetRunner
+    from deployments.denoiser.lora.adapter import LoraAdapter
+    from deployments.denoiser.lora.random_adapters import random_factors
+    from deployments.denoiser.lora.slots import install_lora
+    from deployments.weights import loading
+    from deployments.weights.controlnet_source import load_controlnet
+
+    model = loading.load_transformer(tiny_source, torch.device("cpu"), torch.float32)
+    slots = install_lora(model)
+    runner = ControlNetRunner(load_controlnet(tiny_controlnet, torch.device("cpu"), torch.float32), model)
+    adapter = slots.lay_out(LoraAdapter("ink", random_factors(model, 4, seed=1, strength=0.3)))
+    return model, runner, adapter
+
+
+def test_controlled_forwards_replay_one_graph_for_any_control_input(controlled_tiny):
+    """A one-image controlled forward is captured once per shape on static control inputs; other
+    control images, scales, the inpainting layout and caption lengths of the bucket replay it, with the
+    outputs of the controlled forward without graphs; with adapters too, a graph of its own; a batch of
+    two controlled images runs plain."""
+    from deployments.denoiser.control import ControlContext, control_context
+    from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
+    from deployments.denoiser.loop import diffusers_transformer_fn
+
+    model, runner, adapter = controlled_tiny
+    log = []
+    graphed = GraphedTransformerFn(diffusers_transformer_fn(model), control_state_capture(runner, log),
+                                   padded=padded_transformer_fn(model), lora=model._lora_slots, lora_rank=32,
+                                   control=runner)
+    g = torch.Generator().manual_seed(0)
+    x, t = [torch.randn(16, 1, 16, 16, generator=g)], torch.tensor([0.4])
+
+    def control(scale, mask=False):
+        keep = (torch.rand(1, 1, 16, 16, generator=g) > 0.5).float() if mask else None
+        masked = torch.randn(1, 16, 16, 16, generator=g) if mask else None
+        return ControlContext(control_context(torch.randn(1, 16, 16, 16, generator=g), 33, keep, masked), scale)
+
+    first = control(0.75)
+    calls = [(first, 20, ()), (first, 20, ()), (control(1.3, mask=True), 20, ()), (control(0.2), 30, ()),
+             (None, 20, ()), (control(0.5), 20, ((adapter, 1.0),)), (control(0.9), 25, ((adapter, -0.5),))]
+    with torch.inference_mode():
+        for ctl, tokens, adapters in calls:
+            caption = [torch.randn(tokens, 64, generator=g)]
+            with model._lora_slots.using([adapters]), runner.using([ctl]):
+                (got,) = graphed(x, t, caption)
+                (want,) = diffusers_transformer_fn(model)(x, t, caption)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if ctl is not None:
+                with model._lora_slots.using([adapters]):
+                    (without,) = model(x, t, caption, return_dict=False)[0]
+                assert (got - without).abs().max() > 1e-3  # the control changed it
+        with runner.using([first, first]):
+            graphed(x * 2, torch.tensor([0.4, 0.4]), [caption[0]] * 2)
+    stats = graphed.as_dict()
+    assert log == ["capture", "capture"]  # controlled; controlled with adapters
+    assert stats["control_graphs"] == 2 and stats["lora_graphs"] == 1 and stats["control_inputs_mib"] >= 0
+    # plain: the first sights (controlled; uncontrolled; controlled with adapters) and the batch of two
+    assert stats["plain"] == 4 and stats["replays"] == 4 and stats["captures"] == 2
+
+
+def test_the_loop_replays_controlled_steps(controlled_tiny, tiny_source):
+    """The denoise loop routes a controlled job through its `transformer_fn` (the graphs): its steps
+    replay, with the latents of a loop without graphs."""
+    from deployments.contracts import DenoiseJob
+    from deployments.denoiser.control import ControlContext, control_context
+    from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
+    from deployments.denoiser.loop import DenoiseLoop, diffusers_transformer_fn
+    from deployments.weights import loading
+
+    model, runner, _ = controlled_tiny
+    graphed = GraphedTransformerFn(diffusers_transformer_fn(model), control_state_capture(runner, []),
+                                   padded=padded_transformer_fn(model), control=runner)
+    g = torch.Generator().manual_seed(3)
+    ctl = ControlContext(control_context(torch.randn(1, 16, 16, 16, generator=g), 33), 0.8)
+    job = DenoiseJob(caption=torch.randn(12, 64, generator=g), width=128, height=128, steps=4, seed=3, control=ctl)
+    scheduler = loading.load_scheduler(tiny_source)
+    kwargs = {"lora": True, "control": runner}
+    cpu, f32 = torch.device("cpu"), torch.float32
+    (ours,) = DenoiseLoop(model, scheduler, cpu, f32, transformer_fn=graphed, **kwargs).run([job])
+    (plain,) = DenoiseLoop(model, scheduler, cpu, f32, **kwargs).run([job])
+    assert graphed.stats["replays"] == 3 and graphed.as_dict()["control_graphs"] == 1
+    torch.testing.assert_close(ours.latents, plain.latents, rtol=1e-5, atol=1e-5)

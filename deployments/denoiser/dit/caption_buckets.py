@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from deployments.denoiser.control import run_transformer
 from deployments.denoiser.loop import TransformerFn
 
 SEQ_MULTI_OF = 32  # diffusers' transformer_z_image.SEQ_MULTI_OF (a test checks they agree)
@@ -94,7 +95,7 @@ def padded_transformer_fn(transformer: nn.Module) -> PaddedTransformerFn:
                 raise ValueError(f"a padded caption is a multiple of {SEQ_MULTI_OF} rows, got {caption.shape[0]}")
         _override.masks = list(masks)
         try:
-            return transformer(latents, t, captions, return_dict=False)[0]
+            return run_transformer(transformer, latents, t, captions)  # controlled too, with a ControlNet's inputs
         finally:
             _override.masks = None
 

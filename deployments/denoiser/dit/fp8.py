@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -20,11 +21,10 @@ Fp8Scaling = Literal["row", "tensor"]
 
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_ROW_AMAX_FLOOR = 1e-12
-# Names of the block linears that FP8 rewrites, relative to a block.
-_BLOCK_LINEAR = re.compile(
-    r"^(?:noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\."
-    r"(?:attention\.(?:to_q|to_k|to_v|to_qkv|to_out\.0)|feed_forward\.(?:w1|w2|w3|w13))$"
-)
+# Names of the linears that FP8 rewrites, relative to a block, and relative to the transformer.
+_IN_BLOCK = r"(?:attention\.(?:to_q|to_k|to_v|to_qkv|to_out\.0)|feed_forward\.(?:w1|w2|w3|w13))"
+_BLOCK_LINEAR = re.compile(rf"^(?:noise_refiner|context_refiner|siglip_refiner|layers)\.\d+\.{_IN_BLOCK}$")
+_LINEAR_IN_BLOCK = re.compile(rf"^{_IN_BLOCK}$")
 
 
 class Fp8UnsupportedError(RuntimeError):
@@ -60,15 +60,40 @@ def quantize_fp8(transformer: nn.Module, *, tune_inductor: bool = False, scaling
     Only the block linears (attention q/k/v/out, feed-forward w1/w2/w3, or their fused forms);
     timestep, caption and patch embedders, adaLN modulation and the final layer keep bf16.
     `tune_inductor` lets torchao switch on inductor's coordinate-descent tuning, which adds
-    minutes of compile time for a few percent; it is off by default.
+    minutes of compile time for a few percent; it is off by default. The choice is kept on the
+    transformer (`torchao_fp8`), so that blocks joining it later get the same (`quantize_fp8_blocks`).
     """
-    device = next(transformer.parameters()).device
-    check_fp8_support(device)
+    check_fp8_support(next(transformer.parameters()).device)
+    targets = [(name, mod) for name, mod in transformer.named_modules() if is_block_linear(mod, name)]
+    _quantize(transformer, targets, is_block_linear, tune_inductor, scaling)
+    transformer._torchao_fp8 = {"tune_inductor": tune_inductor, "scaling": scaling}
+    logger.info("FP8 (%s scaling): %d block linears quantized", scaling, len(targets))
+    return transformer
+
+
+def torchao_fp8(transformer: nn.Module) -> dict | None:
+    """The options `quantize_fp8` ran with on this transformer (None if it did not)."""
+    return getattr(transformer, "_torchao_fp8", None)
+
+
+def quantize_fp8_blocks(blocks: Iterable[nn.Module], *, tune_inductor: bool = False,
+                        scaling: Fp8Scaling = "row") -> None:
+    """`quantize_fp8` for the given blocks (the ControlNet's join the DiT's: `denoiser.control_blocks`)."""
+    for block in blocks:
+        check_fp8_support(next(block.parameters()).device)
+        targets = [(name, mod) for name, mod in block.named_modules() if _linear_in_block(mod, name)]
+        _quantize(block, targets, _linear_in_block, tune_inductor, scaling)
+
+
+def _linear_in_block(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and _LINEAR_IN_BLOCK.match(fqn) is not None
+
+
+def _quantize(module: nn.Module, targets: list, filter_fn, tune_inductor: bool, scaling: Fp8Scaling) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    targets = [(name, mod) for name, mod in transformer.named_modules() if is_block_linear(mod, name)]
     if not targets:
-        raise ValueError(f"{type(transformer).__name__} has no block linears to quantize")
+        raise ValueError(f"{type(module).__name__} has no block linears to quantize")
     wrong = sorted({str(mod.weight.dtype) for _, mod in targets if mod.weight.dtype != torch.bfloat16})
     if wrong:
         raise ValueError(f"FP8 rowwise quantization needs bfloat16 weights; the block linears are {', '.join(wrong)}")
@@ -80,6 +105,4 @@ def quantize_fp8(transformer: nn.Module, *, tune_inductor: bool = False, scaling
         set_inductor_config=tune_inductor,
         activation_value_lb=FP8_ROW_AMAX_FLOOR,
     )
-    quantize_(transformer, config, filter_fn=is_block_linear)
-    logger.info("FP8 (%s scaling): %d block linears quantized", scaling, len(targets))
-    return transformer
+    quantize_(module, config, filter_fn=filter_fn)

@@ -23,6 +23,7 @@ class Fp8Weight(LoraCarrier, nn.Module):
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
+        self.carrier_init()
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
 

@@ -23,6 +23,7 @@ needs fused projections (`fusion`) and the real-valued RoPE tables (`rotary`) in
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -131,6 +132,16 @@ def install_fused_blocks(transformer: nn.Module, attention: FusedAttention = "fp
             "FP8 attention needs a Hopper GPU (sm_90), Triton and cuDNN's frontend (pip install "
             "nvidia-cudnn-frontend); use fused attention 'bf16'"
         )
+    fuse_fp8_blocks(blocks, attention)
+    names = set(getattr(transformer, "_repeated_blocks", None) or ["ZImageTransformerBlock"])
+    transformer._repeated_blocks = sorted(names | {"FusedFp8Block"})
+    logger.info("fused FP8 blocks: %d blocks, attention %s", len(blocks), attention)
+    return transformer
+
+
+def fuse_fp8_blocks(blocks: Iterable[nn.Module], attention: FusedAttention) -> None:
+    """`install_fused_blocks` for the given blocks, once the device is known to run `attention` (the
+    ControlNet's blocks join the DiT's this way: `denoiser.control_blocks`)."""
     for block in blocks:
         attn, ff = block.attention, block.feed_forward
         if getattr(attn, "to_qkv", None) is None or not hasattr(ff, "w13"):
@@ -146,7 +157,8 @@ def install_fused_blocks(transformer: nn.Module, attention: FusedAttention = "fp
         if not isinstance(block, FusedFp8Block):
             block.__class__ = _fused_class(type(block))
         block.fp8_attention = attention == "fp8"
-    names = set(getattr(transformer, "_repeated_blocks", None) or ["ZImageTransformerBlock"])
-    transformer._repeated_blocks = sorted(names | {"FusedFp8Block"})
-    logger.info("fused FP8 blocks: %d blocks, attention %s", len(blocks), attention)
-    return transformer
+
+
+def unfused_class(block: nn.Module) -> type:
+    """The block's class before `install_fused_blocks` re-classed it (its own class if it did not)."""
+    return next(cls for cls in type(block).__mro__ if not issubclass(cls, FusedFp8Block))

@@ -6,7 +6,7 @@ occupancy and, with FP8, one activation quantization instead of three (or two).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,13 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
     Must run before `quantize_fp8` (the fused weights are what gets quantized) and needs
     `RealRopeAttnProcessor` (diffusers' processor reads `to_q`/`to_k`/`to_v`).
     """
-    for block in iter_blocks(transformer):
+    fuse_block_projections(iter_blocks(transformer))
+    return transformer
+
+
+def fuse_block_projections(blocks: Iterable[nn.Module]) -> None:
+    """`fuse_projections` for the given blocks (the ControlNet's join the DiT's: `denoiser.control_blocks`)."""
+    for block in blocks:
         attn = block.attention
         if getattr(attn, "to_qkv", None) is None:
             attn.to_qkv = _concat_linears([attn.to_q, attn.to_k, attn.to_v])
@@ -60,4 +66,3 @@ def fuse_projections(transformer: nn.Module) -> nn.Module:
         ff = block.feed_forward
         if not isinstance(ff, FusedFeedForward):
             block.feed_forward = FusedFeedForward(_concat_linears([ff.w1, ff.w3]), ff.w2)
-    return transformer

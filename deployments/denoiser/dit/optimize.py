@@ -82,9 +82,10 @@ def optimize_as_resolved(transformer: nn.Module, speed, cache_dir: str | os.Path
                                 attention=attention, fp8_kernels=speed.fp8_kernels.value or "inductor")
 
 
-def graphed_transformer_fn(transformer: nn.Module, speed, device):
+def graphed_transformer_fn(transformer: nn.Module, speed, device, control=None):
     """The DiT call with its CUDA graphs where `speed` has them (None where not): batch-1 forwards,
-    with or without LoRA adapters, per caption bucket (`step_graphs`)."""
+    with or without LoRA adapters, controlled by `control` (the `ControlNetRunner`) or not, per
+    caption bucket (`step_graphs`)."""
     from deployments.denoiser.dit.caption_buckets import padded_transformer_fn
     from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
     from deployments.denoiser.loop import diffusers_transformer_fn
@@ -93,4 +94,4 @@ def graphed_transformer_fn(transformer: nn.Module, speed, device):
         return None
     return GraphedTransformerFn.on(diffusers_transformer_fn(transformer), device,
                                    padded=padded_transformer_fn(transformer),
-                                   lora=getattr(transformer, "_lora_slots", None))
+                                   lora=getattr(transformer, "_lora_slots", None), control=control)

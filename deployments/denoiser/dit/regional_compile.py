@@ -95,15 +95,34 @@ def compile_blocks(
     blocks = [module for module in transformer.modules() if type(module).__name__ in names]
     if not blocks:
         raise ValueError(f"{type(transformer).__name__} has no repeated blocks ({', '.join(sorted(names))})")
-    compiled_by_class: dict[type, Any] = {}
-    for block in blocks:
-        block.__dict__.pop("forward", None)  # a previous compile_blocks' wrapper
-        if dynamic is True:
-            cls = type(block)
-            if cls not in compiled_by_class:
-                compiled_by_class[cls] = torch.compile(cls.forward, dynamic=None, **options)
-            block.forward = _marked_forward(block, compiled_by_class[cls])
-        else:
-            block.compile(dynamic=dynamic, **options)
+    transformer._block_compiler = BlockCompiler(dynamic, options)
+    transformer._block_compiler.compile(blocks)
     transformer._compile_artifacts = (cache_dir, artifacts_name)
     return transformer
+
+
+class BlockCompiler:
+    """What `compile_blocks` did to a model's blocks, kept on the model (`block_compiler`) so that blocks
+    joining later (the ControlNet's control blocks, `denoiser.control_blocks`) run the same compiled
+    graphs: one `torch.compile` per block class, shared by every block of that class."""
+
+    def __init__(self, dynamic: bool | None, options: dict[str, Any]):
+        self.dynamic = dynamic
+        self.options = options
+        self.compiled_by_class: dict[type, Any] = {}
+
+    def compile(self, blocks) -> None:
+        for block in blocks:
+            block.__dict__.pop("forward", None)  # a previous compile's wrapper
+            if self.dynamic is True:
+                cls = type(block)
+                if cls not in self.compiled_by_class:
+                    self.compiled_by_class[cls] = torch.compile(cls.forward, dynamic=None, **self.options)
+                block.forward = _marked_forward(block, self.compiled_by_class[cls])
+            else:
+                block.compile(dynamic=self.dynamic, **self.options)
+
+
+def block_compiler(model: nn.Module) -> BlockCompiler | None:
+    """The compiler `compile_blocks` left on `model` (None where its blocks run uncompiled)."""
+    return getattr(model, "_block_compiler", None)

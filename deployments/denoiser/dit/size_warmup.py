@@ -7,7 +7,11 @@ Run between requests on the model thread, one call at a time (`BatchedWarmup`), 
   (`GraphedTransformerFn.prepare`; a plain forward, then the capture). A prompt of a length the
   replica has not seen then replays a graph from its first step, instead of paying a plain
   forward and a capture at its first two. Where the replica offers LoRA adapters, then the same
-  graphs for forwards with adapters (on the static factors: any adapter replays them).
+  graphs for forwards with adapters (on the static factors: any adapter replays them); where a
+  ControlNet is loaded, the same graphs for controlled forwards (on static control inputs: any
+  control image, scale or form replays them). The controlled graphs' first forwards are the
+  ControlNet's caption-bucket calls of `denoiser.control_warmup` at those sizes, which then do not
+  run again.
 - sizes: a first forward at a shape the start-up warm-up did not run makes what is made per shape:
   the attention's plans (cuDNN's FP8 graphs, `fp8_attention`, or SDPA's plans) per sequence length,
   which for one image are its image tokens (the image refiner), its image tokens plus its caption
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -52,14 +57,16 @@ def image_sequence(width: int, height: int) -> int:
     return caption_bucket(image_tokens(width, height))
 
 
-def graph_calls(sizes: Iterable[tuple[int, int]], buckets: Sequence[int], lora_rank: int = 0) -> list[WarmupCall]:
+def graph_calls(sizes: Iterable[tuple[int, int]], buckets: Sequence[int], lora_rank: int = 0,
+                control: bool = False) -> list[WarmupCall]:
     """One batch-1 call per (size, caption bucket), smallest size first; with `lora_rank`, each also
-    with adapters of that rank (keyed `.../lora`) after all those without."""
+    with adapters of that rank (keyed `.../lora`) after all those without; with `control`, each also
+    controlled (keyed `.../control`) after those."""
     plain = [WarmupCall(f"{w}x{h}/graph/cap{b}", w, h, (b,))
              for w, h in sorted(set(sizes), key=lambda s: image_tokens(*s)) for b in buckets]
-    with_lora = [WarmupCall(f"{c.key}/lora", c.width, c.height, c.caption_lens, lora_rank=lora_rank)
-                 for c in plain] if lora_rank else []
-    return plain + with_lora
+    with_lora = [replace(c, key=f"{c.key}/lora", lora_rank=lora_rank) for c in plain] if lora_rank else []
+    controlled = [replace(c, key=f"{c.key}/control", control="control") for c in plain] if control else []
+    return plain + with_lora + controlled
 
 
 def size_calls(sizes: Iterable[tuple[int, int]], buckets: Sequence[int], warm_sizes: Iterable[tuple[int, int]] = (),
@@ -86,28 +93,37 @@ def size_calls(sizes: Iterable[tuple[int, int]], buckets: Sequence[int], warm_si
 
 @torch.inference_mode()
 def prepare_graph(graphs, transformer: nn.Module, call: WarmupCall) -> bool:
-    """The graph of `call`'s shape, made ahead of any request (`GraphedTransformerFn.prepare`)."""
-    return graphs.prepare(*call_inputs(transformer, call), lora=bool(call.lora_rank))
+    """The graph of `call`'s shape, made ahead of any request (`GraphedTransformerFn.prepare`); a
+    controlled call's inputs come from the graphs' ControlNet runner."""
+    controls = graphs.control.warmup_controls(call) if call.control else None
+    return graphs.prepare(*call_inputs(transformer, call), lora=bool(call.lora_rank), controls=controls)
 
 
 def after_ready_steps(transformer: nn.Module, graphs, graph_sizes: Sequence[tuple[int, int]],
                       sizes: Iterable[tuple[int, int]], covered_sizes: Iterable[tuple[int, int]],
-                      max_caption_tokens: int, lora_graphs: bool = False) -> list[Step]:
+                      max_caption_tokens: int, lora_graphs: bool = False, control=None,
+                      control_calls: Sequence[WarmupCall] = ()) -> list[Step]:
     """The graphs of every caption bucket at `graph_sizes` (when `graphs`, a `GraphedTransformerFn`,
-    is given; with `lora_graphs`, also those of forwards with adapters), then the forwards of
-    `size_calls` for `sizes` beyond `covered_sizes` (those the start-up warm-up or the graphs' first
-    forwards run at every bucket)."""
+    is given; with `lora_graphs`, also those of forwards with adapters; with `graphs.control`, also
+    controlled ones), then the forwards of `size_calls` for `sizes` beyond `covered_sizes` (those the
+    start-up warm-up or the graphs' first forwards run at every bucket), then `control_calls` (the
+    ControlNet's, run through `control`) but those a controlled graph's first forward ran."""
     buckets = caption_buckets_up_to(max_caption_tokens)
     steps: list[Step] = []
     covered = set(covered_sizes)
+    graphed: set[tuple[int, int, int]] = set()  # (width, height, bucket) of the controlled graphs
     if graphs is not None:
-        calls = graph_calls(graph_sizes, buckets, graphs.lora_rank if lora_graphs else 0)
+        calls = graph_calls(graph_sizes, buckets, graphs.lora_rank if lora_graphs else 0, graphs.control is not None)
         if len(calls) > graphs.max_graphs:
             logger.warning("%d caption-bucket graphs at the warm-up sizes, over the %d held; capturing the "
                            "first %d", len(calls), graphs.max_graphs, graphs.max_graphs)
             calls = calls[: graphs.max_graphs]
         steps += [(call.key, partial(prepare_graph, graphs, transformer, call)) for call in calls]
-        sizes_run = [(call.width, call.height) for call in calls if not call.lora_rank]
+        sizes_run = [(call.width, call.height) for call in calls if not call.lora_rank and not call.control]
         covered |= {size for size in sizes_run if sizes_run.count(size) == len(buckets)}
+        graphed = {(c.width, c.height, c.caption_lens[0]) for c in calls if c.control}
     calls = size_calls(sizes, buckets, covered)
-    return steps + [(call.key, partial(run_call, transformer, call)) for call in calls]
+    steps += [(call.key, partial(run_call, transformer, call)) for call in calls]
+    left = [call for call in control_calls
+            if call.batch > 1 or (call.width, call.height, caption_bucket(call.caption_lens[0])) not in graphed]
+    return steps + [(call.key, partial(run_call, transformer, call, control=control)) for call in left]

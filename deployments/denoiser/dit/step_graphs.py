@@ -29,6 +29,14 @@ LoRA: a one-image forward with adapters (`lora.slots`: the factors of the forwar
 factors in, zero-padded, and only when they are not the ones copied last (a job's 8 steps copy once).
 So a new adapter, a new scale or a new rank up to `lora_rank` replays the same graph. A forward whose
 rank is over it, or with several images, runs plain (compiled, its factors read by the update op).
+
+ControlNet: a one-image controlled forward (`denoiser.control`: the control inputs of the forward in
+flight, `ControlNetRunner.active`) replays a graph of its own per shape ("control", or "lora+control"
+with adapters too), captured on static control inputs made at its capture (`ControlInputs.static`: the
+control context `[C_in, 1, h, w]` and the scale): a replay first copies the forward's in, only when
+they are not the ones copied last (a job's 8 steps copy once). So any control image, scale or form
+(plain control or the inpainting layout: data of the same shape) replays the same graph. Controlled
+forwards of several images run plain (compiled), as plain batches do.
 """
 
 from __future__ import annotations
@@ -41,13 +49,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deployments.denoiser.control import ControlContext, ControlInputs, ControlNetRunner
 from deployments.denoiser.dit.caption_buckets import PaddedTransformerFn, caption_bucket, pad_caption
 from deployments.denoiser.loop import TransformerFn
 from deployments.denoiser.lora.slots import GraphFactors, LoraSlots
 
 logger = logging.getLogger(__name__)
 
-# (latent shapes, caption shapes, "lora" for a forward with adapters or "")
+# (latent shapes, caption shapes, the variant: "", "lora", "control" or "lora+control")
 ShapeKey = tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], str]
 LORA_GRAPH_RANK = 128  # the static factors' rank: adapters up to it replay graphs
 # Records `forward()` and returns (replay, its outputs); `CudaCapture` on a GPU.
@@ -95,6 +104,7 @@ class _Graph:
     outputs: list[torch.Tensor]  # the static outputs it writes
     masks: list[torch.Tensor] = field(default_factory=list)  # bucketed: each caption's pad rows
     rows: list[torch.Tensor] = field(default_factory=list)  # bucketed: 0..B-1 per caption, for the masks
+    control: ControlInputs | None = None  # controlled: the static control inputs it reads
 
 
 class GraphedTransformerFn:
@@ -103,7 +113,7 @@ class GraphedTransformerFn:
 
     def __init__(self, fn: TransformerFn, capture: Capture, max_batch: int = 1, max_graphs: int = 96,
                  padded: PaddedTransformerFn | None = None, lora: LoraSlots | None = None,
-                 lora_rank: int = LORA_GRAPH_RANK):
+                 lora_rank: int = LORA_GRAPH_RANK, control: ControlNetRunner | None = None):
         if max_batch < 1 or max_graphs < 1:
             raise ValueError("max_batch and max_graphs must be at least 1")
         self.fn = fn
@@ -114,11 +124,12 @@ class GraphedTransformerFn:
         self.lora = lora
         self.lora_rank = lora_rank
         self.lora_factors: GraphFactors | None = None  # made at the first capture with adapters
+        self.control = control
         self._graphs: OrderedDict[ShapeKey, _Graph] = OrderedDict()
         self._seen: OrderedDict[ShapeKey, None] = OrderedDict()  # shapes run once, not captured yet
         self._failed: set[ShapeKey] = set()
         self.stats = {"plain": 0, "captures": 0, "replays": 0, "evicted": 0, "capture_failures": 0}
-        self.pool_bytes = {"": 0, "lora": 0}  # graph memory the captures of each variant added
+        self.pool_bytes: dict[str, int] = {}  # graph memory the captures of each variant added
 
     @classmethod
     def on(cls, fn: TransformerFn, device: torch.device, **kwargs) -> GraphedTransformerFn:
@@ -138,15 +149,22 @@ class GraphedTransformerFn:
                 tuple((n, *c.shape[1:]) for n, c in zip(lengths, captions)), variant)
 
     def _variant(self) -> str | None:
-        """"lora" for a forward with adapters that a graph can take, "" without adapters, None for
-        adapters it cannot (several images, or a rank over `lora_rank`)."""
+        """The forward's graph variant: "lora" with adapters that a graph can take, "control" while it is
+        controlled over every row, both joined by "+", "" for neither; None for adapters it cannot take
+        (several images, or a rank over `lora_rank`) or control over some of its rows only."""
+        parts = []
         active = None if self.lora is None else self.lora.active
-        if active is None:
-            return ""
-        if active.groups.shape[0] > 1 or active.rank > self.lora_rank:
-            return None
-        self._static_factors().fill(active)
-        return "lora"
+        if active is not None:
+            if active.groups.shape[0] > 1 or active.rank > self.lora_rank:
+                return None
+            self._static_factors().fill(active)
+            parts.append("lora")
+        control = None if self.control is None else self.control.active
+        if control is not None:
+            if control.rows is not None:
+                return None
+            parts.append("control")
+        return "+".join(parts)
 
     def _static_factors(self) -> GraphFactors:
         if self.lora_factors is None:
@@ -174,10 +192,15 @@ class GraphedTransformerFn:
         return [out.clone() for out in graph.outputs]
 
     def prepare(self, latents: list[torch.Tensor], t: torch.Tensor, captions: list[torch.Tensor],
-                lora: bool = False) -> bool:
+                lora: bool = False, controls: list[ControlContext | None] | None = None) -> bool:
         """Makes the graph for this call's shape ahead of a request (a plain forward first if the
         shape was not run yet, then the capture), without replaying it; whether a graph is held.
-        `lora`: the graph of forwards with adapters (on zero factors)."""
+        `lora`: the graph of forwards with adapters (on zero factors); `controls`: of controlled ones."""
+        if controls is not None:
+            if self.control is None:
+                raise ValueError("no ControlNet is loaded")
+            with self.control.using(controls):
+                return self.prepare(latents, t, captions, lora=lora)
         if lora:
             if self.lora is None:
                 raise ValueError("this transformer carries no adapters")
@@ -200,25 +223,39 @@ class GraphedTransformerFn:
     def as_dict(self) -> dict:
         """The counters, the graphs held now and their memory (the Denoiser's stats, the benchmark's JSON):
         `graph_pool_mib` all captures added, `lora_graph_pool_mib` the part the graphs with adapters
-        added, `lora_factors_mib` their static factors."""
+        added, `lora_factors_mib` their static factors, `control_graph_pool_mib` the part the controlled
+        graphs added (a graph with both counts in both), `control_inputs_mib` their static inputs."""
         reserved = getattr(self.capture, "reserved_bytes", None)
         mib = lambda n: None if reserved is None else round(n / 2**20, 1)  # noqa: E731
+
+        def of(part: str) -> tuple[int, int]:  # graphs held, and the pool bytes their variant's captures added
+            return (sum(1 for key in self._graphs if part in key[2].split("+")),
+                    sum(n for variant, n in self.pool_bytes.items() if part in variant.split("+")))
+
+        (lora_graphs, lora_bytes), (control_graphs, control_bytes) = of("lora"), of("control")
+        inputs = sum(t.nbytes for graph in self._graphs.values() if graph.control is not None
+                     for t in graph.control.contexts + [graph.control.scales])
         return {**self.stats, "graphs": self.graph_count(), "bucketed": self.bucketed,
                 "graph_pool_mib": mib(reserved or 0),
-                "lora_graphs": sum(1 for key in self._graphs if key[2] == "lora"),
-                "lora_graph_pool_mib": mib(self.pool_bytes["lora"]),
+                "lora_graphs": lora_graphs, "lora_graph_pool_mib": mib(lora_bytes),
                 "lora_factors_mib": round((self.lora_factors.nbytes if self.lora_factors else 0) / 2**20, 1),
-                "lora_rank": self.lora_rank}
+                "lora_rank": self.lora_rank,
+                "control_graphs": control_graphs, "control_graph_pool_mib": mib(control_bytes),
+                "control_inputs_mib": round(inputs / 2**20, 1)}
 
     def _plain(self, latents, t, captions) -> list[torch.Tensor]:
         self.stats["plain"] += 1
         return self.fn(latents, t, captions)
 
-    def _on_static_factors(self, key: ShapeKey):
-        """With adapters (`key`'s variant), the static factors set on the linears for the call."""
-        if key[2] != "lora":
-            return contextlib.nullcontext()
-        return self.lora.applied(self.lora_factors.factors)
+    def _on_static_factors(self, key: ShapeKey, control: ControlInputs | None = None) -> contextlib.ExitStack:
+        """With adapters (`key`'s variant), the static factors set on the linears for the call; with
+        `control`, those control inputs in effect."""
+        stack = contextlib.ExitStack()
+        if "lora" in key[2].split("+"):
+            stack.enter_context(self.lora.applied(self.lora_factors.factors))
+        if control is not None:
+            stack.enter_context(self.control.applied(control))
+        return stack
 
     def _first_sight(self, key: ShapeKey, latents, t, captions) -> list[torch.Tensor]:
         """A plain forward along the path the graph will record (bucketed: the padded captions; with
@@ -233,6 +270,8 @@ class GraphedTransformerFn:
     def _fill(self, graph: _Graph, latents, t, captions) -> None:
         for static, value in zip(graph.latents + [graph.t], latents + [t]):
             static.copy_(value)
+        if graph.control is not None:
+            graph.control.fill(self.control.active)
         if not self.bucketed:
             for static, value in zip(graph.captions, captions):
                 static.copy_(value)
@@ -262,8 +301,9 @@ class GraphedTransformerFn:
             static_captions, masks, rows = [c.clone() for c in captions], [], []
             run = lambda: self.fn(static_latents, static_t, static_captions)  # noqa: E731
         reserved = getattr(self.capture, "reserved_bytes", 0)
+        control = self.control.active.static() if "control" in key[2].split("+") else None
         try:
-            with self._on_static_factors(key):
+            with self._on_static_factors(key, control):
                 replay, outputs = self.capture(run)
         except Exception:  # noqa: BLE001 - served plain from now on, and said so
             self._failed.add(key)
@@ -272,8 +312,8 @@ class GraphedTransformerFn:
             return None
         self._seen.pop(key, None)
         self.stats["captures"] += 1
-        self.pool_bytes[key[2]] += getattr(self.capture, "reserved_bytes", 0) - reserved
-        graph = _Graph(replay, static_latents, static_t, static_captions, list(outputs), masks, rows)
+        self.pool_bytes[key[2]] = self.pool_bytes.get(key[2], 0) + getattr(self.capture, "reserved_bytes", 0) - reserved
+        graph = _Graph(replay, static_latents, static_t, static_captions, list(outputs), masks, rows, control)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             dropped, _ = self._graphs.popitem(last=False)

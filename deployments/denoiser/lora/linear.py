@@ -26,8 +26,14 @@ class LoraCarrier:
     """A linear that adds one forward's adapters to its output (see the module docstring)."""
 
     lora_input = "dense"  # or "fp8": the linear takes FP8 rows with their scales
-    lora_on = False
+    lora_on = False  # each carrier sets its own at construction (`carrier_init`)
     lora_slot: torch.Tensor  # a CPU int64 scalar, set by `slots.LoraSlots`
+
+    def carrier_init(self) -> None:
+        """`lora_on` as the carrier's own attribute from the start, whether or not `slots.LoraSlots`
+        ever holds it: a compiled block guards on where the attribute lives, so the DiT's carriers and
+        the ControlNet's (`denoiser.control_blocks`, never given adapters) share its graphs."""
+        self.lora_on = False
 
     def with_lora(self, y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.lora_on:
@@ -40,6 +46,7 @@ class LoraLinear(LoraCarrier, nn.Module):
 
     def __init__(self, base: nn.Module):
         super().__init__()
+        self.carrier_init()
         self.base = base
 
     @property

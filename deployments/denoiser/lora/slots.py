@@ -82,7 +82,7 @@ class LoraSlots:
     def __init__(self, transformer: nn.Module, plan_cache: int = 2):
         self.slots: dict[str, Slot] = model_slots(transformer)
         self.kinds: dict[str, SlotKind] = slot_kinds(self.slots)
-        self.modules: dict[str, LoraCarrier] = {path: _carrier(transformer, path) for path in self.slots}
+        self.modules: dict[str, LoraCarrier] = {path: carrier_at(transformer, path) for path in self.slots}
         self.ids: dict[str, int] = {path: next(_SLOT_IDS) for path in self.modules}
         for path, module in self.modules.items():
             module.lora_slot = torch.tensor(self.ids[path])
@@ -189,10 +189,10 @@ class LoraSlots:
         return self.applied(self.plan(rows) if any(rows) else None)
 
 
-def _carrier(transformer: nn.Module, path: str) -> LoraCarrier:
-    """The module at `path` as an adapter carrier (a dense linear wrapped in `LoraLinear`, once)."""
+def carrier_at(model: nn.Module, path: str) -> LoraCarrier:
+    """The module at `path` of `model` as an adapter carrier (a dense linear wrapped in `LoraLinear`, once)."""
     parent_path, _, attr = path.rpartition(".")
-    parent = transformer.get_submodule(parent_path)
+    parent = model.get_submodule(parent_path)
     current = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
     if isinstance(current, LoraCarrier):
         return current
