@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serve import APP, STAGES, Recorder, app_config, app_parser, deploy, local_serve, stage_stats, start_recording  # noqa: E402
+from benchmarks.served_app import APP, STAGES, Recorder, app_config, app_parser, deploy, local_serve, stage_stats, start_recording  # noqa: E402
 from benchmarks.start_budget import format_replicas, replica_rows_from_stats, replica_start_times  # noqa: E402
 from deployments.geometry import SIZE_PRESETS  # noqa: E402
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_load  # noqa: E402
-from benchmarks.bench_serve import APP, Recorder, app_config, app_parser, deploy, local_serve, start_recording  # noqa: E402
+from benchmarks.served_app import APP, Recorder, app_config, app_parser, deploy, local_serve, start_recording  # noqa: E402
 
 DEPLOYMENTS = ("Ingress", "PromptStyler", "TextEncoder", "Denoiser", "VaeDecoder")
 

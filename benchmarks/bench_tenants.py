@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_serve import (  # noqa: E402
+from benchmarks.served_app import (  # noqa: E402
     APP, app_config, app_parser, deploy, local_serve, stage_stats, start_recording, without_gpu_shares,
 )
 from benchmarks.burst import percentile  # noqa: E402
