@@ -19,14 +19,7 @@ from pydantic import Field
 from ray import serve
 
 from deployments.contracts import (
-    CaptionEmbedding,
-    ControlLatents,
-    DenoiseJob,
-    DenoiseProgress,
-    DenoiseRequest,
-    LatentPosterior,
-    Latents,
-    StageTime,
+    CaptionEmbedding, ControlLatents, DenoiseJob, DenoiseProgress, DenoiseRequest, LatentPosterior, Latents, StageTime,
 )
 from deployments.runtime.deadlines import DeadlineExceeded
 from deployments.denoiser.policies import POLICIES, SchedulingPolicy
@@ -185,28 +178,13 @@ class Denoiser(ModelStage):
         warm_sizes = self.settings.warmup_pixels()
         covered = warm_sizes if self._serving_calls()[0] else []  # `warm_up` ran them at every caption bucket
         return after_ready_steps(self.transformer, self.step_graphs, warm_sizes, SIZE_PRESETS, covered,
-                                 self.settings.max_prompt_tokens, lora_graphs=self._offers_adapters(),
+                                 self.settings.max_prompt_tokens, lora_graphs=self.lora_library.offers_any(),
                                  control=self.control, control_calls=self._control_calls()[2])
-
-    def _offers_adapters(self) -> bool:
-        """Whether the operator offers LoRA adapters at start (files in the directory, or hub aliases):
-        then the graphs with adapters are captured after ready like the plain ones; else at the first
-        two steps of a forward with adapters at each shape."""
-        try:
-            return bool(self.lora_library.names())
-        except OSError:
-            return False
 
     def _shapes_ready(self, warmup: BackgroundWarmup) -> None:
         self.start_phases.add("warmup_shapes", warmup.lane_seconds)
         if self.step_graphs is not None:
-            graphs = self.step_graphs.as_dict()
-            logger.info("Denoiser CUDA graphs: %d held (one per size and caption bucket; %d with LoRA adapters, %d "
-                        "controlled), %s MiB of graph memory (%s with adapters, plus %s MiB of their static "
-                        "factors; %s controlled, plus %s MiB of their static inputs)",
-                        graphs["graphs"], graphs["lora_graphs"], graphs["control_graphs"], graphs["graph_pool_mib"],
-                        graphs["lora_graph_pool_mib"], graphs["lora_factors_mib"], graphs["control_graph_pool_mib"],
-                        graphs["control_inputs_mib"])
+            logger.info("Denoiser CUDA graphs: %s", self.step_graphs.summary())
 
     def serving(self, expected_compiles=None) -> None:
         """Compiles are expected while either warm-up after ready runs a call."""

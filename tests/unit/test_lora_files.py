@@ -68,7 +68,8 @@ def test_names_are_stems_never_paths(tmp_path, factors):
     (tmp_path / "sub").mkdir()
     write(tmp_path / "sub", "nested", diffusers_state(factors))
     lib = library(tmp_path)
-    assert lib.names() == ["good_name-1"]
+    assert lib.names() == ["good_name-1"] and lib.offers_any()
+    assert not library(tmp_path / "absent").offers_any()  # an unreadable directory offers none
     for name in ["../good_name-1", "sub/nested", "bad.name", "pickled", "", "/etc/passwd", "nested"]:
         with pytest.raises(UnknownLoraError):
             lib.file(name)
@@ -76,7 +77,7 @@ def test_names_are_stems_never_paths(tmp_path, factors):
 
 def test_a_file_added_or_replaced_while_serving_is_used(tmp_path, factors, transformer):
     lib = library(tmp_path)
-    assert lib.names() == []
+    assert lib.names() == [] and not lib.offers_any()
     with pytest.raises(UnknownLoraError):
         lib.file("late")
     write(tmp_path, "late", diffusers_state(factors))

@@ -163,6 +163,7 @@ def test_forwards_with_adapters_replay_one_graph_for_any_adapter_up_to_its_rank(
     assert log == ["capture"] and stats["lora_graphs"] == 1 and stats["captures"] == 1
     # plain: the first sight, rank 40 (48 padded), two adapters side by side (16 + 32), the batch of two
     assert stats["plain"] == 4 and stats["replays"] == 3
+    assert graphed.summary().startswith("1 held (one per size and caption bucket; 1 with LoRA adapters, 0 controlled)")
 
 
 def control_state_capture(runner, log):

@@ -220,6 +220,14 @@ class GraphedTransformerFn:
     def graph_count(self) -> int:
         return len(self._graphs)
 
+    def summary(self) -> str:
+        """`as_dict`'s graphs and their memory in one sentence (the Denoiser's log line once they are made)."""
+        g = self.as_dict()
+        return (f"{g['graphs']} held (one per size and caption bucket; {g['lora_graphs']} with LoRA adapters, "
+                f"{g['control_graphs']} controlled), {g['graph_pool_mib']} MiB of graph memory "
+                f"({g['lora_graph_pool_mib']} with adapters, plus {g['lora_factors_mib']} MiB of their static factors; "
+                f"{g['control_graph_pool_mib']} controlled, plus {g['control_inputs_mib']} MiB of their static inputs)")
+
     def as_dict(self) -> dict:
         """The counters, the graphs held now and their memory (the Denoiser's stats, the benchmark's JSON):
         `graph_pool_mib` all captures added, `lora_graph_pool_mib` the part the graphs with adapters

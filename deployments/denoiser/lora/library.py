@@ -178,6 +178,15 @@ class LoraLibrary:
     def names(self) -> list[str]:
         return sorted(set(self._fresh()) | set(self.hub.aliases))
 
+    def offers_any(self) -> bool:
+        """Whether any adapter is on offer now (a file in the directory, or a hub alias): the Denoiser
+        then captures the graphs with adapters after ready like the plain ones, else at the first two
+        steps of a forward with adapters at each shape. An unreadable directory offers none."""
+        try:
+            return bool(self.names())
+        except OSError:
+            return False
+
     def _check_size(self, entry: LoraFile) -> None:
         if entry.size > self.settings.max_file_bytes:
             raise LoraFormatError(f"{entry.name}: {entry.size} bytes is over the server's cap of "
