@@ -149,7 +149,8 @@ def test_the_start_budget_reads_this_start(serve_run):
     for stage in ("TextEncoder", "Denoiser", "VaeDecoder"):
         row = result["replicas"][stage]
         assert row["imports_s"] > 0 and row["process_to_constructor_s"] >= 0, row  # the model code: in the replica
-        assert row["request_to_ready_s"] >= row["constructor_to_ready_s"] >= row["imports_s"] + row["load_s"], row
+        slack = 0.1 * 2  # each figure is rounded to 0.1 s on its own: a sum may pass its rounded total by that
+        assert row["request_to_ready_s"] + slack >= row["constructor_to_ready_s"] >= row["imports_s"] + row["load_s"] - slack, row
     assert result["replicas"]["PromptStyler"]["imports_s"] == 0.0  # no model code to import
     table = format_budget(result)
     assert "| application imported and built |" in table and "| Denoiser |" in table
