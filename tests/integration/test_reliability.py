@@ -129,8 +129,13 @@ def test_readiness_answers_fast_and_true_under_a_full_queue(served):
         refusals = [r for r in responses.values() if r.status_code == 503]
         assert all(int(r.headers["retry-after"]) >= 1 and int(r.headers["retry-after-ms"]) > 0 for r in refusals)
         assert statuses == [200] * 10, statuses
-        timings.sort()
-        assert timings[len(timings) // 2] < 0.1, f"readiness median {timings[5]:.3f}s under load"
+        # fast: a readiness answer that waited on the Denoiser's queue would take about as long as a
+        # request does; the bound is relative, as a 2-core machine under this load slows both
+        readiness = sorted(timings)[len(timings) // 2]
+        accepted = sorted(r.elapsed.total_seconds() for r in responses.values() if r.status_code == 200)
+        request = accepted[len(accepted) // 2]
+        print(f"readiness median {readiness * 1000:.0f} ms, accepted request median {request * 1000:.0f} ms")
+        assert readiness < min(1.0, request / 4), f"readiness median {readiness:.3f}s, request median {request:.3f}s"
     finally:
         served.deploy()
 
