@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
     root = Path(args.root).resolve() if args.root else ROOT
     if args.root:  # the driver, Ray's workers and so the replicas import that checkout first
-        env["PYTHONPATH"] = str(root)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         data["meta"].update(root=str(root), served_commit=commit_of(root))
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
     unseen_512, unseen_1024 = args.unseen

@@ -7,6 +7,8 @@ graphs), one run, figures side by side:
 
 - one DiT forward at 1024x1024 (batch 1, a 160-token caption), CUDA graphs on both sides: no
   adapter, one rank-32 adapter on all seven target linears (target: at most 1.08x the plain step);
+- the same adapter on a graph whose static factors have the adapter's own rank (padded to 16), not
+  `step_graphs.LORA_GRAPH_RANK` (128): what the padding to the largest rank costs;
 - a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
@@ -120,6 +122,9 @@ def table(figures: dict, kernels: dict) -> str:
     for name in ("b1_plain_ms", "b1_one_adapter_ms"):
         row(name, figures[name])
     row("b1_ratio", figures["b1_ratio"], TARGETS["b1_ratio"])
+    if "b1_own_rank_graph_ratio" in figures:
+        row("b1_one_adapter_own_rank_graph_ms", figures["b1_one_adapter_own_rank_graph_ms"])
+        row("b1_own_rank_graph_ratio", figures["b1_own_rank_graph_ratio"], TARGETS["b1_ratio"])
     for name in ("b8_plain_ms", "b8_four_adapters_ms"):
         row(name, figures[name])
     row("b8_ratio", figures["b8_ratio"], TARGETS["b8_ratio"])
@@ -196,6 +201,21 @@ def main() -> None:
     figures: dict[str, float] = {}
     figures["b1_plain_ms"] = timed(step(1, [()]), device, args.repeats)
     figures["b1_one_adapter_ms"] = timed(step(1, [(adapters[0],)]), device, args.repeats)
+    if graphs is not None:  # the same graph on static factors of the adapter's own rank, not LORA_GRAPH_RANK's
+        from deployments.denoiser.dit.step_graphs import GraphedTransformerFn
+        from deployments.denoiser.lora.layout import padded_rank
+
+        own_rank = GraphedTransformerFn.on(plain_fn, device, padded=graphs.padded, lora=slots,
+                                           lora_rank=padded_rank(args.rank))
+        latents, t, captions = inputs(1)
+
+        @torch.inference_mode()
+        def own_rank_step():
+            with slots.using([(adapters[0],)]):
+                own_rank(latents, t, captions)
+
+        figures["b1_one_adapter_own_rank_graph_ms"] = timed(own_rank_step, device, args.repeats)
+        figures["b1_own_rank_graph_ratio"] = figures["b1_one_adapter_own_rank_graph_ms"] / figures["b1_plain_ms"]
     figures["b8_plain_ms"] = timed(step(args.batch, [()] * args.batch), device, args.repeats)
     four = [(adapters[i * 4 // args.batch],) for i in range(args.batch)]
     figures["b8_four_adapters_ms"] = timed(step(args.batch, four), device, args.repeats)

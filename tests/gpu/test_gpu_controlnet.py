@@ -201,7 +201,7 @@ def test_first_controlled_request_after_ready(tmp_path):
     the same request warm (benchmarks/bench_controlnet.py; its other figures are reported too)."""
     free_gpu()
     out = tmp_path / "controlnet.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run([sys.executable, "benchmarks/bench_controlnet.py", "--repeats", "3", "--requests", "3",
                     "--json", str(out)], cwd=ROOT, env=env, check=True, timeout=1500)
     result = json.loads(out.read_text())

@@ -137,11 +137,12 @@ def test_graph_factors_take_any_rank_up_to_theirs_and_copy_only_new_factors(tran
     assert not got.b.any()
 
 
-@pytest.mark.parametrize("m,n,k", [(70, 40, 200), (64, 160, 128), (5, 32, 300)])
-def test_down_kernel_in_the_interpreter(m, n, k):
+@pytest.mark.parametrize("m,n,k,slices", [(70, 40, 200, 1), (64, 160, 128, 1), (5, 32, 300, None),
+                                          (70, 40, 1000, 3), (130, 96, 1280, None)])
+def test_down_kernel_in_the_interpreter(m, n, k, slices):
     """The Triton down-projection (`lora.down_kernel`) against its function, in Triton's interpreter on
     float32 stand-ins for the FP8 values (the interpreter's own FP8 casts truncate); rows, columns and
-    K that are not multiples of its blocks."""
+    K that are not multiples of its blocks, in one slice of K and in several (a last slice shorter)."""
     from deployments.denoiser.lora import down_kernel
 
     if down_kernel.triton is None:
@@ -153,6 +154,16 @@ def test_down_kernel_in_the_interpreter(m, n, k):
     g = torch.Generator().manual_seed(m + n)
     x, a = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     x_scale, a_scale = torch.rand(m, 1, generator=g) + 0.1, torch.rand(1, n, generator=g) + 0.1
-    got = down_kernel.down_kernel(x, x_scale, a, a_scale, torch.float32)
+    got = down_kernel.down_kernel(x, x_scale, a, a_scale, torch.float32, slices=slices)
     want = (x.double() @ a.double().t()) * x_scale.double() * a_scale.double()
     assert got.shape == (m, n) and rel_err(got, want) < 1e-5
+
+
+def test_k_is_split_where_the_rows_leave_the_gpu_idle():
+    """One image at 1024x1024 (67 row blocks) gets several slices of K; a batch of 8 (533) one."""
+    from deployments.denoiser.lora.down_kernel import k_slices
+
+    assert k_slices(67, 3840, 132) == 8 and k_slices(67, 10240, 132) == 8
+    assert k_slices(3 * 67, 3840, 132) == 3
+    assert k_slices(533, 3840, 132) == 1
+    assert k_slices(1, 200, 132) == 1  # under two blocks of K: nothing to split
