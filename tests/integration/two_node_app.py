@@ -1,11 +1,12 @@
-"""Serves one request on a two-node Ray cluster started on this machine: first with every stage on
-node "a", then with the Denoiser and the VaeDecoder moved to node "b", by custom resources given
-through the app's args, as an operator pins stages.
+"""Serves requests on a two-node Ray cluster started on this machine, with the Denoiser and the
+VaeDecoder on node "b" and the other stages on node "a", by custom resources given through the app's
+args, as an operator pins stages. (What one node serves is the test session's shared app, which
+other modules compare with the local pipeline; the test compares this one with it too.)
 
 Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own, apart from the test
 session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder), with the
-cache dir and JSON `{"requests": [...], "args": {...}}`: the generation requests to send in each layout
-and app args beside the model's. Prints one line, "RESULT " and JSON: per layout, each request's status
+cache dir and JSON `{"requests": [...], "args": {...}}`: the generation requests to send and app args
+beside the model's. Prints one line, "RESULT " and JSON: per layout (one), each request's status
 with its PNG (base64) or error, the node each stage ran on, and `GET /v1/loras`.
 """
 
@@ -21,8 +22,8 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-ONE_NODE = {"ingress": "node_a", "prompt_styler": "node_a", "text_encoder": "node_a", "denoiser": "node_a", "vae": "node_a"}
-TWO_NODES = {**ONE_NODE, "denoiser": "node_b", "vae": "node_b"}
+TWO_NODES = {"ingress": "node_a", "prompt_styler": "node_a", "text_encoder": "node_a", "denoiser": "node_b",
+             "vae": "node_b"}
 NAMES = {"ingress": "Ingress", "prompt_styler": "PromptStyler", "text_encoder": "TextEncoder",
          "denoiser": "Denoiser", "vae": "VaeDecoder"}
 
@@ -49,7 +50,7 @@ def main(cache_dir: str, spec: dict) -> None:
 
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         result = {}
-        for layout, pins in (("one_node", ONE_NODE), ("two_nodes", TWO_NODES)):
+        for layout, pins in (("two_nodes", TWO_NODES),):
             args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir, **spec.get("args", {})}
             for stage, resource in pins.items():
                 args[stage] = {"ray_actor_options": {"resources": {resource: 0.01}}}
