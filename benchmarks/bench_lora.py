@@ -15,7 +15,8 @@ graphs), one run, figures side by side:
   (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
   down-projections the fused path could use (FP8 rows through our Triton kernel or through cuBLAS's
   `_scaled_mm`, or a bf16 copy of the rows that the row kernels would have to write), and a read and
-  write of the output (the in-place update's floor);
+  write of the output (the in-place update's floor); for w13, the SwiGLU quantization that reads its
+  output, after today's update and with the update folded into it (`lora.swiglu_fold`);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -106,10 +107,38 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
             "down_bf16_side_output_us": gpu_us(lambda: (x_side.zero_(), torch.mm(x, a_dense.t()))),
             "output_read_write_us": gpu_us(lambda: torch.empty_like(y).copy_(y)),
         }
+        if kind.parts == 2 and kind.name.endswith("w13"):  # the update folded into the SwiGLU's quantization
+            figures.update(swiglu_fold_figures(module, xq, xs, a, a_scale, b, groups))
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
-        out[kind.key] = {k: round(v, 2) for k, v in figures.items()}
+        out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
+
+
+def swiglu_fold_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
+    """w13 and what reads its output: the SwiGLU quantization without adapters, after the in-place
+    update (today's path), and with the update folded into it (`lora.swiglu_fold`), with how far the
+    folded FP8 rows are from today's (dequantized, relative)."""
+    from deployments.denoiser.dit.fused_quant import swiglu_quant
+    from deployments.denoiser.lora.down_kernel import down_projection
+    from deployments.denoiser.lora.ops import update
+    from deployments.denoiser.lora.swiglu_fold import swiglu_lora_quant
+
+    d_in = a.shape[-1]
+    a2d, as2d = a.reshape(-1, d_in), a_scale.reshape(1, -1)
+
+    def today():
+        return swiglu_quant(update(module(xq, xs), xq, xs, a, a_scale, b, groups))
+
+    def folded():
+        return swiglu_lora_quant(module(xq, xs), down_projection(xq, xs, a2d, as2d, torch.bfloat16), b[0:1])
+
+    (q0, s0), (q1, s1) = today(), folded()
+    want, got = q0.float() * s0, q1.float() * s1
+    return {"w13_swiglu_plain_us": gpu_us(lambda: swiglu_quant(module(xq, xs))),
+            "w13_update_swiglu_us": gpu_us(today),
+            "w13_folded_swiglu_us": gpu_us(folded),
+            "w13_folded_rel_diff": ((got - want).norm() / want.norm()).item()}
 
 
 def table(figures: dict, kernels: dict) -> str:

@@ -167,3 +167,32 @@ def test_k_is_split_where_the_rows_leave_the_gpu_idle():
     assert k_slices(3 * 67, 3840, 132) == 3
     assert k_slices(533, 3840, 132) == 1
     assert k_slices(1, 200, 132) == 1  # under two blocks of K: nothing to split
+
+
+@pytest.mark.parametrize("items,seq,n_cols,rank", [(1, 70, 200, 16), (3, 33, 160, 48)])
+def test_the_w13_update_folded_into_the_swiglu_quantization(items, seq, n_cols, rank):
+    """`lora.swiglu_fold` in Triton's interpreter (float32 stand-ins, so its quantized values are
+    compared unrounded): rows and columns that are not multiples of its blocks, a rank that is not a
+    power of two, several items each with its own B."""
+    from deployments.denoiser.lora import swiglu_fold
+
+    if swiglu_fold.triton is None:
+        pytest.skip("Triton is not installed")
+    from triton import knobs
+
+    if not knobs.runtime.interpret:
+        pytest.skip("the kernel was defined for the GPU (TRITON_INTERPRET unset)")
+    g = torch.Generator().manual_seed(items * seq)
+    rows = items * seq
+    y = torch.randn(rows, 2 * n_cols, generator=g)
+    h = torch.randn(rows, 2 * rank, generator=g)
+    b = torch.randn(items, 2, n_cols, rank, generator=g) * 0.1
+    q, s = swiglu_fold.swiglu_lora_quant(y, h, b, q_dtype=torch.float32)
+    h4 = h.double().view(items, seq, 2, rank)
+    ab = (y.double().view(items, seq, 2, n_cols) + torch.einsum("ispr,ipnr->ispn", h4, b.double())).view(rows, 2, n_cols)
+    gated = torch.nn.functional.silu(ab[:, 0]) * ab[:, 1]
+    want_scale = gated.abs().amax(-1, keepdim=True) / 448
+    assert rel_err(s, want_scale) < 1e-5
+    assert rel_err(q * s, gated) < 1e-5 and q.abs().max() <= 448
+    ref_q, ref_s = swiglu_fold.swiglu_lora_quant_reference(y, h, b)
+    assert rel_err(ref_s, want_scale) < 1e-5
