@@ -13,10 +13,9 @@ graphs), one run, figures side by side:
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
   (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
-  down-projections the fused path could use (FP8 rows through our Triton kernel or through cuBLAS's
-  `_scaled_mm`, or a bf16 copy of the rows that the row kernels would have to write), and a read and
-  write of the output (the in-place update's floor); for w13, the SwiGLU quantization that reads its
-  output, after today's update and with the update folded into it (`lora.swiglu_fold`);
+  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm`, what it runs, or
+  a bf16 copy of the rows that the row kernels would have to write), and a read and
+  write of the output (the in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -78,7 +77,6 @@ def gpu_us(fn, repeats: int = 50) -> float:
 
 def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
     """Per linear kind at `rows` tokens, one block's linear: see the module docstring."""
-    from deployments.denoiser.lora.down_kernel import down_kernel
     from deployments.denoiser.lora.layout import padded_rank, quantize_rows
     from deployments.denoiser.lora.ops import update
 
@@ -98,8 +96,6 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         figures = {
             "base_us": gpu_us(lambda: module(xq, xs)),
             "base_plus_update_us": gpu_us(lambda: update(module(xq, xs), xq, xs, a, a_scale, b, groups)),
-            "down_fp8_rows_us": gpu_us(lambda: down_kernel(xq, xs, a.reshape(-1, d_in), a_scale.reshape(1, -1),
-                                                           torch.bfloat16)),
             "down_fp8_rows_cublas_us": gpu_us(lambda: torch._scaled_mm(
                 xq, a.reshape(-1, d_in).t(), scale_a=xs, scale_b=a_scale.reshape(1, -1), out_dtype=torch.bfloat16,
                 use_fast_accum=True)),
@@ -107,38 +103,10 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
             "down_bf16_side_output_us": gpu_us(lambda: (x_side.zero_(), torch.mm(x, a_dense.t()))),
             "output_read_write_us": gpu_us(lambda: torch.empty_like(y).copy_(y)),
         }
-        if kind.parts == 2 and kind.name.endswith("w13"):  # the update folded into the SwiGLU's quantization
-            figures.update(swiglu_fold_figures(module, xq, xs, a, a_scale, b, groups))
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
         out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
-
-
-def swiglu_fold_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
-    """w13 and what reads its output: the SwiGLU quantization without adapters, after the in-place
-    update (today's path), and with the update folded into it (`lora.swiglu_fold`), with how far the
-    folded FP8 rows are from today's (dequantized, relative)."""
-    from deployments.denoiser.dit.fused_quant import swiglu_quant
-    from deployments.denoiser.lora.down_kernel import down_projection
-    from deployments.denoiser.lora.ops import update
-    from deployments.denoiser.lora.swiglu_fold import swiglu_lora_quant
-
-    d_in = a.shape[-1]
-    a2d, as2d = a.reshape(-1, d_in), a_scale.reshape(1, -1)
-
-    def today():
-        return swiglu_quant(update(module(xq, xs), xq, xs, a, a_scale, b, groups))
-
-    def folded():
-        return swiglu_lora_quant(module(xq, xs), down_projection(xq, xs, a2d, as2d, torch.bfloat16), b[0:1])
-
-    (q0, s0), (q1, s1) = today(), folded()
-    want, got = q0.float() * s0, q1.float() * s1
-    return {"w13_swiglu_plain_us": gpu_us(lambda: swiglu_quant(module(xq, xs))),
-            "w13_update_swiglu_us": gpu_us(today),
-            "w13_folded_swiglu_us": gpu_us(folded),
-            "w13_folded_rel_diff": ((got - want).norm() / want.norm()).item()}
 
 
 def table(figures: dict, kernels: dict) -> str:

@@ -10,7 +10,9 @@
 
 - down-projection: one GEMM for every group, `h = x @ A^T * a_scale` (`[rows, G*P*R]`). With `x_scale`
   given, `x` is the FP8 rows (and their `[rows, 1]` scales) the fused block quantized for its own
-  GEMM, and on a GPU this is an FP8 GEMM on them (`down_kernel`): no other read of the activations;
+  GEMM, and on a GPU this is cuBLAS's FP8 GEMM on them (`torch._scaled_mm`): no other read of the
+  activations. Two Triton kernels shaped for the skinny output (one pass, then K split in slices)
+  were each slower than cuBLAS on the GPU (RESULTS.md, rounds of 2026-12-07), so cuBLAS it is;
 - each item keeps its group's columns of h (a gather; none with one group);
 - up-projection: per part, a batched GEMM over the items accumulating into y in place (cuBLAS reads
   and writes y once, in its epilogue: `baddbmm_` on y's own strided view, no copy of y).
@@ -29,8 +31,6 @@ from __future__ import annotations
 
 import torch
 
-from deployments.denoiser.lora.down_kernel import down_projection
-
 _LIBRARY = torch.library.Library("zimage", "FRAGMENT")
 
 
@@ -40,7 +40,10 @@ def _down(x2d: torch.Tensor, x_scale: torch.Tensor | None, a2d: torch.Tensor, a_
     if x_scale is None:
         h = torch.mm(x2d, a2d.t().to(x2d.dtype))
         return h.mul_(a_scale.to(h.dtype)).to(dtype)
-    return down_projection(x2d, x_scale, a2d, a_scale, dtype)
+    if x2d.device.type == "cuda":
+        return torch._scaled_mm(x2d, a2d.t(), scale_a=x_scale, scale_b=a_scale.contiguous(), out_dtype=dtype,
+                                use_fast_accum=True)
+    return ((x2d.float() * x_scale) @ a2d.float().t() * a_scale).to(dtype)  # the same function on a CPU
 
 
 # slot id -> (a, a_scale, b, groups): the factors of the forward in flight, for each linear that has any
