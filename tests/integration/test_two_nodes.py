@@ -1,7 +1,8 @@
 """More than one node: a two-node Ray cluster on this machine, stages pinned to different nodes with
 custom resources through the app's args, serves requests with the pixels of the local pipeline (what
-the one-node app is held to in the other modules), LoRA adapters included: one from the shared adapter directory and one from a hub alias, which the Denoiser
-on the second node resolves from its own hub cache (offline, `HF_HUB_OFFLINE=1`, pre-populated)."""
+the one-node app is held to in the other modules), LoRA adapters included: one from the shared
+adapter directory and one from a hub alias, which the Denoiser on the second node resolves from its
+own hub cache (offline, `HF_HUB_OFFLINE=1`, pre-populated)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def adapters(tmp_path_factory, pipeline):
 
 
 @pytest.fixture(scope="module")
-def layouts(cache_dir, adapters) -> dict:
+def served_on_two_nodes(cache_dir, adapters) -> dict:
     # Ray's temporary folder of its own: the Cluster helper writes (and on shutdown deletes) the
     # "current cluster" address file there, which `ray` and `serve` commands would otherwise read. Short,
     # as Ray's socket paths live under it.
@@ -69,8 +70,7 @@ def layouts(cache_dir, adapters) -> dict:
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-4000:] + out.stderr[-4000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    assert result["two_nodes"]["nodes"] == {"ingress": "a", "prompt_styler": "a", "text_encoder": "a",
-                                            "denoiser": "b", "vae": "b"}
+    assert result["nodes"] == {"ingress": "a", "prompt_styler": "a", "text_encoder": "a", "denoiser": "b", "vae": "b"}
     return result
 
 
@@ -84,22 +84,22 @@ def local_pixels(pipeline, loras=()) -> np.ndarray:
     return pipeline.generate([spec])[0].pixels.numpy().astype(np.int16)
 
 
-def test_stages_on_two_nodes_give_the_pixels_of_one(layouts, pipeline):
-    two = pixels(layouts["two_nodes"]["responses"][0])
+def test_stages_on_two_nodes_give_the_pixels_of_one(served_on_two_nodes, pipeline):
+    two = pixels(served_on_two_nodes["responses"][0])
     assert two.shape == (512, 512, 3) and np.abs(two - local_pixels(pipeline)).max() <= 1
 
 
-def test_a_denoiser_on_the_second_node_applies_directory_and_hub_adapters(layouts, adapters, pipeline):
-    two = pixels(layouts["two_nodes"]["responses"][1])
-    assert np.abs(two - pixels(layouts["two_nodes"]["responses"][0])).max() > 20  # the adapters changed it
+def test_a_denoiser_on_the_second_node_applies_directory_and_hub_adapters(served_on_two_nodes, adapters, pipeline):
+    two = pixels(served_on_two_nodes["responses"][1])
+    assert np.abs(two - pixels(served_on_two_nodes["responses"][0])).max() > 20  # the adapters changed it
     library = LoraLibrary(LoraSettings(lora_dir=str(adapters[0] / "reference")))
     slots = pipeline.loop.lora_slots
     laid = tuple((slots.lay_out(library.load(item["name"])[0]), item["scale"]) for item in LORAS)
     assert np.abs(two - local_pixels(pipeline, laid)).max() <= 1
 
 
-def test_the_listing_shows_directory_files_and_hub_aliases(layouts, adapters):
-    listed = {entry["name"]: entry for entry in layouts["two_nodes"]["loras"]}
+def test_the_listing_shows_directory_files_and_hub_aliases(served_on_two_nodes, adapters):
+    listed = {entry["name"]: entry for entry in served_on_two_nodes["loras"]}
     assert set(listed) == {"wash", "ink", "absent"}
     assert (listed["wash"]["source"], listed["wash"]["rank"]) == ("directory", 4)
     # the Ingress reads a hub file's header from its node's cache; it downloads nothing
@@ -108,8 +108,8 @@ def test_the_listing_shows_directory_files_and_hub_aliases(layouts, adapters):
     assert (listed["absent"]["fetched"], listed["absent"]["rank"], listed["absent"]["bytes"]) == (False, 0, 0)
 
 
-def test_a_hub_alias_whose_file_cannot_be_fetched_is_a_503_on_the_second_node(layouts):
-    response = layouts["two_nodes"]["responses"][2]
+def test_a_hub_alias_whose_file_cannot_be_fetched_is_a_503_on_the_second_node(served_on_two_nodes):
+    response = served_on_two_nodes["responses"][2]
     assert response["status"] == 503, response
     error = response["error"]
     assert (error["param"], error["code"]) == ("loras", "lora_unavailable") and "'absent'" in error["message"]

@@ -6,7 +6,7 @@ other modules compare with the local pipeline; the test compares this one with i
 Run as a script by tests/integration/test_two_nodes.py (a Ray driver of its own, apart from the test
 session's Ray instance, with its own ports and, from RAY_TMPDIR, its own temporary folder), with the
 cache dir and JSON `{"requests": [...], "args": {...}}`: the generation requests to send and app args
-beside the model's. Prints one line, "RESULT " and JSON: per layout (one), each request's status
+beside the model's. Prints one line, "RESULT " and JSON: each request's status
 with its PNG (base64) or error, the node each stage ran on, and `GET /v1/loras`.
 """
 
@@ -22,8 +22,8 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-TWO_NODES = {"ingress": "node_a", "prompt_styler": "node_a", "text_encoder": "node_a", "denoiser": "node_b",
-             "vae": "node_b"}
+PINS = {"ingress": "node_a", "prompt_styler": "node_a", "text_encoder": "node_a", "denoiser": "node_b",
+        "vae": "node_b"}
 NAMES = {"ingress": "Ingress", "prompt_styler": "PromptStyler", "text_encoder": "TextEncoder",
          "denoiser": "Denoiser", "vae": "VaeDecoder"}
 
@@ -49,24 +49,22 @@ def main(cache_dir: str, spec: dict) -> None:
         from serve_app import build_app
 
         url = f"http://127.0.0.1:{port}/v1/images/generations"
-        result = {}
-        for layout, pins in (("two_nodes", TWO_NODES),):
-            args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir, **spec.get("args", {})}
-            for stage, resource in pins.items():
-                args[stage] = {"ray_actor_options": {"resources": {resource: 0.01}}}
-            serve.run(build_app(args), name="zimage", route_prefix="/")
-            responses = []
-            for request in spec["requests"]:
-                response = httpx.post(url, json=request, timeout=300)
-                body = response.json()
-                responses.append({"status": response.status_code, "b64_json": body["data"][0]["b64_json"]}
-                                 if response.status_code == 200 else {"status": response.status_code, **body})
-            nodes = {}
-            for stage, name in NAMES.items():
-                actors = list_actors(address=cluster.address, filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
-                nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
-            listing = httpx.get(f"http://127.0.0.1:{port}/v1/loras", timeout=60).json()["data"]
-            result[layout] = {"responses": responses, "nodes": nodes, "loras": listing}
+        args = {"model": "tiny", "device": "cpu", "cache_dir": cache_dir, **spec.get("args", {})}
+        for stage, resource in PINS.items():
+            args[stage] = {"ray_actor_options": {"resources": {resource: 0.01}}}
+        serve.run(build_app(args), name="zimage", route_prefix="/")
+        responses = []
+        for request in spec["requests"]:
+            response = httpx.post(url, json=request, timeout=300)
+            body = response.json()
+            responses.append({"status": response.status_code, "b64_json": body["data"][0]["b64_json"]}
+                             if response.status_code == 200 else {"status": response.status_code, **body})
+        nodes = {}
+        for stage, name in NAMES.items():
+            actors = list_actors(address=cluster.address, filters=[("class_name", "=", f"ServeReplica:zimage:{name}"), ("state", "=", "ALIVE")])
+            nodes[stage] = "b" if actors and all(a.node_id == node_b.node_id for a in actors) else "a"
+        listing = httpx.get(f"http://127.0.0.1:{port}/v1/loras", timeout=60).json()["data"]
+        result = {"responses": responses, "nodes": nodes, "loras": listing}
         print("RESULT", json.dumps(result))
     finally:
         serve.shutdown()
