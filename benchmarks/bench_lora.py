@@ -13,11 +13,9 @@ graphs), one run, figures side by side:
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
   (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
-  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm`, what it runs,
-  the same with the operands' roles swapped, or a bf16 copy of the rows that the row kernels would
-  have to write), and a read and write of the output (the in-place update's floor); for the kinds
-  whose update is folded into their GEMM (`lora.fold`: q/k/v, w1/w3), the folded linear, its parts,
-  and the base GEMM on the widened weight's view against a contiguous copy;
+  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm`, what it runs, or
+  a bf16 copy of the rows that the row kernels would have to write), and a read and
+  write of the output (the in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -107,48 +105,8 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         }
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
-        # the down-projection with the roles swapped (A as the row operand: cuBLAS tiles the other way)
-        figures["down_fp8_rows_cublas_swapped_us"] = gpu_us(lambda: torch._scaled_mm(
-            a.reshape(-1, d_in), xq.t(), scale_a=a_scale.reshape(-1, 1), scale_b=xs.reshape(1, -1),
-            out_dtype=torch.bfloat16, use_fast_accum=True))
-        fold = slots.folds.get(kind.key)
-        if fold is not None:
-            figures.update(fold_figures(module, fold, xq, xs, a, a_scale, b, groups))
         out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
-
-
-def fold_figures(module, fold, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
-    """A folded kind (`lora.fold`): the base GEMM on the widened weight's view (what a forward without
-    adapters runs) against a contiguous copy, the folded linear with the update, and its parts."""
-    from deployments.denoiser.lora import fold as folding, ops
-
-    slot = -1  # an id no linear has
-    ops.FACTORS[slot], folding.FOLDS[slot] = (a, a_scale, b, groups), (fold, 0)
-    fold.pending = (b.unsqueeze(0).expand(fold.wide.shape[0], *b.shape), -1, 0)
-    contiguous = module.weight.contiguous()
-    d_in, columns = a.shape[-1], a.numel() // a.shape[-1]
-    h = ops._down(xq, xs, a.reshape(-1, d_in), a_scale.reshape(1, -1), torch.bfloat16)
-    inv_w = fold.inv_w[0, :columns]
-    try:
-        folded = gpu_us(lambda: folding.folded_linear(xq, xs, module.weight, module.scale, slot))
-        rows = folding.fold_rows(xq, h, xs, inv_w, groups, columns)
-        y = module(xq, xs)
-        return {
-            "base_contiguous_weight_us": gpu_us(lambda: torch._scaled_mm(
-                xq, contiguous.t(), scale_a=xs, scale_b=module.scale, out_dtype=torch.bfloat16, use_fast_accum=True)),
-            "base_plus_folded_update_us": folded,
-            "folded_update_us": folded - gpu_us(lambda: module(xq, xs)),
-            "fold_rows_us": gpu_us(lambda: folding.fold_rows(xq, h, xs, inv_w, groups, columns)),
-            "wide_gemm_us": gpu_us(lambda: torch._scaled_mm(
-                rows, fold.wide[0, :, : d_in + columns].t(), scale_a=xs, scale_b=module.scale,
-                out_dtype=torch.bfloat16, use_fast_accum=True)),
-            "clamp_residual_check_us": gpu_us(lambda: folding.clamp_residual(y, h, xs, inv_w, groups, b)),
-            "h_clamped_fraction": float((h.float() * inv_w / xs).abs().gt(448).float().mean()),
-        }
-    finally:
-        del ops.FACTORS[slot], folding.FOLDS[slot]
-        fold.pending, fold.holds = None, None
 
 
 def table(figures: dict, kernels: dict) -> str:

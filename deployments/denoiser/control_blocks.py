@@ -73,9 +73,6 @@ def join_dit(controlnet: nn.Module, transformer: nn.Module) -> None:
         fuse_block_projections(blocks)
     if isinstance(model, FusedFp8Block):
         fuse_fp8_blocks(blocks, "fp8" if model.fp8_attention else "bf16")
-        for block in blocks:  # the weights' strides as the DiT's, which the shared graphs guard on
-            for name in ("attention.to_qkv", "attention.to_out.0", "feed_forward.w13", "feed_forward.w2"):
-                block.get_submodule(name).strided_like(model.get_submodule(name))
     elif torchao_fp8(transformer) is not None and not getattr(controlnet, "_torchao_fp8", None):
         quantize_fp8_blocks(blocks, **torchao_fp8(transformer))
         controlnet._torchao_fp8 = torchao_fp8(transformer)

@@ -89,10 +89,7 @@ def test_fused_blocks_apply_adapters_as_merged_weights(tiny_source, made):
 def test_a_mixed_batch_equals_each_row_alone(tiny_source, made, family):
     if family == "fused":
         model = fused(tiny_source)
-        # bf16 outputs; CPU GEMMs sum in another order for another row count, and the folded q/k/v and
-        # w1/w3 GEMMs (`lora.fold`) over K plus the batch's adapter columns, not the row's alone: FP8's
-        # rounding of the next rows amplifies that (the scale-2 adapter's row: 1.2e-2 on this CPU)
-        tolerance = 2e-2
+        tolerance = 1e-2  # bf16 outputs; CPU GEMMs sum in another order for another row count
     else:
         model = optimize_transformer(loading.load_transformer(tiny_source, CPU, torch.float32), compile=False)
         tolerance = 1e-5
@@ -107,7 +104,7 @@ def test_a_mixed_batch_equals_each_row_alone(tiny_source, made, family):
         (alone,) = run(model, [row], latents[i : i + 1], t[i : i + 1], captions[i : i + 1])
         assert rel_err(batch[i], alone) <= tolerance, (i, rel_err(batch[i], alone))
         if row:
-            assert rel_err(batch[i], plain_batch[i]) > 5 * tolerance  # the row's adapter did change it
+            assert rel_err(batch[i], plain_batch[i]) > 10 * tolerance  # the row's adapter did change it
     assert torch.equal(batch[-1], plain_batch[-1])  # zero factors add exactly nothing
 
 

@@ -12,14 +12,12 @@ import torch
 from torch import nn
 
 from deployments.denoiser.dit.fused_quant import quantize_rows_reference
-from deployments.denoiser.lora import fold  # noqa: F401 - registers torch.ops.zimage.lora_folded_linear
 from deployments.denoiser.lora.linear import LoraCarrier
 
 
 class Fp8Weight(LoraCarrier, nn.Module):
     """A linear's weight as FP8 e4m3 rows `[out, in]` with one float32 scale per output channel; it
-    adds a forward's LoRA adapters itself, from the same FP8 rows (`lora.linear`), or, where its
-    output is much wider than its input (`lora_fold`), inside its own GEMM (`lora.fold`)."""
+    adds a forward's LoRA adapters itself, from the same FP8 rows (`lora.linear`)."""
 
     lora_input = "fp8"
 
@@ -37,17 +35,6 @@ class Fp8Weight(LoraCarrier, nn.Module):
             weight, scale = quantize_rows_reference(linear.weight.float())
         return cls(weight, scale.reshape(1, -1).contiguous())
 
-    def strided_like(self, other: Fp8Weight) -> None:
-        """This weight re-homed with `other`'s row stride (zero-padded), where a compiled block that runs
-        both guards on it: the ControlNet's blocks share the DiT's graphs, whose q/k/v and w1/w3
-        weights are views of wider rows where adapters fold into them (`lora.fold`)."""
-        stride = other.weight.stride(0)
-        if self.weight.stride(0) == stride:
-            return
-        padded = self.weight.new_zeros(self.out_features, stride)
-        padded[:, : self.in_features].copy_(self.weight)
-        self.weight = padded[:, : self.in_features]
-
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
@@ -58,8 +45,6 @@ class Fp8Weight(LoraCarrier, nn.Module):
 
     def forward(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """`[rows, in]` FP8 and `[rows, 1]` float32 scales -> `[rows, out]` bf16."""
-        if self.lora_on and self.lora_fold:
-            return torch.ops.zimage.lora_folded_linear(x_fp8, x_scale, self.weight, self.scale, self.lora_slot)
         if x_fp8.device.type != "cuda":  # dequantized product, for CPU checks of the fused path
             y = ((x_fp8.float() * x_scale) @ (self.weight.float() * self.scale.t()).t()).to(torch.bfloat16)
         else:

@@ -157,9 +157,7 @@ class GraphedTransformerFn:
         if active is not None:
             if active.groups.shape[0] > 1 or active.rank > self.lora_rank:
                 return None
-            static = self._static_factors()
-            static.fill(active)
-            self.lora.fill_folds(static.factors)  # the graph reads them; its capture must not fill them
+            self._static_factors().fill(active)
             parts.append("lora")
         control = None if self.control is None else self.control.active
         if control is not None:

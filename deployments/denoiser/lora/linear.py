@@ -27,7 +27,6 @@ class LoraCarrier:
 
     lora_input = "dense"  # or "fp8": the linear takes FP8 rows with their scales
     lora_on = False  # each carrier sets its own at construction (`carrier_init`)
-    lora_fold = False  # the update runs inside the linear's own GEMM (`lora.fold`; set by `slots.LoraSlots`)
     lora_slot: torch.Tensor  # a CPU int64 scalar, set by `slots.LoraSlots`
 
     def carrier_init(self) -> None:
@@ -35,7 +34,6 @@ class LoraCarrier:
         ever holds it: a compiled block guards on where the attribute lives, so the DiT's carriers and
         the ControlNet's (`denoiser.control_blocks`, never given adapters) share its graphs."""
         self.lora_on = False
-        self.lora_fold = False
 
     def with_lora(self, y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
         if not self.lora_on:

@@ -41,7 +41,6 @@ from deployments.denoiser.lora.layout import (
     slot_kinds,
     zero_adapter,
 )
-from deployments.denoiser.lora import fold as folding
 from deployments.denoiser.lora import ops
 from deployments.denoiser.lora.linear import LoraCarrier, LoraLinear
 
@@ -61,15 +60,13 @@ class ForwardFactors:
     groups: torch.Tensor  # [B] int64, each row's group
     kinds: dict[str, KindFactors]  # stacked over the groups: a [n, G, P, R, in], a_scale [n, G, P, R], b [n, G, P, out, R]
     rank: int  # the largest R of any kind
-    skip: int = 0  # 1 where group 0 is the empty set (some row has no adapters)
     serial: int = field(default_factory=lambda: next(_SERIALS))  # these factors, not equal ones made again
     _views: dict[str, list[SlotTensors]] | None = None
 
     def rows(self, indices: Sequence[int]) -> ForwardFactors:
         """These factors for a forward over some of the rows only (the ControlNet's controlled rows)."""
         picked = self.groups[torch.tensor(list(indices), dtype=torch.int64, device=self.groups.device)]
-        # the same factors (so the same serial: nothing folded or copied again), for other rows
-        return ForwardFactors(picked, self.kinds, self.rank, self.skip, self.serial)
+        return ForwardFactors(picked, self.kinds, self.rank)
 
     def slot_views(self) -> dict[str, list[SlotTensors]]:
         """Per kind, each block's `(a, a_scale, b)` (made once)."""
@@ -93,36 +90,11 @@ class LoraSlots:
         if len(families) != 1:
             raise ValueError(f"the block linears mix input kinds {sorted(families)}; LoRA needs one")
         self.fp8 = families == {"fp8"}
-        self.folds: dict[str, folding.FoldedKind] = self._fold_wide_kinds() if self.fp8 else {}
         self.device, self.dtype = transformer.x_pad_token.device, transformer.x_pad_token.dtype
         self.active: ForwardFactors | None = None
         self._plans: OrderedDict[tuple, tuple[Sequence[RowAdapters], ForwardFactors]] = OrderedDict()
         self._plan_cache = plan_cache
         self._set(None)  # each linear's own `lora_on` from the start: compiled guards see one state between forwards
-
-    def _fold_wide_kinds(self) -> dict[str, folding.FoldedKind]:
-        """The FP8 kinds whose output is much wider than their input, their up-projection folded into
-        their GEMM (`lora.fold`)."""
-        out = {}
-        for name, kind in self.kinds.items():
-            if not folding.folds(kind.in_features, kind.parts * kind.part_out):
-                continue
-            carriers = [self.modules[path] for path in kind.paths]
-            out[name] = folding.FoldedKind(carriers, kind.parts)
-            for block, (path, carrier) in enumerate(zip(kind.paths, carriers)):
-                carrier.lora_fold = True
-                folding.FOLDS[self.ids[path]] = (out[name], block)
-        return out
-
-    @property
-    def fold_bytes(self) -> int:
-        return sum(f.nbytes for f in self.folds.values())
-
-    def fill_folds(self, factors: ForwardFactors) -> None:
-        """The folded kinds' B' from `factors` now (a CUDA graph is about to be captured or replayed on
-        them, and must not record the fill)."""
-        for name, fold in self.folds.items():
-            fold.fill(factors.kinds[name].b, factors.serial, factors.skip)
 
     def lay_out(self, adapter: LoraAdapter) -> LaidOutAdapter:
         """`adapter` on this model's device, in its linears' layout (FP8 A for FP8 rows)."""
@@ -159,7 +131,7 @@ class LoraSlots:
                 sets.append(row)
         groups = torch.tensor([index[k] for k in key], dtype=torch.int64, device=self.device)
         kinds = {name: self._stack(kind, sets) for name, kind in self.kinds.items()}
-        return ForwardFactors(groups, kinds, max(f.a.shape[3] for f in kinds.values()), 1 if sets[0] == () else 0)
+        return ForwardFactors(groups, kinds, max(f.a.shape[3] for f in kinds.values()))
 
     def _stack(self, kind: SlotKind, sets: Sequence[RowAdapters]) -> KindFactors:
         """The groups' factors of one kind, `[n, G, P, R, ...]`."""
@@ -191,8 +163,6 @@ class LoraSlots:
 
     def _set(self, factors: ForwardFactors | None) -> None:
         views = None if factors is None else factors.slot_views()
-        for name, fold in self.folds.items():  # filled by the first folded linear that runs (`fold.ensure`)
-            fold.pending = None if factors is None else (factors.kinds[name].b, factors.serial, factors.skip)
         for kind_name, kind in self.kinds.items():
             for block, path in enumerate(kind.paths):
                 module = self.modules[path]
@@ -267,7 +237,6 @@ class GraphFactors:
                 static.a_scale[:, :, :, r:].zero_()  # A's rows past r count for nothing (scale 0) ...
                 static.b[..., r:].zero_()  # ... and B's columns past r neither
         self.holds = factors.serial
-        self.factors.serial = next(_SERIALS)  # new contents: folded B' (`lora.fold`) is made again
 
 
 def install_lora(transformer: nn.Module) -> LoraSlots:
