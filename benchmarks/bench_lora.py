@@ -12,10 +12,12 @@ graphs), one run, figures side by side:
 - a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
-  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
-  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm`, what it runs, or
-  a bf16 copy of the rows that the row kernels would have to write), and a read and
-  write of the output (the in-place update's floor);
+  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection) and with the
+  other form of the down-projection (`ops.DOWN`), the down-projections the fused path could use (FP8
+  rows through cuBLAS's `_scaled_mm` with row-wise or tensor-wise scales, the latter also padded to
+  128 outputs, the operands' roles swapped, or a bf16 copy of the rows that the row kernels would
+  have to write), the up-projection per part or as one GEMM, and a read and write of the output (the
+  in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -96,7 +98,7 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         figures = {
             "base_us": gpu_us(lambda: module(xq, xs)),
             "base_plus_update_us": gpu_us(lambda: update(module(xq, xs), xq, xs, a, a_scale, b, groups)),
-            "down_fp8_rows_cublas_us": gpu_us(lambda: torch._scaled_mm(
+            "down_rowwise_gemm_us": gpu_us(lambda: torch._scaled_mm(
                 xq, a.reshape(-1, d_in).t(), scale_a=xs, scale_b=a_scale.reshape(1, -1), out_dtype=torch.bfloat16,
                 use_fast_accum=True)),
             # a bf16 side output: the row kernel also writes its rows in bf16 (one write), the GEMM reads them
@@ -105,8 +107,48 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         }
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
+        figures.update(down_figures(module, xq, xs, a, a_scale, b, groups))
         out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
+
+
+def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
+    """The down-projection's other forms, and the update with the other one (`ops.DOWN`)."""
+    from deployments.denoiser.lora import ops
+
+    d_in = xq.shape[1]
+    a2d = a.reshape(-1, d_in)
+    one = torch.ones((), device=xq.device)
+    padded = torch.zeros(128, d_in, device=xq.device).to(a2d.dtype)
+    padded[: a2d.shape[0]] = a2d
+    figures = {
+        "down_us": gpu_us(lambda: ops._down(xq, xs, a2d, a_scale.reshape(1, -1), torch.bfloat16)),
+        "down_tensorwise_gemm_us": gpu_us(lambda: torch._scaled_mm(
+            xq, a2d.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)),
+        "down_tensorwise_gemm_n128_us": gpu_us(lambda: torch._scaled_mm(
+            xq, padded.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)),
+        "down_rowwise_gemm_swapped_us": gpu_us(lambda: torch._scaled_mm(
+            a2d, xq.t(), scale_a=a_scale.reshape(-1, 1), scale_b=xs.reshape(1, -1), out_dtype=torch.bfloat16,
+            use_fast_accum=True)),
+    }
+    other = "rowwise" if ops.DOWN == "tensorwise" else "tensorwise"
+    default, ops.DOWN = ops.DOWN, other
+    try:
+        figures[f"base_plus_update_{other}_down_us"] = gpu_us(
+            lambda: ops.update(module(xq, xs), xq, xs, a, a_scale, b, groups))
+    finally:
+        ops.DOWN = default
+    parts, part_out, rank = b.shape[1], b.shape[2], b.shape[3]
+    if parts > 1:  # the up-projection as one GEMM against a block-diagonal B, not one per part
+        diagonal = torch.zeros(parts * part_out, parts * rank, device=b.device, dtype=b.dtype)
+        for part in range(parts):
+            diagonal[part * part_out : (part + 1) * part_out, part * rank : (part + 1) * rank] = b[0, part]
+        h = ops._down(xq, xs, a2d, a_scale.reshape(1, -1), torch.bfloat16)
+        y = module(xq, xs)
+        figures["up_one_gemm_block_diagonal_us"] = gpu_us(lambda: y.addmm_(h, diagonal.t()))
+        figures["up_per_part_us"] = gpu_us(lambda: [
+            y.view(-1, parts, part_out)[:, p].addmm_(h.view(-1, parts, rank)[:, p], b[0, p].t()) for p in range(parts)])
+    return figures
 
 
 def table(figures: dict, kernels: dict) -> str:
