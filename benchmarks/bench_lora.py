@@ -12,11 +12,12 @@ graphs), one run, figures side by side:
 - a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
-  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection) and with the
-  other form of the down-projection (`ops.DOWN`), the down-projections the fused path could use (FP8
+  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
+  down-projections the fused path could use (FP8
   rows through cuBLAS's `_scaled_mm` with row-wise or tensor-wise scales, the latter also padded to
   128 outputs, the operands' roles swapped, or a bf16 copy of the rows that the row kernels would
-  have to write), the up-projection per part or as one GEMM, and a read and write of the output (the
+  have to write), the up-projection per part, batched over the parts (what runs) or as one GEMM
+  against a block-diagonal B, and a read and write of the output (the
   in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
@@ -113,7 +114,7 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
 
 
 def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
-    """The down-projection's other forms, and the update with the other one (`ops.DOWN`)."""
+    """The down-projection's other forms; the up-projection's."""
     from deployments.denoiser.lora import ops
 
     d_in = xq.shape[1]
@@ -131,13 +132,6 @@ def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
             a2d, xq.t(), scale_a=a_scale.reshape(-1, 1), scale_b=xs.reshape(1, -1), out_dtype=torch.bfloat16,
             use_fast_accum=True)),
     }
-    other = "rowwise" if ops.DOWN == "tensorwise" else "tensorwise"
-    default, ops.DOWN = ops.DOWN, other
-    try:
-        figures[f"base_plus_update_{other}_down_us"] = gpu_us(
-            lambda: ops.update(module(xq, xs), xq, xs, a, a_scale, b, groups))
-    finally:
-        ops.DOWN = default
     parts, part_out, rank = b.shape[1], b.shape[2], b.shape[3]
     if parts > 1:  # the up-projection as one GEMM against a block-diagonal B, not one per part
         diagonal = torch.zeros(parts * part_out, parts * rank, device=b.device, dtype=b.dtype)
@@ -148,6 +142,8 @@ def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
         figures["up_one_gemm_block_diagonal_us"] = gpu_us(lambda: y.addmm_(h, diagonal.t()))
         figures["up_per_part_us"] = gpu_us(lambda: [
             y.view(-1, parts, part_out)[:, p].addmm_(h.view(-1, parts, rank)[:, p], b[0, p].t()) for p in range(parts)])
+        figures["up_parts_batched_us"] = gpu_us(lambda: y.view(-1, parts, part_out).transpose(0, 1).baddbmm_(
+            h.view(-1, parts, rank).transpose(0, 1), b[0].transpose(1, 2)))  # what `ops.update` runs
     return figures
 
 

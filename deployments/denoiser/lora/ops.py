@@ -15,7 +15,8 @@
   were each slower than cuBLAS on the GPU (RESULTS.md, rounds of 2026-12-07), so cuBLAS it is;
 - each item keeps its group's columns of h (a gather; none with one group);
 - up-projection: per part, a batched GEMM over the items accumulating into y in place (cuBLAS reads
-  and writes y once, in its epilogue: `baddbmm_` on y's own strided view, no copy of y).
+  and writes y once, in its epilogue: `baddbmm_` on y's own strided view, no copy of y); one item's
+  parts (q/k/v, w1/w3) go in one batched call, the parts being the batch.
 
 The compiled blocks call it as `torch.ops.zimage.lora_add_(y, x, x_scale, slot)`: `slot` is the
 linear's id (a CPU scalar tensor, the same shape in every block) and the op finds the forward's factors
@@ -34,42 +35,16 @@ import torch
 _LIBRARY = torch.library.Library("zimage", "FRAGMENT")
 
 
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    """A float32 1 on `device`, made once (a CUDA-graph capture finds it made by the plain forward
-    that runs first)."""
-    one = _ONES.get(device)
-    if one is None:
-        one = _ONES[device] = torch.ones((), dtype=torch.float32, device=device)
-    return one
-
-
 def _down(x2d: torch.Tensor, x_scale: torch.Tensor | None, a2d: torch.Tensor, a_scale: torch.Tensor,
           dtype: torch.dtype) -> torch.Tensor:
-    """`x @ A^T * a_scale`, `[rows, N]` in `dtype`.
-
-    FP8 rows on a GPU: the GEMM with one scale for each whole operand (cuBLAS's tensor-wise FP8 GEMM,
-    float32 out), and the row and rank scales applied to its small output after; see `DOWN` for why."""
+    """`x @ A^T * a_scale`, `[rows, N]` in `dtype`."""
     if x_scale is None:
         h = torch.mm(x2d, a2d.t().to(x2d.dtype))
         return h.mul_(a_scale.to(h.dtype)).to(dtype)
     if x2d.device.type == "cuda":
-        if DOWN == "rowwise":
-            return torch._scaled_mm(x2d, a2d.t(), scale_a=x_scale, scale_b=a_scale.contiguous(), out_dtype=dtype,
-                                    use_fast_accum=True)
-        one = _one(x2d.device)
-        h = torch._scaled_mm(x2d, a2d.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)
-        return h.mul_(x_scale).mul_(a_scale).to(dtype)
+        return torch._scaled_mm(x2d, a2d.t(), scale_a=x_scale, scale_b=a_scale.contiguous(), out_dtype=dtype,
+                                use_fast_accum=True)
     return ((x2d.float() * x_scale) @ a2d.float().t() * a_scale).to(dtype)  # the same function on a CPU
-
-
-# How the FP8 down-projection scales: "tensorwise" (the GEMM unscaled, then the row and rank scales
-# on its [rows, G*P*R] output) or "rowwise" (cuBLAS applying both scale vectors itself, as the
-# base GEMMs do). For the skinny output, cuBLAS's row-wise kernels took 39-53 us per linear on an H100
-# at 4256 rows (RESULTS.md), where reading the rows takes about 6.
-DOWN = "tensorwise"
 
 
 # slot id -> (a, a_scale, b, groups): the factors of the forward in flight, for each linear that has any
@@ -89,6 +64,10 @@ def update(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, a: to
         h = h.view(batch, seq, n_groups, parts * rank)
         h = h.gather(2, groups.view(batch, 1, 1, 1).expand(batch, seq, 1, parts * rank))
         b = b.index_select(0, groups)
+    if batch == 1 and parts > 1:  # one GEMM per part in one batched call: the parts are the batch
+        y_parts = y.view(seq, parts, part_out).transpose(0, 1)  # [P, S, out_p], rows N apart: y's own memory
+        y_parts.baddbmm_(h.view(seq, parts, rank).transpose(0, 1), b[0].transpose(1, 2))
+        return y
     h = h.view(batch, seq, parts, rank)
     y4 = y.view(batch, seq, parts, part_out)
     for part in range(parts):
