@@ -13,12 +13,11 @@ graphs), one run, figures side by side:
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
 - per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
   (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
-  down-projections the fused path could use (FP8
-  rows through cuBLAS's `_scaled_mm` with row-wise or tensor-wise scales, the latter also padded to
-  128 outputs, the operands' roles swapped, or a bf16 copy of the rows that the row kernels would
-  have to write), the up-projection per part, batched over the parts (what runs) or as one GEMM
-  against a block-diagonal B, and a read and write of the output (the
-  in-place update's floor);
+  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm` with row-wise
+  scales, what runs, or tensor-wise ones, the latter also padded to 128 outputs; the operands' roles
+  swapped; a bf16 copy of the rows that the row kernels would have to write), the up-projection per
+  part, batched over the parts (what runs) or as one GEMM against a block-diagonal B, and a read and
+  write of the output (the in-place update's floor);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -114,16 +113,16 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
 
 
 def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
-    """The down-projection's other forms; the up-projection's."""
+    """The down-projection's other forms (the row-wise GEMM that runs is `down_rowwise_gemm_us`), and
+    the up-projection's."""
     from deployments.denoiser.lora import ops
 
     d_in = xq.shape[1]
     a2d = a.reshape(-1, d_in)
     one = torch.ones((), device=xq.device)
-    padded = torch.zeros(128, d_in, device=xq.device).to(a2d.dtype)
+    padded = torch.zeros(-(-a2d.shape[0] // 128) * 128, d_in, device=xq.device).to(a2d.dtype)
     padded[: a2d.shape[0]] = a2d
     figures = {
-        "down_us": gpu_us(lambda: ops._down(xq, xs, a2d, a_scale.reshape(1, -1), torch.bfloat16)),
         "down_tensorwise_gemm_us": gpu_us(lambda: torch._scaled_mm(
             xq, a2d.t(), scale_a=one, scale_b=one, out_dtype=torch.float32, use_fast_accum=True)),
         "down_tensorwise_gemm_n128_us": gpu_us(lambda: torch._scaled_mm(
