@@ -11,10 +11,13 @@ graphs), one run, figures side by side:
   `step_graphs.LORA_GRAPH_RANK` (128): what the padding to the largest rank costs;
 - a batch of 8 (no graphs: batches over one image run compiled without them): no adapters, and 8
   images over 4 rank-32 adapters, two images each (target: at most 1.12x the plain batch);
-- per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone, with the update
-  (`lora.ops`: FP8 down-projection on the block's FP8 rows, in-place up-projection), the
-  down-projections the fused path could use (FP8 rows through cuBLAS's `_scaled_mm` with row-wise
-  scales, what runs, or tensor-wise ones, the latter also padded to 128 outputs; the operands' roles
+- per linear kind (FP8 only, unless `--no-kernels`): the base FP8 GEMM alone; what runs with an
+  adapter, the GEMM over the weight and its tail of A rows with the update
+  (`lora_linear_in_tail_us`, `lora.ops.fp8_lora_linear`), and that GEMM alone
+  (`base_extended_gemm_us`); the base GEMM with the update whose down-projection is a GEMM of its own
+  (`base_plus_update_us`: what a forward whose factors do not fit the tails runs), and the
+  down-projections that GEMM could be (FP8 rows through cuBLAS's `_scaled_mm` with row-wise
+  scales, or tensor-wise ones, the latter also padded to 128 outputs; the operands'
   swapped; a bf16 copy of the rows that the row kernels would have to write), the up-projection per
   part, batched over the parts (what runs) or as one GEMM against a block-diagonal B, and a read and
   write of the output (the in-place update's floor);
@@ -107,9 +110,31 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         }
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
+        if module.lora_tail:
+            figures.update(tail_figures(slots, kind, module, xq, xs, b, groups))
+            figures["in_tail_over_base"] = figures["lora_linear_in_tail_us"] / figures["base_us"]
         figures.update(down_figures(module, xq, xs, a, a_scale, b, groups))
         out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
+
+
+def tail_figures(slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
+    """The linear as a forward with one adapter runs it: one GEMM over the weight and its tail (laid out
+    for one group, as the LoRA graphs read it), then the up-projection."""
+    from deployments.denoiser.dit.fp8_gemm import fp8_gemm
+    from deployments.denoiser.lora import ops
+
+    tail_a, tail_scale = slots.tails[kind.key].layout(1, slots.tail_rank)
+    slot = -1  # an id no linear has
+    ops.FACTORS[slot] = (tail_a[0], tail_scale[0], b, groups, True)
+    try:
+        return {
+            "base_extended_gemm_us": gpu_us(lambda: fp8_gemm(xq, xs, module.extended, module.extended_scale)),
+            "lora_linear_in_tail_us": gpu_us(lambda: ops.fp8_lora_linear(
+                xq, xs, module.extended, module.extended_scale, module.out_features, torch.tensor(slot))),
+        }
+    finally:
+        del ops.FACTORS[slot]
 
 
 def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
@@ -178,6 +203,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--no-kernels", action="store_true", help="skip the per-linear figures")
+    parser.add_argument("--tail-rank", type=int, default=None,
+                        help="rows per part of the FP8 weights' tails (default lora.slots.TAIL_RANK): what a smaller "
+                             "tail buys the one-adapter step on a graph of the adapter's own rank")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -193,6 +221,10 @@ def main() -> None:
     from deployments.settings import ModelSettings
     from deployments.weights.loading import load_transformer
 
+    if args.tail_rank is not None:
+        from deployments.denoiser.lora import slots as lora_slots
+
+        lora_slots.TAIL_RANK = args.tail_rank  # what the slots installed below take
     settings = ModelSettings(model=args.model, device=args.device)
     device, dtype = settings.torch_device(), settings.dtype()
     speed = settings.resolve_speed(device)

@@ -50,6 +50,16 @@ def make(*shape, scale=1.0, seed=0):
     return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
 
 
+def apart(rows: torch.Tensor, spare: int) -> torch.Tensor:
+    """`rows` `[n, width]` as the first columns of a wider tensor (rows `width + spare` apart, the
+    spare columns NaN), as an FP8 linear with LoRA rows in its tail hands its output on."""
+    if not spare:
+        return rows
+    wide = torch.full((rows.shape[0], rows.shape[1] + spare), float("nan"), dtype=rows.dtype)
+    wide[:, : rows.shape[1]] = rows
+    return wide[:, : rows.shape[1]]
+
+
 @pytest.mark.parametrize("n_cols", [96, 384, 640])
 @pytest.mark.parametrize("with_mod", [True, False])
 def test_norm_modulate_quant_kernel(interpreted, n_cols, with_mod):
@@ -64,13 +74,13 @@ def test_norm_modulate_quant_kernel(interpreted, n_cols, with_mod):
     torch.testing.assert_close(unrounded(q), want_q, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("fused_next", [True, False])
-def test_gated_residual_kernel(interpreted, fused_next):
+@pytest.mark.parametrize("fused_next, spare", [(True, 0), (False, 0), (True, 48)])
+def test_gated_residual_kernel(interpreted, fused_next, spare):
     batch, seq, n_cols = 2, 4, 384
     x, y = make(batch, seq, n_cols, scale=2), make(batch, seq, n_cols, seed=1)
     w, gate, w2, mod = make(n_cols, seed=2), make(batch, n_cols, seed=3), make(n_cols, seed=4), make(batch, n_cols, seed=5)
-    out, q, s = torch.ops.zimage.gated_residual(x.reshape(-1, n_cols), y.reshape(-1, n_cols), w, gate, seq, 1e-5,
-                                                w2 if fused_next else None, mod if fused_next else None, 1e-6)
+    out, q, s = torch.ops.zimage.gated_residual(x.reshape(-1, n_cols), apart(y.reshape(-1, n_cols), spare), w, gate,
+                                                seq, 1e-5, w2 if fused_next else None, mod if fused_next else None, 1e-6)
     out = out.view(batch, seq, n_cols)
     normed = y.float() * torch.rsqrt(y.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
     want = (x.float() + gate.float()[:, None, :] * normed).to(torch.bfloat16)
@@ -93,10 +103,10 @@ def test_gated_residual_without_gate_adds_the_plain_norm(interpreted):
     torch.testing.assert_close(out.view(1, 6, 256), (x.float() + normed).to(torch.bfloat16), rtol=2**-7, atol=1e-2)
 
 
-@pytest.mark.parametrize("n_cols", [160, 640])
-def test_swiglu_quant_kernel(interpreted, n_cols):
+@pytest.mark.parametrize("n_cols, spare", [(160, 0), (640, 0), (160, 32)])
+def test_swiglu_quant_kernel(interpreted, n_cols, spare):
     h = make(7, 2 * n_cols, scale=2)
-    q, s = torch.ops.zimage.swiglu_quant(h)
+    q, s = torch.ops.zimage.swiglu_quant(apart(h, spare))
     a, b = h.float().chunk(2, dim=-1)
     want_q, want_s = reference_unrounded(torch.nn.functional.silu(a) * b)
     torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
@@ -118,14 +128,16 @@ def test_row_split_covers_a_row_with_little_padding():
         assert head + tail >= n and head <= n and tail < 2 * max(n - head, 1)
 
 
-def test_qkv_norm_rope_quant_kernel(interpreted):
+@pytest.mark.parametrize("spare", [0, 96])
+def test_qkv_norm_rope_quant_kernel(interpreted, spare):
     rows, heads, head_dim = 6, 3, 32
     qkv = make(rows, 3 * heads * head_dim, scale=2)
     wq, wk = make(head_dim, seed=1), make(head_dim, seed=2)
     angles = torch.rand(rows, head_dim // 2, generator=torch.Generator().manual_seed(3)) * 6.28
     rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
     qk_descale = fp8_attention.qk_static_scales(wq, wk)
-    q, k, v, v_descale = torch.ops.zimage.qkv_norm_rope_quant(qkv, wq, wk, rope, qk_descale, heads, 1e-5, 1e-5)
+    q, k, v, v_descale = torch.ops.zimage.qkv_norm_rope_quant(apart(qkv, spare), wq, wk, rope, qk_descale, heads,
+                                                              1e-5, 1e-5)
     torch.testing.assert_close(v_descale, fp8_attention.v_descale_of(qkv), rtol=1e-6, atol=0)
     want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
     for got, expected in zip((q, k, v), want):

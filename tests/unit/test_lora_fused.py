@@ -108,6 +108,36 @@ def test_a_mixed_batch_equals_each_row_alone(tiny_source, made, family):
     assert torch.equal(batch[-1], plain_batch[-1])  # zero factors add exactly nothing
 
 
+@pytest.mark.parametrize("mix", ["one image", "four adapters on four rows", "five groups"])
+def test_the_tails_down_projection_equals_its_own_gemm(tiny_source, made, mix, monkeypatch):
+    """A forward's A in the FP8 weights' tails (the down-projection as the base GEMM's last columns)
+    gives what the down-projection as a GEMM of its own gives; where the groups times rank need more
+    rows than a tail holds (five groups of rank 32), the forward takes that GEMM."""
+    from deployments.denoiser.lora import ops
+
+    model = fused(tiny_source)
+    laid = [model._lora_slots.lay_out(LoraAdapter(f"a{i}", f)) for i, f in enumerate(made)]
+    rows = {"one image": [((laid[3], 0.7),)],
+            "four adapters on four rows": [((adapter, scale),) for adapter, scale in zip(laid, SCALES)],
+            "five groups": [((adapter, scale),) for adapter, scale in zip(laid, SCALES)] + [()]}[mix]
+    x = inputs(model.config, len(rows), seed=3)
+    taken = []
+    update = ops.update
+    monkeypatch.setattr(ops, "update", lambda *args, h=None: (taken.append(h is not None), update(*args, h=h))[1])
+    in_tails = run(model, rows, *x)
+    assert taken and all(taken) == (mix != "five groups") and (any(taken) or mix == "five groups")
+    taken.clear()
+    model._lora_slots.tail_rank = 0  # no forward fits: the down-projection's own GEMM
+    own_gemm = run(model, rows, *x)
+    assert taken and not any(taken)
+    plain = run(model, [()] * len(rows), *x)
+    for row, got, expected, without in zip(rows, in_tails, own_gemm, plain):
+        # bf16 h in another summation order, then FP8 rows downstream: as a row alone vs in a batch
+        assert rel_err(got, expected) <= 1e-2, rel_err(got, expected)
+        if row:
+            assert rel_err(got, without) > 10 * rel_err(got, expected)  # the adapters did change it
+
+
 from tests.unit.test_fused_fp8 import ops_as_on_a_gpu  # noqa: E402,F401 - a fixture
 
 

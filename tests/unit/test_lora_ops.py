@@ -73,6 +73,47 @@ def test_fp8_rows_read_the_quantized_rows_and_their_scales():
     assert rel_err(got, y) > 0.1  # the update is not negligible here
 
 
+@pytest.mark.parametrize("groups, tail_rank, rank", [([0], 32, 16), ([1, 0, 1], 16, 16), ([0, 2, 1], 32, 32)])
+def test_fp8_linear_with_the_forwards_a_in_its_tail(groups, tail_rank, rank):
+    """`fp8_lora_linear`: one FP8 GEMM over the weight and, after its rows, the forward's A (each group's
+    `tail_rank` rows per part, of which B uses `rank`); the output is the base linear plus each item's
+    update, rows `out + tail` apart, as `update` with the down-projection's own GEMM gives it."""
+    from deployments.denoiser.dit.fp8_linear import Fp8Weight
+
+    batch, seq, d_in, part_out, parts = len(groups), 4, 32, 16, 3
+    n_groups = max(groups) + 1
+    a, a_scale, b = factors(n_groups, parts, tail_rank, d_in, part_out, seed=5)
+    a_q, a_s = layout.quantize_rows(a)
+    a_s[..., rank:] = 0  # rows past B's rank count for nothing
+    g = torch.Generator().manual_seed(9)
+    linear = Fp8Weight.from_linear(torch.nn.Linear(d_in, parts * part_out, bias=False))
+    tail = n_groups * parts * tail_rank + 16  # room to spare: a forward need not fill the tail
+    extended = torch.zeros(parts * part_out + tail, d_in, dtype=torch.float8_e4m3fn)
+    extended_scale = torch.zeros(1, parts * part_out + tail)
+    linear.with_tail(extended, extended_scale)
+    used = n_groups * parts * tail_rank
+    extended[parts * part_out : parts * part_out + used] = a_q.reshape(used, d_in)
+    extended_scale[0, parts * part_out : parts * part_out + used] = a_s.reshape(-1)
+    x = torch.randn(batch * seq, d_in, generator=g) * 3
+    x_scale = x.abs().amax(-1, keepdim=True) / 448
+    x_q = (x / x_scale).to(torch.float8_e4m3fn)
+    b = b[..., :rank].to(torch.bfloat16)
+    slot = torch.tensor(987654)
+    ops.FACTORS[987654] = (a_q, a_s, b, torch.tensor(groups), True)
+    try:
+        got = ops.fp8_lora_linear(x_q, x_scale, linear.extended, linear.extended_scale, parts * part_out, slot)
+    finally:
+        del ops.FACTORS[987654]
+    assert got.shape == (batch * seq, parts * part_out) and got.stride() == (parts * part_out + tail, 1)
+    base = linear(x_q, x_scale)
+    want = reference(base, x_q.float() * x_scale, a_q.float()[..., :rank, :], a_s[..., :rank], b, torch.tensor(groups))
+    own_gemm = ops.update(base.clone(), x_q, x_scale, a_q[..., :rank, :], a_s[..., :rank], b, torch.tensor(groups))
+    assert rel_err(got, want) < 1e-2 and rel_err(got, own_gemm) < 1e-2
+    assert rel_err(got, base) > 0.1  # the update is not negligible here
+    fake = ops._fp8_lora_linear_fake(x_q, x_scale, linear.extended, linear.extended_scale, parts * part_out, slot)
+    assert fake.shape == got.shape and fake.stride() == got.stride()  # what inductor assumes of the real one
+
+
 def test_the_op_runs_in_place_and_leaves_the_inputs():
     a, a_scale, b = factors(1, 1, 16, 8, 4, seed=1)
     x, y = torch.randn(1, 3, 8), torch.zeros(1, 3, 4)

@@ -65,18 +65,18 @@ if triton is not None:
         tl.store(dst_ptr + dst_row + offsets, rotated.to(dst_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _v_amax_kernel(qkv_ptr, amax_ptr, width, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    def _v_amax_kernel(qkv_ptr, amax_ptr, width, row_stride, HEAD: tl.constexpr, TAIL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        v_head, v_tail = fused_quant._load_row(qkv_ptr, row * 3 * width + 2 * width, width, HEAD, TAIL)
+        v_head, v_tail = fused_quant._load_row(qkv_ptr, row * row_stride + 2 * width, width, HEAD, TAIL)
         tl.atomic_max(amax_ptr, tl.maximum(tl.max(tl.abs(v_head), axis=0), tl.max(tl.abs(v_tail), axis=0)))
 
     @triton.jit
     def _qkv_norm_rope_quant_kernel(qkv_ptr, wq_ptr, wk_ptr, rope_ptr, qk_descale_ptr, v_amax_ptr, v_descale_ptr,
-                                    q_ptr, k_ptr, v_ptr, heads, eps_q, eps_k,
+                                    q_ptr, k_ptr, v_ptr, heads, row_stride, eps_q, eps_k,
                                     HEADS: tl.constexpr, HALF: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         width = heads * 2 * HALF
-        src_row = row * 3 * width
+        src_row = row * row_stride
         dst_row = row * width
         table = tl.load(rope_ptr + row * 2 * HALF + tl.arange(0, 2 * HALF))  # (cos, sin) pairs
         cos, sin = tl.split(tl.reshape(table, (HALF, 2)))
@@ -104,9 +104,10 @@ if triton is not None:
         v_amax = torch.zeros(1, dtype=torch.float32, device=qkv.device)
         v_descale = torch.empty(1, dtype=torch.float32, device=qkv.device)
         head, tail = row_split(width)
-        _v_amax_kernel[(rows,)](qkv, v_amax, width, HEAD=head, TAIL=tail, num_warps=8)
+        _v_amax_kernel[(rows,)](qkv, v_amax, width, qkv.stride(0), HEAD=head, TAIL=tail, num_warps=8)
         _qkv_norm_rope_quant_kernel[(rows,)](
-            qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_amax, v_descale, q, k, v, heads, eps_q, eps_k,
+            qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_amax, v_descale, q, k, v, heads, qkv.stride(0),
+            eps_q, eps_k,
             HEADS=triton.next_power_of_2(heads), HALF=width // heads // 2, num_warps=8,
         )
         return q, k, v, v_descale
@@ -131,7 +132,9 @@ def qkv_norm_rope_quant(qkv: torch.Tensor, norm_q_weight: torch.Tensor, norm_k_w
                         rope: torch.Tensor, qk_descale: torch.Tensor, heads: int, eps_q: float, eps_k: float,
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`qkv` `[rows, 3 * heads * head_dim]` bf16 and `rope` `[rows, head_dim / 2, 2]` float32 (cos, sin)
-    -> FP8 q, k, v `[rows, heads * head_dim]` and v's `[1]` dequantization scale."""
+    -> FP8 q, k, v `[rows, heads * head_dim]` and v's `[1]` dequantization scale. `qkv`'s rows may lie
+    further apart than their width (`fused_quant.strided_rows`)."""
+    qkv = fused_quant.strided_rows(qkv)
     if not fused_quant.triton_available(qkv.device):
         v_descale = v_descale_of(qkv)
         q, k, v = qkv_norm_rope_quant_reference(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, v_descale,

@@ -128,13 +128,13 @@ if triton is not None:
 
     @triton.jit
     def _gated_residual_kernel(x_ptr, y_ptr, w_ptr, gate_ptr, out_ptr, next_w_ptr, next_mod_ptr, q_ptr, s_ptr,
-                               rows_per_item, n_cols, eps, next_eps,
+                               rows_per_item, n_cols, y_row_stride, eps, next_eps,
                                HAS_GATE: tl.constexpr, NEXT: tl.constexpr, NEXT_HAS_MOD: tl.constexpr,
                                HEAD: tl.constexpr, TAIL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         start = row * n_cols
         item = row // rows_per_item
-        y_head, y_tail = _load_row(y_ptr, start, n_cols, HEAD, TAIL)
+        y_head, y_tail = _load_row(y_ptr, row * y_row_stride, n_cols, HEAD, TAIL)
         g_head, g_tail = _norm_modulate(y_head, y_tail, w_ptr, gate_ptr, item, n_cols, eps, HAS_GATE, HEAD, TAIL)
         x_head, x_tail = _load_row(x_ptr, start, n_cols, HEAD, TAIL)
         # The residual stream is bf16: round once here, and normalize the rounded values next.
@@ -147,10 +147,10 @@ if triton is not None:
             _quantize_store(q_ptr, s_ptr, row, start, n_cols, z_head, z_tail, HEAD, TAIL)
 
     @triton.jit
-    def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, n_cols, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    def _swiglu_quant_kernel(h_ptr, q_ptr, s_ptr, n_cols, h_row_stride, HEAD: tl.constexpr, TAIL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
-        a_head, a_tail = _load_row(h_ptr, row * 2 * n_cols, n_cols, HEAD, TAIL)
-        b_head, b_tail = _load_row(h_ptr, row * 2 * n_cols + n_cols, n_cols, HEAD, TAIL)
+        a_head, a_tail = _load_row(h_ptr, row * h_row_stride, n_cols, HEAD, TAIL)
+        b_head, b_tail = _load_row(h_ptr, row * h_row_stride + n_cols, n_cols, HEAD, TAIL)
         y_head = a_head * tl.sigmoid(a_head) * b_head
         y_tail = a_tail * tl.sigmoid(a_tail) * b_tail
         _quantize_store(q_ptr, s_ptr, row, row * n_cols, n_cols, y_head, y_tail, HEAD, TAIL)
@@ -160,6 +160,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous():
         raise ValueError("the fused row kernels need contiguous rows")
     return x.reshape(-1, x.shape[-1])
+
+
+def strided_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as `[rows, width]` without a copy, its rows possibly further apart than `width`: the output
+    of an FP8 GEMM whose weight carries LoRA rows after its own (`lora.ops.fp8_lora_linear`), read by
+    the kernels in place."""
+    rows = x.view(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        raise ValueError("the fused row kernels need each row's values contiguous")
+    return rows
 
 
 def _per_item(values: torch.Tensor | None, rows: int, n_cols: int) -> tuple[torch.Tensor | None, int]:
@@ -209,7 +219,7 @@ if triton is not None:
             x, y, weight, gate if gate is not None else weight, out,
             next_weight if quantized else weight, next_mod if next_mod is not None else weight,
             q if quantized else out, s if quantized else out,
-            rows_per_item, n_cols, eps, next_eps,
+            rows_per_item, n_cols, y.stride(0), eps, next_eps,
             HAS_GATE=gate is not None, NEXT=quantized, NEXT_HAS_MOD=next_mod is not None,
             HEAD=head, TAIL=tail, num_warps=_warps(n_cols),
         )
@@ -230,7 +240,7 @@ if triton is not None:
         q = torch.empty((rows, n_cols), dtype=FP8_DTYPE, device=h.device)
         s = torch.empty((rows, 1), dtype=torch.float32, device=h.device)
         head, tail = row_split(n_cols)
-        _swiglu_quant_kernel[(rows,)](h, q, s, n_cols, HEAD=head, TAIL=tail, num_warps=_warps(n_cols))
+        _swiglu_quant_kernel[(rows,)](h, q, s, n_cols, h.stride(0), HEAD=head, TAIL=tail, num_warps=_warps(n_cols))
         return q, s
 
     def _swiglu_quant_fake(h):
@@ -258,7 +268,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate:
     the FP8 rows and scales of `RMSNorm(new x) * w * mod[item]` (else `None, None`)."""
     if x.shape != y.shape:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ")
-    x2d, y2d = _rows(x), _rows(y)
+    x2d, y2d = _rows(x), strided_rows(y)
     rows, n_cols = x2d.shape
     gate2d, rows_per_item = _per_item(gate, rows, n_cols)
     next_w, next_mod, next_eps = next_norm if next_norm is not None else (None, None, 0.0)
@@ -277,7 +287,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate:
 
 def swiglu_quant(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 rows of `silu(a) * b` for `h = [a | b]` (the fused w1/w3 GEMM's output) and their scales."""
-    h2d = _rows(h)
+    h2d = strided_rows(h)
     if h2d.shape[1] % 2:
         raise ValueError(f"swiglu_quant needs an even row width, got {h2d.shape[1]}")
     if not triton_available(h.device):

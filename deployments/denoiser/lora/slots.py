@@ -14,9 +14,18 @@ whose row (batch item) i has the adapters `rows[i]` gets a `ForwardFactors`:
 Every slot carries factors in a forward with adapters (zeros where none applies), so which linears an
 adapter targets is no new graph variant: two variants per block shape, without adapters and with.
 
+Where the linears are FP8 (`Fp8Weight`), each keeps its weight as the first rows of a longer buffer
+whose last rows, the *tail* (`TAIL_RANK` rows per part), hold the forward's A factors and their
+scales: a forward with adapters runs one GEMM over weight and tail, and its last columns are the
+down-projection (`ops.fp8_lora_linear`). The tails of a kind are one tensor over its blocks, so a
+forward copies its A in with one copy per kind, once per set of factors (`_pack`: each group gets
+`TAIL_RANK / G` rows per part; a forward whose groups times rank need more runs the down-projection
+as a GEMM of its own).
+
 `GraphFactors` are static buffers of one image's factors up to a rank, for the CUDA graphs of forwards
 with adapters (`dit.step_graphs`): the graph reads them, a replay first copies the forward's
-factors in (only when they changed since the last replay).
+factors in (only when they changed since the last replay). With tails, A and its scales are the tails
+themselves.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from torch import nn
 from deployments.denoiser.lora.adapter import LoraAdapter, Slot, model_slots
 from deployments.denoiser.lora.layout import (
     FP8_DTYPE,
+    RANK_MULTIPLE,
     KindFactors,
     LaidOutAdapter,
     SlotKind,
@@ -47,6 +57,24 @@ from deployments.denoiser.lora.linear import LoraCarrier, LoraLinear
 # One forward row's adapters with their scales.
 RowAdapters = tuple[tuple[LaidOutAdapter, float], ...]
 SlotTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a, a_scale, b of one slot
+TAIL_RANK = 128  # rows of A per part an FP8 weight's tail holds (`LoraSlots.tail_rank`): one image's adapters up to this rank
+
+
+@dataclass(frozen=True)
+class KindTail:
+    """The tails of one kind's FP8 weights over its blocks: `a` `[n, P * tail_rank, in]` FP8, `a_scale`
+    `[n, P * tail_rank]` float32 (views of the extended weights, `Fp8Weight.with_tail`)."""
+
+    a: torch.Tensor
+    a_scale: torch.Tensor
+    parts: int
+
+    def layout(self, groups: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tails as `[n, G, P, rank, in]` and `[n, G, P, rank]`: each group's rows of each part."""
+        n, _, d_in = self.a.shape
+        used = groups * self.parts * rank
+        return (self.a[:, :used].view(n, groups, self.parts, rank, d_in),
+                self.a_scale[:, :used].view(n, groups, self.parts, rank))
 
 
 _SERIALS = itertools.count(1)
@@ -67,6 +95,11 @@ class ForwardFactors:
         """These factors for a forward over some of the rows only (the ControlNet's controlled rows)."""
         picked = self.groups[torch.tensor(list(indices), dtype=torch.int64, device=self.groups.device)]
         return ForwardFactors(picked, self.kinds, self.rank)
+
+    @property
+    def groups_stacked(self) -> int:
+        """G: the adapter sets the factors stack (each kind's `a.shape[1]`)."""
+        return next(iter(self.kinds.values())).a.shape[1]
 
     def slot_views(self) -> dict[str, list[SlotTensors]]:
         """Per kind, each block's `(a, a_scale, b)` (made once)."""
@@ -91,10 +124,62 @@ class LoraSlots:
             raise ValueError(f"the block linears mix input kinds {sorted(families)}; LoRA needs one")
         self.fp8 = families == {"fp8"}
         self.device, self.dtype = transformer.x_pad_token.device, transformer.x_pad_token.dtype
+        self.tail_rank = TAIL_RANK if self.fp8 else 0  # rows per part of each FP8 weight's tail
+        self.tails: dict[str, KindTail] = self._make_tails() if self.fp8 else {}
+        self._tails_hold: int | None = None  # the serial of the factors the tails hold
+        self._tail_views: dict[tuple[int, int], dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.active: ForwardFactors | None = None
         self._plans: OrderedDict[tuple, tuple[Sequence[RowAdapters], ForwardFactors]] = OrderedDict()
         self._plan_cache = plan_cache
         self._set(None)  # each linear's own `lora_on` from the start: compiled guards see one state between forwards
+
+    def _make_tails(self) -> dict[str, KindTail]:
+        """Each FP8 weight moved into one buffer per kind, `[n, out + P * tail_rank, in]`, zero tails."""
+        tails = {}
+        for name, kind in self.kinds.items():
+            out, rows, n = kind.parts * kind.part_out, kind.parts * self.tail_rank, len(kind.blocks)
+            weight = torch.zeros(n, out + rows, kind.in_features, dtype=FP8_DTYPE, device=self.device)
+            scale = torch.zeros(n, 1, out + rows, dtype=torch.float32, device=self.device)
+            for block, path in enumerate(kind.paths):
+                self.modules[path].with_tail(weight[block], scale[block])
+            tails[name] = KindTail(weight[:, out:], scale[:, 0, out:], kind.parts)
+        return tails
+
+    def fitting_rank(self, factors: ForwardFactors) -> int | None:
+        """Each group's rows per part in the tails for `factors`, or None where they do not fit."""
+        if not self.tails:
+            return None
+        groups = factors.groups_stacked
+        rank = self.tail_rank // groups // RANK_MULTIPLE * RANK_MULTIPLE
+        if rank == 0 or any(f.a.shape[3] > rank for f in factors.kinds.values()):
+            return None
+        return rank
+
+    def _pack(self, factors: ForwardFactors) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+        """Copies `factors`' A and scales into the tails (once per set of factors) and returns each
+        block's views of them (`[G, P, rank, in]`, `[G, P, rank]`); None where they do not fit."""
+        rank = self.fitting_rank(factors)
+        if rank is None:
+            return None
+        groups = factors.groups_stacked
+        if self._tails_hold != factors.serial:
+            for name, given in factors.kinds.items():
+                a, a_scale = self.tails[name].layout(groups, rank)
+                if given.a.data_ptr() == a.data_ptr():  # the tails themselves (`GraphFactors`)
+                    continue
+                r = given.a.shape[3]
+                a[..., :r, :].copy_(given.a)
+                a_scale[..., :r].copy_(given.a_scale)
+                a_scale[..., r:].zero_()  # rows past r count for nothing
+            self._tails_hold = factors.serial
+        views = self._tail_views.get((groups, rank))
+        if views is None:
+            views = {}
+            for name, tail in self.tails.items():
+                a, a_scale = tail.layout(groups, rank)
+                views[name] = [(a[block], a_scale[block]) for block in range(a.shape[0])]
+            self._tail_views[(groups, rank)] = views
+        return views
 
     def lay_out(self, adapter: LoraAdapter) -> LaidOutAdapter:
         """`adapter` on this model's device, in its linears' layout (FP8 A for FP8 rows)."""
@@ -163,14 +248,18 @@ class LoraSlots:
 
     def _set(self, factors: ForwardFactors | None) -> None:
         views = None if factors is None else factors.slot_views()
+        tails = None if factors is None else self._pack(factors)
         for kind_name, kind in self.kinds.items():
             for block, path in enumerate(kind.paths):
                 module = self.modules[path]
                 module.lora_on = views is not None
                 if views is None:
                     ops.FACTORS.pop(self.ids[path], None)
+                elif tails is not None:
+                    b = views[kind_name][block][2]
+                    ops.FACTORS[self.ids[path]] = (*tails[kind_name][block], b, factors.groups, True)
                 else:
-                    ops.FACTORS[self.ids[path]] = (*views[kind_name][block], factors.groups)
+                    ops.FACTORS[self.ids[path]] = (*views[kind_name][block], factors.groups, False)
 
     @contextlib.contextmanager
     def applied(self, factors: ForwardFactors | None) -> Iterator[None]:
@@ -209,15 +298,22 @@ class GraphFactors:
     captured graph reads; `fill` copies a forward's factors in (zero-padded) before a replay."""
 
     def __init__(self, slots: LoraSlots, rank: int):
+        self.slots = slots
         self.rank = padded_rank(rank)
+        self.in_tails = bool(slots.tails) and self.rank <= slots.tail_rank
         zero = slots.zero_adapter(self.rank)
-        self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device),
-                                      {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
-                                       for name, f in zero.kinds.items()}, self.rank)
+        kinds = {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
+                 for name, f in zero.kinds.items()}
+        if self.in_tails:  # A and its scales: the tails, laid out for one group
+            kinds = {name: KindFactors(*slots.tails[name].layout(1, slots.tail_rank), f.b) for name, f in kinds.items()}
+        self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device), kinds, self.rank)
         self.holds: int | None = None  # the serial of the factors copied in last
 
     @property
     def nbytes(self) -> int:
+        """The static buffers' bytes (with tails, B alone: A lives in the weights' tails)."""
+        if self.in_tails:
+            return sum(f.b.nbytes for f in self.factors.kinds.values())
         return sum(f.nbytes for f in self.factors.kinds.values())
 
     def fits(self, factors: ForwardFactors) -> bool:
@@ -225,16 +321,22 @@ class GraphFactors:
 
     def fill(self, factors: ForwardFactors) -> None:
         """Copies `factors` (one image, rank up to `self.rank`) in, unless they are already there."""
-        if factors is self.factors or self.holds == factors.serial:
+        if factors is self.factors:
+            return
+        if self.in_tails and self.slots._pack(factors) is None:
+            raise ValueError(f"factors of rank {factors.rank} do not fit the tails")
+        if self.holds == factors.serial:
             return
         for name, static in self.factors.kinds.items():
             given = factors.kinds[name]
             r = given.a.shape[3]
-            static.a[:, :, :, :r].copy_(given.a)
-            static.a_scale[:, :, :, :r].copy_(given.a_scale)
+            if not self.in_tails:
+                static.a[:, :, :, :r].copy_(given.a)
+                static.a_scale[:, :, :, :r].copy_(given.a_scale)
             static.b[..., :r].copy_(given.b)
             if r < self.rank:
-                static.a_scale[:, :, :, r:].zero_()  # A's rows past r count for nothing (scale 0) ...
+                if not self.in_tails:
+                    static.a_scale[:, :, :, r:].zero_()  # A's rows past r count for nothing (scale 0) ...
                 static.b[..., r:].zero_()  # ... and B's columns past r neither
         self.holds = factors.serial
 
