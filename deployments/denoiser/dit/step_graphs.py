@@ -26,7 +26,8 @@ plain forward from then on: the request is still served, at the ungraphed speed.
 LoRA: a one-image forward with adapters (`lora.slots`: the factors of the forward in flight,
 `LoraSlots.active`) replays a graph of its own per shape, captured on static factor buffers of up to
 `lora_rank` (`GraphFactors`, made at the first such capture): a replay first copies the forward's
-factors in, zero-padded, and only when they are not the ones copied last (a job's 8 steps copy once).
+factors in, zero-padded, and only when they are not the ones copied last (a job's 8 steps copy once;
+on FP8 linears A and its scales go into the weights' tails, which are the static buffers for them).
 So a new adapter, a new scale or a new rank up to `lora_rank` replays the same graph. A forward whose
 rank is over it, or with several images, runs plain (compiled, its factors read by the update op).
 
