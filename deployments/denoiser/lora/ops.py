@@ -12,11 +12,11 @@
   given, `x` is the FP8 rows (and their `[rows, 1]` scales) the fused block quantized for its own
   GEMM. There the down-projection is no GEMM of its own at all: `fp8_lora_linear` runs the linear's
   FP8 GEMM on its weight with the forward's A rows after it (`slots.LoraSlots` keeps each FP8
-  weight with room for them, the *tail*), so h is the last columns of that one GEMM's output. A
-  separate skinny GEMM took 28-64 us per linear on an H100 in every cuBLAS form (and two Triton
-  kernels were slower still), where the base GEMM's extra columns cost about their share of its
-  FLOPs. Where a forward's A do not fit the tail (more groups times rank than it holds), h is
-  cuBLAS's FP8 GEMM on the same rows (`torch._scaled_mm`);
+  weight with room for them, the *tail*), so h is the last columns of that one GEMM's output. On an
+  H100 at 4256 rows the tail's columns cost the GEMM 0-8 us, where a GEMM of its own for h took 33-52 us
+  (and two Triton kernels were slower still): b1 with one adapter went from 1.21x to 1.17x a plain
+  step (RESULTS.md, 2026-12-07). Where a forward's A do not fit the tail (more groups times rank than
+  it holds), h is cuBLAS's FP8 GEMM on the same rows (`torch._scaled_mm`);
 - each item keeps its group's columns of h (a gather; none with one group);
 - up-projection: per part, a batched GEMM over the items accumulating into y in place (cuBLAS reads
   and writes y once, in its epilogue: `baddbmm_` on y's own strided view, no copy of y); one item's
