@@ -42,7 +42,9 @@ class Fp8Weight(LoraCarrier, nn.Module):
             raise ValueError(f"an extended weight for [{out}, {self.in_features}] needs more rows, got {tuple(extended.shape)}")
         extended[:out].copy_(self.weight)
         extended_scale[:, :out].copy_(self.scale)
-        self.weight, self.scale = extended[:out], extended_scale[:, :out]
+        # the strides of a weight of its own ([1, out] as (out, 1), not (out + tail, 1)): the ControlNet's
+        # blocks, whose weights have no tail, run the same compiled graphs, which guard on strides
+        self.weight, self.scale = extended[:out], extended_scale[0, :out].view(1, out)
         self.register_buffer("extended", extended, persistent=False)
         self.register_buffer("extended_scale", extended_scale, persistent=False)
         self.lora_tail = extended.shape[0] - out
