@@ -48,11 +48,15 @@ def main() -> None:
     configured = configure_compile_cache(cache)
     loaded = load_compile_artifacts(cache, "tiny")
     before = CompileCounts.read()
-    for name in spec.get("functions", ["square"]):
-        result = torch.compile(FUNCTIONS[name], backend="inductor")(torch.eye(8) * 2)
-        assert torch.equal(result, FUNCTIONS[name](torch.eye(8) * 2))
+    written = None
+    # a replica's warm-ups: before ready, then after it ("later"), the file written after each
+    phases = [spec.get("functions", ["square"])] + ([spec["later"]] if spec.get("later") else [])
+    for phase in phases:
+        for name in phase:
+            result = torch.compile(FUNCTIONS[name], backend="inductor")(torch.eye(8) * 2)
+            assert torch.equal(result, FUNCTIONS[name](torch.eye(8) * 2))
+        written = save_compile_artifacts(cache, "tiny") or written
     counts = CompileCounts.read() - before
-    written = save_compile_artifacts(cache, "tiny")
     uploads_ok = wait_for_uploads(60)
     print("RESULT " + json.dumps({
         "configured": configured is not None, "loaded": loaded, "counts": counts.as_dict(),

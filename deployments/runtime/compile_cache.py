@@ -225,7 +225,7 @@ def save_compile_artifacts(cache_dir: str | os.PathLike[str] | None, name: str =
         logger.info("kept compiled artifacts %s: this process has not yet used every entry the file holds",
                     key.file_name)
         return None
-    data = pack(key, result[0])
+    data = pack(key, one_list_per_kind(result[0]))
     state.baseline, state.entries = CompileCounts.read(), entries
     written = local.directory / key.file_name if _write(local, key.file_name, data, state, _place(cache, local)) \
         else None
@@ -239,6 +239,31 @@ def save_every_artifact() -> None:
     every warm-up has run)."""
     for name, state in list(_states.items()):
         save_compile_artifacts(state.cache, name)
+
+
+def one_list_per_kind(payload: bytes) -> bytes:
+    """torch's artifact bytes with each kind's artifacts in one list. A process's second
+    `save_cache_artifacts()` appends its new artifacts as a second list of the same kind (inductor,
+    aot_autograd, ...) after the first save's, and `load_cache_artifacts` keeps only the last list of
+    each kind: a file written after the warm-ups after ready held none of the graphs compiled before
+    ready, and every new node compiled those again (the Denoiser on an H100, RESULTS.md 2026-12-07).
+    Merged here through torch's own (private) serializer; where that is not there, the bytes as they
+    are (a start then compiles what the file lacks, as before)."""
+    try:
+        from torch.compiler._cache import _deserialize_single_cache, _serialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        merged: dict[str, list] = {}
+        for kind, artifacts in AppendingByteSerializer.to_list(payload, deserialize_fn=_deserialize_single_cache):
+            seen = {artifact.key for artifact in merged.setdefault(kind, [])}
+            merged[kind].extend(artifact for artifact in artifacts if artifact.key not in seen)
+        writer = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+        writer.extend(merged.items())
+        return writer.to_bytes()
+    except Exception as exc:  # ImportError, or another layout: keep what torch wrote
+        _warn_once("artifact-merge", "compiled artifacts kept as torch wrote them (%s): a file written twice "
+                   "by one process may lack the first write's graphs", exc)
+        return payload
 
 
 def _entries(info) -> set[tuple[str, str]] | None:

@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "zimage-compile-unit"
 
 
-def start(directory: Path, shared: dict | None = None, functions: tuple[str, ...] = ("square",)) -> dict:
+def start(directory: Path, shared: dict | None = None, functions: tuple[str, ...] = ("square",),
+          later: tuple[str, ...] = ()) -> dict:
     """One replica start (tests/compile_cache_worker.py) against `directory` and the `shared` store,
-    compiling `functions` as its warm-up."""
+    compiling `functions` as its warm-up before ready and `later` after it, the file written after each."""
     spec = {"directory": str(directory), "shared": shared, "identity": {"model": "tiny-test"},
-            "functions": list(functions)}
+            "functions": list(functions), "later": list(later)}
     done = subprocess.run([sys.executable, "-m", "tests.compile_cache_worker", json.dumps(spec)], cwd=ROOT,
                           env={**os.environ, **TEST_CREDENTIALS}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -70,6 +71,19 @@ def test_a_new_node_starts_from_the_shared_bucket_and_compiles_nothing(tmp_path,
     third = start(tmp_path / "node-c", s3, ("square", "cube"))
     assert third["loaded"] and third["counts"]["fx_misses"] >= 1 and third["written"] is None
     assert third["status"]["written_to"] == [str(tmp_path / "node-c" / "mega")]  # only the copy of the loaded file
+
+
+def test_a_file_written_before_and_after_ready_holds_both_warm_ups(tmp_path):
+    """A replica writes its file at ready and again after its warm-ups after ready. torch appends the
+    second write's graphs as lists of their own, of which its loader keeps only the last per kind; the
+    file we write holds both, so a new node compiles neither (the Denoiser did, on an H100)."""
+    shared = {"directory": str(tmp_path / "shared")}
+    build = start(tmp_path / "build-node", shared, ("square",), later=("gram",))
+    assert build["counts"]["fx_misses"] >= 2 and build["written"]
+    new_node = start(tmp_path / "new-node", shared, ("square",), later=("gram",))
+    counts = new_node["counts"]
+    assert new_node["loaded"] and counts["fx_hits"] >= 2, counts
+    assert counts["fx_misses"] == 0 and counts["aot_misses"] == 0, counts
 
 
 def test_an_unwritable_directory_and_an_unreachable_bucket_each_warn_once_and_the_start_compiles(tmp_path):
