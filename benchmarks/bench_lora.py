@@ -17,7 +17,7 @@ graphs), one run, figures side by side:
   (`base_extended_gemm_us`); the base GEMM with the update whose down-projection is a GEMM of its own
   (`base_plus_update_us`: what a forward whose factors do not fit the tails runs), and the
   down-projections that GEMM could be (FP8 rows through cuBLAS's `_scaled_mm` with row-wise
-  scales, or tensor-wise ones, the latter also padded to 128 outputs; the operands'
+  scales, or tensor-wise ones, the latter also padded to 128 outputs; the operands' roles
   swapped; a bf16 copy of the rows that the row kernels would have to write), the up-projection per
   part, batched over the parts (what runs) or as one GEMM against a block-diagonal B, and a read and
   write of the output (the in-place update's floor);
@@ -110,7 +110,7 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         }
         figures["update_us"] = figures["base_plus_update_us"] - figures["base_us"]
         figures["update_over_base"] = figures["base_plus_update_us"] / figures["base_us"]
-        if module.lora_tail:
+        if slots.tails:
             figures.update(tail_figures(slots, kind, module, xq, xs, b, groups))
             figures["in_tail_over_base"] = figures["lora_linear_in_tail_us"] / figures["base_us"]
         figures.update(down_figures(module, xq, xs, a, a_scale, b, groups))

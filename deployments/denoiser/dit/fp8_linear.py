@@ -25,7 +25,6 @@ class Fp8Weight(LoraCarrier, nn.Module):
     adds a forward's LoRA adapters itself, from the same FP8 rows (`lora.linear`)."""
 
     lora_input = "fp8"
-    lora_tail = 0  # rows for LoRA A after the weight's own (`with_tail`)
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -47,7 +46,6 @@ class Fp8Weight(LoraCarrier, nn.Module):
         self.weight, self.scale = extended[:out], extended_scale[0, :out].view(1, out)
         self.register_buffer("extended", extended, persistent=False)
         self.register_buffer("extended_scale", extended_scale, persistent=False)
-        self.lora_tail = extended.shape[0] - out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Weight:
@@ -67,8 +65,9 @@ class Fp8Weight(LoraCarrier, nn.Module):
 
     def forward(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """`[rows, in]` FP8 and `[rows, 1]` float32 scales -> `[rows, out]` bf16 (with adapters and a
-        tail, rows `out + tail` apart: the next kernels read them in place)."""
-        if self.lora_on and self.lora_tail:
+        tail, rows `out + tail` apart: the next kernels read them in place). Only `LoraSlots` turns
+        `lora_on` on, and it gives every FP8 weight its tail first."""
+        if self.lora_on:
             return fp8_lora_linear(x_fp8, x_scale, self.extended, self.extended_scale, self.out_features,
                                    self.lora_slot)
-        return self.with_lora(fp8_gemm(x_fp8, x_scale, self.weight, self.scale), x_fp8, x_scale)
+        return fp8_gemm(x_fp8, x_scale, self.weight, self.scale)

@@ -1,8 +1,9 @@
 """The linears that carry a forward's adapters: the base output, then the unmerged update (`ops`).
 
 Two kernel families, one update:
-- `Fp8Weight` (the fused FP8 blocks, `dit.fp8_linear`) takes FP8 rows and their scales: the update's
-  down-projection reads those same FP8 rows;
+- `Fp8Weight` (the fused FP8 blocks, `dit.fp8_linear`) takes FP8 rows and their scales: with
+  adapters it runs one GEMM over its weight and the forward's A after it (`ops.fp8_lora_linear`), so
+  the down-projection reads those same FP8 rows in the base GEMM;
 - `LoraLinear` wraps any other linear (bf16 or float32 `nn.Linear`, torchao's FP8 linear): the
   down-projection reads its dense input.
 
@@ -35,12 +36,6 @@ class LoraCarrier:
         the ControlNet's (`denoiser.control_blocks`, never given adapters) share its graphs."""
         self.lora_on = False
 
-    def with_lora(self, y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.lora_on:
-            return y
-        return add_lora(y, x, x_scale, self.lora_slot)
-
-
 class LoraLinear(LoraCarrier, nn.Module):
     """Wraps a linear taking dense rows (`[B, S, in]`)."""
 
@@ -62,4 +57,5 @@ class LoraLinear(LoraCarrier, nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.with_lora(self.base(x), x)
+        y = self.base(x)
+        return add_lora(y, x, None, self.lora_slot) if self.lora_on else y

@@ -301,11 +301,15 @@ class GraphFactors:
         self.slots = slots
         self.rank = padded_rank(rank)
         self.in_tails = bool(slots.tails) and self.rank <= slots.tail_rank
-        zero = slots.zero_adapter(self.rank)
-        kinds = {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
-                 for name, f in zero.kinds.items()}
-        if self.in_tails:  # A and its scales: the tails, laid out for one group
-            kinds = {name: KindFactors(*slots.tails[name].layout(1, slots.tail_rank), f.b) for name, f in kinds.items()}
+        if self.in_tails:  # A and its scales: the tails, laid out for one group; B of its own
+            kinds = {name: KindFactors(*slots.tails[name].layout(1, slots.tail_rank),
+                                       torch.zeros(len(kind.blocks), 1, kind.parts, kind.part_out, self.rank,
+                                                   device=slots.device, dtype=slots.dtype))
+                     for name, kind in slots.kinds.items()}
+        else:
+            zero = slots.zero_adapter(self.rank)
+            kinds = {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
+                     for name, f in zero.kinds.items()}
         self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device), kinds, self.rank)
         self.holds: int | None = None  # the serial of the factors copied in last
 
