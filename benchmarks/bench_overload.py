@@ -1,7 +1,8 @@
 """Overload latency: what a refusal costs and what the surplus costs the admitted requests.
 
 Against a running app configured as tests/integration/test_admission.py configures it
-(`api.max_inflight_requests` 16, the Denoiser's `max_queued_requests` 4), three bursts in one run:
+(`api.max_inflight_requests` 16; runs recorded before 2026-12-08 also had the Denoiser's
+`max_queued_requests` at 4), three bursts in one run:
 
 - alone: 16 generations at once (what the admitted take without a surplus);
 - floor: 16 generations with 184 GETs of /v1/models beside them (the cheapest answer under that load);

@@ -25,6 +25,7 @@ class Answer:
     seconds: float
     retry_after: str | None = None
     retry_after_ms: str | None = None
+    code: str | None = None  # an error's `code` (who refused: `overloaded` at admission, another at a stage)
 
 
 @dataclass
@@ -37,12 +38,29 @@ class Burst:
     def count(self, status: int, route: str = GENERATIONS) -> int:
         return sum(a.status == status and a.route == route for a in self.answers)
 
+    def codes(self, status: int) -> dict[str | None, int]:
+        """How many answers of `status` carried each error code."""
+        found: dict[str | None, int] = {}
+        for answer in self.answers:
+            if answer.status == status:
+                found[answer.code] = found.get(answer.code, 0) + 1
+        return found
+
     def summary(self) -> dict:
         kinds = sorted({(a.route, a.status) for a in self.answers})
         return {f"{route} {status}": {"count": self.count(status, route),
                                       "p50_s": round(percentile(self.seconds(status, route), 50), 3),
                                       "p99_s": round(percentile(self.seconds(status, route), 99), 3)}
                 for route, status in kinds}
+
+
+def error_code(response: httpx.Response) -> str | None:
+    if response.status_code < 400:
+        return None
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "(no OpenAI error body)"
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -68,7 +86,8 @@ async def burst(url: str, requests: int, body: dict | None = None, timeout_s: fl
             else:
                 response = await client.post(GENERATIONS, json={**(body or BODY), "seed": seed})
             out.answers.append(Answer(response.request.url.path, response.status_code, time.perf_counter() - start,
-                                      response.headers.get("retry-after"), response.headers.get("retry-after-ms")))
+                                      response.headers.get("retry-after"), response.headers.get("retry-after-ms"),
+                                      error_code(response)))
 
         await asyncio.gather(*(one(seed) for seed in range(-trivial, requests)))
     return out
