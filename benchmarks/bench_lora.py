@@ -20,7 +20,9 @@ graphs), one run, figures side by side:
   scales, or tensor-wise ones, the latter also padded to 128 outputs; the operands' roles
   swapped; a bf16 copy of the rows that the row kernels would have to write), the up-projection per
   part, batched over the parts (what runs) or as one GEMM against a block-diagonal B, and a read and
-  write of the output (the in-place update's floor);
+  write of the output (the in-place update's floor); for q/k/v and w1/w3 with the kernel after them,
+  the plain pair, the pair with one adapter whose update that kernel adds (`pair_lora_in_kernel_us`,
+  `lora.consumers`: what runs) and the pair with the linear's own update (`pair_lora_separate_update_us`);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
 
@@ -80,7 +82,7 @@ def gpu_us(fn, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
+def kernel_figures(transformer, slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
     """Per linear kind at `rows` tokens, one block's linear: see the module docstring."""
     from deployments.denoiser.lora.layout import padded_rank, quantize_rows
     from deployments.denoiser.lora.ops import update
@@ -113,6 +115,7 @@ def kernel_figures(slots, rows: int, rank: int) -> dict[str, dict[str, float]]:
         if slots.tails:
             figures.update(tail_figures(slots, kind, module, xq, xs, b, groups))
             figures["in_tail_over_base"] = figures["lora_linear_in_tail_us"] / figures["base_us"]
+            figures.update(consumer_figures(transformer, slots, kind, module, xq, xs, b, groups))
         figures.update(down_figures(module, xq, xs, a, a_scale, b, groups))
         out[kind.key] = {k: float(f"{v:.4g}") for k, v in figures.items()}
     return out
@@ -135,6 +138,55 @@ def tail_figures(slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
         }
     finally:
         del ops.FACTORS[slot]
+
+
+def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
+    """q/k/v and w1/w3 with the kernel after them (`lora.consumers`): the plain pair (the linear, then its
+    kernel), the pair with one adapter as it runs now (the GEMM over weight and tail, the kernel adding
+    the up-projection as it reads the output) and as it ran before (`fp8_lora_linear` with its own
+    update, then the plain kernel); other kinds: none."""
+    from deployments.denoiser.dit.fp8_attention import qkv_norm_rope_quant
+    from deployments.denoiser.dit.fused_quant import swiglu_quant
+    from deployments.denoiser.lora import consumers, ops
+
+    if kind.name not in ("attention.to_qkv", "feed_forward.w13"):
+        return {}
+    tail_a, tail_scale = slots.tails[kind.key].layout(1, slots.tail_rank)
+    slot = int(module.lora_slot)
+    ops.FACTORS[slot] = (tail_a[0], tail_scale[0], b, groups, True)
+    rows = xq.shape[0]
+    if kind.name == "attention.to_qkv":
+        attn = transformer.get_submodule(kind.blocks[0]).attention
+        angles = torch.rand(rows, kind.part_out // attn.heads // 2, device=xq.device) * 6.28
+        norms = (attn.norm_q.weight, attn.norm_k.weight, torch.stack((angles.cos(), angles.sin()), dim=-1).contiguous(),
+                 attn.qk_descale, attn.heads, attn.norm_q.eps, attn.norm_k.eps)
+
+        def plain():
+            return qkv_norm_rope_quant(module(xq, xs), *norms)
+
+        def fused():
+            return consumers.qkv_norm_rope_quant_lora(module, xq, xs, *norms)
+
+        def separate():
+            return qkv_norm_rope_quant(ops.fp8_lora_linear(xq, xs, module.extended, module.extended_scale,
+                                                           module.out_features, module.lora_slot), *norms)
+    else:
+        def plain():
+            return swiglu_quant(module(xq, xs))
+
+        def fused():
+            return consumers.swiglu_quant_lora(module, xq, xs)
+
+        def separate():
+            return swiglu_quant(ops.fp8_lora_linear(xq, xs, module.extended, module.extended_scale,
+                                                    module.out_features, module.lora_slot))
+    try:
+        figures = {"pair_plain_us": gpu_us(plain), "pair_lora_in_kernel_us": gpu_us(fused),
+                   "pair_lora_separate_update_us": gpu_us(separate)}
+    finally:
+        del ops.FACTORS[slot]
+    figures["pair_lora_in_kernel_over_plain"] = figures["pair_lora_in_kernel_us"] / figures["pair_plain_us"]
+    return figures
 
 
 def down_figures(module, xq, xs, a, a_scale, b, groups) -> dict[str, float]:
@@ -304,7 +356,7 @@ def main() -> None:
     if device.type == "cuda" and slots.fp8 and not args.no_kernels:
         from deployments.geometry import image_tokens
 
-        kernels = kernel_figures(slots, image_tokens(args.size, args.size) + args.caption_tokens, args.rank)
+        kernels = kernel_figures(transformer, slots, image_tokens(args.size, args.size) + args.caption_tokens, args.rank)
     result = {
         "meta": {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -16,6 +16,7 @@ import torch
 from deployments.weights import loading
 from deployments.denoiser.dit import fp8_attention, fused_block, fused_quant, fusion, rotary
 from deployments.denoiser.dit.blocks import iter_blocks
+from deployments.denoiser.lora import consumers
 
 CPU = torch.device("cpu")
 
@@ -282,6 +283,17 @@ def _qkv_on_cpu(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, heads, eps_
     return q, k, v, v_descale
 
 
+def _qkv_lora_on_cpu(extended, x, x_scale, out_features, norm_q_weight, norm_k_weight, rope, qk_descale, heads,
+                     eps_q, eps_k, slot):
+    qkv = consumers.updated_rows_reference(extended, x, x_scale, out_features, slot)
+    return _qkv_on_cpu(qkv, norm_q_weight, norm_k_weight, rope, qk_descale, heads, eps_q, eps_k)
+
+
+def _swiglu_lora_on_cpu(extended, x, x_scale, out_features, slot):
+    return fused_quant.swiglu_quant_reference(consumers.updated_rows_reference(extended, x, x_scale, out_features,
+                                                                              slot))
+
+
 @pytest.fixture
 def ops_as_on_a_gpu(monkeypatch):
     """The fused block calling its `torch.ops.zimage` ops, as it does on a GPU, so that torch.compile
@@ -294,6 +306,8 @@ def ops_as_on_a_gpu(monkeypatch):
     library.impl("gated_residual", _gated_residual_on_cpu, "CPU")
     library.impl("swiglu_quant", fused_quant.swiglu_quant_reference, "CPU")
     library.impl("qkv_norm_rope_quant", _qkv_on_cpu, "CPU")
+    library.impl("qkv_norm_rope_quant_lora", _qkv_lora_on_cpu, "CPU")
+    library.impl("swiglu_quant_lora", _swiglu_lora_on_cpu, "CPU")
     library.impl("sdpa_fp8", _sdpa_fp8_on_cpu, "CPU")
     monkeypatch.setattr(fused_quant, "triton_available", lambda device: True)
     monkeypatch.setattr(fused_block, "cudnn_fp8_attention_available", lambda device: True)

@@ -16,6 +16,10 @@ torch. The block stays compiled regionally (`regional_compile`): the Triton kern
 attention are custom ops inside the graph, and inductor fuses the small modulation arithmetic
 around them.
 
+With this forward's LoRA adapters (`lora.slots`), q/k/v and w1/w3 run one GEMM over their weight
+and the adapters' A, and the kernel after each adds the up-projection as it reads the GEMM's output
+(`lora.consumers`); the output projection and w2 add it in their linear (`lora.ops`).
+
 `install_fused_blocks` swaps each block's class and replaces its linears with `Fp8Weight`s; it
 needs fused projections (`fusion`) and the real-valued RoPE tables (`rotary`) in place first.
 """
@@ -40,6 +44,7 @@ from deployments.denoiser.dit.fp8_attention import (
 from deployments.denoiser.dit.fp8_linear import Fp8Weight
 from deployments.denoiser.dit.rotary import RealRopeAttnProcessor
 from deployments.denoiser.dit.fused_quant import gated_residual, norm_modulate_quant, quantize_rows_reference, swiglu_quant
+from deployments.denoiser.lora.consumers import qkv_norm_rope_quant_lora, swiglu_quant_lora
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +79,16 @@ class FusedFp8Block(nn.Module):
 
         x = x.contiguous()
         xq, xs = norm_modulate_quant(x, self.attention_norm1.weight, scale_msa, self.attention_norm1.eps)
-        qkv = attn.to_qkv(xq, xs)
         if self.fp8_attention:
             # `[B, S, D/2, 2]` -> `[B*S, D/2, 2]` by its own dims: a reshape to x's row count would tie
             # the table's dynamic sizes to x's, and dynamo would specialize the sequence length
             rope = freqs_cis.flatten(0, 1).contiguous()
-            q, k, v, v_descale = qkv_norm_rope_quant(
-                qkv, attn.norm_q.weight, attn.norm_k.weight, rope,
-                attn.qk_descale, attn.heads, attn.norm_q.eps, attn.norm_k.eps,
-            )
+            norms = (attn.norm_q.weight, attn.norm_k.weight, rope, attn.qk_descale, attn.heads, attn.norm_q.eps,
+                     attn.norm_k.eps)
+            if attn.to_qkv.lora_on:  # the adapters' update inside the kernel that reads q/k/v anyway
+                q, k, v, v_descale = qkv_norm_rope_quant_lora(attn.to_qkv, xq, xs, *norms)
+            else:
+                q, k, v, v_descale = qkv_norm_rope_quant(attn.to_qkv(xq, xs), *norms)
             shape = (batch, seq, dim)
             seq_lens = None if attn_mask is None else prefix_lengths(attn_mask)
             out = sdpa_fp8(q.view(shape), k.view(shape), v.view(shape), attn.qk_descale[0:1], attn.qk_descale[1:2],
@@ -90,6 +96,7 @@ class FusedFp8Block(nn.Module):
             attn_out = attn.to_out[0](out.view(rows, dim), v_descale.reshape(1, 1).expand(rows, 1).contiguous())
         else:
             # the stock processor's attention (norms, RoPE, SDPA in its backend order) on our q/k/v
+            qkv = attn.to_qkv(xq, xs)
             out = attn.processor.attend(attn, *qkv.view(batch, seq, -1).chunk(3, dim=-1), attn_mask, freqs_cis)
             oq, os = quantize_rows_reference(out.reshape(rows, dim).float())
             attn_out = attn.to_out[0](oq, os)
@@ -98,7 +105,7 @@ class FusedFp8Block(nn.Module):
             x, attn_out.view(batch, seq, dim), self.attention_norm2.weight, gate_msa, self.attention_norm2.eps,
             next_norm=(self.ffn_norm1.weight, scale_mlp, self.ffn_norm1.eps),
         )
-        hq, hs = swiglu_quant(ff.w13(fq, fs))
+        hq, hs = swiglu_quant_lora(ff.w13, fq, fs) if ff.w13.lora_on else swiglu_quant(ff.w13(fq, fs))
         x, _, _ = gated_residual(x, ff.w2(hq, hs).view(batch, seq, dim), self.ffn_norm2.weight, gate_mlp,
                                  self.ffn_norm2.eps)
         return x

@@ -1,0 +1,110 @@
+"""The LoRA up-projection inside the q/k/v and SwiGLU kernels (deployments.denoiser.lora.consumers), in
+Triton's interpreter on CPU tensors, against the update in float32 followed by the plain kernels'
+references. As in test_fused_fp8, the kernels write float32 where they would write FP8, so every
+index, mask, group and scale is checked exactly; the real FP8 rounding runs on the GPU
+(tests/gpu/test_gpu_lora.py).
+
+Cases: one image with its adapter's A in the linear's tail; two images with different groups (and
+the empty group); a rank below the tail's (the CUDA graphs' padded factors); A that did not fit the
+tail (the down-projection's own GEMM); row counts that leave a tile part empty.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deployments.denoiser.dit import fp8_attention
+from deployments.denoiser.lora import consumers, ops
+from tests.unit.test_fused_fp8 import interpreted, make, reference_unrounded  # noqa: F401 - a fixture
+
+SLOT = torch.tensor(987654)
+TAIL_SPARE = 8  # tail columns past the ones in use (never read)
+
+# (items, groups, a_rank, rank, in_tail)
+CASES = {
+    "one image, A in the tail": (1, 1, 16, 16, True),
+    "two images, two groups": (2, 2, 16, 16, True),
+    "rank below the tail's": (1, 1, 32, 16, True),
+    "A in a GEMM of its own": (2, 2, 16, 16, False),
+}
+
+
+def factors(parts: int, part_out: int, d_in: int, items: int, groups: int, a_rank: int, rank: int,
+            in_tail: bool, rows: int, seed: int):
+    """An extended GEMM output `[rows, out + tail]` (bf16, h in its tail columns where `in_tail`), the FP8
+    rows x it came from, and the factors registered for `SLOT`."""
+    g = torch.Generator().manual_seed(seed)
+    out = parts * part_out
+    used = groups * parts * a_rank
+    x = (torch.randn(rows, d_in, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    x_scale = torch.rand(rows, 1, generator=g) * 0.02 + 0.01
+    a = (torch.randn(groups, parts, a_rank, d_in, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    a_scale = torch.rand(groups, parts, a_rank, generator=g) * 1e-3
+    b = make(groups, parts, part_out, rank, scale=0.5, seed=seed + 1)
+    group_of = torch.tensor([(i + 1) % groups for i in range(items)], dtype=torch.int64)
+    extended = torch.full((rows, out + used + TAIL_SPARE), float("nan"), dtype=torch.bfloat16)
+    extended[:, :out] = make(rows, out, scale=2, seed=seed + 2)
+    if in_tail:
+        extended[:, out : out + used] = ops._down(x, x_scale, a.reshape(-1, d_in), a_scale.reshape(1, -1),
+                                                  torch.bfloat16)
+    ops.FACTORS[int(SLOT)] = (a, a_scale, b, group_of, in_tail)
+    return extended, x, x_scale, out
+
+
+@pytest.fixture
+def slot():
+    yield SLOT
+    ops.FACTORS.pop(int(SLOT), None)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("rows_per_item", [20, 33])
+def test_qkv_kernel_adds_the_update(interpreted, slot, case, rows_per_item):
+    items, groups, a_rank, rank, in_tail = CASES[case]
+    heads, head_dim, d_in = 2, 32, 48
+    rows = items * rows_per_item
+    extended, x, x_scale, out = factors(3, heads * head_dim, d_in, items, groups, a_rank, rank, in_tail, rows, seed=3)
+    wq, wk = make(head_dim, seed=1), make(head_dim, seed=2)
+    angles = torch.rand(rows, head_dim // 2, generator=torch.Generator().manual_seed(3)) * 6.28
+    rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
+    qk_descale = fp8_attention.qk_static_scales(wq, wk)
+    q, k, v, v_descale = torch.ops.zimage.qkv_norm_rope_quant_lora(extended, x, x_scale, out, wq, wk, rope, qk_descale,
+                                                                   heads, 1e-5, 1e-5, slot)
+    qkv = consumers.updated_rows_reference(extended, x, x_scale, out, slot)
+    plain = extended[:, :out].float()
+    assert (qkv - plain).abs().max() > 0.05 * plain.abs().max()  # the update is no rounding error
+    torch.testing.assert_close(v_descale, fp8_attention.v_descale_of(qkv), rtol=1e-5, atol=0)
+    want = fp8_attention.qkv_norm_rope_quant_reference(qkv, wq, wk, rope, qk_descale, v_descale, heads, 1e-5, 1e-5)
+    for got, expected in zip((q, k, v), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_swiglu_kernel_adds_the_update(interpreted, slot, case):
+    items, groups, a_rank, rank, in_tail = CASES[case]
+    rows, n_cols, d_in = items * 21, 200, 48  # 200: a column tile only partly used
+    extended, x, x_scale, out = factors(2, n_cols, d_in, items, groups, a_rank, rank, in_tail, rows, seed=5)
+    q, s = torch.ops.zimage.swiglu_quant_lora(extended, x, x_scale, out, slot)
+    h = consumers.updated_rows_reference(extended, x, x_scale, out, slot)
+    a, b = h.chunk(2, dim=-1)
+    want_q, want_s = reference_unrounded(torch.nn.functional.silu(a) * b)
+    plain_q, _ = reference_unrounded(torch.nn.functional.silu(extended[:, :n_cols].float()) * extended[:, n_cols:out].float())
+    assert (want_q - plain_q).abs().max() > 20  # the update moves the FP8 values, not only their rounding
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(q, want_q, rtol=1e-4, atol=2e-3)
+
+
+def test_each_row_reads_its_own_groups_factors(interpreted, slot):
+    """Group 0 holds zero factors (the rows without adapters): those rows come out as without LoRA."""
+    rows, n_cols, d_in = 2 * 24, 64, 48
+    extended, x, x_scale, out = factors(2, n_cols, d_in, 2, 2, 16, 16, True, rows, seed=7)
+    a, a_scale, b, groups, in_tail = ops.FACTORS[int(slot)]
+    b[0].zero_()  # group 0: no adapter; the second image (rows 24..47) is in it
+    q, s = torch.ops.zimage.swiglu_quant_lora(extended, x, x_scale, out, slot)
+    plain = extended[:, :out].float()
+    want_q, want_s = reference_unrounded(torch.nn.functional.silu(plain[:, :n_cols]) * plain[:, n_cols:])
+    assert groups.tolist() == [1, 0]
+    torch.testing.assert_close(q[24:], want_q[24:], rtol=1e-4, atol=2e-3)
+    torch.testing.assert_close(s[24:], want_s[24:], rtol=1e-5, atol=0)
+    assert not torch.allclose(q[:24], want_q[:24], rtol=1e-2, atol=1)
