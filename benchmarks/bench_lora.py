@@ -129,7 +129,7 @@ def tail_figures(slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
 
     tail_a, tail_scale = slots.tails[kind.key].layout(1, slots.tail_rank)
     slot = -1  # an id no linear has
-    ops.FACTORS[slot] = (tail_a[0], tail_scale[0], b, groups, True)
+    ops.FACTORS[slot] = ops.SlotFactors(tail_a[0], tail_scale[0], b, groups, True)
     try:
         return {
             "base_extended_gemm_us": gpu_us(lambda: fp8_gemm(xq, xs, module.extended, module.extended_scale)),
@@ -153,7 +153,7 @@ def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dic
         return {}
     tail_a, tail_scale = slots.tails[kind.key].layout(1, slots.tail_rank)
     slot = int(module.lora_slot)
-    ops.FACTORS[slot] = (tail_a[0], tail_scale[0], b, groups, True)
+    ops.FACTORS[slot] = ops.SlotFactors(tail_a[0], tail_scale[0], b, groups, True)
     rows = xq.shape[0]
     if kind.name == "attention.to_qkv":
         attn = transformer.get_submodule(kind.blocks[0]).attention

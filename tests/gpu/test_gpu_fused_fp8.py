@@ -136,7 +136,7 @@ def lora_output(parts: int, part_out: int, groups: int = 2, rank: int = 32, item
     extended = torch.empty(ROWS, out + used, device=DEVICE, dtype=torch.bfloat16)
     extended[:, :out] = make(ROWS, out, scale=2, seed=10)
     extended[:, out:] = ops._down(x, x_scale, a.reshape(-1, DIM), a_scale.reshape(1, -1), torch.bfloat16)
-    ops.FACTORS[int(LORA_SLOT)] = (a, a_scale, b, torch.tensor([1, 0], device=DEVICE), True)
+    ops.FACTORS[int(LORA_SLOT)] = ops.SlotFactors(a, a_scale, b, torch.tensor([1, 0], device=DEVICE), True)
     return extended, x, x_scale, out
 
 

@@ -5,8 +5,9 @@ index, mask, group and scale is checked exactly; the real FP8 rounding runs on t
 (tests/gpu/test_gpu_lora.py).
 
 Cases: one image with its adapter's A in the linear's tail; two images with different groups (and
-the empty group); a rank below the tail's (the CUDA graphs' padded factors); A that did not fit the
-tail (the down-projection's own GEMM); row counts that leave a tile part empty.
+the empty group); a rank below the tail's; B zero-padded past the rank in use, which the kernels read
+from the device (the CUDA graphs' static factors); A that did not fit the tail (the down-projection's
+own GEMM); row counts that leave a tile part empty and tiles that span two images.
 """
 
 from __future__ import annotations
@@ -21,34 +22,39 @@ from tests.unit.test_fused_fp8 import interpreted, make, reference_unrounded  # 
 SLOT = torch.tensor(987654)
 TAIL_SPARE = 8  # tail columns past the ones in use (never read)
 
-# (items, groups, a_rank, rank, in_tail)
+# (items, groups, a_rank, rank, used rank on the device or None, in_tail)
 CASES = {
-    "one image, A in the tail": (1, 1, 16, 16, True),
-    "two images, two groups": (2, 2, 16, 16, True),
-    "rank below the tail's": (1, 1, 32, 16, True),
-    "A in a GEMM of its own": (2, 2, 16, 16, False),
+    "one image, A in the tail": (1, 1, 16, 16, None, True),
+    "two images, two groups": (2, 2, 16, 16, None, True),
+    "rank below the tail's": (1, 1, 32, 16, None, True),
+    "B padded past the rank in use": (1, 1, 48, 48, 32, True),
+    "A in a GEMM of its own": (2, 2, 16, 16, None, False),
 }
 
 
 def factors(parts: int, part_out: int, d_in: int, items: int, groups: int, a_rank: int, rank: int,
-            in_tail: bool, rows: int, seed: int):
+            used: int | None, in_tail: bool, rows: int, seed: int):
     """An extended GEMM output `[rows, out + tail]` (bf16, h in its tail columns where `in_tail`), the FP8
     rows x it came from, and the factors registered for `SLOT`."""
     g = torch.Generator().manual_seed(seed)
     out = parts * part_out
-    used = groups * parts * a_rank
+    tail = groups * parts * a_rank
     x = (torch.randn(rows, d_in, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
     x_scale = torch.rand(rows, 1, generator=g) * 0.02 + 0.01
     a = (torch.randn(groups, parts, a_rank, d_in, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     a_scale = torch.rand(groups, parts, a_rank, generator=g) * 1e-3
     b = make(groups, parts, part_out, rank, scale=0.5, seed=seed + 1)
+    used_rank = None
+    if used is not None:  # as the CUDA graphs' static factors, whose B is zero past the rank in use: here
+        b[..., used:] = float("nan")  # NaN, so that reading them shows
+        used_rank = torch.tensor([used], dtype=torch.int32)
     group_of = torch.tensor([(i + 1) % groups for i in range(items)], dtype=torch.int64)
-    extended = torch.full((rows, out + used + TAIL_SPARE), float("nan"), dtype=torch.bfloat16)
+    extended = torch.full((rows, out + tail + TAIL_SPARE), float("nan"), dtype=torch.bfloat16)
     extended[:, :out] = make(rows, out, scale=2, seed=seed + 2)
     if in_tail:
-        extended[:, out : out + used] = ops._down(x, x_scale, a.reshape(-1, d_in), a_scale.reshape(1, -1),
+        extended[:, out : out + tail] = ops._down(x, x_scale, a.reshape(-1, d_in), a_scale.reshape(1, -1),
                                                   torch.bfloat16)
-    ops.FACTORS[int(SLOT)] = (a, a_scale, b, group_of, in_tail)
+    ops.FACTORS[int(SLOT)] = ops.SlotFactors(a, a_scale, b, group_of, in_tail, used_rank)
     return extended, x, x_scale, out
 
 
@@ -61,10 +67,11 @@ def slot():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("rows_per_item", [20, 33])
 def test_qkv_kernel_adds_the_update(interpreted, slot, case, rows_per_item):
-    items, groups, a_rank, rank, in_tail = CASES[case]
+    items, groups, a_rank, rank, used, in_tail = CASES[case]
     heads, head_dim, d_in = 2, 32, 48
     rows = items * rows_per_item
-    extended, x, x_scale, out = factors(3, heads * head_dim, d_in, items, groups, a_rank, rank, in_tail, rows, seed=3)
+    extended, x, x_scale, out = factors(3, heads * head_dim, d_in, items, groups, a_rank, rank, used, in_tail, rows,
+                                        seed=3)
     wq, wk = make(head_dim, seed=1), make(head_dim, seed=2)
     angles = torch.rand(rows, head_dim // 2, generator=torch.Generator().manual_seed(3)) * 6.28
     rope = torch.stack((angles.cos(), angles.sin()), dim=-1)
@@ -82,9 +89,9 @@ def test_qkv_kernel_adds_the_update(interpreted, slot, case, rows_per_item):
 
 @pytest.mark.parametrize("case", CASES)
 def test_swiglu_kernel_adds_the_update(interpreted, slot, case):
-    items, groups, a_rank, rank, in_tail = CASES[case]
+    items, groups, a_rank, rank, used, in_tail = CASES[case]
     rows, n_cols, d_in = items * 21, 200, 48  # 200: a column tile only partly used
-    extended, x, x_scale, out = factors(2, n_cols, d_in, items, groups, a_rank, rank, in_tail, rows, seed=5)
+    extended, x, x_scale, out = factors(2, n_cols, d_in, items, groups, a_rank, rank, used, in_tail, rows, seed=5)
     q, s = torch.ops.zimage.swiglu_quant_lora(extended, x, x_scale, out, slot)
     h = consumers.updated_rows_reference(extended, x, x_scale, out, slot)
     a, b = h.chunk(2, dim=-1)
@@ -98,8 +105,8 @@ def test_swiglu_kernel_adds_the_update(interpreted, slot, case):
 def test_each_row_reads_its_own_groups_factors(interpreted, slot):
     """Group 0 holds zero factors (the rows without adapters): those rows come out as without LoRA."""
     rows, n_cols, d_in = 2 * 24, 64, 48
-    extended, x, x_scale, out = factors(2, n_cols, d_in, 2, 2, 16, 16, True, rows, seed=7)
-    a, a_scale, b, groups, in_tail = ops.FACTORS[int(slot)]
+    extended, x, x_scale, out = factors(2, n_cols, d_in, 2, 2, 16, 16, None, True, rows, seed=7)
+    b, groups = ops.FACTORS[int(slot)].b, ops.FACTORS[int(slot)].groups
     b[0].zero_()  # group 0: no adapter; the second image (rows 24..47) is in it
     q, s = torch.ops.zimage.swiglu_quant_lora(extended, x, x_scale, out, slot)
     plain = extended[:, :out].float()

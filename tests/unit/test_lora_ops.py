@@ -99,7 +99,7 @@ def test_fp8_linear_with_the_forwards_a_in_its_tail(groups, tail_rank, rank):
     x_q = (x / x_scale).to(torch.float8_e4m3fn)
     b = b[..., :rank].to(torch.bfloat16)
     slot = torch.tensor(987654)
-    ops.FACTORS[987654] = (a_q, a_s, b, torch.tensor(groups), True)
+    ops.FACTORS[987654] = ops.SlotFactors(a_q, a_s, b, torch.tensor(groups), True)
     try:
         got = ops.fp8_lora_linear(x_q, x_scale, linear.extended, linear.extended_scale, parts * part_out, slot)
     finally:
@@ -169,9 +169,11 @@ def test_graph_factors_take_any_rank_up_to_theirs_and_copy_only_new_factors(tran
     assert static.fits(small) and static.fits(large) and not static.fits(too_large)
     kind = next(iter(static.factors.kinds))
     static.fill(large)
+    assert static.factors.used_ranks[kind].tolist() == [32]
     static.fill(small)  # a smaller rank after a larger: the columns past it count for nothing
     got = static.factors.kinds[kind]
     assert not got.a_scale[..., 16:].any() and not got.b[..., 16:].any()
+    assert static.factors.used_ranks[kind].tolist() == [16]  # the kernels that add the update stop there
     torch.testing.assert_close(got.a_scale[..., :16], small.kinds[kind].a_scale)
     got.b.fill_(0)
     static.fill(small)  # the same factors again: nothing copied

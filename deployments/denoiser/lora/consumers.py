@@ -39,35 +39,35 @@ SWIGLU_COLUMNS = 128  # BN: columns of a and of b per program in the SwiGLU pass
 
 
 def _h(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
-       factors: tuple) -> torch.Tensor:
+       factors: ops.SlotFactors) -> torch.Tensor:
     """The forward's `x A^T` `[rows, G * P * R_a]`: the extended GEMM's last columns (a view, rows
     `out + tail` apart), or the down-projection's own GEMM where A was not in the tail."""
-    a, a_scale, _, _, in_tail = factors
-    if in_tail:
-        return extended[:, out_features : out_features + a[..., 0].numel()]
-    return ops._down(x, x_scale, a.reshape(-1, a.shape[-1]), a_scale.reshape(1, -1), extended.dtype)
+    if factors.in_tail:
+        return extended[:, out_features : out_features + factors.a[..., 0].numel()]
+    a = factors.a
+    return ops._down(x, x_scale, a.reshape(-1, a.shape[-1]), factors.a_scale.reshape(1, -1), extended.dtype)
 
 
 def updated_rows_reference(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
                            slot: torch.Tensor) -> torch.Tensor:
     """`y + h B^T` in float32 `[rows, out]`: what the kernels below compute before their own work."""
-    factors = ops._factors(slot)
-    a, a_scale, b, groups, _ = factors
-    h = _h(extended, x, x_scale, out_features, factors).float()  # bf16, as the kernels read it
-    return ops.update(extended[:, :out_features].float(), None, None, a, a_scale, b.float(), groups, h=h)
+    f = ops._factors(slot)
+    h = _h(extended, x, x_scale, out_features, f).float()  # bf16, as the kernels read it
+    b = f.b if f.used_rank is None else f.b[..., : int(f.used_rank)]
+    return ops.update(extended[:, :out_features].float(), None, None, f.a, f.a_scale, b.float(), f.groups, h=h)
 
 
 def _lora_args(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
-               slot: torch.Tensor) -> tuple:
-    """The kernels' LoRA arguments: h with its row stride, B with its strides, groups, and the sizes."""
-    factors = ops._factors(slot)
-    a, _, b, groups, _ = factors
-    h = _h(extended, x, x_scale, out_features, factors)
-    n_groups, _, a_rank, _ = a.shape
-    rank = b.shape[3]
-    rows_per_item = extended.shape[0] // groups.shape[0]
-    k_pad = max(16, triton.next_power_of_2(n_groups * rank))
-    return (h, h.stride(0), b, *b.stride(), groups, rows_per_item, a_rank, rank, n_groups), k_pad
+               slot: torch.Tensor) -> tuple[tuple, dict]:
+    """The kernels' LoRA arguments (h with its row stride, B with its strides, each item's group, the
+    ranks) and their constants."""
+    f = ops._factors(slot)
+    h = _h(extended, x, x_scale, out_features, f)
+    rows_per_item = extended.shape[0] // f.groups.shape[0]
+    used = f.used_rank if f.used_rank is not None else f.groups  # (a pointer either way; unread without)
+    args = (h, h.stride(0), f.b, *f.b.stride(), f.groups, rows_per_item, f.a.shape[2], f.b.shape[3], used)
+    constants = {"USED_IN_MEMORY": f.used_rank is not None, "DOT_F32": extended.device.type != "cuda"}
+    return args, constants
 
 
 if triton is not None:
@@ -75,23 +75,34 @@ if triton is not None:
 
     @triton.jit
     def _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item, a_rank, rank,
-                     n_groups, parts, part, rows_m, row_ok, cols, col_ok, K_PAD: tl.constexpr,
-                     DOT_F32: tl.constexpr):
-        """`h B^T` of one part for a tile `[BM, BN]` (float32): rows `rows_m`, the part's columns `cols`;
-        each row reads only its own group's rank columns of h."""
-        kk = tl.arange(0, K_PAD)
-        group = kk // rank
-        r = kk % rank
-        k_ok = kk < n_groups * rank
-        row_group = tl.load(groups_ptr + rows_m // rows_per_item, mask=row_ok, other=-1)
-        h_cols = group * (parts * a_rank) + part * a_rank + r
-        h_ok = row_ok[:, None] & k_ok[None, :] & (row_group[:, None] == group[None, :])
-        h = tl.load(h_ptr + rows_m[:, None] * h_row_stride + h_cols[None, :], mask=h_ok, other=0.0)
-        bt = tl.load(b_ptr + group[:, None] * b_sg + part * b_sp + cols[None, :] * b_sc + r[:, None] * b_sr,
-                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_F32:  # Triton's interpreter (CPU tensors) multiplies bf16 dots wrongly
-            return tl.dot(h.to(tl.float32), bt.to(tl.float32))
-        return tl.dot(h, bt.to(h.dtype))
+                     used_ptr, parts, part, rows, rows_m, row_ok, cols, col_ok,
+                     BM: tl.constexpr, BN: tl.constexpr, USED_IN_MEMORY: tl.constexpr, DOT_F32: tl.constexpr):
+        """`h B^T` of one part for a tile `[BM, BN]` (float32): rows `rows_m`, the part's columns `cols`.
+        Per batch item in the tile (usually one), its group's h columns against its group's B, 16 ranks
+        at a time up to the rank in use (`used_ptr`'s where B is zero-padded past it, else `rank`)."""
+        used = rank
+        if USED_IN_MEMORY:
+            used = tl.load(used_ptr)
+        row_start = tl.program_id(0).to(tl.int64) * BM
+        first = row_start // rows_per_item
+        last = (tl.minimum(row_start + BM, rows) - 1) // rows_per_item
+        item_of_row = rows_m // rows_per_item
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for item in range(first, last + 1):
+            group = tl.load(groups_ptr + item)
+            in_item = row_ok & (item_of_row == item)
+            h_row = h_ptr + rows_m[:, None] * h_row_stride + group * (parts * a_rank) + part * a_rank
+            b_part = b_ptr + group * b_sg + part * b_sp + cols[None, :] * b_sc
+            for r0 in range(0, used, 16):
+                r = r0 + tl.arange(0, 16)
+                r_ok = r < used
+                h = tl.load(h_row + r[None, :], mask=in_item[:, None] & r_ok[None, :], other=0.0)
+                bt = tl.load(b_part + r[:, None] * b_sr, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                if DOT_F32:  # Triton's interpreter (CPU tensors) multiplies bf16 dots wrongly
+                    acc += tl.dot(h.to(tl.float32), bt.to(tl.float32))
+                else:
+                    acc += tl.dot(h, bt.to(h.dtype))
+        return acc
 
     @triton.jit
     def _norm_rope_tile(x, w_ptr, cos, sin, descale, eps, BM: tl.constexpr, HALF: tl.constexpr):
@@ -104,10 +115,10 @@ if triton is not None:
 
     @triton.jit
     def _qkv_lora_kernel(qkv_ptr, h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                         a_rank, rank, n_groups, wq_ptr, wk_ptr, rope_ptr, qk_descale_ptr, v_amax_ptr, v_descale_ptr,
+                         a_rank, rank, used_ptr, wq_ptr, wk_ptr, rope_ptr, qk_descale_ptr, v_amax_ptr, v_descale_ptr,
                          q_ptr, k_ptr, v_ptr, rows, heads, row_stride, eps_q, eps_k,
-                         AMAX_ONLY: tl.constexpr, BM: tl.constexpr, HALF: tl.constexpr, K_PAD: tl.constexpr,
-                         DOT_F32: tl.constexpr):
+                         AMAX_ONLY: tl.constexpr, BM: tl.constexpr, HALF: tl.constexpr,
+                         USED_IN_MEMORY: tl.constexpr, DOT_F32: tl.constexpr):
         rows_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         head_cols = tl.arange(0, 2 * HALF)
         cols = tl.program_id(1) * (2 * HALF) + head_cols  # within a part
@@ -118,7 +129,8 @@ if triton is not None:
         src = qkv_ptr + rows_m[:, None] * row_stride + cols[None, :]
         v = tl.load(src + 2 * width, mask=ok, other=0.0).to(tl.float32)
         v += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, n_groups, 3, 2, rows_m, row_ok, cols, col_ok, K_PAD, DOT_F32)
+                              a_rank, rank, used_ptr, 3, 2, rows, rows_m, row_ok, cols, col_ok, BM, 2 * HALF,
+                              USED_IN_MEMORY, DOT_F32)
         if AMAX_ONLY:
             tl.atomic_max(v_amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(v), 0.0), axis=1), axis=0))
         else:
@@ -127,12 +139,14 @@ if triton is not None:
             dst = rows_m[:, None] * width + cols[None, :]
             q = tl.load(src, mask=ok, other=0.0).to(tl.float32)
             q += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, n_groups, 3, 0, rows_m, row_ok, cols, col_ok, K_PAD, DOT_F32)
+                              a_rank, rank, used_ptr, 3, 0, rows, rows_m, row_ok, cols, col_ok, BM, 2 * HALF,
+                              USED_IN_MEMORY, DOT_F32)
             q = _norm_rope_tile(q, wq_ptr, cos, sin, tl.load(qk_descale_ptr), eps_q, BM, HALF)
             tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=ok)
             k = tl.load(src + width, mask=ok, other=0.0).to(tl.float32)
             k += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, n_groups, 3, 1, rows_m, row_ok, cols, col_ok, K_PAD, DOT_F32)
+                              a_rank, rank, used_ptr, 3, 1, rows, rows_m, row_ok, cols, col_ok, BM, 2 * HALF,
+                              USED_IN_MEMORY, DOT_F32)
             k = _norm_rope_tile(k, wk_ptr, cos, sin, tl.load(qk_descale_ptr + 1), eps_k, BM, HALF)
             tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=ok)
             v_descale = tl.maximum(tl.load(v_amax_ptr), 1e-12) / 448.0
@@ -143,9 +157,9 @@ if triton is not None:
 
     @triton.jit
     def _swiglu_lora_kernel(y_ptr, h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                            a_rank, rank, n_groups, amax_ptr, q_ptr, s_ptr, rows, n_cols, row_stride,
-                            QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, K_PAD: tl.constexpr,
-                            DOT_F32: tl.constexpr):
+                            a_rank, rank, used_ptr, amax_ptr, q_ptr, s_ptr, rows, n_cols, row_stride,
+                            QUANT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            USED_IN_MEMORY: tl.constexpr, DOT_F32: tl.constexpr):
         rows_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         row_ok = rows_m < rows
@@ -154,10 +168,12 @@ if triton is not None:
         src = y_ptr + rows_m[:, None] * row_stride + cols[None, :]
         a = tl.load(src, mask=ok, other=0.0).to(tl.float32)
         a += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, n_groups, 2, 0, rows_m, row_ok, cols, col_ok, K_PAD, DOT_F32)
+                              a_rank, rank, used_ptr, 2, 0, rows, rows_m, row_ok, cols, col_ok, BM, BN,
+                              USED_IN_MEMORY, DOT_F32)
         b = tl.load(src + n_cols, mask=ok, other=0.0).to(tl.float32)
         b += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, n_groups, 2, 1, rows_m, row_ok, cols, col_ok, K_PAD, DOT_F32)
+                              a_rank, rank, used_ptr, 2, 1, rows, rows_m, row_ok, cols, col_ok, BM, BN,
+                              USED_IN_MEMORY, DOT_F32)
         z = a * tl.sigmoid(a) * b
         if QUANT:
             scale = tl.maximum(tl.load(amax_ptr + rows_m, mask=row_ok, other=1.0), 1e-12) / 448.0
@@ -173,7 +189,7 @@ if triton is not None:
                      qk_descale: torch.Tensor, heads: int, eps_q: float, eps_k: float, slot: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, width = extended.shape[0], out_features // 3
-        lora, k_pad = _lora_args(extended, x, x_scale, out_features, slot)
+        lora, constants = _lora_args(extended, x, x_scale, out_features, slot)
         q, k, v = (torch.empty((rows, width), dtype=fused_quant.FP8_DTYPE, device=extended.device) for _ in range(3))
         v_amax = torch.zeros(1, dtype=torch.float32, device=extended.device)
         v_descale = torch.empty(1, dtype=torch.float32, device=extended.device)
@@ -181,8 +197,8 @@ if triton is not None:
         for amax_only in (True, False):
             _qkv_lora_kernel[grid](extended, *lora, norm_q_weight, norm_k_weight, rope, qk_descale, v_amax,
                                    v_descale, q, k, v, rows, heads, extended.stride(0), eps_q, eps_k,
-                                   AMAX_ONLY=amax_only, BM=ROWS_PER_TILE, HALF=width // heads // 2, K_PAD=k_pad,
-                                   DOT_F32=extended.device.type != "cuda", num_warps=4)
+                                   AMAX_ONLY=amax_only, BM=ROWS_PER_TILE, HALF=width // heads // 2, **constants,
+                                   num_warps=4)
         return q, k, v, v_descale
 
     def _qkv_lora_fake(extended, x, x_scale, out_features, norm_q_weight, norm_k_weight, rope, qk_descale, heads,
@@ -199,15 +215,14 @@ if triton is not None:
     def _swiglu_lora_op(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
                         slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, n_cols = extended.shape[0], out_features // 2
-        lora, k_pad = _lora_args(extended, x, x_scale, out_features, slot)
+        lora, constants = _lora_args(extended, x, x_scale, out_features, slot)
         q = torch.empty((rows, n_cols), dtype=fused_quant.FP8_DTYPE, device=extended.device)
         s = torch.empty((rows, 1), dtype=torch.float32, device=extended.device)
         amax = torch.zeros(rows, dtype=torch.float32, device=extended.device)
         grid = (triton.cdiv(rows, ROWS_PER_TILE), triton.cdiv(n_cols, SWIGLU_COLUMNS))
         for quant in (False, True):
             _swiglu_lora_kernel[grid](extended, *lora, amax, q, s, rows, n_cols, extended.stride(0),
-                                      QUANT=quant, BM=ROWS_PER_TILE, BN=SWIGLU_COLUMNS, K_PAD=k_pad,
-                                      DOT_F32=extended.device.type != "cuda", num_warps=4)
+                                      QUANT=quant, BM=ROWS_PER_TILE, BN=SWIGLU_COLUMNS, **constants, num_warps=4)
         return q, s
 
     def _swiglu_lora_fake(extended, x, x_scale, out_features, slot):

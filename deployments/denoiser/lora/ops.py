@@ -36,6 +36,8 @@ Under a CUDA-graph capture its body runs once, on the static factors the capture
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from deployments.denoiser.dit.fp8_gemm import fp8_gemm
@@ -55,9 +57,21 @@ def _down(x2d: torch.Tensor, x_scale: torch.Tensor | None, a2d: torch.Tensor, a_
     return ((x2d.float() * x_scale) @ a2d.float().t() * a_scale).to(dtype)  # the same function on a CPU
 
 
-# slot id -> (a, a_scale, b, groups, in_tail): the factors of the forward in flight, for each linear that
-# has any; `in_tail`: `a` is the view of the linear's weight tail that holds them (`fp8_lora_linear`)
-FACTORS: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]] = {}
+class SlotFactors(NamedTuple):
+    """One linear's factors for the forward in flight (see the module docstring for the shapes)."""
+
+    a: torch.Tensor
+    a_scale: torch.Tensor
+    b: torch.Tensor
+    groups: torch.Tensor  # [B] int64: each batch item's group
+    in_tail: bool  # `a` is the view of the linear's weight tail that holds them (`fp8_lora_linear`)
+    # `[1]` int32 on the device: the rank B's columns use, where they are zero-padded further (the CUDA
+    # graphs' static factors, `slots.GraphFactors`); the kernels that add the update skip the rest
+    used_rank: torch.Tensor | None = None
+
+
+# slot id -> its factors for the forward in flight, for each linear that has any
+FACTORS: dict[int, SlotFactors] = {}
 
 
 def update(y: torch.Tensor, x: torch.Tensor | None, x_scale: torch.Tensor | None, a: torch.Tensor,
@@ -92,7 +106,7 @@ def update(y: torch.Tensor, x: torch.Tensor | None, x_scale: torch.Tensor | None
     return y
 
 
-def _factors(slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _factors(slot: torch.Tensor) -> SlotFactors:
     factors = FACTORS.get(int(slot))
     if factors is None:
         raise RuntimeError(f"LoRA slot {int(slot)} has no factors for this forward")
@@ -100,19 +114,19 @@ def _factors(slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _lora_add(y: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None, slot: torch.Tensor) -> None:
-    a, a_scale, b, groups, _ = _factors(slot)
-    update(y, x, x_scale, a, a_scale, b, groups)
+    f = _factors(slot)
+    update(y, x, x_scale, f.a, f.a_scale, f.b, f.groups)
 
 
 def _fp8_lora_linear(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                      out_features: int, slot: torch.Tensor) -> torch.Tensor:
-    a, a_scale, b, groups, in_tail = _factors(slot)
+    f = _factors(slot)
     extended = fp8_gemm(x, x_scale, weight, scale)  # [rows, out + tail]: the base output, then x A^T
     y = extended[:, :out_features]
-    if in_tail:
-        update(y, None, None, a, a_scale, b, groups, h=extended[:, out_features : out_features + a[..., 0].numel()])
+    if f.in_tail:
+        update(y, None, None, f.a, f.a_scale, f.b, f.groups, h=extended[:, out_features : out_features + f.a[..., 0].numel()])
     else:
-        update(y, x, x_scale, a, a_scale, b, groups)
+        update(y, x, x_scale, f.a, f.a_scale, f.b, f.groups)
     return y
 
 

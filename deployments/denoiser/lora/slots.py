@@ -89,6 +89,7 @@ class ForwardFactors:
     kinds: dict[str, KindFactors]  # stacked over the groups: a [n, G, P, R, in], a_scale [n, G, P, R], b [n, G, P, out, R]
     rank: int  # the largest R of any kind
     serial: int = field(default_factory=lambda: next(_SERIALS))  # these factors, not equal ones made again
+    used_ranks: dict[str, torch.Tensor] | None = None  # per kind, on the device: B's used columns (`GraphFactors`)
     _views: dict[str, list[SlotTensors]] | None = None
 
     def rows(self, indices: Sequence[int]) -> ForwardFactors:
@@ -255,11 +256,13 @@ class LoraSlots:
                 module.lora_on = views is not None
                 if views is None:
                     ops.FACTORS.pop(self.ids[path], None)
-                elif tails is not None:
-                    b = views[kind_name][block][2]
-                    ops.FACTORS[self.ids[path]] = (*tails[kind_name][block], b, factors.groups, True)
                 else:
-                    ops.FACTORS[self.ids[path]] = (*views[kind_name][block], factors.groups, False)
+                    used = None if factors.used_ranks is None else factors.used_ranks[kind_name]
+                    a, a_scale, b = views[kind_name][block]
+                    if tails is not None:
+                        a, a_scale = tails[kind_name][block]
+                    ops.FACTORS[self.ids[path]] = ops.SlotFactors(a, a_scale, b, factors.groups, tails is not None,
+                                                                  used)
 
     @contextlib.contextmanager
     def applied(self, factors: ForwardFactors | None) -> Iterator[None]:
@@ -310,7 +313,9 @@ class GraphFactors:
             zero = slots.zero_adapter(self.rank)
             kinds = {name: KindFactors(f.a.unsqueeze(1), f.a_scale.unsqueeze(1), f.b.unsqueeze(1))
                      for name, f in zero.kinds.items()}
-        self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device), kinds, self.rank)
+        used = {name: torch.full((1,), self.rank, dtype=torch.int32, device=slots.device) for name in kinds}
+        self.factors = ForwardFactors(torch.zeros(1, dtype=torch.int64, device=slots.device), kinds, self.rank,
+                                      used_ranks=used)
         self.holds: int | None = None  # the serial of the factors copied in last
 
     @property
@@ -338,6 +343,7 @@ class GraphFactors:
                 static.a[:, :, :, :r].copy_(given.a)
                 static.a_scale[:, :, :, :r].copy_(given.a_scale)
             static.b[..., :r].copy_(given.b)
+            self.factors.used_ranks[name].fill_(r)  # the kernels that add the update stop there
             if r < self.rank:
                 if not self.in_tails:
                     static.a_scale[:, :, :, r:].zero_()  # A's rows past r count for nothing (scale 0) ...
