@@ -34,8 +34,11 @@ from deployments.denoiser.dit.fp8_gemm import fp8_gemm
 from deployments.denoiser.dit.fused_quant import register_op, triton
 from deployments.denoiser.lora import ops
 
-ROWS_PER_TILE = 32  # BM: rows per program (tl.dot needs 16 or more); B is read once per tile
-SWIGLU_COLUMNS = 128  # BN: columns of a and of b per program in the SwiGLU passes
+# Tiles and warps: B is read once per tile of rows (tl.dot needs 16 rows or more). Chosen so that
+# ptxas fits each kernel in registers without spilling for sm_90 (tests/unit/test_lora_kernels_compile.py);
+# not yet timed on a GPU (benchmarks/bench_lora.py's pair figures).
+QKV_ROWS, QKV_WARPS = 32, 16  # a tile: 32 rows of one head, q, k and v
+SWIGLU_ROWS, SWIGLU_COLUMNS, SWIGLU_WARPS = 32, 128, 8  # a tile: 32 rows, 128 columns of a and of b
 
 
 def _h(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
@@ -127,11 +130,11 @@ if triton is not None:
         ok = row_ok[:, None]
         width = heads * 2 * HALF
         src = qkv_ptr + rows_m[:, None] * row_stride + cols[None, :]
-        v = tl.load(src + 2 * width, mask=ok, other=0.0).to(tl.float32)
-        v += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
+        if AMAX_ONLY:
+            v = tl.load(src + 2 * width, mask=ok, other=0.0).to(tl.float32)
+            v += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
                               a_rank, rank, used_ptr, 3, 2, rows, rows_m, row_ok, cols, col_ok, BM, 2 * HALF,
                               USED_IN_MEMORY, DOT_F32)
-        if AMAX_ONLY:
             tl.atomic_max(v_amax_ptr, tl.max(tl.max(tl.where(ok, tl.abs(v), 0.0), axis=1), axis=0))
         else:
             table = tl.load(rope_ptr + rows_m[:, None] * (2 * HALF) + head_cols[None, :], mask=ok, other=0.0)
@@ -149,6 +152,10 @@ if triton is not None:
                               USED_IN_MEMORY, DOT_F32)
             k = _norm_rope_tile(k, wk_ptr, cos, sin, tl.load(qk_descale_ptr + 1), eps_k, BM, HALF)
             tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=ok)
+            v = tl.load(src + 2 * width, mask=ok, other=0.0).to(tl.float32)
+            v += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
+                              a_rank, rank, used_ptr, 3, 2, rows, rows_m, row_ok, cols, col_ok, BM, 2 * HALF,
+                              USED_IN_MEMORY, DOT_F32)
             v_descale = tl.maximum(tl.load(v_amax_ptr), 1e-12) / 448.0
             v = tl.clamp(v / v_descale, -448.0, 448.0)
             tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=ok)
@@ -193,12 +200,12 @@ if triton is not None:
         q, k, v = (torch.empty((rows, width), dtype=fused_quant.FP8_DTYPE, device=extended.device) for _ in range(3))
         v_amax = torch.zeros(1, dtype=torch.float32, device=extended.device)
         v_descale = torch.empty(1, dtype=torch.float32, device=extended.device)
-        grid = (triton.cdiv(rows, ROWS_PER_TILE), heads)
+        grid = (triton.cdiv(rows, QKV_ROWS), heads)
         for amax_only in (True, False):
             _qkv_lora_kernel[grid](extended, *lora, norm_q_weight, norm_k_weight, rope, qk_descale, v_amax,
                                    v_descale, q, k, v, rows, heads, extended.stride(0), eps_q, eps_k,
-                                   AMAX_ONLY=amax_only, BM=ROWS_PER_TILE, HALF=width // heads // 2, **constants,
-                                   num_warps=4)
+                                   AMAX_ONLY=amax_only, BM=QKV_ROWS, HALF=width // heads // 2, **constants,
+                                   num_warps=QKV_WARPS)
         return q, k, v, v_descale
 
     def _qkv_lora_fake(extended, x, x_scale, out_features, norm_q_weight, norm_k_weight, rope, qk_descale, heads,
@@ -219,10 +226,11 @@ if triton is not None:
         q = torch.empty((rows, n_cols), dtype=fused_quant.FP8_DTYPE, device=extended.device)
         s = torch.empty((rows, 1), dtype=torch.float32, device=extended.device)
         amax = torch.zeros(rows, dtype=torch.float32, device=extended.device)
-        grid = (triton.cdiv(rows, ROWS_PER_TILE), triton.cdiv(n_cols, SWIGLU_COLUMNS))
+        grid = (triton.cdiv(rows, SWIGLU_ROWS), triton.cdiv(n_cols, SWIGLU_COLUMNS))
         for quant in (False, True):
             _swiglu_lora_kernel[grid](extended, *lora, amax, q, s, rows, n_cols, extended.stride(0),
-                                      QUANT=quant, BM=ROWS_PER_TILE, BN=SWIGLU_COLUMNS, **constants, num_warps=4)
+                                      QUANT=quant, BM=SWIGLU_ROWS, BN=SWIGLU_COLUMNS, **constants,
+                                      num_warps=SWIGLU_WARPS)
         return q, s
 
     def _swiglu_lora_fake(extended, x, x_scale, out_features, slot):
