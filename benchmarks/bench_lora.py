@@ -20,8 +20,8 @@ graphs), one run, figures side by side:
   scales, or tensor-wise ones, the latter also padded to 128 outputs; the operands' roles
   swapped; a bf16 copy of the rows that the row kernels would have to write), the up-projection per
   part, batched over the parts (what runs) or as one GEMM against a block-diagonal B, and a read and
-  write of the output (the in-place update's floor); for q/k/v and w1/w3 with the kernel after them,
-  the plain pair, the pair with one adapter whose update that kernel adds (`pair_lora_in_kernel_us`,
+  write of the output (the in-place update's floor); each linear with the row kernel after it: the
+  plain pair, the pair with one adapter whose update that kernel adds (`pair_lora_in_kernel_us`,
   `lora.consumers`: what runs) and the pair with the linear's own update (`pair_lora_separate_update_us`);
 - an unseen rank-32 adapter file: `AdapterCache.resolve` (read, convert, lay out on the GPU) against
   a cached one (target: at most 1.5 s more).
@@ -141,15 +141,15 @@ def tail_figures(slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
 
 
 def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dict[str, float]:
-    """q/k/v and w1/w3 with the kernel after them (`lora.consumers`): the plain pair (the linear, then its
-    kernel), the pair with one adapter as it runs now (the GEMM over weight and tail, the kernel adding
-    the up-projection as it reads the output) and as it ran before (`fp8_lora_linear` with its own
-    update, then the plain kernel); other kinds: none."""
+    """Each FP8 linear with the row kernel after it (`lora.consumers`): the plain pair (the linear, then
+    its kernel), the pair with one adapter as it runs now (the GEMM over weight and tail, the kernel
+    adding the up-projection as it reads the output) and as it ran before (`fp8_lora_linear` with its
+    own update, then the plain kernel)."""
     from deployments.denoiser.dit.fp8_attention import qkv_norm_rope_quant
-    from deployments.denoiser.dit.fused_quant import swiglu_quant
+    from deployments.denoiser.dit.fused_quant import gated_residual, swiglu_quant
     from deployments.denoiser.lora import consumers, ops
 
-    if kind.name not in ("attention.to_qkv", "feed_forward.w13"):
+    if kind.name not in ("attention.to_qkv", "attention.to_out.0", "feed_forward.w13", "feed_forward.w2"):
         return {}
     tail_a, tail_scale = slots.tails[kind.key].layout(1, slots.tail_rank)
     slot = int(module.lora_slot)
@@ -170,6 +170,27 @@ def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dic
         def separate():
             return qkv_norm_rope_quant(ops.fp8_lora_linear(xq, xs, module.extended, module.extended_scale,
                                                            module.out_features, module.lora_slot), *norms)
+    elif kind.name in ("attention.to_out.0", "feed_forward.w2"):
+        block = transformer.get_submodule(kind.blocks[0])
+        dim = kind.part_out
+        x = torch.randn(1, rows, dim, device=xq.device, dtype=torch.bfloat16)
+        gate = torch.rand(1, dim, device=xq.device, dtype=torch.bfloat16)
+        if kind.name == "attention.to_out.0":  # then the feed-forward's norm, fused in
+            norm = (block.attention_norm2.weight, gate, block.attention_norm2.eps)
+            next_norm = (block.ffn_norm1.weight, 1.0 + gate, block.ffn_norm1.eps)
+        else:
+            norm, next_norm = (block.ffn_norm2.weight, gate, block.ffn_norm2.eps), None
+
+        def plain():
+            return gated_residual(x, module(xq, xs).view(x.shape), *norm, next_norm=next_norm)
+
+        def fused():
+            return consumers.gated_residual_lora(x, module, xq, xs, *norm, next_norm=next_norm)
+
+        def separate():
+            return gated_residual(x, ops.fp8_lora_linear(xq, xs, module.extended, module.extended_scale,
+                                                         module.out_features, module.lora_slot).view(x.shape),
+                                  *norm, next_norm=next_norm)
     else:
         def plain():
             return swiglu_quant(module(xq, xs))

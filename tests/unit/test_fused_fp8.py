@@ -294,6 +294,12 @@ def _swiglu_lora_on_cpu(extended, x, x_scale, out_features, slot):
                                                                               slot))
 
 
+def _gated_residual_lora_on_cpu(x, extended, xq, x_scale, out_features, weight, gate, rows_per_item, eps,
+                                next_weight, next_mod, next_eps, slot):
+    y = consumers.updated_rows_reference(extended, xq, x_scale, out_features, slot)
+    return _gated_residual_on_cpu(x, y, weight, gate, rows_per_item, eps, next_weight, next_mod, next_eps)
+
+
 @pytest.fixture
 def ops_as_on_a_gpu(monkeypatch):
     """The fused block calling its `torch.ops.zimage` ops, as it does on a GPU, so that torch.compile
@@ -308,6 +314,7 @@ def ops_as_on_a_gpu(monkeypatch):
     library.impl("qkv_norm_rope_quant", _qkv_on_cpu, "CPU")
     library.impl("qkv_norm_rope_quant_lora", _qkv_lora_on_cpu, "CPU")
     library.impl("swiglu_quant_lora", _swiglu_lora_on_cpu, "CPU")
+    library.impl("gated_residual_lora", _gated_residual_lora_on_cpu, "CPU")
     library.impl("sdpa_fp8", _sdpa_fp8_on_cpu, "CPU")
     monkeypatch.setattr(fused_quant, "triton_available", lambda device: True)
     monkeypatch.setattr(fused_block, "cudnn_fp8_attention_available", lambda device: True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deployments.denoiser.dit import fp8_attention
+from deployments.denoiser.dit import fp8_attention, fused_quant
 from deployments.denoiser.lora import consumers, ops
 from tests.unit.test_fused_fp8 import interpreted, make, reference_unrounded  # noqa: F401 - a fixture
 
@@ -98,6 +98,34 @@ def test_swiglu_kernel_adds_the_update(interpreted, slot, case):
     want_q, want_s = reference_unrounded(torch.nn.functional.silu(a) * b)
     plain_q, _ = reference_unrounded(torch.nn.functional.silu(extended[:, :n_cols].float()) * extended[:, n_cols:out].float())
     assert (want_q - plain_q).abs().max() > 20  # the update moves the FP8 values, not only their rounding
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    torch.testing.assert_close(q, want_q, rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("fused_next", [True, False])
+def test_gated_residual_kernel_adds_the_update(interpreted, slot, case, fused_next):
+    """After the output projection (with the next norm's FP8 rows) and after w2 (without)."""
+    items, groups, a_rank, rank, used, in_tail = CASES[case]
+    rows, n_cols, d_in = items * 21, 200, 48
+    extended, x_fp8, x_scale, out = factors(1, n_cols, d_in, items, groups, a_rank, rank, used, in_tail, rows, seed=9)
+    x = make(rows, n_cols, scale=3, seed=10)
+    w, gate, w2, mod = make(n_cols, seed=11), make(items, n_cols, seed=12), make(n_cols, seed=13), make(items, n_cols,
+                                                                                                           seed=14)
+    next_args = (w2, mod, 1e-6) if fused_next else (None, None, 0.0)
+    got, q, s = torch.ops.zimage.gated_residual_lora(x, extended, x_fp8, x_scale, out, w, gate, rows // items, 1e-5,
+                                                     *next_args, slot)
+    y = consumers.updated_rows_reference(extended, x_fp8, x_scale, out, slot)
+    want, _, _ = fused_quant.gated_residual_reference(x, y, w, gate, rows // items, 1e-5)
+    plain, _, _ = fused_quant.gated_residual_reference(x, extended[:, :out].float(), w, gate, rows // items, 1e-5)
+    assert (want.float() - plain.float()).abs().max() > 0.1  # the update changes the new rows
+    # one bf16 rounding of the same float32 sum (the interpreter's bf16 cast truncates): an ulp apart
+    torch.testing.assert_close(got, want, rtol=2**-7, atol=1e-2)
+    if not fused_next:
+        assert q.numel() == 0 and s.numel() == 0
+        return
+    # the next norm reads the new rows as rounded: the kernel's own
+    want_q, want_s = fused_quant.norm_modulate_quant_reference(got, w2, mod, rows // items, 1e-6)
     torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
     torch.testing.assert_close(q, want_q, rtol=1e-4, atol=2e-3)
 

@@ -116,10 +116,10 @@ def test_a_mixed_batch_equals_each_row_alone(tiny_source, made, family):
     assert torch.equal(batch[-1], plain_batch[-1])  # zero factors add exactly nothing
 
 
-def test_the_kernels_after_qkv_and_w13_add_what_the_linears_would(tiny_source, made, cpu_fp8_attention, monkeypatch):
-    """On a mixed batch (three adapters and a row without, A in the tails), q/k/v and w1/w3 with the
-    update added by the kernel after them (`lora.consumers`) give what each linear adding it itself
-    gives (`ops.fp8_lora_linear`), row by row: each row's group, part and column are the right ones."""
+def test_the_kernels_after_the_linears_add_what_the_linears_would(tiny_source, made, cpu_fp8_attention, monkeypatch):
+    """On a mixed batch (three adapters and a row without, A in the tails), the linears with the update
+    added by the kernel after them (`lora.consumers`) give what each linear adding it itself gives
+    (`ops.fp8_lora_linear`), row by row: each row's group, part and column are the right ones."""
     model = fused(tiny_source, "fp8")
     laid = [model._lora_slots.lay_out(LoraAdapter(f"a{i}", f)) for i, f in enumerate(made)]
     rows = [((laid[0], 1.0),), ((laid[3], -0.7),), (), ((laid[1], 0.5), (laid[2], 2.0))]
@@ -128,6 +128,8 @@ def test_the_kernels_after_qkv_and_w13_add_what_the_linears_would(tiny_source, m
     monkeypatch.setattr(fused_block, "qkv_norm_rope_quant_lora",
                         lambda linear, xq, xs, *norms: fused_block.qkv_norm_rope_quant(linear(xq, xs), *norms))
     monkeypatch.setattr(fused_block, "swiglu_quant_lora", lambda linear, xq, xs: fused_block.swiglu_quant(linear(xq, xs)))
+    monkeypatch.setattr(fused_block, "gated_residual_lora", lambda x, linear, xq, xs, *norm, next_norm=None: (
+        fused_block.gated_residual(x, linear(xq, xs).view(x.shape), *norm, next_norm=next_norm)))
     theirs = run(model, rows, *x)
     plain = run(model, [()] * len(rows), *x)
     for row, got, expected, without in zip(rows, ours, theirs, plain):

@@ -1,4 +1,4 @@
-"""The LoRA consumer kernels (deployments.denoiser.lora.consumers) compiled for an H100/H200 (sm_90a)
+"""The LoRA consumer kernels (deployments.denoiser.lora.consumers: q/k/v, SwiGLU, gated residual) compiled for an H100/H200 (sm_90a)
 on a machine without a GPU: Triton's compiler and the ptxas it ships with, at the tiles and warps
 the ops launch. The interpreter (test_lora_consumers) checks what the kernels compute; only the
 compiler sees what fails on a GPU alone (types, layouts, a loop bound read from memory) and what
@@ -28,6 +28,11 @@ QKV = {"qkv_ptr": "*bf16", **LORA, "wq_ptr": "*bf16", "wk_ptr": "*bf16", "rope_p
        "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "rows": "i32", "heads": "i32", "row_stride": "i32", "eps_q": "fp32",
        "eps_k": "fp32", "AMAX_ONLY": "constexpr", "BM": "constexpr", "HALF": "constexpr",
        "USED_IN_MEMORY": "constexpr", "DOT_F32": "constexpr"}
+RESIDUAL = {"x_ptr": "*bf16", "y_ptr": "*bf16", **LORA, "w_ptr": "*bf16", "gate_ptr": "*bf16", "out_ptr": "*bf16",
+            "next_w_ptr": "*bf16", "next_mod_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows": "i32",
+            "n_cols": "i32", "y_row_stride": "i32", "mod_rows_per_item": "i32", "eps": "fp32", "next_eps": "fp32",
+            "HAS_GATE": "constexpr", "NEXT": "constexpr", "NEXT_HAS_MOD": "constexpr", "BM": "constexpr",
+            "BN": "constexpr", "USED_IN_MEMORY": "constexpr", "DOT_F32": "constexpr"}
 SWIGLU = {"y_ptr": "*bf16", **LORA, "amax_ptr": "*fp32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows": "i32",
           "n_cols": "i32", "row_stride": "i32", "QUANT": "constexpr", "BM": "constexpr", "BN": "constexpr",
           "USED_IN_MEMORY": "constexpr", "DOT_F32": "constexpr"}
@@ -56,6 +61,11 @@ def compile_all() -> dict[str, str]:
                 c._swiglu_lora_kernel, SWIGLU, c.SWIGLU_WARPS,
                 {"QUANT": quant, "BM": c.SWIGLU_ROWS, "BN": c.SWIGLU_COLUMNS, "USED_IN_MEMORY": used,
                  "DOT_F32": False})
+        for fused_next in (True, False):
+            variants[f"gated_residual next={fused_next} used_in_memory={used}"] = (
+                c._gated_residual_lora_kernel, RESIDUAL, c.RESIDUAL_WARPS,
+                {"HAS_GATE": True, "NEXT": fused_next, "NEXT_HAS_MOD": fused_next, "BM": c.RESIDUAL_ROWS,
+                 "BN": c.RESIDUAL_COLUMNS, "USED_IN_MEMORY": used, "DOT_F32": False})
     found = {}
     for name, (kernel, signature, warps, constants) in variants.items():
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,
@@ -77,7 +87,7 @@ def test_the_lora_kernels_compile_for_sm90_without_spilling():
     assert run.returncode == 0, run.stderr[-4000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     print(json.dumps(found, indent=1))
-    assert len(found) == 8
+    assert len(found) == 12
     for name, report in found.items():
         assert "0 bytes spill stores" in report and "0 bytes spill loads" in report, (name, report)
 

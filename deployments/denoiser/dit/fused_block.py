@@ -16,9 +16,9 @@ torch. The block stays compiled regionally (`regional_compile`): the Triton kern
 attention are custom ops inside the graph, and inductor fuses the small modulation arithmetic
 around them.
 
-With this forward's LoRA adapters (`lora.slots`), q/k/v and w1/w3 run one GEMM over their weight
-and the adapters' A, and the kernel after each adds the up-projection as it reads the GEMM's output
-(`lora.consumers`); the output projection and w2 add it in their linear (`lora.ops`).
+With this forward's LoRA adapters (`lora.slots`), each linear runs one GEMM over its weight and the
+adapters' A, and the kernel after it adds the up-projection as it reads the GEMM's output
+(`lora.consumers`); with the bf16 attention, q/k/v adds it in its linear (`lora.ops`).
 
 `install_fused_blocks` swaps each block's class and replaces its linears with `Fp8Weight`s; it
 needs fused projections (`fusion`) and the real-valued RoPE tables (`rotary`) in place first.
@@ -44,7 +44,7 @@ from deployments.denoiser.dit.fp8_attention import (
 from deployments.denoiser.dit.fp8_linear import Fp8Weight
 from deployments.denoiser.dit.rotary import RealRopeAttnProcessor
 from deployments.denoiser.dit.fused_quant import gated_residual, norm_modulate_quant, quantize_rows_reference, swiglu_quant
-from deployments.denoiser.lora.consumers import qkv_norm_rope_quant_lora, swiglu_quant_lora
+from deployments.denoiser.lora.consumers import gated_residual_lora, qkv_norm_rope_quant_lora, swiglu_quant_lora
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +93,23 @@ class FusedFp8Block(nn.Module):
             seq_lens = None if attn_mask is None else prefix_lengths(attn_mask)
             out = sdpa_fp8(q.view(shape), k.view(shape), v.view(shape), attn.qk_descale[0:1], attn.qk_descale[1:2],
                            v_descale, attn.heads, seq_lens)
-            attn_out = attn.to_out[0](out.view(rows, dim), v_descale.reshape(1, 1).expand(rows, 1).contiguous())
+            oq, os = out.view(rows, dim), v_descale.reshape(1, 1).expand(rows, 1).contiguous()
         else:
             # the stock processor's attention (norms, RoPE, SDPA in its backend order) on our q/k/v
             qkv = attn.to_qkv(xq, xs)
             out = attn.processor.attend(attn, *qkv.view(batch, seq, -1).chunk(3, dim=-1), attn_mask, freqs_cis)
             oq, os = quantize_rows_reference(out.reshape(rows, dim).float())
-            attn_out = attn.to_out[0](oq, os)
 
-        x, fq, fs = gated_residual(
-            x, attn_out.view(batch, seq, dim), self.attention_norm2.weight, gate_msa, self.attention_norm2.eps,
-            next_norm=(self.ffn_norm1.weight, scale_mlp, self.ffn_norm1.eps),
-        )
-        hq, hs = swiglu_quant_lora(ff.w13, fq, fs) if ff.w13.lora_on else swiglu_quant(ff.w13(fq, fs))
+        to_out, ffn_norm = attn.to_out[0], (self.ffn_norm1.weight, scale_mlp, self.ffn_norm1.eps)
+        if to_out.lora_on:  # with adapters, each kernel after a linear adds the linear's update as it reads
+            x, fq, fs = gated_residual_lora(x, to_out, oq, os, self.attention_norm2.weight, gate_msa,
+                                            self.attention_norm2.eps, next_norm=ffn_norm)
+            hq, hs = swiglu_quant_lora(ff.w13, fq, fs)
+            x, _, _ = gated_residual_lora(x, ff.w2, hq, hs, self.ffn_norm2.weight, gate_mlp, self.ffn_norm2.eps)
+            return x
+        x, fq, fs = gated_residual(x, to_out(oq, os).view(batch, seq, dim), self.attention_norm2.weight, gate_msa,
+                                   self.attention_norm2.eps, next_norm=ffn_norm)
+        hq, hs = swiglu_quant(ff.w13(fq, fs))
         x, _, _ = gated_residual(x, ff.w2(hq, hs).view(batch, seq, dim), self.ffn_norm2.weight, gate_mlp,
                                  self.ffn_norm2.eps)
         return x
