@@ -124,7 +124,8 @@ def _fp8_lora_linear(x: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     extended = fp8_gemm(x, x_scale, weight, scale)  # [rows, out + tail]: the base output, then x A^T
     y = extended[:, :out_features]
     if f.in_tail:
-        update(y, None, None, f.a, f.a_scale, f.b, f.groups, h=extended[:, out_features : out_features + f.a[..., 0].numel()])
+        h = extended[:, out_features : out_features + f.a[..., 0].numel()]
+        update(y, None, None, f.a, f.a_scale, f.b, f.groups, h=h)
     else:
         update(y, x, x_scale, f.a, f.a_scale, f.b, f.groups)
     return y
