@@ -180,6 +180,28 @@ def test_swiglu_quant_with_the_lora_update(lora_slot):
     assert steps <= MAX_STEPS_APART and share <= LORA_BOUNDARY_SHARE
 
 
+def test_gated_residual_with_the_lora_update_and_the_next_norm(lora_slot):
+    from deployments.denoiser.lora import consumers
+
+    extended, xq, x_scale, out = lora_output(1, DIM)
+    x = make(2, ROWS // 2, DIM, scale=2, seed=11)
+    w, gate, w2, mod = make(DIM, seed=12), make(2, DIM, seed=13), make(DIM, seed=14), make(2, DIM, seed=15)
+    got, q, s = torch.ops.zimage.gated_residual_lora(x.view(-1, DIM), extended, xq, x_scale, out, w, gate, ROWS // 2,
+                                                     1e-5, w2, mod, 1e-6, lora_slot)
+    y = consumers.updated_rows_reference(extended, xq, x_scale, out, lora_slot)
+    want, _, _ = fused_quant.gated_residual_reference(x.view(-1, DIM), y, w, gate, ROWS // 2, 1e-5)
+    bf16_apart = ((got.view(-1, DIM).float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)).max()
+    # the next norm on the new rows as the kernel rounded them
+    want_q, want_s = fused_quant.norm_modulate_quant_reference(got.view(-1, DIM), w2, mod, ROWS // 2, 1e-6)
+    record(gated_residual_lora_bf16_rel=bf16_apart.item())
+    assert bf16_apart <= 2**-7  # one bf16 rounding of the same sum
+    steps, share = fp8_steps_apart(q, want_q)
+    scale_err = ((s - want_s).abs() / want_s).max().item()
+    record(gated_residual_lora_next={"max_steps_apart": steps, "share_differing": share, "scale_rel_err": scale_err})
+    assert scale_err < 1e-5
+    assert steps <= MAX_STEPS_APART and share <= LORA_BOUNDARY_SHARE
+
+
 @pytest.mark.skipif(not fp8_attention.cudnn_fp8_attention_available(DEVICE), reason="needs cuDNN's frontend on sm_90")
 @pytest.mark.parametrize("seq", [1184, 4256])
 def test_cudnn_fp8_attention(seq):
