@@ -4,9 +4,10 @@ the tiny checkpoint and the tiny ControlNet, canny preprocessing, bad control in
 (1x1 and 20000x20000 control images among it), and the load generator's controlled requests.
 
 The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
-it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels), and the
-module restores it afterwards. Each test names the ControlNet it needs; the app is redeployed only
-when that changes.
+it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels); they run after
+the other integration tests (tests/integration/conftest.py: OTHER_ARGS), and the session's args come back
+before a test that needs them. Each test names the ControlNet it needs; the app is redeployed only when
+that changes.
 """
 
 from __future__ import annotations
@@ -68,17 +69,13 @@ def test_control_fields_without_a_controlnet_are_refused_naming_them(deployed, h
 @pytest.fixture(scope="module")
 def deployed(served):
     """`deployed(controlnet)`: the shared app with that `controlnet` setting (None: as the session
-    deployed it), redeployed only when the setting changes; the session's args come back after the module."""
-    original = served.args
+    deployed it), redeployed only when the app runs other args now; the session's args come back before
+    the next test that needs them (tests/integration/conftest.py: `session_args`)."""
 
     def use(controlnet: str | None):
-        if served.args.get("controlnet") != controlnet:
-            served.args = original if controlnet is None else {**original, "controlnet": controlnet}
-            served.deploy()
-        return served
+        return served.use(None if controlnet is None else {**served.args, "controlnet": controlnet})
 
-    yield use
-    use(original.get("controlnet"))
+    return use
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ expired names, keys, and stores that fail."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -165,18 +164,15 @@ def test_a_failing_local_store_is_a_503_and_returns_nothing(served, http, store_
 @pytest.fixture(scope="module")
 def s3_app(served):
     """The shared app with `image_store.kind: s3`; the bucket's credentials reach the Ingress replica
-    through its environment only (runtime_env), never through args."""
+    through its environment only (runtime_env), never through args. Its tests run last of all
+    (tests/integration/conftest.py: OTHER_ARGS); a test after them that needs the session's args gets
+    them deployed again (`session_args`)."""
     with s3_server() as server:
         server.create_bucket(BUCKET)
         args = {**served.args, "image_store": {"kind": "s3", "url_ttl_s": 600, "s3": {
             "bucket": BUCKET, "endpoint_url": server.endpoint_url, "prefix": PREFIX, "timeout_s": 5}}}
-        s3_served = dataclasses.replace(served, args=args)
         env = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": TEST_CREDENTIALS}}}
-        try:
-            s3_served.deploy([{"name": "Ingress", **env}])
-            yield s3_served, server
-        finally:
-            served.deploy()
+        yield served.use(args, [{"name": "Ingress", **env}]), server
 
 
 @pytest.mark.parametrize("route", ["generate", "edit"])
