@@ -33,7 +33,8 @@ TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a sl
 
 
 # The fixtures that deploy the shared app with other args than the session's, in the order their tests run:
-# after every other integration test (tests/integration/test_controlnet.py, then test_image_urls.py).
+# after every other integration test (tests/integration/test_controlnet.py, then test_image_urls.py). The
+# last two deploy the same args (`last_args`).
 OTHER_ARGS = ("controlled", "control_only", "s3_app")
 # Modules whose tests change the args and deploy the session's again themselves, as part of what they test
 # (under load): after the tests on the session's args, before those of OTHER_ARGS.
@@ -220,6 +221,30 @@ def session_args(request) -> None:
         app = request.getfixturevalue("served")
         if app.deployed.get("args") != app.args:
             app.deploy()
+
+
+S3_BUCKET, S3_PREFIX = "zimage-integration", "served/images"
+
+
+@pytest.fixture(scope="package")
+def last_args(served, cache_dir) -> Iterator[tuple[dict, list[dict], object]]:
+    """(args, deployments, S3 server): the app's last args of the session, shared by two modules' tests
+    because each change of args restarts every stage. A ControlNet of Union 1.0's layout (16 control
+    channels, no mask: test_controlnet.py's `control_only`) and an S3 image store on moto's server
+    (test_image_urls.py's `s3_app`), whose credentials reach the Ingress replica through its environment
+    only (runtime_env), never through args. Neither module's tests use what the other's part sets (no
+    control in the S3 tests, no `url` response format in the ControlNet's)."""
+    from deployments.weights.controlnet_source import ensure_tiny_controlnet
+    from tests.s3_server import TEST_CREDENTIALS, s3_server
+
+    with s3_server() as server:
+        server.create_bucket(S3_BUCKET)
+        args = {**served.args, "controlnet": str(ensure_tiny_controlnet(cache_dir, mask_channels=False)),
+                "image_store": {"kind": "s3", "url_ttl_s": 600, "s3": {
+                    "bucket": S3_BUCKET, "endpoint_url": server.endpoint_url, "prefix": S3_PREFIX, "timeout_s": 5}}}
+        ingress = {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.25,
+                                                             "runtime_env": {"env_vars": TEST_CREDENTIALS}}}
+        yield args, [ingress], server
 
 
 @pytest.fixture()

@@ -4,7 +4,8 @@ the tiny checkpoint and the tiny ControlNet, canny preprocessing, bad control in
 (1x1 and 20000x20000 control images among it), and the load generator's controlled requests.
 
 The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
-it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels); they run after
+it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels; conftest's
+`last_args`, which test_image_urls.py's S3 tests share); they run after
 the other integration tests (tests/integration/conftest.py: OTHER_ARGS), and the session's args come back
 before a test that needs them. Each test names the ControlNet it needs; the app is redeployed only when
 that changes.
@@ -389,11 +390,11 @@ def test_transform_takes_a_control_image_only_with_a_mask(controlled, browser, h
 
 
 @pytest.fixture()
-def control_only(deployed, cache_dir):
-    """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask."""
-    from deployments.weights.controlnet_source import ensure_tiny_controlnet
-
-    return deployed(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
+def control_only(served, last_args):
+    """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask (and the S3
+    image store of test_image_urls.py's last tests, which run on the same args: conftest's `last_args`)."""
+    args, deployments, _ = last_args
+    return served.use(args, deployments)
 
 
 def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_only, http, browser):
