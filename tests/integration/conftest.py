@@ -35,22 +35,21 @@ TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a sl
 # The fixtures that deploy the shared app with other args than the session's, in the order their tests run:
 # after every other integration test (tests/integration/test_controlnet.py, then test_image_urls.py). The
 # last two deploy the same args (`last_args`).
+# (test_reliability.py's keys test changes the args and deploys the session's again itself, under load, as
+# part of what it tests: it keeps its place among the tests on the session's args.)
 OTHER_ARGS = ("controlled", "control_only", "s3_app")
-# Modules whose tests change the args and deploy the session's again themselves, as part of what they test
-# (under load): after the tests on the session's args, before those of OTHER_ARGS.
-RESTORING_MODULES = ("test_reliability.py",)
 
 
 def _run_order(item) -> int:
-    """0: tests without the shared app (before it starts); 1: on the session's args; then
-    RESTORING_MODULES; then each of OTHER_ARGS."""
+    """0: tests without the shared app (before it starts); 1: on the session's args; then each of
+    OTHER_ARGS."""
     names = getattr(item, "fixturenames", ())
     if "served" not in names:
         return 0
     for rank, fixture in enumerate(OTHER_ARGS):
         if fixture in names:
-            return 3 + rank
-    return 2 if item.path.name in RESTORING_MODULES else 1
+            return 2 + rank
+    return 1
 
 
 def pytest_collection_modifyitems(session, config, items):
