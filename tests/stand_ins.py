@@ -33,3 +33,12 @@ class _LocalMethod:
             return await getattr(self.handle.target, self.name)(*resolved, **kwargs)
 
         return asyncio.ensure_future(call())
+
+
+async def close_all(handles) -> None:
+    """Stops the batchers' tasks of the stages behind `handles` (on the loop they run on, before it closes:
+    a closed loop's pending task is reported as destroyed when it is collected)."""
+    for handle in handles:
+        close = getattr(handle.target, "aclose", None)
+        if close is not None:
+            await close()

@@ -200,6 +200,11 @@ class Denoiser(ModelStage):
     def _record_step(self, size: int, seconds: float) -> None:
         self.record_batch("step", size, seconds)
 
+    def drainers(self) -> list:
+        """The step-level batcher's task too (`StageBase.aclose`)."""
+        batcher = getattr(self, "batcher", None)  # absent if the constructor failed before it
+        return super().drainers() + ([batcher] if batcher is not None else [])
+
     def apply_config(self, config: DenoiserConfig) -> None:
         self.batcher.max_batch_size = config.max_batch_size
         self.denoiser_metrics.set_policy(config.scheduling)

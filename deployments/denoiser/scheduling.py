@@ -109,6 +109,15 @@ class ContinuousBatcher(QueueDrainer):
     def _queued(self, job: DenoiseJob, future: asyncio.Future) -> _Entry:
         return _Entry(job, future, time.monotonic())
 
+    async def aclose(self) -> None:
+        """QueueDrainer's, and the jobs waiting or running are cancelled too."""
+        await super().aclose()
+        for entry in self.waiting.remove(lambda entry: True) + [e for es in self.running.values() for e in es]:
+            if not entry.future.done():
+                entry.future.cancel()
+        self.running.clear()
+        self._turns.clear()
+
     def queued_jobs(self) -> list[DenoiseJob]:
         """Jobs waiting to join the running batch (their callers still there)."""
         waiting = list(self.queue) + self.waiting.items()  # each copy one step: safe from a thread

@@ -85,6 +85,26 @@ class QueueDrainer:
     async def _drive(self) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Cancels the task that drains the queue, from any thread (its loop cancels it on its next
+        turn): a replica's shutdown. A later `submit` starts a new one."""
+        task, self._task = self._task, None
+        if task is not None and not task.done() and not task.get_loop().is_closed():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+    async def aclose(self) -> None:
+        """`close`, on the task's own loop, and waits until the task has ended; items still queued are
+        cancelled (their callers see CancelledError)."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])  # the task's CancelledError stays in it; a cancel of ours still raises
+        while self.queue:
+            waiting = self.queue.popleft()
+            if not waiting.future.done():
+                waiting.future.cancel()
+        self.observer.waiting(0)
+
 
 class DynamicBatcher(QueueDrainer):
     def __init__(self, run_batch: RunBatch, max_batch_size: int = 8, wait_s: float = 0.0,
@@ -132,6 +152,11 @@ class DynamicBatcher(QueueDrainer):
                 results = await self.run_batch([w.item for w in batch])
                 if len(results) != len(batch):
                     raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
+            except asyncio.CancelledError:  # closed mid-batch: its callers are not left waiting
+                for waiting in batch:
+                    if not waiting.future.done():
+                        waiting.future.cancel()
+                raise
             except Exception as exc:  # the batch failed: each of its callers hears why
                 self.observer.failed(len(batch))
                 for waiting in batch:

@@ -36,7 +36,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.runtime.background_warmup import BackgroundWarmup, WarmupStep
-from deployments.runtime.batching import DynamicBatcher
+from deployments.runtime.batching import DynamicBatcher, QueueDrainer
 from deployments.runtime.gpu_lane import GpuLane
 from deployments.runtime.start_phases import StartPhases
 from deployments.runtime.metrics import StageMetrics
@@ -201,6 +201,21 @@ class StageBase:
                                  self.metrics.observer(method))
         self.batchers[method] = batcher
         return batcher
+
+    def drainers(self) -> list[QueueDrainer]:
+        """The tasks' owners that `aclose` stops: each batcher."""
+        return list(getattr(self, "batchers", {}).values())
+
+    async def aclose(self) -> None:
+        """Stops the batchers' tasks and waits for them to end (an event loop's owner, before it closes it)."""
+        for drainer in self.drainers():
+            await drainer.aclose()
+
+    def __del__(self) -> None:
+        """Serve's replica shutdown (also garbage collection): the batchers' tasks are cancelled on their
+        loop, not left pending."""
+        for drainer in self.drainers():
+            drainer.close()
 
     def reconfigure(self, user_config: dict | None) -> None:
         """Serve's live-config hook: `user_config` over the bound `base_config`, validated, then applied.

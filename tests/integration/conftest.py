@@ -2,12 +2,18 @@
 
 Real parts only: Ray Serve, HTTP on 127.0.0.1, the official openai client. The app is deployed once;
 tests that need other settings change its live `user_config`, as an operator would.
+
+A few tests need other `args` (a ControlNet, an S3 image store, API keys). Each change of args restarts all
+five stages (Serve hashes args into the code version: most of a minute on a 2-core machine), so those tests
+run last, in the order of `OTHER_ARGS`, one change going straight to the next; the session's args are
+deployed again only before a test that needs them (`session_args`), not after each module.
 """
 
 from __future__ import annotations
 
 import base64
 import concurrent.futures
+import copy
 import glob
 import io
 import os
@@ -16,7 +22,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import httpx
 import pytest
@@ -24,6 +30,36 @@ from PIL import Image
 
 APP_NAME = "zimage"
 TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a slow CPU
+
+
+# The fixtures that deploy the shared app with other args than the session's, in the order their tests run:
+# after every other integration test (tests/integration/test_controlnet.py, then test_image_urls.py). The
+# last two deploy the same args (`last_args`).
+# (test_reliability.py's keys test changes the args and deploys the session's again itself, under load, as
+# part of what it tests: it keeps its place among the tests on the session's args.)
+OTHER_ARGS = ("controlled", "control_only", "s3_app")
+
+
+def _run_order(item) -> int:
+    """0: tests without the shared app (before it starts); 1: on the session's args; then each of
+    OTHER_ARGS."""
+    names = getattr(item, "fixturenames", ())
+    if "served" not in names:
+        return 0
+    for rank, fixture in enumerate(OTHER_ARGS):
+        if fixture in names:
+            return 2 + rank
+    return 1
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Orders the integration tests by `_run_order` (a stable sort: within a rank, as collected); the
+    other tests keep their places. Only this package's items move, within the places they held."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    places = [i for i, item in enumerate(items) if str(item.path).startswith(here + os.sep)]
+    ordered = sorted((items[i] for i in places), key=_run_order)
+    for place, item in zip(places, ordered):
+        items[place] = item
 
 
 def free_port() -> int:
@@ -59,6 +95,9 @@ class ServedApp:
     port: int
     metrics_port: int
     last_check: object = None  # what the last readiness check of a deploy saw
+    # What the app runs now: {"args": ..., "deployments": ...} of the last deploy that finished (empty while
+    # one is under way or failed). Shared by the copies `dataclasses.replace` makes (one app, one state).
+    deployed: dict = field(default_factory=dict)
 
     def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300) -> None:
         """Deploys from a config, as `serve deploy` does. `deployments` overrides per-deployment options;
@@ -74,11 +113,13 @@ class ServedApp:
                  "args": self.args, "deployments": deployments or []}
             ],
         }
+        self.deployed.clear()
         _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = serve.status().applications.get(APP_NAME)
             if status is not None and status.status == "RUNNING" and self._denoiser_config_applied(deployments or []):
+                self.deployed.update(args=copy.deepcopy(self.args), deployments=copy.deepcopy(deployments or []))
                 return
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"deploy failed: {status.message}")
@@ -86,6 +127,14 @@ class ServedApp:
         details = {name: (d.status, d.message) for name, d in status.deployments.items()} if status else None
         raise TimeoutError(f"{APP_NAME} not running after {timeout_s}s: {details}; last Denoiser check: "
                            f"{self.last_check}")
+
+    def use(self, args: dict | None = None, deployments: list[dict] | None = None) -> "ServedApp":
+        """The shared app running `args` (this app's own by default) with `deployments`' overrides (none by
+        default): deployed only when it runs something else now. Returns a ServedApp for those args."""
+        app = self if args is None else replace(self, args=args)
+        if self.deployed != {"args": app.args, "deployments": deployments or []}:
+            app.deploy(deployments)
+        return app
 
     def _denoiser_config_applied(self, deployments: list[dict]) -> bool:
         """RUNNING can still describe the previous config for a moment after a redeploy; what the last
@@ -131,8 +180,10 @@ class ServedApp:
             off_loop(lambda: serve.get_deployment_handle(name, APP_NAME).reset_stats.remote().result(timeout_s=30))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
+    """The shared app, for this package's tests only: it stops after the last of them, so that it idles
+    beside no other test (tests/unit run after this package)."""
     import ray
     from ray import serve
 
@@ -157,6 +208,42 @@ def served(cache_dir, tiny_source) -> Iterator[ServedApp]:
             serve.shutdown()
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)  # also when Ray did not start
+
+
+@pytest.fixture(autouse=True)
+def session_args(request) -> None:
+    """A test on the shared app that does not ask for other args (OTHER_ARGS) gets the session's: deployed
+    again here (a restart of every stage) if a test before left the app on others (see `_run_order`).
+    Live `user_config` overrides are left to the tests that make them (a module's fixture may keep one)."""
+    names = request.fixturenames
+    if "served" in names and not any(fixture in names for fixture in OTHER_ARGS):
+        app = request.getfixturevalue("served")
+        if app.deployed.get("args") != app.args:
+            app.deploy()
+
+
+S3_BUCKET, S3_PREFIX = "zimage-integration", "served/images"
+
+
+@pytest.fixture(scope="package")
+def last_args(served, cache_dir) -> Iterator[tuple[dict, list[dict], object]]:
+    """(args, deployments, S3 server): the app's last args of the session, shared by two modules' tests
+    because each change of args restarts every stage. A ControlNet of Union 1.0's layout (16 control
+    channels, no mask: test_controlnet.py's `control_only`) and an S3 image store on moto's server
+    (test_image_urls.py's `s3_app`), whose credentials reach the Ingress replica through its environment
+    only (runtime_env), never through args. Neither module's tests use what the other's part sets (no
+    control in the S3 tests, no `url` response format in the ControlNet's)."""
+    from deployments.weights.controlnet_source import ensure_tiny_controlnet
+    from tests.s3_server import TEST_CREDENTIALS, s3_server
+
+    with s3_server() as server:
+        server.create_bucket(S3_BUCKET)
+        args = {**served.args, "controlnet": str(ensure_tiny_controlnet(cache_dir, mask_channels=False)),
+                "image_store": {"kind": "s3", "url_ttl_s": 600, "s3": {
+                    "bucket": S3_BUCKET, "endpoint_url": server.endpoint_url, "prefix": S3_PREFIX, "timeout_s": 5}}}
+        ingress = {"name": "Ingress", "ray_actor_options": {"num_cpus": 0.25,
+                                                             "runtime_env": {"env_vars": TEST_CREDENTIALS}}}
+        yield args, [ingress], server
 
 
 @pytest.fixture()

@@ -4,9 +4,11 @@ the tiny checkpoint and the tiny ControlNet, canny preprocessing, bad control in
 (1x1 and 20000x20000 control images among it), and the load generator's controlled requests.
 
 The module's first test runs against the shared app as deployed (no ControlNet); the rest redeploy
-it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels), and the
-module restores it afterwards. Each test names the ControlNet it needs; the app is redeployed only
-when that changes.
+it with `controlnet: tiny`, the last with the tiny Union 1.0 layout (no mask channels; conftest's
+`last_args`, which test_image_urls.py's S3 tests share); they run after
+the other integration tests (tests/integration/conftest.py: OTHER_ARGS), and the session's args come back
+before a test that needs them. Each test names the ControlNet it needs; the app is redeployed only when
+that changes.
 """
 
 from __future__ import annotations
@@ -68,17 +70,13 @@ def test_control_fields_without_a_controlnet_are_refused_naming_them(deployed, h
 @pytest.fixture(scope="module")
 def deployed(served):
     """`deployed(controlnet)`: the shared app with that `controlnet` setting (None: as the session
-    deployed it), redeployed only when the setting changes; the session's args come back after the module."""
-    original = served.args
+    deployed it), redeployed only when the app runs other args now; the session's args come back before
+    the next test that needs them (tests/integration/conftest.py: `session_args`)."""
 
     def use(controlnet: str | None):
-        if served.args.get("controlnet") != controlnet:
-            served.args = original if controlnet is None else {**original, "controlnet": controlnet}
-            served.deploy()
-        return served
+        return served.use(None if controlnet is None else {**served.args, "controlnet": controlnet})
 
-    yield use
-    use(original.get("controlnet"))
+    return use
 
 
 @pytest.fixture()
@@ -392,11 +390,11 @@ def test_transform_takes_a_control_image_only_with_a_mask(controlled, browser, h
 
 
 @pytest.fixture()
-def control_only(deployed, cache_dir):
-    """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask."""
-    from deployments.weights.controlnet_source import ensure_tiny_controlnet
-
-    return deployed(str(ensure_tiny_controlnet(cache_dir, mask_channels=False)))
+def control_only(served, last_args):
+    """The shared app with a ControlNet of Union 1.0's layout: 16 control channels, no mask (and the S3
+    image store of test_image_urls.py's last tests, which run on the same args: conftest's `last_args`)."""
+    args, deployments, _ = last_args
+    return served.use(args, deployments)
 
 
 def test_a_controlnet_without_mask_channels_refuses_edits_with_control(control_only, http, browser):

@@ -4,7 +4,6 @@ expired names, keys, and stores that fail."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import os
@@ -21,14 +20,12 @@ from PIL import Image
 
 from serve_app.image_store import FILES_ROUTE
 from serve_app.protocol import ImageRequest
-from tests.integration.conftest import APP_NAME, decode_png, off_loop
-from tests.s3_server import TEST_CREDENTIALS, s3_server
+from tests.integration.conftest import APP_NAME, S3_BUCKET as BUCKET, S3_PREFIX as PREFIX, decode_png, off_loop
+from tests.s3_server import TEST_CREDENTIALS
 
 pytestmark = pytest.mark.integration
 
 FAST = {"num_inference_steps": 2}
-BUCKET = "zimage-integration"
-PREFIX = "served/images"
 
 
 @pytest.fixture()
@@ -163,20 +160,12 @@ def test_a_failing_local_store_is_a_503_and_returns_nothing(served, http, store_
 
 
 @pytest.fixture(scope="module")
-def s3_app(served):
-    """The shared app with `image_store.kind: s3`; the bucket's credentials reach the Ingress replica
-    through its environment only (runtime_env), never through args."""
-    with s3_server() as server:
-        server.create_bucket(BUCKET)
-        args = {**served.args, "image_store": {"kind": "s3", "url_ttl_s": 600, "s3": {
-            "bucket": BUCKET, "endpoint_url": server.endpoint_url, "prefix": PREFIX, "timeout_s": 5}}}
-        s3_served = dataclasses.replace(served, args=args)
-        env = {"ray_actor_options": {"num_cpus": 0.25, "runtime_env": {"env_vars": TEST_CREDENTIALS}}}
-        try:
-            s3_served.deploy([{"name": "Ingress", **env}])
-            yield s3_served, server
-        finally:
-            served.deploy()
+def s3_app(served, last_args):
+    """The shared app with `image_store.kind: s3` (and the ControlNet of test_controlnet.py's last test, on
+    the same args: conftest's `last_args`); the bucket's credentials reach the Ingress replica through its
+    environment only (runtime_env), never through args. Its tests run last of all (conftest's OTHER_ARGS)."""
+    args, deployments, server = last_args
+    return served.use(args, deployments), server
 
 
 @pytest.mark.parametrize("route", ["generate", "edit"])

@@ -221,7 +221,7 @@ def test_the_stages_control_as_the_local_pipeline(controlled, tiny_source):
     from serve_app.config import ApiLimits
     from serve_app.pipeline import ImagePipeline, plan_request
     from serve_app.protocol import ImageEditRequest, ImageGenerationRequest
-    from tests.stand_ins import LocalHandle
+    from tests.stand_ins import LocalHandle, close_all
 
     settings = {"model": "tiny", "device": "cpu", "cache_dir": str(tiny_source.location).rsplit("/", 1)[0],
                 "controlnet": "tiny"}
@@ -238,6 +238,7 @@ def test_the_stages_control_as_the_local_pipeline(controlled, tiny_source):
         plans = [plan_request(generation, None, ApiLimits(), "tiny", control=control),
                  plan_request(edit, init, ApiLimits(), "tiny", mask, control=control)]
         results = [loop.run_until_complete(ImagePipeline(**stages, random_weights=True).run(plan)) for plan in plans]
+        loop.run_until_complete(close_all(stages.values()))
     finally:
         loop.close()
     expected = controlled.generate([

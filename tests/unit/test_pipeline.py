@@ -22,7 +22,7 @@ from serve_app.config import ApiLimits
 from serve_app.errors import ApiError
 from serve_app.pipeline import ImagePipeline, plan_request
 from serve_app.protocol import ImageEditRequest, ImageGenerationRequest
-from tests.stand_ins import LocalHandle
+from tests.stand_ins import LocalHandle, close_all
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +30,22 @@ def loop():
     """One event loop for the module: the stages' batchers keep a task on the loop they started on."""
     loop = asyncio.new_event_loop()
     yield loop
+    # `stages` stopped its batchers' tasks: none is left pending, to be reported destroyed when collected
+    assert not [task for task in asyncio.all_tasks(loop) if not task.done()]
     loop.close()
 
 
 @pytest.fixture(scope="module")
-def stages(tiny_source):
+def stages(tiny_source, loop):
     settings = {"model": "tiny", "device": "cpu", "cache_dir": str(tiny_source.location).rsplit("/", 1)[0]}
-    return {
+    handles = {
         "styler": LocalHandle(PromptStyler.func_or_class()),
         "text_encoder": LocalHandle(TextEncoder.func_or_class(settings)),
         "denoiser": LocalHandle(Denoiser.func_or_class(settings)),
         "vae": LocalHandle(VaeDecoder.func_or_class(settings)),
     }
+    yield handles
+    loop.run_until_complete(close_all(handles.values()))  # before the loop closes
 
 
 def run(loop, stages, request, init=None):

@@ -77,6 +77,43 @@ def job(caption_len: int, size: tuple[int, int], steps: int, seed: int) -> Denoi
     return DenoiseJob(caption=caption, width=size[0], height=size[1], steps=steps, seed=seed)
 
 
+def test_aclose_ends_the_drain_task_and_cancels_what_it_held_and_a_closed_loop_holds_no_pending_task():
+    """A batcher's task ends on `aclose` (none is left pending for a closed loop to report destroyed): the
+    batch it was running and the items queued behind it are cancelled, not left waiting; a later submit
+    starts a new task. `close` cancels it from a plain call (a replica's `__del__`)."""
+    started = []
+
+    async def forever(items):
+        started.append(items)
+        await asyncio.Event().wait()
+
+    async def scenario():
+        batcher = DynamicBatcher(forever, max_batch_size=1)
+        running = asyncio.create_task(batcher.submit("a"))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(batcher.submit("b"))
+        await asyncio.sleep(0.01)
+        task = batcher._task
+        assert started == [["a"]] and not task.done()
+        await batcher.aclose()
+        assert task.done() and batcher._task is None and not batcher.queue
+        outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+        batcher.run_batch = lambda items: asyncio.sleep(0, [i.upper() for i in items])
+        assert await batcher.submit("c") == "C"  # a new task
+        task = batcher._task
+        batcher.close()
+        await asyncio.wait([task], timeout=5)
+        assert task.cancelled()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+        assert not [t for t in asyncio.all_tasks(loop) if not t.done()]
+    finally:
+        loop.close()
+
+
 def test_continuous_batching_joins_and_leaves_between_steps(pipeline):
     steps_seen: list[int] = []
     loop = pipeline.loop
