@@ -40,16 +40,24 @@ TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a sl
 OTHER_ARGS = ("controlled", "control_only", "s3_app")
 
 
-def _run_order(item) -> int:
-    """0: tests without the shared app (before it starts); 1: on the session's args; then each of
-    OTHER_ARGS."""
+# Modules on the session's args that run after the others. test_admission's burst of 200 requests at
+# once left the Ingress's router to the Denoiser refusing nothing for test_reliability's full-queue
+# test afterwards, although that test set the Denoiser's max_queued_requests to 1 (reproduced with the
+# two modules alone; the Ingress's own admission and release window were back to rest; the cause in
+# Ray's router was not found). Before the args-ordering, restarts between the two hid it.
+LAST_ON_SESSION_ARGS = ("test_admission.py",)
+
+
+def _run_order(item) -> float:
+    """0: tests without the shared app (before it starts); 1: on the session's args (1.5: those of
+    LAST_ON_SESSION_ARGS); then each of OTHER_ARGS."""
     names = getattr(item, "fixturenames", ())
     if "served" not in names:
         return 0
     for rank, fixture in enumerate(OTHER_ARGS):
         if fixture in names:
             return 2 + rank
-    return 1
+    return 1.5 if item.path.name in LAST_ON_SESSION_ARGS else 1
 
 
 def pytest_collection_modifyitems(session, config, items):
