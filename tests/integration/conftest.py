@@ -36,32 +36,20 @@ TEST_BATCH_WAIT_S = 0.1  # a little company for concurrent test requests on a sl
 # after every other integration test (tests/integration/test_controlnet.py, then test_image_urls.py). The
 # last two deploy the same args (`last_args`).
 # (test_reliability.py's keys test changes the args and deploys the session's again itself, under load, as
-# part of what it tests: it stays among the tests on the session's args, first of them, below.)
+# part of what it tests: it keeps its place among the tests on the session's args.)
 OTHER_ARGS = ("controlled", "control_only", "s3_app")
 
 
-# Modules on the session's args that run first, and last. test_reliability's full-queue test sets the
-# Denoiser's max_queued_requests to 1 and needs Ray's router in the Ingress to refuse past it: after
-# test_admission's burst of 200 requests (reproduced with the two modules alone), and in CI after the
-# other modules' traffic too, that router refused nothing, while the Ingress's own admission and
-# release window were back to rest. The cause in Ray's router was not found; before the args-ordering,
-# full restarts ran in between and hid it.
-FIRST_ON_SESSION_ARGS = ("test_reliability.py",)
-LAST_ON_SESSION_ARGS = ("test_admission.py",)
-
-
-def _run_order(item) -> float:
-    """0: tests without the shared app (before it starts); 1: on the session's args (0.5: those of
-    FIRST_ON_SESSION_ARGS, 1.5: LAST_ON_SESSION_ARGS); then each of OTHER_ARGS."""
+def _run_order(item) -> int:
+    """0: tests without the shared app (before it starts); 1: on the session's args; then each of
+    OTHER_ARGS."""
     names = getattr(item, "fixturenames", ())
     if "served" not in names:
         return 0
     for rank, fixture in enumerate(OTHER_ARGS):
         if fixture in names:
             return 2 + rank
-    if item.path.name in FIRST_ON_SESSION_ARGS:
-        return 0.5
-    return 1.5 if item.path.name in LAST_ON_SESSION_ARGS else 1
+    return 1
 
 
 def pytest_collection_modifyitems(session, config, items):
