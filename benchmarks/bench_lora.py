@@ -147,7 +147,7 @@ def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dic
     own update, then the plain kernel)."""
     from deployments.denoiser.dit.fp8_attention import qkv_norm_rope_quant
     from deployments.denoiser.dit.fused_quant import gated_residual, swiglu_quant
-    from deployments.denoiser.lora import consumers, ops
+    from deployments.denoiser.lora import consumers, ops, residual_consumer
 
     if kind.name not in ("attention.to_qkv", "attention.to_out.0", "feed_forward.w13", "feed_forward.w2"):
         return {}
@@ -185,7 +185,7 @@ def consumer_figures(transformer, slots, kind, module, xq, xs, b, groups) -> dic
             return gated_residual(x, module(xq, xs).view(x.shape), *norm, next_norm=next_norm)
 
         def fused():
-            return consumers.gated_residual_lora(x, module, xq, xs, *norm, next_norm=next_norm)
+            return residual_consumer.gated_residual_lora(x, module, xq, xs, *norm, next_norm=next_norm)
 
         def separate():
             return gated_residual(x, ops.fp8_lora_linear(xq, xs, module.extended, module.extended_scale,

@@ -149,7 +149,7 @@ def lora_slot():
 
 
 def test_qkv_norm_rope_quant_with_the_lora_update(lora_slot):
-    from deployments.denoiser.lora import consumers
+    from deployments.denoiser.lora import consumers, residual_consumer  # noqa: F401 - registers gated_residual_lora
 
     extended, x, x_scale, out = lora_output(3, DIM)
     _, wq, wk, rope, qk_descale = attention_inputs(ROWS)

@@ -16,7 +16,7 @@ import torch
 from deployments.weights import loading
 from deployments.denoiser.dit import fp8_attention, fused_block, fused_quant, fusion, rotary
 from deployments.denoiser.dit.blocks import iter_blocks
-from deployments.denoiser.lora import consumers
+from deployments.denoiser.lora import consumers, residual_consumer  # noqa: F401 - registers gated_residual_lora
 
 CPU = torch.device("cpu")
 

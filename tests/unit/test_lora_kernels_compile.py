@@ -47,6 +47,7 @@ def compile_all() -> dict[str, str]:
     from triton.compiler import ASTSource
 
     from deployments.denoiser.lora import consumers as c
+    from deployments.denoiser.lora import residual_consumer as r
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     target = GPUTarget("cuda", 90, 32)
@@ -63,9 +64,9 @@ def compile_all() -> dict[str, str]:
                  "DOT_F32": False})
         for fused_next in (True, False):
             variants[f"gated_residual next={fused_next} used_in_memory={used}"] = (
-                c._gated_residual_lora_kernel, RESIDUAL, c.RESIDUAL_WARPS,
-                {"HAS_GATE": True, "NEXT": fused_next, "NEXT_HAS_MOD": fused_next, "BM": c.RESIDUAL_ROWS,
-                 "BN": c.RESIDUAL_COLUMNS, "USED_IN_MEMORY": used, "DOT_F32": False})
+                r._gated_residual_lora_kernel, RESIDUAL, r.RESIDUAL_WARPS,
+                {"HAS_GATE": True, "NEXT": fused_next, "NEXT_HAS_MOD": fused_next, "BM": r.RESIDUAL_ROWS,
+                 "BN": r.RESIDUAL_COLUMNS, "USED_IN_MEMORY": used, "DOT_F32": False})
     found = {}
     for name, (kernel, signature, warps, constants) in variants.items():
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), target=target,

@@ -44,7 +44,8 @@ from deployments.denoiser.dit.fp8_attention import (
 from deployments.denoiser.dit.fp8_linear import Fp8Weight
 from deployments.denoiser.dit.rotary import RealRopeAttnProcessor
 from deployments.denoiser.dit.fused_quant import gated_residual, norm_modulate_quant, quantize_rows_reference, swiglu_quant
-from deployments.denoiser.lora.consumers import gated_residual_lora, qkv_norm_rope_quant_lora, swiglu_quant_lora
+from deployments.denoiser.lora.consumers import qkv_norm_rope_quant_lora, swiglu_quant_lora
+from deployments.denoiser.lora.residual_consumer import gated_residual_lora
 
 logger = logging.getLogger(__name__)
 

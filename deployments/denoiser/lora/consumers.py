@@ -15,10 +15,7 @@ read once per tile of rows, not once per row):
 - `swiglu_quant_lora`: `silu(a) * b` to FP8 rows (`dit.fused_quant`) on `[a | b] + h B^T`, in two
   passes over tiles of rows and columns: the rows' amax (atomics), then the recomputed values cast
   with it; a row of w1/w3's output (20480 values) does not fit one program;
-- `gated_residual_lora`: `x + gate * RMSNorm(y + h B^T) * w` and the next norm's FP8 rows
-  (`fused_quant.gated_residual`), after the output projection and after w2: a program owns a tile
-  of whole rows and passes over their columns (the norm of the row first, then the new rows, then
-  the next norm's amax and its FP8 values), computing the update again rather than storing it.
+- `gated_residual_lora` (`lora.residual_consumer`): after the output projection and after w2.
 
 Each row takes its own batch item's group of factors (a batch mixes adapters), and only the ranks in
 use (`ops.SlotFactors.used_rank`: the CUDA graphs' factors are zero-padded to 128). Where the forward's
@@ -45,7 +42,6 @@ from deployments.denoiser.lora import ops
 # not yet timed on a GPU (benchmarks/bench_lora.py's pair figures).
 QKV_ROWS, QKV_WARPS = 32, 16  # a tile: 32 rows of one head, q, k and v
 SWIGLU_ROWS, SWIGLU_COLUMNS, SWIGLU_WARPS = 32, 128, 8  # a tile: 32 rows, 128 columns of a and of b
-RESIDUAL_ROWS, RESIDUAL_COLUMNS, RESIDUAL_WARPS = 16, 128, 8  # a program: 16 whole rows, 128 columns at a time
 
 
 def _h(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
@@ -198,71 +194,6 @@ if triton is not None:
         else:
             tl.atomic_max(amax_ptr + rows_m, tl.max(tl.where(ok, tl.abs(z), 0.0), axis=1), mask=row_ok)
 
-    @triton.jit
-    def _gated_residual_lora_kernel(x_ptr, y_ptr, h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr,
-                                    rows_per_item, a_rank, rank, used_ptr, w_ptr, gate_ptr, out_ptr, next_w_ptr,
-                                    next_mod_ptr, q_ptr, s_ptr, rows, n_cols, y_row_stride, mod_rows_per_item, eps,
-                                    next_eps, HAS_GATE: tl.constexpr, NEXT: tl.constexpr,
-                                    NEXT_HAS_MOD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                    USED_IN_MEMORY: tl.constexpr, DOT_F32: tl.constexpr):
-        """`fused_quant._gated_residual_kernel` on `y + h B^T`, for a tile of whole rows: passes over
-        the row's columns (the row norms need the whole row first), each computing the update again
-        (a few FLOPs) rather than storing it; the new x is re-read for the next norm (from L2)."""
-        rows_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
-        row_ok = rows_m < rows
-        item = rows_m // mod_rows_per_item
-        squares = tl.zeros((BM,), dtype=tl.float32)
-        for c0 in range(0, n_cols, BN):
-            cols = c0 + tl.arange(0, BN)
-            col_ok = cols < n_cols
-            y = tl.load(y_ptr + rows_m[:, None] * y_row_stride + cols[None, :],
-                        mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            y += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, used_ptr, 1, 0, rows, rows_m, row_ok, cols, col_ok, BM, BN,
-                              USED_IN_MEMORY, DOT_F32)
-            squares += tl.sum(y * y, axis=1)
-        rms = tl.rsqrt(squares / n_cols + eps)[:, None]
-        next_squares = tl.zeros((BM,), dtype=tl.float32)
-        for c0 in range(0, n_cols, BN):
-            cols = c0 + tl.arange(0, BN)
-            col_ok = cols < n_cols
-            ok = row_ok[:, None] & col_ok[None, :]
-            y = tl.load(y_ptr + rows_m[:, None] * y_row_stride + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            y += _update_tile(h_ptr, h_row_stride, b_ptr, b_sg, b_sp, b_sc, b_sr, groups_ptr, rows_per_item,
-                              a_rank, rank, used_ptr, 1, 0, rows, rows_m, row_ok, cols, col_ok, BM, BN,
-                              USED_IN_MEMORY, DOT_F32)
-            g = y * rms * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_GATE:
-                g *= tl.load(gate_ptr + item[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + rows_m[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            # The residual stream is bf16: round once here, and normalize the rounded values next.
-            new = (x + g).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + rows_m[:, None] * n_cols + cols[None, :], new, mask=ok)
-            if NEXT:
-                new = new.to(tl.float32)
-                next_squares += tl.sum(new * new, axis=1)
-        if NEXT:
-            tl.debug_barrier()  # the new rows this program stored, read back below
-            next_rms = tl.rsqrt(next_squares / n_cols + next_eps)[:, None]
-            amax = tl.zeros((BM,), dtype=tl.float32)
-            for quantize in tl.static_range(2):  # the row's amax, then its FP8 values with that scale
-                scale = tl.maximum(amax, 1e-12) / 448.0
-                for c0 in range(0, n_cols, BN):
-                    cols = c0 + tl.arange(0, BN)
-                    col_ok = cols < n_cols
-                    ok = row_ok[:, None] & col_ok[None, :]
-                    z = tl.load(out_ptr + rows_m[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                    z = z * next_rms * tl.load(next_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                    if NEXT_HAS_MOD:
-                        z *= tl.load(next_mod_ptr + item[:, None] * n_cols + cols[None, :], mask=ok,
-                                     other=0.0).to(tl.float32)
-                    if quantize == 0:
-                        amax = tl.maximum(amax, tl.max(tl.abs(z), axis=1))
-                    else:
-                        tl.store(q_ptr + rows_m[:, None] * n_cols + cols[None, :],
-                                 tl.clamp(z / scale[:, None], -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=ok)
-            tl.store(s_ptr + rows_m, tl.maximum(amax, 1e-12) / 448.0, mask=row_ok)
-
     def _qkv_lora_op(extended: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor, out_features: int,
                      norm_q_weight: torch.Tensor, norm_k_weight: torch.Tensor, rope: torch.Tensor,
                      qk_descale: torch.Tensor, heads: int, eps_q: float, eps_k: float, slot: torch.Tensor
@@ -314,36 +245,6 @@ if triton is not None:
                 " -> (Tensor, Tensor)", _swiglu_lora_op, _swiglu_lora_fake)
 
 
-    def _gated_residual_lora_op(x: torch.Tensor, extended: torch.Tensor, xq: torch.Tensor, x_scale: torch.Tensor,
-                                out_features: int, weight: torch.Tensor, gate: torch.Tensor | None, rows_per_item: int,
-                                eps: float, next_weight: torch.Tensor | None, next_mod: torch.Tensor | None,
-                                next_eps: float, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows, n_cols = x.shape
-        lora, constants = _lora_args(extended, xq, x_scale, out_features, slot)
-        out = torch.empty_like(x)
-        quantized = next_weight is not None
-        q = torch.empty((rows if quantized else 0, n_cols), dtype=fused_quant.FP8_DTYPE, device=x.device)
-        s = torch.empty((rows if quantized else 0, 1), dtype=torch.float32, device=x.device)
-        _gated_residual_lora_kernel[(triton.cdiv(rows, RESIDUAL_ROWS),)](
-            x, extended, *lora, weight, gate if gate is not None else weight, out,
-            next_weight if quantized else weight, next_mod if next_mod is not None else weight,
-            q if quantized else out, s if quantized else out, rows, n_cols, extended.stride(0), rows_per_item, eps,
-            next_eps, HAS_GATE=gate is not None, NEXT=quantized, NEXT_HAS_MOD=next_mod is not None,
-            BM=RESIDUAL_ROWS, BN=RESIDUAL_COLUMNS, **constants, num_warps=RESIDUAL_WARPS,
-        )
-        return out, q, s
-
-    def _gated_residual_lora_fake(x, extended, xq, x_scale, out_features, weight, gate, rows_per_item, eps,
-                                  next_weight, next_mod, next_eps, slot):
-        rows = x.shape[0] if next_weight is not None else 0
-        return (torch.empty_like(x), x.new_empty((rows, x.shape[1]), dtype=fused_quant.FP8_DTYPE),
-                x.new_empty((rows, 1), dtype=torch.float32))
-
-    register_op("gated_residual_lora(Tensor x, Tensor extended, Tensor xq, Tensor x_scale, int out_features, "
-                "Tensor weight, Tensor? gate, SymInt rows_per_item, float eps, Tensor? next_weight, Tensor? next_mod, "
-                "float next_eps, Tensor slot) -> (Tensor, Tensor, Tensor)",
-                _gated_residual_lora_op, _gated_residual_lora_fake)
-
 def _extended(linear, x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
     """The LoRA forward's one GEMM over the weight and its tail: `[rows, out + tail]` bf16."""
     return fp8_gemm(x, x_scale, linear.extended, linear.extended_scale)
@@ -374,25 +275,3 @@ def swiglu_quant_lora(linear, x: torch.Tensor, x_scale: torch.Tensor) -> tuple[t
                                                                linear.lora_slot))
     return torch.ops.zimage.swiglu_quant_lora(extended, x, x_scale, linear.out_features, linear.lora_slot)
 
-
-def gated_residual_lora(x: torch.Tensor, linear, xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                        gate: torch.Tensor | None, eps: float,
-                        next_norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`fused_quant.gated_residual(x, linear(xq, x_scale), ...)` for the output projection or w2 (an
-    `Fp8Weight` with this forward's adapters) on the FP8 rows `xq`: its GEMM, then one kernel that adds
-    the update, the gated norm and residual, and the next norm's FP8 rows (with `next_norm`)."""
-    extended = _extended(linear, xq, x_scale)
-    if not fused_quant.triton_available(extended.device):
-        y = updated_rows_reference(extended, xq, x_scale, linear.out_features, linear.lora_slot)
-        return fused_quant.gated_residual(x, y.view(x.shape), weight, gate, eps, next_norm)
-    x2d = x.reshape(-1, x.shape[-1])
-    rows, n_cols = x2d.shape
-    gate2d, rows_per_item = fused_quant._per_item(gate, rows, n_cols)
-    next_w, next_mod, next_eps = next_norm if next_norm is not None else (None, None, 0.0)
-    next_mod2d, next_rows_per_item = fused_quant._per_item(next_mod, rows, n_cols)
-    rows_per_item = rows_per_item if gate2d is not None else next_rows_per_item
-    out, q, s = torch.ops.zimage.gated_residual_lora(x2d, extended, xq, x_scale, linear.out_features, weight, gate2d,
-                                                     rows_per_item, eps, next_w, next_mod2d, float(next_eps),
-                                                     linear.lora_slot)
-    return out.view(x.shape), (q if next_w is not None else None), (s if next_w is not None else None)
