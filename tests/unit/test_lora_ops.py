@@ -9,7 +9,8 @@ import torch
 
 from deployments.denoiser.lora import layout, ops
 from deployments.denoiser.lora.adapter import LoraAdapter
-from deployments.denoiser.lora.slots import GraphFactors, install_lora
+from deployments.denoiser.lora.graph_factors import GraphFactors
+from deployments.denoiser.lora.slots import install_lora
 from deployments.weights import loading
 from deployments.denoiser.lora.random_adapters import random_factors
 

@@ -53,7 +53,8 @@ import torch
 from deployments.denoiser.control import ControlContext, ControlInputs, ControlNetRunner
 from deployments.denoiser.dit.caption_buckets import PaddedTransformerFn, caption_bucket, pad_caption
 from deployments.denoiser.loop import TransformerFn
-from deployments.denoiser.lora.slots import GraphFactors, LoraSlots
+from deployments.denoiser.lora.graph_factors import GraphFactors
+from deployments.denoiser.lora.slots import LoraSlots
 
 logger = logging.getLogger(__name__)
 

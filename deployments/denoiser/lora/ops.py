@@ -31,7 +31,7 @@ factors are no input of the compiled graph at all: no adapter, rank, group count
 compiles nothing. One update for both kernel families (`x` FP8 or dense); opaque to inductor, which
 reinplaces `lora_add_` on y (no copy of y).
 Under a CUDA-graph capture its body runs once, on the static factors the capture set
-(`slots.GraphFactors`), and the graph replays those kernels.
+(`graph_factors.GraphFactors`), and the graph replays those kernels.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class SlotFactors(NamedTuple):
     groups: torch.Tensor  # [B] int64: each batch item's group
     in_tail: bool  # `a` is the view of the linear's weight tail that holds them (`fp8_lora_linear`)
     # `[1]` int32 on the device: the rank B's columns use, where they are zero-padded further (the CUDA
-    # graphs' static factors, `slots.GraphFactors`); the kernels that add the update skip the rest
+    # graphs' static factors, `graph_factors.GraphFactors`); the kernels that add the update skip the rest
     used_rank: torch.Tensor | None = None
 
 
