@@ -273,7 +273,7 @@ RECORD_EDIT = """() => {
   const original = window.fetch;
   window.sent = null;
   window.fetch = async (path, init) => {
-    if (String(path).endsWith("/v1/images/edits")) {
+    if (String(path).endsWith("v1/images/edits")) {
       const fields = {};
       let mask = null;
       for (const [key, value] of init.body.entries()) {
