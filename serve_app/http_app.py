@@ -4,6 +4,7 @@ the image routes. The routes themselves are the Ingress's methods (serve_app.ing
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from serve_app.errors import ApiError, api_error_for, error_response
 from serve_app.protocol import ImageEditRequest
 
 WEB_DIR = Path(__file__).parent / "web"  # the page: static files, no build step, nothing from the network
+PAGE_BASE = '<base href="/">'  # index.html's; every URL in the page is relative to it
 
 # The API docs are routes of the Ingress below, so that they need a key when keys are on.
 app = FastAPI(
@@ -39,6 +41,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(api_error_for(exc))
+
+
+def page_html(prefix: str) -> str:
+    """index.html with its `<base href>` at `prefix` (Serve's route prefix or a proxy's root_path, no
+    trailing slash): the page's relative URLs (its files, the API) then resolve where the app is served."""
+    html = (WEB_DIR / "index.html").read_text()
+    return html.replace(PAGE_BASE, f'<base href="{escape(prefix)}/">', 1)
 
 
 def json_schema_body(model) -> dict:

@@ -17,7 +17,7 @@ from fastapi import Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from deployments.geometry import MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, SIZE_PRESETS
 from deployments.runtime.stage import deep_merge
@@ -28,7 +28,7 @@ from serve_app.auth import authorize, declared_tenant, if_authorized
 from serve_app.config import ApiLimits, config_problem
 from serve_app.control import ControlNetInfo, control_preview_response
 from serve_app.errors import api_error_for, error_response
-from serve_app.http_app import WEB_DIR, app, json_schema_body, multipart_schema_body
+from serve_app.http_app import app, json_schema_body, multipart_schema_body, page_html
 from serve_app.image_store import FILES_ROUTE
 from serve_app.image_store.serving import file_response, replica_store, request_base_url, stored, stored_stream
 from serve_app.loras import LoraCatalog
@@ -214,9 +214,10 @@ class Ingress:
         return await self._keyed(request, own_usage)
 
     @app.get("/", include_in_schema=False)
-    async def page(self) -> FileResponse:
-        """The web page (Generate and Transform); it and its files need no key, the API calls it makes do."""
-        return FileResponse(WEB_DIR / "index.html")
+    async def page(self, request: Request) -> HTMLResponse:
+        """The web page (Generate and Transform); it and its files need no key, the API calls it makes do.
+        Its base is the app's route prefix, so that it works wherever the app is served."""
+        return HTMLResponse(page_html(self._route_prefix(request)))
 
     @app.get("/page/settings", include_in_schema=False)
     async def page_settings(self) -> JSONResponse:

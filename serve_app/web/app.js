@@ -1,5 +1,7 @@
 // The page for the images API: Generate and Transform, fed by streamed responses (server-sent events
 // over fetch: `stream: true`, `partial_images`). No framework, nothing from the network but this server.
+// Every URL is relative (no leading "/"): it resolves against the page's <base href>, which the server
+// sets to where it serves the app, so the page works under a route prefix too.
 "use strict";
 
 const PARTIAL_IMAGES = 2;
@@ -284,7 +286,7 @@ function applySettings(settings) {
 async function awaitControlChannels(settings) {
   for (let wait = 1000; settings.controlnet && settings.control_channels === null; wait = Math.min(2 * wait, 30000)) {
     await new Promise((resolve) => setTimeout(resolve, wait));
-    try { settings = await getJson("/page/settings"); } catch (_) { continue; }
+    try { settings = await getJson("page/settings"); } catch (_) { continue; }
   }
   if (settings !== state.settings) {
     state.settings = settings;
@@ -300,7 +302,7 @@ function ratio(w, h) {
 }
 
 async function loadStyles() {
-  const body = await getJson("/v1/styles");
+  const body = await getJson("v1/styles");
   for (const select of document.querySelectorAll(".style-select")) {
     const current = select.value;
     select.innerHTML = "";
@@ -310,7 +312,7 @@ async function loadStyles() {
 }
 
 async function loadModel() {
-  const body = await getJson("/v1/models");
+  const body = await getJson("v1/models");
   $("random-banner").hidden = !body.data.some((m) => m.random_weights);
 }
 
@@ -378,7 +380,7 @@ async function onGenerate(event) {
   const loras = window.zimageLora ? window.zimageLora.chosen("g") : null;  // lora.js
   // One streamed request per image (a stream carries one image); image i uses seed + i, as n does.
   await runAll((i) => ({
-    path: "/v1/images/generations",
+    path: "v1/images/generations",
     settings,
     init: {
       method: "POST",
@@ -432,7 +434,7 @@ async function onTransform(event) {
     body.append("stream", "true");
     body.append("stream_progress", "true");
     body.append("partial_images", String(PARTIAL_IMAGES));
-    return { path: "/v1/images/edits", settings, init: { method: "POST", headers: headers(), body } };
+    return { path: "v1/images/edits", settings, init: { method: "POST", headers: headers(), body } };
   }, imageCount("t"));
 }
 
@@ -520,7 +522,7 @@ async function main() {
     refreshFromServer();
   });
   try {
-    state.settings = await getJson("/page/settings");
+    state.settings = await getJson("page/settings");
     applySettings(state.settings);
     awaitControlChannels(state.settings);
   } catch (error) {

@@ -51,7 +51,7 @@
     }
     status.textContent = "Finding edges…";
     try {
-      const response = await fetch("/page/control-preview", {
+      const response = await fetch("page/control-preview", {
         method: "POST",
         headers: headers({ "Content-Type": "application/json" }),
         body: JSON.stringify({ control_image: await base64Of(file) }),

@@ -67,7 +67,7 @@
 
   // The adapters the server offers now (a file that cannot be used is listed with an error: left out).
   async function refresh() {
-    const body = await getJson("/v1/loras");  // app.js: with the key, errors as ApiError
+    const body = await getJson("v1/loras");  // app.js: with the key, errors as ApiError
     const adapters = body.data.filter((adapter) => !adapter.error);
     if (JSON.stringify(adapters) === JSON.stringify(picker.adapters) && byId("g-loras")) return;  // as shown
     picker.adapters = adapters;

@@ -99,9 +99,11 @@ class ServedApp:
     # one is under way or failed). Shared by the copies `dataclasses.replace` makes (one app, one state).
     deployed: dict = field(default_factory=dict)
 
-    def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300) -> None:
+    def deploy(self, deployments: list[dict] | None = None, timeout_s: float = 300, route_prefix: str = "/") -> None:
         """Deploys from a config, as `serve deploy` does. `deployments` overrides per-deployment options;
-        when only their `user_config` changes, replicas are reconfigured in place, not restarted."""
+        when only their `user_config` changes, replicas are reconfigured in place, not restarted. Another
+        `route_prefix` moves the app there without a restart; such a deploy is not recorded in `deployed`,
+        so the next test on the shared app deploys it at / again (`session_args`)."""
         from ray import serve
         from ray.serve.context import _get_global_client
         from ray.serve.schema import ServeDeploySchema
@@ -109,7 +111,7 @@ class ServedApp:
         config = {
             "http_options": {"host": "127.0.0.1", "port": self.port},
             "applications": [
-                {"name": APP_NAME, "route_prefix": "/", "import_path": "serve_app:build_app",
+                {"name": APP_NAME, "route_prefix": route_prefix, "import_path": "serve_app:build_app",
                  "args": self.args, "deployments": deployments or []}
             ],
         }
@@ -118,8 +120,10 @@ class ServedApp:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = serve.status().applications.get(APP_NAME)
-            if status is not None and status.status == "RUNNING" and self._denoiser_config_applied(deployments or []):
-                self.deployed.update(args=copy.deepcopy(self.args), deployments=copy.deepcopy(deployments or []))
+            if (status is not None and status.status == "RUNNING" and self._denoiser_config_applied(deployments or [])
+                    and self._routed(route_prefix)):
+                if route_prefix == "/":
+                    self.deployed.update(args=copy.deepcopy(self.args), deployments=copy.deepcopy(deployments or []))
                 return
             if status is not None and status.status == "DEPLOY_FAILED":
                 raise RuntimeError(f"deploy failed: {status.message}")
@@ -150,6 +154,14 @@ class ServedApp:
             return False
         self.last_check = config
         return all(config.get(k) == v for k, v in wanted.items())
+
+    def _routed(self, route_prefix: str) -> bool:
+        """Whether Serve's proxy sends `route_prefix` to the app yet: it learns a new prefix a moment
+        after the app is RUNNING."""
+        try:
+            return httpx.get(self.url + route_prefix.rstrip("/") + "/health/live", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def stats(self, deployment: str) -> dict:
         from ray import serve

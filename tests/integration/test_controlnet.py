@@ -277,7 +277,7 @@ RECORD_GENERATION = """() => {
   const original = window.fetch;
   window.sent = null;
   window.fetch = async (path, init) => {
-    if (String(path).endsWith("/v1/images/generations")) window.sent = JSON.parse(init.body);
+    if (String(path).endsWith("v1/images/generations")) window.sent = JSON.parse(init.body);
     return original(path, init);
   };
 }"""

@@ -250,6 +250,43 @@ def test_with_keys_on_the_page_loads_without_one_and_sends_the_key_typed(served,
         served.deploy()
 
 
+def test_under_a_route_prefix_the_page_loads_and_generates_with_every_request_under_it(served, browser):
+    """The shared app moved to the route prefix /zimage (as a proxy's root_path would place it): the page
+    at /zimage (redirected to /zimage/) gets its files, settings and listings and streams an image, with
+    no request outside the prefix and none failed."""
+    prefix = "/zimage"
+    served.deploy(route_prefix=prefix)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        requested, failed = [], []
+
+        def answered(response) -> None:
+            if response.status >= 400:
+                failed.append(f"{response.url}: {response.status}")
+
+        page.on("request", lambda request: requested.append(request.url))
+        page.on("requestfailed", lambda request: failed.append(f"{request.url}: {request.failure}"))
+        page.on("response", answered)
+        page.goto(served.url + prefix)
+        assert failed == []  # the page's own files, loaded by now
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.evaluate("document.baseURI") == served.url + prefix + "/"
+        assert page.evaluate("getComputedStyle(document.querySelector('.tabs')).display") == "flex"  # style.css
+        assert page.is_visible("#random-banner") and "Watercolor" in page.locator("#g-style").inner_text()
+        assert page.locator("#g-aspect option").count() == 19
+
+        fill_generate(page, "a lighthouse under a prefix", seed=13)
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#cards .meta:not([hidden])", timeout=60_000)
+        assert page.is_hidden("#error") and page.inner_text("#cards .seed") == "13"
+        assert any(url == served.url + prefix + "/v1/images/generations" for url in requested)
+        under = served.url + prefix
+        assert [url for url in requested if url != under and not url.startswith((under + "/", "data:"))] == []
+        assert failed == []
+    finally:
+        served.deploy()
+
+
 # ---- the Transform tab's mask brush (serve_app/web/mask.js) ----------------------------------------
 
 
@@ -273,7 +310,7 @@ RECORD_EDIT = """() => {
   const original = window.fetch;
   window.sent = null;
   window.fetch = async (path, init) => {
-    if (String(path).endsWith("/v1/images/edits")) {
+    if (String(path).endsWith("v1/images/edits")) {
       const fields = {};
       let mask = null;
       for (const [key, value] of init.body.entries()) {
