@@ -97,9 +97,17 @@ def test_bench_controlnet_smoke_measures_every_figure_through_the_served_stages(
                    for line in table.splitlines()), row
 
 
-def test_bench_lora_smoke(smoke_runs):
-    figures = finished(smoke_runs, "bench_lora")["figures"]
+def test_bench_lora_smoke_measures_every_target_on_the_resolved_default_path(smoke_runs):
+    data = finished(smoke_runs, "bench_lora")
+    figures = data["figures"]
     assert all(math.isfinite(value) and value > 0 for value in figures.values()), figures
+    assert data["meta"]["speed"]["precision"]["value"] == "float32"  # `auto`, resolved by the settings on the CPU
+    assert set(data["met"]) == set(data["targets"]) == {"b1_ratio", "b8_ratio", "unseen_minus_cached_s"}
+    assert all(data["met"][name] == (figures[name] <= target) for name, target in data["targets"].items())
+    table = smoke_runs["bench_lora"][0].stdout
+    for name, met in data["met"].items():  # the printed table: each target's row with its verdict
+        assert any(line.startswith(name) and line.rstrip().endswith("yes" if met else "NO")
+                   for line in table.splitlines()), (name, table[-2000:])
 
 
 def test_bench_stages_smoke_runs_every_section(smoke_runs):

@@ -133,3 +133,18 @@ def test_bench_serve_gives_the_app_a_controlnet_and_runs_the_controlled_load():
                for b in sent)
     summary = bench_serve.summarize({"load/continuous/512/control": {**report, "throughput_vs_plain": 0.8}})
     assert "0.800x the throughput without control" in summary
+
+
+def test_bench_serve_judges_the_controlled_1024_load_and_never_calls_a_missing_figure_met(capsys):
+    from benchmarks import bench_serve
+
+    data = {"load/continuous/512/control": {"throughput_vs_plain": 0.5},  # not the target's load
+            "load/continuous/1024/control": {"throughput_vs_plain": 0.8},
+            "load/batch/1024/control": {"throughput_vs_plain": 0.7}}
+    verdict = bench_serve.control_targets(data)["served_throughput_ratio"]
+    assert verdict == {"value": 0.7, "target": ">= 0.75", "met": False}  # the worst policy counts
+    del data["load/batch/1024/control"]
+    assert bench_serve.control_targets(data)["served_throughput_ratio"]["met"] is True
+    missing = bench_serve.control_targets({"load/continuous/512/control": {"throughput_vs_plain": 0.9}})
+    assert missing["served_throughput_ratio"] == {"value": None, "target": ">= 0.75", "met": None}
+    assert "not measured" in capsys.readouterr().out.splitlines()[-1]
