@@ -12,12 +12,13 @@ serving warm-up with the ControlNet's calls):
   control moves the image well past it; each one-image controlled job replays the controlled graph
   (the graphs' counters say so) where `auto` has graphs;
 - a mixed batch (controlled, plain, controlled with the mask): its plain row equals the same row in a
-  batch of plain jobs within the batch-invariance bound (FP8 attention's v scale is the batch's);
-- one controlled step against one plain step on the default path (timed, reported).
+  batch of plain jobs within the batch-invariance bound (FP8 attention's v scale is the batch's).
 
 Also: the first controlled request after ready against a warm one, at 1024x1024 and at a non-square
 preset, in a fresh process through the served stages (benchmarks/bench_controlnet.py, every setting
-`auto`): at most 1.5x here (the benchmark prints it against issue 31's 1.3x).
+`auto`): at most 1.5x here, a bound that a compile or capture on the first request would break many
+times over (the benchmark holds it against the 1.3x target, and times the controlled step against
+the plain one).
 With `ZIMAGE_GPU_REPORT=path.json` the figures are written there.
 
     pytest -q -s -m gpu tests/gpu/test_gpu_controlnet.py
@@ -173,25 +174,6 @@ def test_a_plain_row_beside_controlled_rows(source, default_path):
     print(f"a plain row in a batch with controlled rows vs the batch without control: {err:.3e}")
     assert err <= BATCH_NOISE
     assert rel_err(mixed[0], plain[0]) > 10 * max(err, 1e-4)  # its neighbours' control did act
-
-
-def test_controlled_step_against_plain_step(source, default_path):
-    """One job of each, after a first run (graphs captured): the controlled step over the plain one."""
-    runner, graphs = default_path
-    times = {}
-    for name in ("plain", "controlled"):
-        job = make_job(FORMS[name], SEED + 20)
-        run(runner, source, [job], graphs)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(runner, source, [job], graphs)
-        torch.cuda.synchronize()
-        times[name] = (time.perf_counter() - start) / STEPS
-    ratio = times["controlled"] / times["plain"]
-    record(controlnet_step_ms=times["controlled"] * 1000, plain_step_ms=times["plain"] * 1000,
-           controlnet_step_ratio=ratio)
-    print(f"step {times['controlled'] * 1000:.1f} ms controlled, {times['plain'] * 1000:.1f} ms plain ({ratio:.2f}x; "
-          "benchmarks/bench_controlnet.py holds it against issue 31's 1.6x)")
 
 
 @pytest.mark.timeout(1600)  # the stages' cold start (compiles) and every figure, past pytest's 600 s
