@@ -1,5 +1,6 @@
 """Named keys on the real Serve app (tiny, CPU), through the official `openai` client: a limited key's
-429 with OpenAI's headers and the client's own retries, an unlimited key beside it, a live limit
+429 with OpenAI's headers and the client's own retries, a key's places taken and refused before the
+body is read (over raw sockets), an unlimited key beside it, a live limit
 change, a refused live update, GET /v1/usage, a handle caller's tenant, and the key's name (never
 the key or its digest) in logs and in what a real Prometheus scrapes.
 
@@ -13,6 +14,7 @@ import concurrent.futures
 import glob
 import hashlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.integration
 
 GEN = "/v1/images/generations"
 FAST = {"seed": 5, "num_inference_steps": 1}
-RAW = {name: f"sk-tenant-{name}-5d1c7a" for name in ("pacer", "single", "free", "live")}
+RAW = {name: f"sk-tenant-{name}-5d1c7a" for name in ("pacer", "single", "free", "live", "gate")}
 
 
 def digest(name: str) -> str:
@@ -48,6 +50,7 @@ def keys(live_images_per_minute: int = 1, extra: list[dict] | None = None) -> li
         {"name": "free", "digest": f"sha256:{digest('free')}", "weight": 2},
         {"name": "live", "digest": f"sha256:{digest('live')}", "images_per_minute": live_images_per_minute},
         {"name": "handle-jobs", "images_per_minute": 2},  # no digest: only handle callers name it
+        {"name": "gate", "digest": f"sha256:{digest('gate')}", "max_in_flight": 1},
         *(extra or []),
     ]
 
@@ -139,6 +142,50 @@ def test_the_clients_own_retries_succeed_once_its_place_frees(tenants):
     assert statuses.count(200) == 2 and usage(tenants, "single").json()["refused"]["in_flight"] == statuses.count(429)
 
 
+def _post_head(served: ServedApp, name: str, declared_bytes: int = 4096) -> socket.socket:
+    """A generation whose headers and first body bytes are sent, and the rest of its body never (it
+    declares a size under the JSON body limit, which a larger one would be refused for at once)."""
+    host, port = served.url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall((f"POST {GEN} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {RAW[name]}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {declared_bytes}\r\n\r\n"
+                  '{"prompt": "a fox", "size": "512x512", ').encode())
+    return conn
+
+
+def _answer(conn: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on `conn` (read up to its Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536) or b"<closed>"
+        assert not data.endswith(b"<closed>"), data
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return int(head.split(b" ")[1]), json.loads(body)
+
+
+def test_a_key_over_its_places_is_refused_before_its_body_arrives_and_a_hang_up_frees_the_place(tenants):
+    """The places are taken before the body is read: a request whose body never arrives holds the
+    key's one place, and the next one is refused on its headers alone (its body never arrives either)."""
+    holder = _post_head(tenants, "gate")
+    try:
+        wait_for(lambda: usage(tenants, "gate").json()["in_flight"] == 1)
+        refused = _post_head(tenants, "gate")
+        try:
+            status, body = _answer(refused)
+        finally:
+            refused.close()
+        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded", body
+        assert "(key 'gate')" in body["error"]["message"]
+    finally:
+        holder.close()  # the client hangs up mid-body: its place comes back
+    wait_for(lambda: usage(tenants, "gate").json()["in_flight"] == 0)
+    with client(tenants, "gate") as gate:
+        assert len(gate.images.generate(prompt="a fox", size="512x512", extra_body=FAST).data) == 1
+
+
 def test_a_live_limit_change_applies_to_the_next_request_and_a_bad_one_is_refused(tenants):
     with client(tenants, "live") as live:
         live.images.generate(prompt="a fox", size="512x512", extra_body=FAST)
@@ -156,7 +203,7 @@ def test_a_live_limit_change_applies_to_the_next_request_and_a_bad_one_is_refuse
     deploy_keys(tenants, live_images_per_minute=100, extra=[{"name": "live", "weight": 3}])
     wait_for(lambda: bool(_log_lines(tenants, "live config refused")))
     refusal = _log_lines(tenants, "live config refused")[-1]
-    assert "api.keys[3] and api.keys[5] both have the name 'live'" in refusal, refusal
+    assert "api.keys[3] and api.keys[6] both have the name 'live'" in refusal, refusal
     assert not any(digest(name) in refusal for name in RAW)
     from ray import serve
 
