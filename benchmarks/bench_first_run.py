@@ -1,16 +1,20 @@
-"""A new user's first run on a GPU, timed as the user meets it: `serve run` as the README writes it,
-then `serve run` of serve_config.yaml, each a process of its own on 127.0.0.1:8000.
+"""A new user's first run on a GPU, timed as the user meets it: `serve run` as the README writes it, each
+start a process of its own on 127.0.0.1:8000, against issue 30's targets (a verdict table at the end).
 
-    python benchmarks/bench_first_run.py --json first_run.json            # one H200, model=random
+    python benchmarks/bench_first_run.py --json first_run.json            # every target, one GPU, model=random
     python benchmarks/bench_first_run.py --json start_budget.json --starts readme,readme_warm,new_node --budget-only
     python benchmarks/bench_first_run.py --json before.json --root <a checkout of an earlier commit> \
         --starts readme,readme_warm --budget-only      # the same start-up budget of that commit
 
-Starts (`--starts`, in order): `readme`, the README's command with a fresh ZIMAGE_CACHE_DIR (cold);
-`readme_warm`, the same again on that directory (the second start on a machine); `new_node`, the same
-with another fresh ZIMAGE_CACHE_DIR (fresh inductor and Triton caches) whose `compile_cache` is the
-first directory's compiled-artifact files, as a node that fetches them from a shared store;
-`serve_config`, serve_config.yaml on the first directory (its bucket replaced by those files).
+The first command measures every figure below in one run (the default starts); the second only the
+budgets, so its p50 and first-request targets are "not measured". The builder's imports in detail,
+module by module: `python benchmarks/bench_imports.py --processes builder`.
+
+Starts (`--starts`, in order; default readme,readme_warm,new_node): `readme`, the README's command with a
+fresh ZIMAGE_CACHE_DIR (cold); `readme_warm`, the same again on that directory (the second start on a
+machine); `new_node`, the same with another fresh ZIMAGE_CACHE_DIR (fresh inductor and Triton caches)
+whose `compile_cache` is the first directory's compiled-artifact files, as a node that fetches them from
+a shared store; `serve_config`, serve_config.yaml on the first directory (its bucket replaced by those files).
 
 For each start: its budget (benchmarks/start_budget.py: from `serve run` to ready, the application's
 milestones, and each replica from the controller's request to its ready, phase by phase, compile
@@ -18,14 +22,24 @@ and dynamo's part of it apart), printed as tables and kept in the JSON; seconds 
 `/health/ready` answering 200, each stage's start phases and compile counts (FX-graph cache hits and
 misses), the seconds after that until every warm-up after ready is done (the next start's compile
 cache is complete only then; the measurements below start then; `--no-wait-warm` starts them at
-ready, while those warm-ups still take turns on the GPU), and, unless `--budget-only`, the
-1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen sends it and then
-with loadgen's fresh prompts (each request a prompt never sent before, `c1 <size> fresh`). On the first
-start also:
-  unseen     prompts of token lengths the replica has not seen, each sent twice: first against repeat,
-             p50 and p90 (target: first at most 1.1x the repeat), 30 lengths at 512x512, 15 at 1024x1024;
-  presets    the first request at each of the 18 presets and an edit, against the same again (target 1.3x).
-Last, the two starts' p50s side by side (target: within 3%).
+ready, while those warm-ups still take turns on the GPU), and, unless `--budget-only`:
+  first      on `readme` and `new_node`, before any other request: the first request at each warm-up
+             size (the default `warmup_sizes` and the 18 presets) and an edit, against the same again;
+  c1         the 1-client p50/p90 at 512x512 and 1024x1024, with a repeating prompt set as loadgen
+             sends it and then with loadgen's fresh prompts (each request a prompt never sent before,
+             `c1 <size> fresh`);
+  unseen     on `readme`: prompts of token lengths the replica has not seen, each sent twice: first
+             against repeat, p50 and p90 (first at most 1.1x the repeat), 30 lengths at 512x512, 15 at
+             1024x1024.
+
+Verdicts (`verdicts` in the JSON, one per target: figure, value, target, met; a figure this run did
+not measure is "not measured", `met` null, never met):
+  - `readme` ready <= 75 s from `serve run`; `readme_warm` ready <= 45 s;
+  - the 1-client p50 (repeating prompts) of `readme_warm` within 3% of `readme`'s, at each size;
+  - `serve run` importing and building the application (the builder) <= 2 s, the worst of the
+    README-command starts (from "Running import path" to build_app's line);
+  - `new_node`: each model stage's replica from the controller's request to ready <= 20 s, and its
+    first request at every warm-up size at most 1.3x the same request warm (the worst size).
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ from benchmarks.loadgen import LoadConfig, load_prompts, parse_size_mix, run_loa
 from benchmarks.run_info import commit, commit_of  # noqa: E402
 from benchmarks.start_budget import TimedOutput, budget, format_budget  # noqa: E402
 from deployments.geometry import SIZE_PRESETS, format_size  # noqa: E402
+from deployments.settings import ModelSettings  # noqa: E402  (no torch: the builder imports it too)
 
 URL = "http://127.0.0.1:8000"
 WORDS = ("lighthouse harbour granite tide lantern gull cliff storm amber dusk quiet shore pine meadow river "
@@ -189,7 +204,16 @@ def unseen_lengths(client: httpx.Client, size: str, count: int, offset: int) -> 
             "ratio_p50": round(f50 / r50, 3), "ratio_p90": round(f90 / r90, 3)}
 
 
-def presets_first_and_warm(client: httpx.Client) -> list[dict]:
+def warmup_sizes() -> list[str]:
+    """Every size a replica warms up for with the README's settings: `warmup_sizes` before ready, the
+    presets after it."""
+    sizes = list(ModelSettings.model_fields["warmup_sizes"].default)
+    return sizes + [format_size(w, h) for w, h in SIZE_PRESETS if format_size(w, h) not in sizes]
+
+
+def first_at_warmup_sizes(client: httpx.Client) -> list[dict]:
+    """The first request at each warm-up size and an edit, against the same requests again: whatever a
+    first request at a warm size still pays (a compile, a graph capture, a cache fetched late)."""
     from PIL import Image
 
     buffer = io.BytesIO()
@@ -198,9 +222,9 @@ def presets_first_and_warm(client: httpx.Client) -> list[dict]:
 
     def one_pass() -> dict[str, float]:
         times = {}
-        for width, height in SIZE_PRESETS:
-            body = {"prompt": "a lighthouse on a rocky coast at dusk", "size": format_size(width, height), "seed": 1}
-            times[format_size(width, height)] = timed(client, "/v1/images/generations", json=body)
+        for size in warmup_sizes():
+            body = {"prompt": "a lighthouse on a rocky coast at dusk", "size": size, "seed": 1}
+            times[size] = timed(client, "/v1/images/generations", json=body)
         edit = {"prompt": "the same lighthouse as an oil painting", "seed": "1", "strength": "0.6"}
         times["edit 1024x1024"] = timed(client, "/v1/images/edits", data=edit,
                                         files={"image": ("in.png", upload, "image/png")})
@@ -226,6 +250,61 @@ def served_config(root: Path, model: str, device: str, shared: Path) -> Path:
 
 
 START_LABELS = ("readme", "readme_warm", "new_node", "serve_config")
+README_STARTS = ("readme", "readme_warm", "new_node")  # the README's command: the builder runs in `serve run`
+MODEL_STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
+C1_SIZES = ("512x512", "1024x1024")
+
+
+def builder_s(result: dict) -> float | None:
+    """Seconds `serve run` took to import and build the application: from its "Running import path"
+    line to build_app's (a config file's start builds it in the controller, so it has no such figure)."""
+    at = {row["step"]: row["at_s"] for row in result.get("budget", {}).get("app", [])}
+    if at.get("CLI started") is None or at.get("application imported and built") is None:
+        return None
+    return round(at["application imported and built"] - at["CLI started"], 1)
+
+
+def verdicts(data: dict) -> dict[str, dict]:
+    """Each of issue 30's targets (the module docstring) against this run's figure: `met` is None where
+    the run did not measure the figure, so a start left out or cut short never reads as met."""
+    cold, second, new_node = (data.get(label, {}) for label in ("readme", "readme_warm", "new_node"))
+    rows: dict[str, dict] = {}
+
+    def add(key: str, figure: str, value: float | None, target: str, met) -> None:
+        ok = None if value is None else bool(met(value))
+        rows[key] = {"figure": figure, "value": value, "target": target, "met": ok,
+                     "verdict": "not measured" if ok is None else "met" if ok else "not met"}
+
+    add("ready_cold_s", "readme (empty cache): serve run to ready, s", cold.get("ready_s"), "<= 75",
+        lambda v: v <= 75)
+    add("ready_second_s", "readme_warm (second start): serve run to ready, s", second.get("ready_s"), "<= 45",
+        lambda v: v <= 45)
+    for size in C1_SIZES:
+        key = f"c1 {size}"
+        ratio = (round(second[key]["p50_ms"] / cold[key]["p50_ms"], 3) if key in cold and key in second else None)
+        add(f"p50_second_vs_cold_{size}", f"c1 {size} p50, readme_warm / readme", ratio, "within 3%",
+            lambda v: 0.97 <= v <= 1.03)
+    imports = [s for label in README_STARTS if label in data and (s := builder_s(data[label])) is not None]
+    add("builder_s", "serve run: importing and building the application, s", max(imports, default=None), "<= 2",
+        lambda v: v <= 2)
+    replicas = new_node.get("budget", {}).get("replicas", {})
+    for stage in MODEL_STAGES:
+        add(f"new_node_{stage}_s", f"new_node {stage}: request to ready, s",
+            replicas.get(stage, {}).get("request_to_ready_s"), "<= 20", lambda v: v <= 20)
+    worst = max(new_node.get("first", []), key=lambda row: row["ratio"], default=None)
+    add("new_node_first_vs_warm", "new_node: first request / warm, worst warm-up size"
+        + (f" ({worst['size']})" if worst else ""), None if worst is None else worst["ratio"], "<= 1.3",
+        lambda v: v <= 1.3)
+    return rows
+
+
+def format_verdicts(rows: dict[str, dict]) -> str:
+    width = max(len(row["figure"]) for row in rows.values())
+    lines = [f"{'target':<{width}}  {'value':>8}  {'limit':<10} verdict"]
+    for row in rows.values():
+        value = "" if row["value"] is None else f"{row['value']:g}"
+        lines.append(f"{row['figure']:<{width}}  {value:>8}  {row['target']:<10} {row['verdict']}")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -235,7 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20, help="1-client requests per size")
     parser.add_argument("--unseen", default="30,15", help="unseen lengths at 512x512 and 1024x1024")
     parser.add_argument("--ready-timeout", type=float, default=400)
-    parser.add_argument("--starts", default="readme,serve_config", help=f"which starts, in order: {START_LABELS}")
+    parser.add_argument("--starts", default=",".join(README_STARTS), help=f"which starts, in order: {START_LABELS}")
     parser.add_argument("--json", default="first_run.json")
     parser.add_argument("--root", default=None, help="serve another checkout of this project (an earlier commit: "
                         "its application and replicas import from there; the tables are this checkout's; "
@@ -276,6 +355,28 @@ def start_commands(args: argparse.Namespace, root: Path = ROOT) -> list[tuple[st
     return [(label, *starts[label]) for label in args.starts]
 
 
+def measure_requests(label: str, result: dict, args: argparse.Namespace, prompts: list[str], save) -> None:
+    """A start's requests (the module docstring), into `result`, saved after each figure."""
+    with httpx.Client(base_url=URL, timeout=600) as client:
+        if label in ("readme", "new_node"):  # before any other request: each is the first at its size
+            result["first"] = first_at_warmup_sizes(client)
+            worst = max(result["first"], key=lambda r: r["ratio"])
+            print(f"  first at each warm-up size: worst first/warm {worst}", flush=True)
+            save()
+        for size in C1_SIZES:
+            for key, fresh in ((f"c1 {size}", False), (f"c1 {size} fresh", True)):
+                result[key] = single_client(size, args.requests, prompts, fresh)
+                print(f"  {key}: {result[key]}", flush=True)
+                save()
+        if label == "readme":
+            unseen_512, unseen_1024 = args.unseen
+            result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),
+                                unseen_lengths(client, "1024x1024", unseen_1024, 1)]
+            for row in result["unseen"]:
+                print(f"  unseen {row}", flush=True)
+            save()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.json)
@@ -284,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
                            "model": args.model}}
 
     def save() -> None:
+        data["verdicts"] = verdicts(data)  # at every save: a run cut short says what it did not reach
         out.write_text(json.dumps(data, indent=2))
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a new local Ray instance each start
@@ -292,7 +394,6 @@ def main(argv: list[str] | None = None) -> None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         data["meta"].update(root=str(root), served_commit=commit_of(root))
     prompts = load_prompts(ROOT / "benchmarks" / "prompts.txt")[:40]
-    unseen_512, unseen_1024 = args.unseen
     starts = start_commands(args, root)
     for label, command, app, cache_dir, cache in starts:
         ray_tmp = tempfile.mkdtemp(prefix="zfr", dir="/tmp")  # short: Ray's socket paths live under it
@@ -323,30 +424,9 @@ def main(argv: list[str] | None = None) -> None:
             save()
             if args.budget_only:
                 continue
-            for size in ("512x512", "1024x1024"):
-                for key, fresh in ((f"c1 {size}", False), (f"c1 {size} fresh", True)):
-                    result[key] = single_client(size, args.requests, prompts, fresh)
-                    print(f"  {key}: {result[key]}", flush=True)
-                    save()
-            if label == "readme":
-                with httpx.Client(base_url=URL, timeout=600) as client:
-                    result["unseen"] = [unseen_lengths(client, "512x512", unseen_512, 0),
-                                        unseen_lengths(client, "1024x1024", unseen_1024, 1)]
-                    for row in result["unseen"]:
-                        print(f"  unseen {row}", flush=True)
-                    save()
-                    result["presets"] = presets_first_and_warm(client)
-                    worst = max(result["presets"], key=lambda r: r["ratio"])
-                    print(f"  presets: worst first/warm {worst}", flush=True)
-                    save()
+            measure_requests(label, result, args, prompts, save)
         finally:
             stop(process, ray_tmp)
-    if all("c1 512x512" in data.get(label, {}) for label in ("readme", "serve_config")):
-        data["readme_vs_serve_config"] = {
-            size: round(data["readme"][f"c1 {size}"]["p50_ms"] / data["serve_config"][f"c1 {size}"]["p50_ms"], 3)
-            for size in ("512x512", "1024x1024")
-        }
-    save()
     print("\nsummary")
     for label in args.starts:
         if label in data:
@@ -358,12 +438,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"from its request to ready")
             print(f"  {label:<13} ready {row['ready_s']:6.1f} s ({row['cache']})  c1 512 p50 "
                   f"{row.get('c1 512x512', {}).get('p50_ms')}  c1 1024 p50 {row.get('c1 1024x1024', {}).get('p50_ms')}")
+            if "first" in row:
+                over = [r for r in row["first"] if r["ratio"] > 1.3]
+                print(f"  {label:<13} first requests over 1.3x warm: {over or 'none'}")
     for row in data.get("readme", {}).get("unseen", []):
         print(f"  unseen {row['size']}: first/repeat p50 {row['ratio_p50']}, p90 {row['ratio_p90']}")
-    presets = data.get("readme", {}).get("presets", [])
-    if presets:
-        print("  presets over 1.3x:", [r for r in presets if r["ratio"] > 1.3] or "none")
-    print("  readme / serve_config p50:", data.get("readme_vs_serve_config"))
+    print("\n" + format_verdicts(data["verdicts"]))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ smoke runs go through the same settings and stage code as the GPU runs (`auto` r
 
 bench_controlnet, bench_lora and bench_stages run as subprocesses started together (one thread
 each: together they take about what the slowest takes alone on two cores); bench_first_run, which
-starts `serve run` twice, has its arguments and the two commands it would run checked against the
-application's own validation.
+starts `serve run` several times, has its arguments and the commands it would run checked against the
+application's own validation, and its verdicts read from a recorded GPU run's JSON.
 """
 
 from __future__ import annotations
@@ -141,3 +141,64 @@ def test_bench_first_run_arguments_and_the_commands_it_starts():
     for bad in (["--starts", "readme,warm"], ["--unseen", "30"], ["--unseen", "a,b"], ["--requests", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_bench_first_run_measures_the_first_request_at_every_warm_up_size():
+    """By default the starts the issue's figures need; the new node's first requests cover every size a
+    replica warms up for (before ready and after it), each once."""
+    from benchmarks.bench_first_run import README_STARTS, parse_args, warmup_sizes
+    from deployments.geometry import SIZE_PRESETS, format_size
+    from deployments.settings import ModelSettings
+
+    assert parse_args([]).starts == list(README_STARTS) == ["readme", "readme_warm", "new_node"]
+    sizes = warmup_sizes()
+    assert len(sizes) == len(set(sizes))
+    assert set(sizes) == set(ModelSettings().warmup_sizes) | {format_size(w, h) for w, h in SIZE_PRESETS}
+
+
+VERDICT_KEYS = {"ready_cold_s", "ready_second_s", "p50_second_vs_cold_512x512", "p50_second_vs_cold_1024x1024",
+                "builder_s", "new_node_TextEncoder_s", "new_node_Denoiser_s", "new_node_VaeDecoder_s",
+                "new_node_first_vs_warm"}
+
+
+def test_bench_first_run_verdicts_say_what_was_not_measured():
+    """A recorded budget-only run of `readme` and `new_node` (one H100): what it measured is judged, what
+    it did not (the second start, the p50s, the first requests) is "not measured", never met; the
+    printed table says each verdict."""
+    from benchmarks.bench_first_run import format_verdicts, verdicts
+
+    recorded = json.loads((ROOT / "benchmarks/results/2026-12-07-h100-5/first_run/start_budget.json").read_text())
+    rows = verdicts(recorded)
+    assert set(rows) == VERDICT_KEYS
+    assert (rows["ready_cold_s"]["value"], rows["ready_cold_s"]["met"]) == (63.4, True)
+    assert rows["builder_s"]["value"] == 0.4 and rows["builder_s"]["met"] is True  # 2.2 s to 2.6 s after serve run
+    assert [rows[f"new_node_{s}_s"]["value"] for s in ("TextEncoder", "Denoiser", "VaeDecoder")] == [21.7, 31.1, 20.2]
+    assert not any(rows[f"new_node_{s}_s"]["met"] for s in ("TextEncoder", "Denoiser", "VaeDecoder"))
+    unmeasured = {"ready_second_s", "p50_second_vs_cold_512x512", "p50_second_vs_cold_1024x1024",
+                  "new_node_first_vs_warm"}
+    for key in unmeasured:
+        assert rows[key]["value"] is None and rows[key]["met"] is None and rows[key]["verdict"] == "not measured"
+    table = format_verdicts(rows).splitlines()
+    for row in rows.values():
+        assert any(line.startswith(row["figure"]) and line.rstrip().endswith(row["verdict"]) for line in table), row
+    assert sum(line.endswith("not measured") for line in table) == len(unmeasured)
+
+
+def test_bench_first_run_verdicts_compare_the_second_start_with_the_cold_one():
+    """The p50 target compares `readme_warm` with `readme` (not serve_config), within 3% either way; the
+    new node's first requests are judged by the worst warm-up size."""
+    from benchmarks.bench_first_run import verdicts
+
+    recorded = json.loads((ROOT / "benchmarks/results/2026-12-07-h100-5/first_run/start_budget.json").read_text())
+    cold = {**recorded["readme"], "c1 512x512": {"p50_ms": 100.0}, "c1 1024x1024": {"p50_ms": 400.0}}
+    second = {"ready_s": 44.9, "c1 512x512": {"p50_ms": 97.0}, "c1 1024x1024": {"p50_ms": 413.0}}
+    new_node = {**recorded["new_node"], "first": [{"size": "512x512", "ratio": 1.02},
+                                                  {"size": "2048x2048", "ratio": 1.41}]}
+    serve_config = {"ready_s": 40.0, "c1 512x512": {"p50_ms": 50.0}, "c1 1024x1024": {"p50_ms": 200.0}}
+    rows = verdicts({"readme": cold, "readme_warm": second, "new_node": new_node, "serve_config": serve_config})
+    assert rows["ready_second_s"]["met"] is True
+    assert (rows["p50_second_vs_cold_512x512"]["value"], rows["p50_second_vs_cold_512x512"]["met"]) == (0.97, True)
+    assert (rows["p50_second_vs_cold_1024x1024"]["value"], rows["p50_second_vs_cold_1024x1024"]["met"]) == (1.032, False)
+    worst = rows["new_node_first_vs_warm"]
+    assert (worst["value"], worst["met"]) == (1.41, False) and "2048x2048" in worst["figure"]
+    assert rows["builder_s"]["value"] == 0.4  # the worst README-command start; readme_warm has no budget here

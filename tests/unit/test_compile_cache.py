@@ -73,6 +73,22 @@ def test_a_new_node_starts_from_the_shared_bucket_and_compiles_nothing(tmp_path,
     assert third["status"]["written_to"] == [str(tmp_path / "node-c" / "mega")]  # only the copy of the loaded file
 
 
+def test_a_corrupt_file_with_no_valid_copy_anywhere_is_rewritten_after_the_warm_up(tmp_path):
+    """No bucket, and the node's only copy is corrupt (cut short): one warning at load, the start
+    compiles, and the save after its warm-up writes a whole file for the key in its place (the check the
+    load failed; that such a file serves a new node: the tests around this one)."""
+    key = CompileCache(tmp_path, {"model": "tiny-test"}).key("tiny")  # the worker's key
+    corrupt = tmp_path / "node-a" / "mega" / key.file_name
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes(pack(key, bytes(4096))[:-1024])
+    result = start(tmp_path / "node-a")
+    assert result["file"] == key.file_name and not result["loaded"]
+    assert result["counts"]["fx_misses"] >= 1, result["counts"]  # compiled
+    assert len(result["warnings"]) == 1 and "corrupt payload" in result["warnings"][0], result["warnings"]
+    assert result["written"] == str(corrupt) and result["status"]["written_to"] == [str(corrupt.parent)]
+    unpack(key, corrupt.read_bytes())  # CacheFileError unless whole and for this key, as at load
+
+
 def test_a_file_written_before_and_after_ready_holds_both_warm_ups(tmp_path):
     """A replica writes its file at ready and again after its warm-ups after ready. torch appends the
     second write's graphs as lists of their own, of which its loader keeps only the last per kind; the
