@@ -2,7 +2,9 @@
 
 Each function loads only what its stage needs, so a Denoiser replica never touches the text
 encoder's weights and vice versa. `random` builds the full-size architecture on the target device
-with random weights (no download is possible there); everything else goes through `from_pretrained`.
+with random weights (no download is possible there); everything else goes through `from_pretrained`
+with `device_map` set to the stage's device, so the safetensors files are read straight onto it
+(no full copy in host memory first, then a second copy to the GPU: a replica's start waits on both).
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ def _load_model(cls, component: str, random_config: dict, source: ModelSource, d
             model = cls(**random_config)
         return model.eval().requires_grad_(False)
     check_component(source, component)
-    model = cls.from_pretrained(source.location, subfolder=component, torch_dtype=dtype)
+    model = cls.from_pretrained(source.location, subfolder=component, torch_dtype=dtype, device_map=str(device))
     ensure_instance(model, component, (cls,), source)
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)  # a no-op where the map put everything there
 
 
 def load_transformer(source: ModelSource, device: torch.device, dtype: torch.dtype):
@@ -141,9 +143,10 @@ def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dt
             model = Qwen3Model(Qwen3Config(**FULL_TEXT_ENCODER_CONFIG))
     else:
         check_component(source, "text_encoder")
-        model = Qwen3Model.from_pretrained(source.location, subfolder="text_encoder", dtype=dtype)
+        model = Qwen3Model.from_pretrained(source.location, subfolder="text_encoder", dtype=dtype,
+                                           device_map=str(device))
         ensure_instance(model, "text_encoder", (Qwen3Model,), source)
-        model = model.to(device)
+        model = model.to(device)  # a no-op where the map put everything there
     if penultimate_only:
         model = truncate_to_penultimate(model)
     return model.eval().requires_grad_(False)

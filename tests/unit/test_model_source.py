@@ -132,3 +132,30 @@ def test_hub_id_is_recognised_without_touching_the_network():
     source = resolve_model_source("Tongyi-MAI/Z-Image-Turbo")
     assert (source.kind, source.location) == ("hub", "Tongyi-MAI/Z-Image-Turbo")
     assert resolve_model_source("random").is_random
+
+
+@pytest.mark.parametrize("loader, cls_path, subfolder", [
+    ("load_transformer", "diffusers.ZImageTransformer2DModel", "transformer"),
+    ("load_vae", "diffusers.AutoencoderKL", "vae"),
+    ("load_text_encoder", "transformers.Qwen3Model", "text_encoder"),
+])
+def test_weights_are_read_onto_the_stages_device_and_equal_a_plain_load(tiny_source, monkeypatch, loader, cls_path,
+                                                                         subfolder):
+    """Each model part is read with `device_map` at the stage's device (safetensors straight onto it,
+    no host copy first on a GPU), and holds the same weights as diffusers' or transformers' plain load."""
+    import importlib
+
+    module_name, name = cls_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), name)
+    plain = cls.from_pretrained(tiny_source.location, subfolder=subfolder).to(torch.float32).state_dict()
+    original, maps = cls.from_pretrained.__func__, []
+
+    def recording(klass, *args, **kwargs):
+        maps.append(kwargs.get("device_map"))
+        return original(klass, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "from_pretrained", classmethod(recording))
+    ours = getattr(loading, loader)(tiny_source, CPU, torch.float32).state_dict()
+    assert maps == ["cpu"]
+    assert all(torch.equal(ours[key], plain[key]) for key in ours)  # the text encoder drops its last layer
+    assert all(tensor.device == CPU for tensor in ours.values())
