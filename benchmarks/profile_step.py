@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py --json profile.json                 # H200, model `random`
     python benchmarks/profile_step.py --variants fp8-row,fp8-row-graph --skip-text
+    python benchmarks/profile_step.py --variants fp8-fused-graph --lora-rank 32 --skip-text --skip-vae --skip-reference
 
 For each DiT variant: the median step time (CUDA events, batch 1, 160-token caption), kernel time by
 category from `torch.profiler` (FP8 GEMM, bf16 GEMM, attention, generated Triton kernels, other), the
@@ -15,6 +16,10 @@ kernels, and the relative error of one step against diffusers' eager bf16 transf
 - `+mk` / `+cdt` after a variant's name: inductor's multi-kernel (persistent and looped reductions
   both generated, the faster picked at run time) / coordinate-descent tuning of generated kernels;
 - `<variant>-graph`: the same module with the whole forward captured as one CUDA graph.
+With `--lora-rank R`, every DiT variant's model carries adapter slots (as a Denoiser's does) and each
+of its rows is measured again with one random rank-R adapter on all its target linears
+(`<variant>+lora<R>`, the adapter's kernels under `lora`): where a step with adapters spends what a
+plain one does not.
 For the text encoder (one prompt of `--prompt-tokens`): eager, CUDA graphs, and compiled decoder
 layers inside CUDA graphs (what the TextEncoder runs), with their kernel breakdown.
 For the VAE decoder at `--size`: compiled as the VaeDecoder runs a warm-up size (a static graph),
@@ -57,6 +62,7 @@ from deployments.geometry import latent_shape  # noqa: E402
 from deployments.weights.model_source import resolve_model_source  # noqa: E402
 
 CATEGORIES = (  # first match wins; generated kernels are named after every op they fused
+    ("lora", ("lora",)),
     ("fused_triton", ("norm_modulate_quant", "gated_residual", "swiglu_quant", "qkv_norm_rope_quant")),
     ("triton", ("triton",)),
     ("attention", ("fmha", "flash", "cudnn", "attention", "sdpa")),
@@ -140,6 +146,14 @@ class Run:
             "vae": {},
             "notes": [],
         }
+        self.adapter_dir: Path | None = None
+        if args.lora_rank:  # one adapter file for every variant, from the model's shapes alone
+            from benchmarks.lora_files import transformer_shapes, write_random_adapters
+
+            self.adapter_dir = Path(tempfile.mkdtemp(prefix="zimage-profile-lora-"))
+            write_random_adapters(transformer_shapes(args.model), self.adapter_dir, count=1, rank=args.lora_rank,
+                                  prefix="adapter")
+            self.results["meta"]["lora_rank"] = args.lora_rank
 
     def remaining(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.started)
@@ -186,6 +200,7 @@ class Run:
         )
         self.free()
         inputs = self.step_inputs(transformer.config)
+        with_adapter = self.adapter_rows(transformer)
 
         def step() -> torch.Tensor:
             with torch.inference_mode():
@@ -199,18 +214,22 @@ class Run:
         if reference is not None:
             row["one_step_rel_err_vs_plain"] = rel_err(out.float(), reference)
         variants = [(base, step)]
+        if with_adapter is not None:
+            def adapter_step() -> torch.Tensor:
+                with with_adapter():
+                    return step()
+
+            variants.append((f"{base}+lora{self.args.lora_rank}", adapter_step))
         if name.endswith("-graph") or self.args.always_graph:
-            outputs: list[torch.Tensor] = []
+            for label, fn in list(variants):
+                def captured_step(fn=fn) -> None:
+                    fn()
 
-            def captured_step() -> None:
-                with torch.inference_mode():
-                    outputs.append(transformer(*inputs, return_dict=False)[0][0])
-
-            try:
-                replay = graphed(captured_step)
-                variants.append((f"{base}-graph", replay))
-            except Exception as exc:  # noqa: BLE001 - the reason is the finding
-                self.results["notes"].append(f"{base}: CUDA graph capture failed: {type(exc).__name__}: {exc}"[:400])
+                try:
+                    variants.append((label.replace(base, f"{base}-graph", 1), graphed(captured_step)))
+                except Exception as exc:  # noqa: BLE001 - the reason is the finding
+                    self.results["notes"].append(f"{label}: CUDA graph capture failed: {type(exc).__name__}: "
+                                                 f"{exc}"[:400])
         for label, fn in variants:
             entry = dict(row) if label == base else {}
             entry.update(timed(fn))
@@ -221,9 +240,24 @@ class Run:
             print(f"  {label}: {entry['median_ms']:.2f} ms, kernels {entry['kernel_ms']:.2f} ms, "
                   f"{entry['by_category_ms']}", flush=True)
             self.write()
-        transformer = variants = None  # noqa: F841 - drop the closures' model before freeing
+        transformer = variants = with_adapter = None  # noqa: F841 - drop the closures' model before freeing
         torch._dynamo.reset()
         self.free()
+
+    def adapter_rows(self, transformer) -> Callable[[], Any] | None:
+        """With `--lora-rank`: the model's adapter slots installed (before its first step, as a Denoiser
+        has them) and a context under which its one row carries the adapter; else None."""
+        if self.adapter_dir is None:
+            return None
+        from deployments.contracts import LoraRef
+        from deployments.denoiser.lora.cache import AdapterCache
+        from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+        from deployments.denoiser.lora.slots import install_lora
+
+        slots = install_lora(transformer)
+        cache = AdapterCache(LoraLibrary(LoraSettings(lora_dir=str(self.adapter_dir))), slots, capacity_bytes=1 << 40)
+        adapter = cache.resolve([LoraRef("adapter0")])[0]
+        return lambda: slots.using([(adapter,)])
 
     # ---- VAE
 
@@ -301,7 +335,7 @@ class Run:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    cats = ("gemm_fp8", "gemm", "attention", "triton", "other")
+    cats = ("gemm_fp8", "gemm", "attention", "fused_triton", "triton", "lora", "other")
     print("\n| what | median ms | kernels ms | idle ms | " + " | ".join(cats) + " | one-step err |")
     print("| --- " * (5 + len(cats)) + "|")
     for section in ("dit", "text", "vae"):
@@ -327,6 +361,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="fp8-row-graph,fp8-tensor-graph",
                    help="comma separated: bf16, fp8-row, fp8-tensor, each optionally with -graph")
     p.add_argument("--always-graph", action="store_true", help="also time every variant as one CUDA graph")
+    p.add_argument("--lora-rank", type=int, default=0, help="also each DiT row with one random adapter of this rank")
     p.add_argument("--skip-reference", action="store_true", help="no diffusers eager step for the error")
     p.add_argument("--skip-text", action="store_true")
     p.add_argument("--skip-vae", action="store_true")
