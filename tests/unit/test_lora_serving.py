@@ -152,6 +152,48 @@ def test_the_step_loop_keeps_stepping_while_an_adapter_loads(directory, cache_di
     assert denoiser.lora_cache.counts.loads == 1 and denoiser.lora_cache.resident_names() == ["one"]
 
 
+def test_evictions_on_the_loading_thread_never_fail_a_step_planning_its_factors(transformer):
+    """An eviction drops the slots' cached plans (`LoraSlots.forget`, called by `AdapterCache._evict` on
+    the thread that loads adapters) while the model thread plans each step's factors (`LoraSlots.plan`,
+    in `using`): no interleaving of the two may fail the step. For half a second, with the interpreter
+    switching threads as often as it can, one thread forgets while this one plans."""
+    import sys
+    import threading
+    import time
+
+    from deployments.denoiser.lora.adapter import LoraAdapter
+
+    slots = install_lora(transformer)
+    one, two = (slots.lay_out(LoraAdapter(name, random_factors(transformer, rank=4, seed=seed)))
+                for seed, name in enumerate(("one", "two")))
+    mixes = [[((one, 1.0),)], [((two, 0.5),)], [((one, 1.0),), ((two, 1.0),)]]
+    stop = threading.Event()
+
+    def evicting():
+        while not stop.is_set():
+            slots.forget()
+            time.sleep(0.0002)
+
+    failures = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    evictions = threading.Thread(target=evicting)
+    evictions.start()
+    try:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for rows in mixes:
+                try:
+                    slots.plan(rows)
+                except Exception as exc:  # noqa: BLE001 - counted: any is a failed step
+                    failures.append(exc)
+    finally:
+        stop.set()
+        evictions.join()
+        sys.setswitchinterval(switch)
+    assert not failures, f"{len(failures)} plans failed, e.g. {failures[0]!r}"
+
+
 def test_the_ingress_checks_names_and_counts(directory):
     catalog = LoraCatalog({"lora_dir": str(directory)})
     limits = ApiLimits(max_loras_per_request=2)
