@@ -251,8 +251,12 @@ def test_fused_blocks_run_the_denoise_loops_batches(tiny_source, cpu_fp8_attenti
     rotary.install_real_rope(transformer)
     fusion.fuse_projections(transformer)
     fused_block.install_fused_blocks(transformer, attention="fp8")
+    # lora=False: the blocks as `install_fused_blocks` left them (no slots, no weight tails). The fused
+    # blocks do take adapters (tests/unit/test_lora_fused.py), but these jobs carry none, and a forward
+    # without adapters on a model with slots is this same forward, bit for bit
+    # (test_lora_fused.py::test_a_forward_without_adapters_is_the_model_without_slots).
     loop = DenoiseLoop(transformer, loading.load_scheduler(tiny_source), CPU, torch.bfloat16, batch_invariant=False,
-                       lora=False)  # the fused blocks take no adapters
+                       lora=False)
 
     def job(tokens, size=128, seed=0):
         caption = torch.randn(tokens, transformer.config.cap_feat_dim, generator=torch.Generator().manual_seed(seed))

@@ -9,7 +9,9 @@ runs it all on a GPU; test_lora_consumers runs the kernels in Triton's interpret
   weights, within the fused path's own error against diffusers (measured in the same test);
 - a mixed batch (4 adapters at scales 1, 0.5, -0.7 and 2, and a row without) equals each row alone,
   on the fused blocks and on the dense linears; the row without adapters equals the same batch run
-  without any.
+  without any;
+- a forward without adapters on a model with slots is the model without slots, bit for bit, and its
+  compiled graphs call no LoRA op.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def fused(source, attention: str = "bf16"):
-    """The fused FP8 model with LoRA slots; `attention="fp8"` needs the CPU stand-in for cuDNN's FP8
-    attention (`cpu_fp8_attention`) and takes the q/k/v kernel that adds the update itself."""
+def fused(source, attention: str = "bf16", lora: bool = True):
+    """The fused FP8 model with LoRA slots (`lora`); `attention="fp8"` needs the CPU stand-in for cuDNN's
+    FP8 attention (`cpu_fp8_attention`) and takes the q/k/v kernel that adds the update itself."""
     model = loading.load_transformer(source, CPU, BF16)
     rotary.install_real_rope(model)
     fusion.fuse_projections(model)
     fused_block.install_fused_blocks(model, attention=attention)
-    install_lora(model)
+    if lora:
+        install_lora(model)
     return model
 
 
@@ -195,3 +198,46 @@ def test_compiled_fused_blocks_take_new_adapters_without_compiling(tiny_source, 
                 assert all(torch.isfinite(out).all() for out in outputs)
     finally:
         torch._dynamo.reset()
+
+
+# the ops a fused block calls for a forward with adapters (`lora.ops`, `lora.consumers`, `lora.residual_consumer`)
+LORA_OPS = ("zimage.lora_add_", "zimage.fp8_lora_linear", "zimage.qkv_norm_rope_quant_lora",
+            "zimage.swiglu_quant_lora", "zimage.gated_residual_lora")
+
+
+@pytest.mark.usefixtures("ops_as_on_a_gpu")
+@pytest.mark.parametrize("attention", ["bf16", "fp8"])
+def test_a_forward_without_adapters_is_the_model_without_slots(tiny_source, made, attention):
+    """The slots move every FP8 weight into a longer buffer (its tail) and wrap the linears: a batch
+    without adapters must still run exactly the plain model (`torch.equal`, compiled or not), and its
+    compiled graphs must call no LoRA op, so adapters cost a plain step nothing. The same compiled
+    model with an adapter does call them (the check looks for the right names)."""
+    from deployments.denoiser.dit import regional_compile
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def keeping_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    plain_model = fused(tiny_source, attention, lora=False)
+    with_slots = fused(tiny_source, attention)
+    x = inputs(plain_model.config, 2, seed=5)
+    with torch.inference_mode():
+        want = plain_model(*x, return_dict=False)[0]
+    eager = run(with_slots, [(), ()], *x)
+    regional_compile.compile_blocks(with_slots, None, backend=keeping_backend)
+    try:
+        compiled = run(with_slots, [(), ()], *x)
+        plain_graphs = list(graphs)
+        adapter = with_slots._lora_slots.lay_out(LoraAdapter("a0", made[0]))
+        run(with_slots, [((adapter, 1.0),), ()], *x)
+    finally:
+        torch._dynamo.reset()
+    for got_eager, got_compiled, expected in zip(eager, compiled, want):
+        assert torch.equal(got_eager, expected)
+        assert torch.equal(got_compiled, expected)
+    assert plain_graphs and not [op for gm in plain_graphs for op in LORA_OPS if op in gm.code]
+    lora_graphs = graphs[len(plain_graphs):]
+    assert lora_graphs and all(any(op in gm.code for op in LORA_OPS) for gm in lora_graphs)

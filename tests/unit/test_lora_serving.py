@@ -97,6 +97,103 @@ def test_eviction_between_steps_leaves_running_jobs_their_factors(directory, tra
         assert torch.equal(state.result().latents, expected.latents)
 
 
+def test_the_step_loop_keeps_stepping_while_an_adapter_loads(directory, cache_dir, monkeypatch):
+    """The Denoiser reads, converts and lays out a request's adapters in a worker thread
+    (`AdapterCache.resolve_async`), so a slow read holds up no one else's steps: while the read of
+    "one" is stuck, the running job keeps stepping. The read waits until the event loop has seen two
+    steps taken after it began (at most 1 s); were the read on the event loop's thread, no step could
+    be taken meanwhile and the read would give up waiting. Then the request with the adapter runs."""
+    import asyncio
+    import threading
+
+    from deployments.contracts import CaptionEmbedding, DenoiseRequest
+    from deployments.denoiser.deployment import Denoiser
+
+    settings = {"model": "tiny", "device": "cpu", "cache_dir": str(cache_dir), "lora_dir": str(directory)}
+    denoiser = Denoiser.func_or_class(settings)
+    steps: list[int] = []  # images per step, on the model thread as each step ends
+    loop_step = denoiser.loop.step
+    monkeypatch.setattr(denoiser.loop, "step", lambda states: (loop_step(states), steps.append(len(states)))[0])
+    reading, released = threading.Event(), threading.Event()
+    during: list = []  # steps taken when the read began, whether it was released, steps taken when it went on
+    read = denoiser.lora_library.load
+
+    def slow_read(name):
+        during.append(len(steps))
+        reading.set()
+        during.append(released.wait(timeout=1.0))
+        during.append(len(steps))
+        return read(name)
+
+    monkeypatch.setattr(denoiser.lora_library, "load", slow_read)
+    embedding = torch.randn(12, 64, generator=torch.Generator().manual_seed(0))
+    caption = CaptionEmbedding(embedding, num_tokens=12, truncated=False)
+
+    async def scenario():
+        try:
+            running = asyncio.create_task(denoiser.denoise(DenoiseRequest(128, 128, steps=40, seed=0), caption))
+            while not steps:  # the job is under way
+                await asyncio.sleep(0.002)
+            adapted = asyncio.create_task(denoiser.denoise(
+                DenoiseRequest(128, 128, steps=2, seed=1, loras=(LoraRef("one", 0.5),)), caption))
+            while not reading.is_set():
+                await asyncio.sleep(0.002)
+            while len(steps) < during[0] + 2 and not running.done():
+                await asyncio.sleep(0.002)
+            released.set()
+            return await asyncio.gather(running, adapted)
+        finally:
+            await denoiser.aclose()
+
+    long_job, with_adapter = asyncio.run(scenario())
+    begun, was_released, ended = during
+    assert was_released and ended >= begun + 2, during  # steps went on while the read was stuck
+    assert (long_job.steps_run, with_adapter.steps_run) == (40, 2)
+    assert denoiser.lora_cache.counts.loads == 1 and denoiser.lora_cache.resident_names() == ["one"]
+
+
+def test_evictions_on_the_loading_thread_never_fail_a_step_planning_its_factors(transformer):
+    """An eviction drops the slots' cached plans (`LoraSlots.forget`, called by `AdapterCache._evict` on
+    the thread that loads adapters) while the model thread plans each step's factors (`LoraSlots.plan`,
+    in `using`): no interleaving of the two may fail the step. For half a second, with the interpreter
+    switching threads as often as it can, one thread forgets while this one plans."""
+    import sys
+    import threading
+    import time
+
+    from deployments.denoiser.lora.adapter import LoraAdapter
+
+    slots = install_lora(transformer)
+    one, two = (slots.lay_out(LoraAdapter(name, random_factors(transformer, rank=4, seed=seed)))
+                for seed, name in enumerate(("one", "two")))
+    mixes = [[((one, 1.0),)], [((two, 0.5),)], [((one, 1.0),), ((two, 1.0),)]]
+    stop = threading.Event()
+
+    def evicting():
+        while not stop.is_set():
+            slots.forget()
+            time.sleep(0.0002)
+
+    failures = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    evictions = threading.Thread(target=evicting)
+    evictions.start()
+    try:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for rows in mixes:
+                try:
+                    slots.plan(rows)
+                except Exception as exc:  # noqa: BLE001 - counted: any is a failed step
+                    failures.append(exc)
+    finally:
+        stop.set()
+        evictions.join()
+        sys.setswitchinterval(switch)
+    assert not failures, f"{len(failures)} plans failed, e.g. {failures[0]!r}"
+
+
 def test_the_ingress_checks_names_and_counts(directory):
     catalog = LoraCatalog({"lora_dir": str(directory)})
     limits = ApiLimits(max_loras_per_request=2)

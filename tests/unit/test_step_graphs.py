@@ -271,3 +271,80 @@ def test_the_loop_replays_controlled_steps(controlled_tiny, tiny_source):
     (plain,) = DenoiseLoop(model, scheduler, cpu, f32, **kwargs).run([job])
     assert graphed.stats["replays"] == 3 and graphed.as_dict()["control_graphs"] == 1
     torch.testing.assert_close(ours.latents, plain.latents, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["dense", "fp8"])
+def test_replays_follow_adapters_through_eviction_and_new_layouts(tiny_source, tmp_path, monkeypatch, family):
+    """The adapter cache evicts adapters and lays them out anew; the one-image graph keeps its static
+    factors and copies a forward's in only when they are not the ones it holds (`GraphFactors.fill`,
+    by `ForwardFactors.serial`); on FP8 weights, A lives in the weights' tails, which every forward with
+    adapters writes. So each replay must give the eager forward with its own adapter: X; X again, its
+    factors still the graph's (no copy) though a plain batch of two rewrote the tails since; Y once X is
+    evicted; X read and laid out anew; X's file replaced."""
+    from deployments.contracts import LoraRef
+    from deployments.denoiser.dit import fused_block, fusion, rotary
+    from deployments.denoiser.lora.cache import AdapterCache
+    from deployments.denoiser.lora.library import LoraLibrary, LoraSettings
+    from deployments.denoiser.lora.random_adapters import diffusers_state, random_factors, write
+    from deployments.denoiser.lora.slots import install_lora
+    from deployments.denoiser.loop import diffusers_transformer_fn
+    from deployments.weights import loading
+
+    monkeypatch.setenv("ZIMAGE_METRICS", "0")
+    cpu = torch.device("cpu")
+    model = loading.load_transformer(tiny_source, cpu, torch.float32 if family == "dense" else torch.bfloat16)
+
+    def write_adapter(name, rank, seed):  # ranks 8, 12 and 4 pad to 16, Y's 32 is the graphs' rank
+        write(tmp_path, name, diffusers_state(random_factors(model, rank, seed, strength=0.3)))
+
+    for name, rank, seed in (("x", 8, 1), ("y", 32, 2), ("z", 4, 3)):
+        write_adapter(name, rank, seed)
+    if family == "fp8":
+        rotary.install_real_rope(model)
+        fusion.fuse_projections(model)
+        fused_block.install_fused_blocks(model, attention="bf16")
+    slots = install_lora(model)
+    assert bool(slots.tails) == (family == "fp8")
+    cache = AdapterCache(LoraLibrary(LoraSettings(lora_dir=str(tmp_path))), slots, capacity_bytes=1 << 30)
+    log = []
+    plain = diffusers_transformer_fn(model)
+    graphed = GraphedTransformerFn(plain, module_state_capture(slots, log), lora=slots, lora_rank=32)
+    dtype = model.x_pad_token.dtype
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, 1, 16, 16, generator=g).to(dtype)]
+    t, caption = torch.tensor([0.4]).to(dtype), [torch.randn(20, 64, generator=g).to(dtype)]
+    tolerance = 1e-5 if family == "dense" else 1e-3  # measured: equal
+
+    def step(name):
+        """The graphed forward with `name`'s adapter (as the loop calls it: inside `using`), then the
+        eager one with the same adapter, which it must equal."""
+        rows = [cache.resolve([LoraRef(name)])]
+        with torch.inference_mode(), slots.using(rows):
+            (got,) = graphed(x, t, caption)
+            (want,) = plain(x, t, caption)
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+        return got
+
+    with torch.inference_mode(), slots.using([()]):
+        (without,) = plain(x, t, caption)
+    first = [step("x") for _ in range(3)]  # first sight, capture, replay
+    assert log == ["capture"] and graphed.stats["replays"] == 2
+    with torch.inference_mode(), slots.using([cache.resolve([LoraRef("z")]), cache.resolve([LoraRef("x")])]):
+        graphed(x * 2, torch.cat([t, t]), caption * 2)  # plain: writes the tails with two groups
+    assert graphed.stats["plain"] == 2
+    held = graphed.lora_factors.holds
+    step("x")  # the plan is cached: the graph holds its factors already (no copy), the tails were rewritten
+    assert graphed.lora_factors.holds == held
+    cache.capacity_bytes = 0  # from here, each adapter evicts the others
+    evictions = cache.counts.evictions
+    by_y = step("y")
+    assert cache.resident_names() == ["y"] and cache.counts.evictions == evictions + 2
+    loads = cache.counts.loads
+    again = step("x")  # read and laid out anew
+    assert cache.counts.loads == loads + 1
+    write_adapter("x", 12, 9)  # the file replaced: another version
+    replaced = step("x")
+    assert cache.counts.loads == loads + 2 and graphed.stats["replays"] == 6 and log == ["capture"]
+    torch.testing.assert_close(again, first[-1], rtol=tolerance, atol=tolerance)
+    for a, b in [(first[-1], without), (by_y, first[-1]), (replaced, first[-1]), (by_y, replaced)]:
+        assert (a.float() - b.float()).abs().max() > 100 * tolerance  # each adapter changes the output its own way

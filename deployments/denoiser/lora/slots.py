@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ class LoraSlots:
         self.active: ForwardFactors | None = None
         self._plans: OrderedDict[tuple, tuple[Sequence[RowAdapters], ForwardFactors]] = OrderedDict()
         self._plan_cache = plan_cache
+        self._plans_lock = threading.Lock()  # `forget` comes from the thread that loads adapters (`cache`)
         self._set(None)  # each linear's own `lora_on` from the start: compiled guards see one state between forwards
 
     def _make_tails(self) -> dict[str, KindTail]:
@@ -195,14 +197,16 @@ class LoraSlots:
         rows (so the adapters' identities in the key stay theirs): a batch's steps make them once.
         Few, since a batch's plan holds a copy of its adapters' factors."""
         key = self.key(rows)
-        cached = self._plans.get(key)
-        if cached is not None:
-            self._plans.move_to_end(key)
-            return cached[1]
+        with self._plans_lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+                return cached[1]
         plan = self._make_plan(rows, key)
-        self._plans[key] = (tuple(rows), plan)
-        while len(self._plans) > self._plan_cache:
-            self._plans.popitem(last=False)
+        with self._plans_lock:
+            self._plans[key] = (tuple(rows), plan)
+            while len(self._plans) > self._plan_cache:
+                self._plans.popitem(last=False)
         return plan
 
     def _make_plan(self, rows: Sequence[RowAdapters], key: tuple) -> ForwardFactors:
@@ -241,8 +245,10 @@ class LoraSlots:
         return KindFactors(a, a_scale, b)
 
     def forget(self) -> None:
-        """Drops cached plans (they hold adapters' factors): after an adapter leaves the cache."""
-        self._plans.clear()
+        """Drops cached plans (they hold adapters' factors): after an adapter leaves the cache (on the
+        thread that loads adapters, while the model thread may be planning a step)."""
+        with self._plans_lock:
+            self._plans.clear()
 
     def _set(self, factors: ForwardFactors | None) -> None:
         views = None if factors is None else factors.slot_views()
