@@ -100,7 +100,8 @@ def load_controlnet(source: ControlNetSource, device: torch.device, dtype: torch
     elif source.kind == "single_file":
         model = load_single_file(source.location, dtype)
     else:
-        model = ZImageControlNetModel.from_pretrained(source.location, torch_dtype=dtype)
+        model = ZImageControlNetModel.from_pretrained(source.location, torch_dtype=dtype,
+                                                      device_map=str(device))  # read straight onto it
     if not isinstance(model, ZImageControlNetModel):
         raise ModelSourceError(f"controlnet {source.name!r} is a {type(model).__name__}, not a ZImageControlNetModel")
     return model.to(device).eval().requires_grad_(False)

@@ -159,3 +159,21 @@ def test_weights_are_read_onto_the_stages_device_and_equal_a_plain_load(tiny_sou
     assert maps == ["cpu"]
     assert all(torch.equal(ours[key], plain[key]) for key in ours)  # the text encoder drops its last layer
     assert all(tensor.device == CPU for tensor in ours.values())
+
+
+def test_a_controlnet_directory_is_read_onto_the_stages_device(tiny_controlnet, monkeypatch):
+    from diffusers import ZImageControlNetModel
+
+    from deployments.weights.controlnet_source import load_controlnet
+
+    original, maps = ZImageControlNetModel.from_pretrained.__func__, []
+
+    def recording(klass, *args, **kwargs):
+        maps.append(kwargs.get("device_map"))
+        return original(klass, *args, **kwargs)
+
+    plain = ZImageControlNetModel.from_pretrained(tiny_controlnet.location).to(torch.float32).state_dict()
+    monkeypatch.setattr(ZImageControlNetModel, "from_pretrained", classmethod(recording))
+    ours = load_controlnet(tiny_controlnet, CPU, torch.float32).state_dict()
+    assert maps == ["cpu"]
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[key], plain[key]) for key in ours)
