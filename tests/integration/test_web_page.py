@@ -283,6 +283,7 @@ def test_under_a_route_prefix_the_page_loads_and_generates_with_every_request_un
         under = served.url + prefix
         assert [url for url in requested if url != under and not url.startswith((under + "/", "data:"))] == []
         assert failed == []
+        page.screenshot(path=str(ARTIFACTS / "page-under-prefix.png"), full_page=True)
     finally:
         served.deploy()
 
