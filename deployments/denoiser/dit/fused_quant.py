@@ -261,6 +261,20 @@ def norm_modulate_quant(x: torch.Tensor, weight: torch.Tensor, mod: torch.Tensor
     return torch.ops.zimage.norm_modulate_quant(rows2d, weight, mod2d, rows_per_item, eps)
 
 
+def residual_modulations(x2d: torch.Tensor, gate: torch.Tensor | None,
+                         next_norm: tuple[torch.Tensor, torch.Tensor | None, float] | None):
+    """The gated residual kernels' per-item arguments for rows `x2d`: the gate as rows, the rows per batch
+    item (the gate's, else the next modulation's), and the next norm's weight, modulation rows and eps."""
+    rows, n_cols = x2d.shape
+    gate2d, rows_per_item = _per_item(gate, rows, n_cols)
+    next_w, next_mod, next_eps = next_norm if next_norm is not None else (None, None, 0.0)
+    next_mod2d, next_rows_per_item = _per_item(next_mod, rows, n_cols)
+    if gate2d is not None and next_mod2d is not None and next_rows_per_item != rows_per_item:
+        raise ValueError("gate and next modulation must have the same batch items")
+    rows_per_item = rows_per_item if gate2d is not None else next_rows_per_item
+    return gate2d, rows_per_item, next_w, next_mod2d, next_eps
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float,
                    next_norm: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -269,13 +283,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, gate:
     if x.shape != y.shape:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} differ")
     x2d, y2d = _rows(x), strided_rows(y)
-    rows, n_cols = x2d.shape
-    gate2d, rows_per_item = _per_item(gate, rows, n_cols)
-    next_w, next_mod, next_eps = next_norm if next_norm is not None else (None, None, 0.0)
-    next_mod2d, next_rows_per_item = _per_item(next_mod, rows, n_cols)
-    if gate2d is not None and next_mod2d is not None and next_rows_per_item != rows_per_item:
-        raise ValueError("gate and next modulation must have the same batch items")
-    rows_per_item = rows_per_item if gate2d is not None else next_rows_per_item
+    gate2d, rows_per_item, next_w, next_mod2d, next_eps = residual_modulations(x2d, gate, next_norm)
     if not triton_available(x.device):
         out, q, s = gated_residual_reference(x2d, y2d, weight, gate2d, rows_per_item, eps,
                                              next_w, next_mod2d, next_eps)

@@ -131,11 +131,7 @@ def gated_residual_lora(x: torch.Tensor, linear, xq: torch.Tensor, x_scale: torc
         y = updated_rows_reference(extended, xq, x_scale, linear.out_features, linear.lora_slot)
         return fused_quant.gated_residual(x, y.view(x.shape), weight, gate, eps, next_norm)
     x2d = x.reshape(-1, x.shape[-1])
-    rows, n_cols = x2d.shape
-    gate2d, rows_per_item = fused_quant._per_item(gate, rows, n_cols)
-    next_w, next_mod, next_eps = next_norm if next_norm is not None else (None, None, 0.0)
-    next_mod2d, next_rows_per_item = fused_quant._per_item(next_mod, rows, n_cols)
-    rows_per_item = rows_per_item if gate2d is not None else next_rows_per_item
+    gate2d, rows_per_item, next_w, next_mod2d, next_eps = fused_quant.residual_modulations(x2d, gate, next_norm)
     out, q, s = torch.ops.zimage.gated_residual_lora(x2d, extended, xq, x_scale, linear.out_features, weight, gate2d,
                                                      rows_per_item, eps, next_w, next_mod2d, float(next_eps),
                                                      linear.lora_slot)
