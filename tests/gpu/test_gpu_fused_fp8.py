@@ -149,7 +149,7 @@ def lora_slot():
 
 
 def test_qkv_norm_rope_quant_with_the_lora_update(lora_slot):
-    from deployments.denoiser.lora import consumers, residual_consumer  # noqa: F401 - registers gated_residual_lora
+    from deployments.denoiser.lora import consumers
 
     extended, x, x_scale, out = lora_output(3, DIM)
     _, wq, wk, rope, qk_descale = attention_inputs(ROWS)
@@ -181,7 +181,7 @@ def test_swiglu_quant_with_the_lora_update(lora_slot):
 
 
 def test_gated_residual_with_the_lora_update_and_the_next_norm(lora_slot):
-    from deployments.denoiser.lora import consumers
+    from deployments.denoiser.lora import consumers, residual_consumer  # noqa: F401 - registers gated_residual_lora
 
     extended, xq, x_scale, out = lora_output(1, DIM)
     x = make(2, ROWS // 2, DIM, scale=2, seed=11)
