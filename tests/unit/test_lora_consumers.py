@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from deployments.denoiser.dit import fp8_attention, fused_quant
-from deployments.denoiser.lora import consumers, ops
+from deployments.denoiser.lora import consumers, ops, residual_consumer  # noqa: F401 - registers gated_residual_lora
 from tests.unit.test_fused_fp8 import interpreted, make, reference_unrounded  # noqa: F401 - a fixture
 
 SLOT = torch.tensor(987654)
